@@ -1,0 +1,393 @@
+//! The Z-Image S3-DiT (`ZImageTransformer2DModel`): timestep embedder, caption embedder, noise
+//! refiner (modulated) and context refiner (unmodulated) blocks, the joint blocks over
+//! [image tokens, caption tokens], the final layer, with the reference's multiple-of-32 padding
+//! (learned pad tokens) and 3-axis RoPE position ids.
+//! It computes one denoiser call; the sampling loop lives in `pipeline`.
+
+use candle_core::{DType, Device, Module, Result, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::config::TransformerConfig;
+use crate::ops::{attention, layer_norm_plain, Linear, RmsNorm};
+
+/// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
+pub const SEQ_MULTIPLE: usize = 32;
+const FREQ_EMBED_DIM: usize = 256;
+const T_EMBED_MID: usize = 1024;
+
+fn padded_len(n: usize) -> usize {
+    n.div_ceil(SEQ_MULTIPLE) * SEQ_MULTIPLE
+}
+
+/// Sinusoidal timestep features followed by a two-layer MLP.
+struct TimestepEmbedder {
+    fc1: Linear,
+    fc2: Linear,
+}
+
+impl TimestepEmbedder {
+    fn new(out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            fc1: Linear::new(FREQ_EMBED_DIM, T_EMBED_MID, true, vb.pp("mlp.0"))?,
+            fc2: Linear::new(T_EMBED_MID, out, true, vb.pp("mlp.2"))?,
+        })
+    }
+    /// `t` (B,) f32, already multiplied by t_scale.
+    fn forward(&self, t: &Tensor, dtype: DType) -> Result<Tensor> {
+        let half = FREQ_EMBED_DIM / 2;
+        let freqs: Vec<f32> = (0..half)
+            .map(|i| (-(10000f32).ln() * i as f32 / half as f32).exp())
+            .collect();
+        let freqs = Tensor::from_vec(freqs, (1, half), t.device())?;
+        let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+        let emb = Tensor::cat(&[args.cos()?, args.sin()?], 1)?.to_dtype(dtype)?;
+        self.fc2.forward(&self.fc1.forward(&emb)?.silu()?)
+    }
+}
+
+struct FeedForward {
+    w1: Linear,
+    w2: Linear,
+    w3: Linear,
+}
+
+impl FeedForward {
+    fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            w1: Linear::new(dim, hidden, false, vb.pp("w1"))?,
+            w2: Linear::new(hidden, dim, false, vb.pp("w2"))?,
+            w3: Linear::new(dim, hidden, false, vb.pp("w3"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.w2.forward(&(self.w1.forward(x)?.silu()? * self.w3.forward(x)?)?)
+    }
+}
+
+/// Rotary tables for one sequence: cos and sin of shape (L, head_dim/2), f32.
+#[derive(Clone)]
+pub struct Rope {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl Rope {
+    /// Angles per axis are computed as the reference does: frequencies in f64, the outer product
+    /// with the position rounded to f32, then cos/sin.
+    pub fn new(cfg: &TransformerConfig, positions: &[[usize; 3]], device: &Device) -> Result<Self> {
+        let half: usize = cfg.axes_dims.iter().sum::<usize>() / 2;
+        let mut cos = Vec::with_capacity(positions.len() * half);
+        let mut sin = Vec::with_capacity(positions.len() * half);
+        let axis_freqs: Vec<Vec<f64>> = cfg
+            .axes_dims
+            .iter()
+            .map(|&d| (0..d / 2).map(|k| 1.0 / cfg.rope_theta.powf((2 * k) as f64 / d as f64)).collect())
+            .collect();
+        for pos in positions {
+            for (axis, freqs) in axis_freqs.iter().enumerate() {
+                for f in freqs {
+                    let angle = (pos[axis] as f64 * f) as f32;
+                    cos.push(angle.cos());
+                    sin.push(angle.sin());
+                }
+            }
+        }
+        let l = positions.len();
+        Ok(Self {
+            cos: Tensor::from_vec(cos, (l, half), device)?,
+            sin: Tensor::from_vec(sin, (l, half), device)?,
+        })
+    }
+    fn cat(parts: &[&Rope]) -> Result<Rope> {
+        let cos: Vec<&Tensor> = parts.iter().map(|r| &r.cos).collect();
+        let sin: Vec<&Tensor> = parts.iter().map(|r| &r.sin).collect();
+        Ok(Rope { cos: Tensor::cat(&cos, 0)?, sin: Tensor::cat(&sin, 0)? })
+    }
+    /// x: (B, L, H, D). Rotates adjacent pairs (complex multiply) in f32, returns x's dtype.
+    fn apply(&self, x: &Tensor) -> Result<Tensor> {
+        let (b, l, h, d) = x.dims4()?;
+        let xf = x.to_dtype(DType::F32)?.reshape((b, l, h, d / 2, 2))?;
+        let re = xf.narrow(4, 0, 1)?.squeeze(4)?;
+        let im = xf.narrow(4, 1, 1)?.squeeze(4)?;
+        let cos = self.cos.reshape((1, l, 1, d / 2))?;
+        let sin = self.sin.reshape((1, l, 1, d / 2))?;
+        let out_re = (re.broadcast_mul(&cos)? - im.broadcast_mul(&sin)?)?;
+        let out_im = (re.broadcast_mul(&sin)? + im.broadcast_mul(&cos)?)?;
+        Tensor::stack(&[out_re, out_im], 4)?.reshape((b, l, h, d))?.to_dtype(x.dtype())
+    }
+}
+
+struct Attention {
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<RmsNorm>,
+    norm_k: Option<RmsNorm>,
+    n_heads: usize,
+}
+
+impl Attention {
+    fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let (dim, hd) = (cfg.dim, cfg.head_dim());
+        let (norm_q, norm_k) = if cfg.qk_norm {
+            (Some(RmsNorm::new(hd, 1e-5, vb.pp("norm_q"))?), Some(RmsNorm::new(hd, 1e-5, vb.pp("norm_k"))?))
+        } else {
+            (None, None)
+        };
+        Ok(Self {
+            to_q: Linear::new(dim, cfg.n_heads * hd, false, vb.pp("to_q"))?,
+            to_k: Linear::new(dim, cfg.n_kv_heads * hd, false, vb.pp("to_k"))?,
+            to_v: Linear::new(dim, cfg.n_kv_heads * hd, false, vb.pp("to_v"))?,
+            to_out: Linear::new(cfg.n_heads * hd, dim, false, vb.pp("to_out.0"))?,
+            norm_q,
+            norm_k,
+            n_heads: cfg.n_heads,
+        })
+    }
+    fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        let (b, l, _) = x.dims3()?;
+        let split = |t: Tensor| -> Result<Tensor> {
+            let hd = t.dim(D::Minus1)? / self.n_heads;
+            t.reshape((b, l, self.n_heads, hd))
+        };
+        let mut q = split(self.to_q.forward(x)?)?;
+        let mut k = split(self.to_k.forward(x)?)?;
+        let v = split(self.to_v.forward(x)?)?;
+        if let Some(n) = &self.norm_q {
+            q = n.forward(&q)?;
+        }
+        if let Some(n) = &self.norm_k {
+            k = n.forward(&k)?;
+        }
+        let q = rope.apply(&q)?.transpose(1, 2)?;
+        let k = rope.apply(&k)?.transpose(1, 2)?;
+        let v = v.transpose(1, 2)?;
+        let out = attention(&q, &k, &v)?; // (B, H, L, D)
+        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
+        self.to_out.forward(&out)
+    }
+}
+
+/// A transformer block; `modulation` blocks scale and gate by the timestep embedding.
+struct Block {
+    attention: Attention,
+    feed_forward: FeedForward,
+    attention_norm1: RmsNorm,
+    attention_norm2: RmsNorm,
+    ffn_norm1: RmsNorm,
+    ffn_norm2: RmsNorm,
+    ada_ln: Option<Linear>,
+}
+
+impl Block {
+    fn new(cfg: &TransformerConfig, modulation: bool, vb: VarBuilder) -> Result<Self> {
+        let dim = cfg.dim;
+        let ada_ln = if modulation {
+            Some(Linear::new(cfg.adaln_dim(), 4 * dim, true, vb.pp("adaLN_modulation.0"))?)
+        } else {
+            None
+        };
+        Ok(Self {
+            attention: Attention::new(cfg, vb.pp("attention"))?,
+            feed_forward: FeedForward::new(dim, cfg.ffn_hidden(), vb.pp("feed_forward"))?,
+            attention_norm1: RmsNorm::new(dim, cfg.norm_eps, vb.pp("attention_norm1"))?,
+            attention_norm2: RmsNorm::new(dim, cfg.norm_eps, vb.pp("attention_norm2"))?,
+            ffn_norm1: RmsNorm::new(dim, cfg.norm_eps, vb.pp("ffn_norm1"))?,
+            ffn_norm2: RmsNorm::new(dim, cfg.norm_eps, vb.pp("ffn_norm2"))?,
+            ada_ln,
+        })
+    }
+
+    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks.
+    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>) -> Result<Tensor> {
+        match (&self.ada_ln, adaln) {
+            (Some(ada), Some(c)) => {
+                let m = ada.forward(c)?.unsqueeze(1)?; // (B, 1, 4*dim)
+                let chunks = m.chunk(4, 2)?;
+                let scale_msa = (&chunks[0] + 1.0)?;
+                let gate_msa = chunks[1].tanh()?;
+                let scale_mlp = (&chunks[2] + 1.0)?;
+                let gate_mlp = chunks[3].tanh()?;
+                let attn_in = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
+                let attn_out = self.attention.forward(&attn_in, rope)?;
+                let x = (x + gate_msa.broadcast_mul(&self.attention_norm2.forward(&attn_out)?)?)?;
+                let ffn_in = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
+                let ffn_out = self.ffn_norm2.forward(&self.feed_forward.forward(&ffn_in)?)?;
+                x + gate_mlp.broadcast_mul(&ffn_out)?
+            }
+            (None, _) => {
+                let attn_out = self.attention.forward(&self.attention_norm1.forward(x)?, rope)?;
+                let x = (x + self.attention_norm2.forward(&attn_out)?)?;
+                let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
+                x + self.ffn_norm2.forward(&ffn_out)?
+            }
+            (Some(_), None) => candle_core::bail!("modulated block called without a timestep embedding"),
+        }
+    }
+}
+
+struct FinalLayer {
+    linear: Linear,
+    ada_ln: Linear,
+}
+
+impl FinalLayer {
+    fn new(cfg: &TransformerConfig, out: usize, vb: VarBuilder) -> Result<Self> {
+        Ok(Self {
+            linear: Linear::new(cfg.dim, out, true, vb.pp("linear"))?,
+            ada_ln: Linear::new(cfg.adaln_dim(), cfg.dim, true, vb.pp("adaLN_modulation.1"))?,
+        })
+    }
+    fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
+        let scale = (self.ada_ln.forward(&c.silu()?)? + 1.0)?.unsqueeze(1)?;
+        self.linear.forward(&layer_norm_plain(x, 1e-6)?.broadcast_mul(&scale)?)
+    }
+}
+
+/// The denoiser. `forward` takes latents (B, C, F, H, W), model times (B,) in [0, 1]
+/// (0 = pure noise) and one caption feature matrix (L_i, cap_feat_dim) per batch item.
+pub struct ZImageTransformer {
+    cfg: TransformerConfig,
+    t_embedder: TimestepEmbedder,
+    cap_norm: RmsNorm,
+    cap_linear: Linear,
+    x_embedder: Linear,
+    final_layer: FinalLayer,
+    noise_refiner: Vec<Block>,
+    context_refiner: Vec<Block>,
+    layers: Vec<Block>,
+    x_pad_token: Tensor,
+    cap_pad_token: Tensor,
+    dtype: DType,
+    device: Device,
+}
+
+impl ZImageTransformer {
+    pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        let (p, pf) = (cfg.patch_size(), cfg.f_patch_size());
+        let patch_dim = pf * p * p * cfg.in_channels;
+        let key = format!("{p}-{pf}");
+        if cfg.head_dim() != cfg.axes_dims.iter().sum::<usize>() {
+            candle_core::bail!("config: head_dim {} != sum(axes_dims) {:?}", cfg.head_dim(), cfg.axes_dims);
+        }
+        let blocks = |name: &str, n: usize, modulation: bool| -> Result<Vec<Block>> {
+            (0..n).map(|i| Block::new(cfg, modulation, vb.pp(format!("{name}.{i}")))).collect()
+        };
+        Ok(Self {
+            t_embedder: TimestepEmbedder::new(cfg.adaln_dim(), vb.pp("t_embedder"))?,
+            cap_norm: RmsNorm::new(cfg.cap_feat_dim, cfg.norm_eps, vb.pp("cap_embedder.0"))?,
+            cap_linear: Linear::new(cfg.cap_feat_dim, cfg.dim, true, vb.pp("cap_embedder.1"))?,
+            x_embedder: Linear::new(patch_dim, cfg.dim, true, vb.pp(format!("all_x_embedder.{key}")))?,
+            final_layer: FinalLayer::new(cfg, patch_dim, vb.pp(format!("all_final_layer.{key}")))?,
+            noise_refiner: blocks("noise_refiner", cfg.n_refiner_layers, true)?,
+            context_refiner: blocks("context_refiner", cfg.n_refiner_layers, false)?,
+            layers: blocks("layers", cfg.n_layers, true)?,
+            x_pad_token: vb.get((1, cfg.dim), "x_pad_token")?,
+            cap_pad_token: vb.get((1, cfg.dim), "cap_pad_token")?,
+            cfg: cfg.clone(),
+            dtype: vb.dtype(),
+            device: vb.device().clone(),
+        })
+    }
+
+    pub fn config(&self) -> &TransformerConfig {
+        &self.cfg
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Runs the denoiser. Items whose caption lengths agree are run as one batch; otherwise each
+    /// item runs alone, which equals the reference's masked batch (masked keys contribute nothing).
+    pub fn forward(&self, x: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
+        let b = x.dim(0)?;
+        if caps.len() != b || t.dim(0)? != b {
+            candle_core::bail!("transformer: {b} latents, {} captions, {} timesteps", caps.len(), t.dim(0)?);
+        }
+        let l0 = caps[0].dim(0)?;
+        if caps.iter().all(|c| c.dim(0).map(|l| l == l0).unwrap_or(false)) {
+            let caps = Tensor::stack(caps, 0)?;
+            return self.forward_uniform(x, t, &caps);
+        }
+        let outs = (0..b)
+            .map(|i| {
+                self.forward_uniform(&x.narrow(0, i, 1)?, &t.narrow(0, i, 1)?, &caps[i].unsqueeze(0)?)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&outs, 0)
+    }
+
+    /// x (B, C, F, H, W), t (B,), caps (B, L, cap_dim): every item the same shape.
+    fn forward_uniform(&self, x: &Tensor, t: &Tensor, caps: &Tensor) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, c, f, h, w) = x.dims5()?;
+        let (p, pf) = (cfg.patch_size(), cfg.f_patch_size());
+        if h % p != 0 || w % p != 0 || f % pf != 0 {
+            candle_core::bail!("latent size {f}x{h}x{w} is not a multiple of the patch size");
+        }
+        let (ft, ht, wt) = (f / pf, h / p, w / p);
+        let img_len = ft * ht * wt;
+        let img_pad = padded_len(img_len);
+        let cap_len = caps.dim(1)?;
+        let cap_pad = padded_len(cap_len);
+
+        let adaln = self.t_embedder.forward(&(t.to_dtype(DType::F32)? * cfg.t_scale)?, self.dtype)?;
+
+        // Patchify: (B, C, F, H, W) -> (B, T, pf*p*p*C), tokens in (f, h, w) order, features (pf, ph, pw, c).
+        let patches = x
+            .to_dtype(self.dtype)?
+            .reshape(vec![b, c, ft, pf, ht, p, wt, p])?
+            .permute(vec![0, 2, 4, 6, 3, 5, 7, 1])?
+            .reshape((b, img_len, pf * p * p * c))?;
+        let img = self.x_embedder.forward(&patches)?;
+        let img = self.append_pad(&img, &self.x_pad_token, img_pad - img_len)?;
+
+        let cap = self.cap_linear.forward(&self.cap_norm.forward(&caps.to_dtype(self.dtype)?)?)?;
+        let cap = self.append_pad(&cap, &self.cap_pad_token, cap_pad - cap_len)?;
+
+        // Position ids: caption j -> (1+j, 0, 0) for pads too; image (f,h,w) -> (cap_pad+1+f, h, w); image pads -> 0.
+        let cap_pos: Vec<[usize; 3]> = (0..cap_pad).map(|j| [1 + j, 0, 0]).collect();
+        let mut img_pos: Vec<[usize; 3]> = Vec::with_capacity(img_pad);
+        for fi in 0..ft {
+            for hi in 0..ht {
+                for wi in 0..wt {
+                    img_pos.push([cap_pad + 1 + fi, hi, wi]);
+                }
+            }
+        }
+        img_pos.resize(img_pad, [0, 0, 0]);
+        let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
+        let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
+
+        let mut img = img;
+        for blk in &self.noise_refiner {
+            img = blk.forward(&img, &img_rope, Some(&adaln))?;
+        }
+        let mut cap = cap;
+        for blk in &self.context_refiner {
+            cap = blk.forward(&cap, &cap_rope, None)?;
+        }
+
+        let mut seq = Tensor::cat(&[&img, &cap], 1)?;
+        let rope = Rope::cat(&[&img_rope, &cap_rope])?;
+        for blk in &self.layers {
+            seq = blk.forward(&seq, &rope, Some(&adaln))?;
+        }
+        let out = self.final_layer.forward(&seq.narrow(1, 0, img_len)?, &adaln)?; // (B, T, patch_dim)
+
+        // Unpatchify back to (B, C, F, H, W).
+        out.reshape(vec![b, ft, ht, wt, pf, p, p, c])?
+            .permute(vec![0, 7, 1, 4, 2, 5, 3, 6])?
+            .reshape((b, c, f, h, w))
+    }
+
+    fn append_pad(&self, x: &Tensor, pad_token: &Tensor, n: usize) -> Result<Tensor> {
+        if n == 0 {
+            return Ok(x.clone());
+        }
+        let (b, _, d) = x.dims3()?;
+        let pad = pad_token.to_dtype(x.dtype())?.reshape((1, 1, d))?.broadcast_as((b, n, d))?;
+        Tensor::cat(&[x, &pad.contiguous()?], 1)
+    }
+}

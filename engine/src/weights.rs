@@ -1,0 +1,176 @@
+//! Weight sources for `VarBuilder`: safetensors shards that report EVERY missing or mis-shaped
+//! tensor at once (instead of failing on the first), and a deterministic random source that
+//! makes the built-in `tiny` model (and records what it made so it can be saved).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+use candle_core::safetensors::MmapedSafetensors;
+use candle_core::{DType, Device, Shape, Tensor};
+use candle_nn::var_builder::SimpleBackend;
+use candle_nn::{Init, VarBuilder};
+
+use crate::error::{Error, Result};
+
+/// Shared log of problems found while a model is built from checked weights.
+#[derive(Default)]
+pub struct Problems(Mutex<Vec<String>>);
+
+impl Problems {
+    fn push(&self, p: String) {
+        self.0.lock().expect("problems lock").push(p);
+    }
+    pub fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().expect("problems lock"))
+    }
+}
+
+/// Safetensors files behind a check: a missing tensor or a shape mismatch is recorded and a
+/// zero-cost broadcast placeholder returned, so construction goes on and names them all.
+struct CheckedSafetensors {
+    inner: MmapedSafetensors,
+    problems: std::sync::Arc<Problems>,
+}
+
+fn placeholder(s: Shape, dtype: DType) -> candle_core::Result<Tensor> {
+    Tensor::zeros((), dtype, &Device::Cpu)?.broadcast_as(s)
+}
+
+impl SimpleBackend for CheckedSafetensors {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let view = match self.inner.get(name) {
+            Ok(v) => v,
+            Err(_) => {
+                self.problems.push(format!("missing tensor `{name}` (expected shape {:?})", s.dims()));
+                return placeholder(s, dtype);
+            }
+        };
+        if view.shape() != s.dims() {
+            self.problems.push(format!(
+                "tensor `{name}` has shape {:?}, the config expects {:?}",
+                view.shape(),
+                s.dims()
+            ));
+            return placeholder(s, dtype);
+        }
+        // Convert on the CPU first when narrowing (f32 shards -> bf16), so the device never holds
+        // the wide copy of a large tensor.
+        let t = self.inner.load(name, &Device::Cpu)?;
+        if t.dtype() != dtype {
+            t.to_dtype(dtype)?.to_device(dev)
+        } else {
+            t.to_device(dev)
+        }
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        self.inner.load(name, &Device::Cpu)?.to_dtype(dtype)?.to_device(dev)
+    }
+    fn contains_tensor(&self, name: &str) -> bool {
+        self.inner.get(name).is_ok()
+    }
+}
+
+/// A `VarBuilder` over safetensors files whose problems are collected in the returned log.
+pub fn checked_var_builder(
+    files: &[impl AsRef<Path>],
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, std::sync::Arc<Problems>)> {
+    for f in files {
+        if !f.as_ref().exists() {
+            return Err(Error::MissingFiles {
+                root: f.as_ref().parent().map(|p| p.to_path_buf()).unwrap_or_default(),
+                missing: vec![f.as_ref().display().to_string()],
+                hint: "the weight file named in the index is absent; download the model again".into(),
+            });
+        }
+    }
+    // Safety: the files are memory-mapped read-only; the model files must not be modified while loaded.
+    let inner = unsafe { MmapedSafetensors::multi(files) }.map_err(|e| Error::Config {
+        path: files.first().map(|f| f.as_ref().to_path_buf()).unwrap_or_default(),
+        reason: format!("cannot read safetensors: {e}"),
+    })?;
+    let problems = std::sync::Arc::new(Problems::default());
+    let backend = CheckedSafetensors { inner, problems: problems.clone() };
+    Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), problems))
+}
+
+/// Fails with every recorded problem of `component`, if any.
+pub fn ensure_no_problems(component: &str, problems: &Problems) -> Result<()> {
+    let p = problems.take();
+    if p.is_empty() {
+        Ok(())
+    } else {
+        Err(Error::WeightMismatch { component: component.to_string(), problems: p })
+    }
+}
+
+/// Deterministic pseudo-random weights, keyed by tensor name (so the order in which a model asks
+/// for them does not matter) and a model-wide seed. Scales keep activations O(1).
+pub struct RandomWeights {
+    seed: u64,
+    made: Mutex<BTreeMap<String, Tensor>>,
+}
+
+impl RandomWeights {
+    pub fn new(seed: u64) -> Self {
+        Self { seed, made: Mutex::new(BTreeMap::new()) }
+    }
+    /// Every tensor handed out so far, by name (CPU, f32).
+    pub fn tensors(&self) -> BTreeMap<String, Tensor> {
+        self.made.lock().expect("weights lock").clone()
+    }
+    fn make(&self, dims: &[usize], name: &str) -> candle_core::Result<Tensor> {
+        let n: usize = dims.iter().product();
+        let mut rng = crate::rng::Rng::new(self.seed ^ crate::rng::fnv1a(name.as_bytes()));
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let is_norm = name.contains("norm") && leaf == "weight";
+        let data: Vec<f32> = if is_norm && dims.len() == 1 {
+            (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
+        } else if dims.len() == 1 {
+            // biases and 1-D parameters
+            (0..n).map(|_| 0.05 * rng.normal()).collect()
+        } else if name.ends_with("pad_token") {
+            (0..n).map(|_| rng.normal()).collect()
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            let std = 1.0 / (fan_in as f32).sqrt();
+            (0..n).map(|_| std * rng.normal()).collect()
+        };
+        Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+}
+
+/// Newtype so the shared random source can be a `VarBuilder` backend.
+struct RandomSource(std::sync::Arc<RandomWeights>);
+
+impl SimpleBackend for RandomSource {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let mut made = self.0.made.lock().expect("weights lock");
+        let t = match made.get(name) {
+            Some(t) => t.clone(),
+            None => {
+                let t = self.0.make(s.dims(), name)?;
+                made.insert(name.to_string(), t.clone());
+                t
+            }
+        };
+        t.to_dtype(dtype)?.to_device(dev)
+    }
+    fn get_unchecked(&self, name: &str, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        match self.0.made.lock().expect("weights lock").get(name) {
+            Some(t) => t.to_dtype(dtype)?.to_device(dev),
+            None => candle_core::bail!("random weights: `{name}` has no shape yet"),
+        }
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        // A random source can make anything; callers that probe for an optional prefix
+        // (e.g. `model.`) must therefore probe the plain name first.
+        false
+    }
+}
+
+pub fn random_var_builder(weights: &std::sync::Arc<RandomWeights>, dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(RandomSource(weights.clone())), dtype, device.clone())
+}
