@@ -94,7 +94,8 @@ mod tests {
         assert_eq!(img2img_start_step(8, 0.6).unwrap(), 3);
         assert_eq!(img2img_start_step(8, 0.3).unwrap(), 5);
         assert_eq!(img2img_start_step(8, 1.0).unwrap(), 0);
-        assert!(img2img_start_step(8, 0.1).is_err());
+        assert_eq!(img2img_start_step(8, 0.1).unwrap(), 7, "any strength > 0 leaves one step");
+        assert!(img2img_start_step(8, 1e-20).is_err(), "8 - 8e-20 rounds to 8: no step left");
         assert!(img2img_start_step(8, 0.0).is_err());
         assert!(img2img_start_step(8, 1.5).is_err());
         assert!(img2img_start_step(8, f32::NAN).is_err());

@@ -391,3 +391,54 @@ impl ZImageTransformer {
         Tensor::cat(&[x, &pad.contiguous()?], 1)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::{read_config, ModelFiles};
+    use crate::testutil::{assert_close, expected, tiny_model_dir};
+    use crate::weights::{checked_var_builder, ensure_no_problems};
+
+    fn load() -> ZImageTransformer {
+        let files = ModelFiles::from_dir(&tiny_model_dir()).unwrap();
+        let cfg: TransformerConfig = read_config(&files.transformer.config).unwrap();
+        let (vb, problems) = checked_var_builder(&files.transformer.weights, DType::F32, &Device::Cpu).unwrap();
+        let m = ZImageTransformer::new(&cfg, vb).unwrap();
+        ensure_no_problems("transformer", &problems).unwrap();
+        m
+    }
+
+    #[test]
+    fn forward_matches_diffusers() {
+        let m = load();
+        let e = expected();
+        let x = e["dit.x"].unsqueeze(0).unwrap();
+        let out = m.forward(&x, &e["dit.t"], &[e["dit.cap"].clone()]).unwrap();
+        assert_close("dit.out", &out.squeeze(0).unwrap(), &e["dit.out"], 1e-4);
+    }
+
+    #[test]
+    fn batch_with_different_caption_lengths_matches_diffusers() {
+        let m = load();
+        let e = expected();
+        let x = Tensor::stack(&[&e["dit_batch.x0"], &e["dit_batch.x1"]], 0).unwrap();
+        let caps = [e["dit_batch.cap0"].clone(), e["dit_batch.cap1"].clone()];
+        let out = m.forward(&x, &e["dit_batch.t"], &caps).unwrap();
+        assert_close("dit_batch.out0", &out.get(0).unwrap(), &e["dit_batch.out0"], 1e-4);
+        assert_close("dit_batch.out1", &out.get(1).unwrap(), &e["dit_batch.out1"], 1e-4);
+    }
+
+    #[test]
+    fn mismatched_weights_are_all_named() {
+        let files = ModelFiles::from_dir(&tiny_model_dir()).unwrap();
+        let mut cfg: TransformerConfig = read_config(&files.transformer.config).unwrap();
+        cfg.n_layers = 4; // the fixture has 2: layers.2 and layers.3 are missing
+        cfg.cap_feat_dim = 32; // wrong shape for cap_embedder
+        let (vb, problems) = checked_var_builder(&files.transformer.weights, DType::F32, &Device::Cpu).unwrap();
+        ZImageTransformer::new(&cfg, vb).unwrap();
+        let err = ensure_no_problems("transformer", &problems).unwrap_err().to_string();
+        assert!(err.contains("layers.2.attention.to_q.weight"), "{err}");
+        assert!(err.contains("layers.3.feed_forward.w2.weight"), "{err}");
+        assert!(err.contains("cap_embedder.1.weight"), "{err}");
+    }
+}

@@ -165,9 +165,9 @@ impl SimpleBackend for RandomSource {
         }
     }
     fn contains_tensor(&self, _name: &str) -> bool {
-        // A random source can make anything; callers that probe for an optional prefix
-        // (e.g. `model.`) must therefore probe the plain name first.
-        false
+        // A random source can make any tensor; callers that probe for an optional prefix
+        // (e.g. `model.`) probe the plain name first and so take the plain layout.
+        true
     }
 }
 

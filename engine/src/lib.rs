@@ -1,0 +1,25 @@
+//! Z-Image-Turbo inference on candle: the S3-DiT transformer, the Qwen3 text encoder, the Flux VAE,
+//! the flow-matching scheduler and the sampling pipeline, plus model loading (diffusers layout,
+//! Hugging Face hub/cache, or the built-in `tiny` model).
+//! This crate owns the math and the model files. It must not contain web code, global state,
+//! or anything that blocks on user input; callers drive it through `pipeline::Pipeline`.
+
+pub mod config;
+pub mod error;
+pub mod text_encoder;
+pub mod tokenizer;
+
+pub use error::{Error, Result};
+pub mod ops;
+pub mod rng;
+pub mod transformer;
+pub mod vae;
+pub mod weights;
+pub mod png_meta;
+pub mod preview;
+pub mod scheduler;
+pub mod loader;
+#[cfg(test)]
+pub mod testutil;
+pub mod pipeline;
+pub mod tiny;

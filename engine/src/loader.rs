@@ -1,0 +1,292 @@
+//! Finding and reading model files: a diffusers-layout folder, a Hugging Face hub id resolved
+//! through the local cache (HF_HOME, HF_HUB_OFFLINE) and downloaded with hf-hub when reachable,
+//! or the built-in `tiny` model. Every missing file is named, with how to get it.
+
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+
+/// The published model.
+pub const DEFAULT_HUB_ID: &str = "Tongyi-MAI/Z-Image-Turbo";
+
+/// Where the weights come from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ModelSource {
+    /// Built-in small model with deterministic random weights (offline, for tests and demos).
+    Tiny,
+    /// A local folder in the diffusers layout.
+    Dir(PathBuf),
+    /// A Hugging Face hub repository id.
+    Hub(String),
+}
+
+impl ModelSource {
+    /// `tiny`, an existing folder, or otherwise a hub id.
+    pub fn parse(s: &str) -> ModelSource {
+        if s == "tiny" {
+            ModelSource::Tiny
+        } else if Path::new(s).is_dir() || s.starts_with('.') || s.starts_with('/') {
+            ModelSource::Dir(PathBuf::from(s))
+        } else {
+            ModelSource::Hub(s.to_string())
+        }
+    }
+
+    /// The real model when the HF cache holds it complete, otherwise the tiny model.
+    pub fn default_source() -> ModelSource {
+        match cached_hub_model(DEFAULT_HUB_ID) {
+            Ok(Some(_)) => ModelSource::Hub(DEFAULT_HUB_ID.to_string()),
+            _ => ModelSource::Tiny,
+        }
+    }
+
+    pub fn display_name(&self) -> String {
+        match self {
+            ModelSource::Tiny => "tiny (random weights)".into(),
+            ModelSource::Dir(p) => p.display().to_string(),
+            ModelSource::Hub(id) => id.clone(),
+        }
+    }
+}
+
+/// The files of one component, resolved to paths.
+#[derive(Debug, Clone)]
+pub struct ComponentFiles {
+    pub config: PathBuf,
+    pub weights: Vec<PathBuf>,
+}
+
+/// All files of a diffusers-layout Z-Image model.
+#[derive(Debug, Clone)]
+pub struct ModelFiles {
+    pub root: PathBuf,
+    pub transformer: ComponentFiles,
+    pub text_encoder: ComponentFiles,
+    pub vae: ComponentFiles,
+    pub tokenizer: PathBuf,
+    pub scheduler_config: PathBuf,
+}
+
+const TRANSFORMER_STEM: &str = "transformer/diffusion_pytorch_model";
+const TEXT_ENCODER_STEM: &str = "text_encoder/model";
+const VAE_STEM: &str = "vae/diffusion_pytorch_model";
+
+/// Names of the weight files of a component: from `<stem>.safetensors.index.json` when present
+/// (sharded), else `<stem>.safetensors`.
+fn weight_files(root: &Path, stem: &str, missing: &mut Vec<String>) -> Vec<PathBuf> {
+    let index = root.join(format!("{stem}.safetensors.index.json"));
+    let single = root.join(format!("{stem}.safetensors"));
+    if index.exists() {
+        let parsed: std::result::Result<serde_json::Value, String> = std::fs::read_to_string(&index)
+            .map_err(|e| e.to_string())
+            .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()));
+        match parsed {
+            Ok(v) => {
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                let dir = index.parent().expect("index has a parent");
+                if shards.is_empty() {
+                    missing.push(format!("{} has an empty weight_map", index.display()));
+                }
+                let paths: Vec<PathBuf> = shards.iter().map(|s| dir.join(s)).collect();
+                for p in &paths {
+                    if !p.exists() {
+                        missing.push(rel(root, p));
+                    }
+                }
+                paths
+            }
+            Err(e) => {
+                missing.push(format!("{} (unreadable: {e})", rel(root, &index)));
+                vec![]
+            }
+        }
+    } else if single.exists() {
+        vec![single]
+    } else {
+        missing.push(format!("{stem}.safetensors (or {stem}.safetensors.index.json and its shards)"));
+        vec![]
+    }
+}
+
+fn rel(root: &Path, p: &Path) -> String {
+    p.strip_prefix(root).unwrap_or(p).display().to_string()
+}
+
+impl ModelFiles {
+    /// Resolves every file of a local diffusers-layout folder; names all that are missing.
+    pub fn from_dir(root: &Path) -> Result<Self> {
+        if !root.is_dir() {
+            return Err(Error::MissingFiles {
+                root: root.to_path_buf(),
+                missing: vec!["(the folder itself)".into()],
+                hint: "pass a folder in the diffusers layout, a hub id, or `tiny`".into(),
+            });
+        }
+        let mut missing = Vec::new();
+        let mut need = |p: &str| {
+            let path = root.join(p);
+            if !path.exists() {
+                missing.push(p.to_string());
+            }
+            path
+        };
+        let t_cfg = need("transformer/config.json");
+        let te_cfg = need("text_encoder/config.json");
+        let vae_cfg = need("vae/config.json");
+        let tok = need("tokenizer/tokenizer.json");
+        let sched = need("scheduler/scheduler_config.json");
+        let t_w = weight_files(root, TRANSFORMER_STEM, &mut missing);
+        let te_w = weight_files(root, TEXT_ENCODER_STEM, &mut missing);
+        let vae_w = weight_files(root, VAE_STEM, &mut missing);
+        if !missing.is_empty() {
+            return Err(Error::MissingFiles {
+                root: root.to_path_buf(),
+                missing,
+                hint: format!(
+                    "download the model with `huggingface-cli download {DEFAULT_HUB_ID} --local-dir <folder>` \
+                     (or `zimage generate --model {DEFAULT_HUB_ID}` with network access)"
+                ),
+            });
+        }
+        Ok(Self {
+            root: root.to_path_buf(),
+            transformer: ComponentFiles { config: t_cfg, weights: t_w },
+            text_encoder: ComponentFiles { config: te_cfg, weights: te_w },
+            vae: ComponentFiles { config: vae_cfg, weights: vae_w },
+            tokenizer: tok,
+            scheduler_config: sched,
+        })
+    }
+}
+
+/// Reads a JSON config into its serde struct.
+pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
+    let text = std::fs::read_to_string(path).map_err(|e| Error::io(path, e))?;
+    serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })
+}
+
+/// Small files every component needs before its weights.
+const HUB_META_FILES: [&str; 7] = [
+    "model_index.json",
+    "transformer/config.json",
+    "text_encoder/config.json",
+    "vae/config.json",
+    "tokenizer/tokenizer.json",
+    "tokenizer/tokenizer_config.json",
+    "scheduler/scheduler_config.json",
+];
+
+fn offline() -> bool {
+    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
+}
+
+/// The snapshot folder of a hub model if the HF cache holds all of its files.
+pub fn cached_hub_model(id: &str) -> Result<Option<PathBuf>> {
+    let cache = hf_hub::Cache::from_env();
+    let repo = cache.model(id.to_string());
+    let Some(index) = repo.get("model_index.json") else { return Ok(None) };
+    let snapshot = index.parent().expect("snapshot folder").to_path_buf();
+    match ModelFiles::from_dir(&snapshot) {
+        Ok(_) => Ok(Some(snapshot)),
+        Err(_) => Ok(None),
+    }
+}
+
+/// Resolves a hub id to a complete local snapshot: the cache first, then a download with
+/// progress bars unless HF_HUB_OFFLINE is set.
+pub fn resolve_hub_model(id: &str) -> Result<ModelFiles> {
+    if let Some(dir) = cached_hub_model(id)? {
+        return ModelFiles::from_dir(&dir);
+    }
+    let cache = hf_hub::Cache::from_env();
+    let how = format!(
+        "the Hugging Face cache at {} does not hold {id} complete. With network access run \
+         `huggingface-cli download {id}` (or unset HF_HUB_OFFLINE and run again), or pass --model <folder>",
+        cache.path().display()
+    );
+    if offline() {
+        let repo = cache.model(id.to_string());
+        let missing: Vec<String> =
+            HUB_META_FILES.iter().filter(|f| repo.get(f).is_none()).map(|f| f.to_string()).collect();
+        return Err(Error::MissingFiles {
+            root: cache.path().clone(),
+            missing: if missing.is_empty() { vec!["weight shards (see the *.index.json files)".into()] } else { missing },
+            hint: format!("HF_HUB_OFFLINE is set; {how}"),
+        });
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .map_err(|e| Error::Hub(format!("{e}; {how}")))?;
+    let repo = api.model(id.to_string());
+    let mut snapshot = None;
+    for f in HUB_META_FILES {
+        let p = repo.get(f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
+        if f == "model_index.json" {
+            snapshot = p.parent().map(|p| p.to_path_buf());
+        }
+    }
+    let snapshot = snapshot.expect("model_index.json fetched");
+    for stem in [TRANSFORMER_STEM, TEXT_ENCODER_STEM, VAE_STEM] {
+        let index = format!("{stem}.safetensors.index.json");
+        match repo.get(&index) {
+            Ok(p) => {
+                let v: serde_json::Value = read_config(&p)?;
+                let mut shards: Vec<String> = v["weight_map"]
+                    .as_object()
+                    .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+                    .unwrap_or_default();
+                shards.sort();
+                shards.dedup();
+                let dir = Path::new(stem).parent().expect("component folder");
+                for s in shards {
+                    let f = dir.join(&s).display().to_string();
+                    repo.get(&f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
+                }
+            }
+            Err(_) => {
+                let f = format!("{stem}.safetensors");
+                repo.get(&f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
+            }
+        }
+    }
+    ModelFiles::from_dir(&snapshot)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::tiny_model_dir;
+
+    #[test]
+    fn fixture_folder_resolves_with_sharded_transformer() {
+        let f = ModelFiles::from_dir(&tiny_model_dir()).unwrap();
+        assert!(f.transformer.weights.len() > 1, "the fixture transformer is sharded");
+        assert_eq!(f.vae.weights.len(), 1);
+    }
+
+    #[test]
+    fn missing_files_are_all_named() {
+        let tmp = std::env::temp_dir().join(format!("zimage-missing-{}", std::process::id()));
+        std::fs::create_dir_all(tmp.join("transformer")).unwrap();
+        std::fs::write(tmp.join("transformer/config.json"), "{}").unwrap();
+        let err = ModelFiles::from_dir(&tmp).unwrap_err().to_string();
+        for name in ["text_encoder/config.json", "vae/config.json", "tokenizer/tokenizer.json", "transformer/diffusion_pytorch_model.safetensors"] {
+            assert!(err.contains(name), "{name} not named in: {err}");
+        }
+        assert!(err.contains("huggingface-cli download"));
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+
+    #[test]
+    fn source_parsing() {
+        assert_eq!(ModelSource::parse("tiny"), ModelSource::Tiny);
+        assert_eq!(ModelSource::parse("Tongyi-MAI/Z-Image-Turbo"), ModelSource::Hub(DEFAULT_HUB_ID.into()));
+        assert!(matches!(ModelSource::parse("/tmp"), ModelSource::Dir(_)));
+    }
+}

@@ -1,0 +1,700 @@
+//! The sampling loop: text-to-image and image-to-image as diffusers' `ZImagePipeline` /
+//! `ZImageImg2ImgPipeline` compute them (f32 latents, negated model output, Euler steps on the
+//! shifted flow-matching schedule, optional CFG with normalization and truncation), with per-step
+//! callbacks carrying the denoised estimate and a preview, cancellation at every step, batches of
+//! n images with seeds seed+i, and VAE slicing/tiling on decode.
+
+use std::time::{Duration, Instant};
+
+use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
+
+use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
+use crate::error::{Error, Result};
+use crate::loader::{read_config, resolve_hub_model, ModelFiles, ModelSource};
+use crate::scheduler::{img2img_start_step, Schedule, MAX_STEPS};
+use crate::text_encoder::TextEncoder;
+use crate::tokenizer::PromptTokenizer;
+use crate::transformer::ZImageTransformer;
+use crate::vae::{AutoencoderKl, TilingOptions};
+use crate::weights::{checked_var_builder, ensure_no_problems};
+
+/// Pixel sizes must be multiples of this (VAE factor 8 x patch 2).
+pub const SIZE_MULTIPLE: usize = 16;
+pub const MIN_SIZE: usize = 16;
+pub const MAX_SIZE: usize = 4096;
+pub const MAX_BATCH: usize = 16;
+
+/// One generation request. `init_image` switches to image-to-image.
+#[derive(Debug, Clone)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub width: usize,
+    pub height: usize,
+    pub steps: usize,
+    pub seed: u64,
+    /// Number of images; image i uses seed + i.
+    pub n: usize,
+    /// 0 disables classifier-free guidance (Turbo's default).
+    pub guidance_scale: f32,
+    /// > 0 caps ||guided|| at this times ||positive|| (0 = off).
+    pub cfg_normalization: f32,
+    /// Guidance is dropped once the normalized time (1000 - t)/1000 exceeds this (1 = never).
+    pub cfg_truncation: f32,
+    pub init_image: Option<image::RgbImage>,
+    /// Image-to-image strength in (0, 1].
+    pub strength: f32,
+    /// Starting noise (n, 16, H/8, W/8) f32, instead of drawing it from the seeds.
+    pub noise: Option<Tensor>,
+    /// Compute a preview image of the denoised estimate at every step.
+    pub preview: bool,
+}
+
+impl Default for GenerateRequest {
+    fn default() -> Self {
+        Self {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            width: 1024,
+            height: 1024,
+            steps: 8,
+            seed: 0,
+            n: 1,
+            guidance_scale: 0.0,
+            cfg_normalization: 0.0,
+            cfg_truncation: 1.0,
+            init_image: None,
+            strength: 0.6,
+            noise: None,
+            preview: false,
+        }
+    }
+}
+
+fn nearest_sizes(v: usize) -> String {
+    let down = (v / SIZE_MULTIPLE * SIZE_MULTIPLE).max(MIN_SIZE);
+    let up = v.div_ceil(SIZE_MULTIPLE) * SIZE_MULTIPLE;
+    if down == up {
+        format!("{down}")
+    } else {
+        format!("{down} or {up}")
+    }
+}
+
+impl GenerateRequest {
+    /// Checks every parameter; the error says what is wrong and what is allowed.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(Error::InvalidRequest(m));
+        for (name, v) in [("width", self.width), ("height", self.height)] {
+            if v % SIZE_MULTIPLE != 0 {
+                return bad(format!("{name} {v} is not a multiple of {SIZE_MULTIPLE}; the nearest valid values are {}", nearest_sizes(v)));
+            }
+            if !(MIN_SIZE..=MAX_SIZE).contains(&v) {
+                return bad(format!("{name} {v} is outside {MIN_SIZE}..={MAX_SIZE}"));
+            }
+        }
+        if self.steps == 0 || self.steps > MAX_STEPS {
+            return bad(format!("steps must be between 1 and {MAX_STEPS} (Turbo is made for 8), got {}", self.steps));
+        }
+        if self.n == 0 || self.n > MAX_BATCH {
+            return bad(format!("n (images per request) must be between 1 and {MAX_BATCH}, got {}", self.n));
+        }
+        if self.seed.checked_add(self.n as u64 - 1).is_none() {
+            return bad(format!("seed {} + {} images overflows u64", self.seed, self.n));
+        }
+        if !self.guidance_scale.is_finite() || self.guidance_scale < 0.0 || self.guidance_scale > 50.0 {
+            return bad(format!("guidance scale must be in [0, 50], got {}", self.guidance_scale));
+        }
+        if !self.cfg_normalization.is_finite() || self.cfg_normalization < 0.0 {
+            return bad(format!("cfg normalization must be >= 0, got {}", self.cfg_normalization));
+        }
+        if !self.cfg_truncation.is_finite() || self.cfg_truncation < 0.0 {
+            return bad(format!("cfg truncation must be >= 0, got {}", self.cfg_truncation));
+        }
+        if let Some(img) = &self.init_image {
+            if img.width() == 0 || img.height() == 0 {
+                return bad("the input image is empty".into());
+            }
+            img2img_start_step(self.steps, self.strength)?;
+        }
+        if let Some(noise) = &self.noise {
+            let want = [self.n, 16, self.height / 8, self.width / 8];
+            if noise.dims() != want && !(self.n == 1 && noise.dims() == &want[1..]) {
+                return bad(format!("noise has shape {:?}, expected {:?}", noise.dims(), want));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether the loop goes on after a step.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control {
+    Continue,
+    Cancel,
+}
+
+/// Reported after every denoising step.
+pub struct StepEvent<'a> {
+    /// Which image of the batch `preview` shows (always the first).
+    pub image_index: usize,
+    /// 1-based step among the steps this request runs.
+    pub step: usize,
+    pub total: usize,
+    /// Sigma at the start of this step.
+    pub sigma: f32,
+    /// Time since the request started.
+    pub elapsed: Duration,
+    /// Denoised estimate x0 = x - sigma * v for every image, (n, 16, h, w) f32.
+    pub denoised: &'a Tensor,
+    /// Latent-to-RGB preview of image 0's estimate, when requested.
+    pub preview: Option<&'a image::RgbImage>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Timings {
+    pub text_encoding: Duration,
+    pub vae_encode: Duration,
+    pub denoising: Duration,
+    pub vae_decode: Duration,
+    pub total: Duration,
+}
+
+pub struct GenerateOutput {
+    pub images: Vec<image::RgbImage>,
+    pub seeds: Vec<u64>,
+    pub timings: Timings,
+    /// Token count of the prompt when it was truncated to 512 tokens.
+    pub prompt_truncated: Option<usize>,
+    /// Final latents (n, 16, h, w) f32, before the VAE.
+    pub latents: Tensor,
+}
+
+/// A loaded model, ready to generate. Holds no per-request state, so one instance can serve
+/// requests one after another from any thread.
+pub struct Pipeline {
+    transformer: ZImageTransformer,
+    text_encoder: TextEncoder,
+    tokenizer: PromptTokenizer,
+    vae: AutoencoderKl,
+    scheduler: SchedulerConfig,
+    tiling: TilingOptions,
+    device: Device,
+    dtype: DType,
+    model_name: String,
+    is_tiny: bool,
+}
+
+/// The compute dtype for a device: f32 on CPU, bf16 on accelerators.
+pub fn default_dtype(device: &Device) -> DType {
+    if device.is_cpu() {
+        DType::F32
+    } else {
+        DType::BF16
+    }
+}
+
+impl Pipeline {
+    /// Loads a model in the device's default dtype.
+    pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
+        Self::load_with_dtype(source, device, default_dtype(device))
+    }
+
+    pub fn load_with_dtype(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
+        match source {
+            ModelSource::Tiny => crate::tiny::pipeline(device, dtype),
+            ModelSource::Dir(dir) => {
+                Self::from_files(&ModelFiles::from_dir(dir)?, device, dtype, &dir.display().to_string(), false)
+            }
+            ModelSource::Hub(id) => Self::from_files(&resolve_hub_model(id)?, device, dtype, id, false),
+        }
+    }
+
+    /// Builds every component from resolved files; all weight problems of a component are named.
+    pub fn from_files(files: &ModelFiles, device: &Device, dtype: DType, name: &str, is_tiny: bool) -> Result<Self> {
+        let t_cfg: TransformerConfig = read_config(&files.transformer.config)?;
+        let te_cfg: TextEncoderConfig = read_config(&files.text_encoder.config)?;
+        let vae_cfg: VaeConfig = read_config(&files.vae.config)?;
+        let sched: SchedulerConfig = read_config(&files.scheduler_config)?;
+        let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
+
+        let (vb, problems) = checked_var_builder(&files.text_encoder.weights, dtype, device)?;
+        let text_encoder = TextEncoder::new(&te_cfg, vb);
+        ensure_no_problems("text_encoder", &problems)?;
+        let text_encoder = text_encoder?;
+
+        let (vb, problems) = checked_var_builder(&files.transformer.weights, dtype, device)?;
+        let transformer = ZImageTransformer::new(&t_cfg, vb);
+        ensure_no_problems("transformer", &problems)?;
+        let transformer = transformer?;
+
+        let (vb, problems) = checked_var_builder(&files.vae.weights, dtype, device)?;
+        let vae = AutoencoderKl::new(&vae_cfg, vb);
+        ensure_no_problems("vae", &problems)?;
+        let vae = vae?;
+
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny)
+    }
+
+    /// Builds the components from one `VarBuilder` per component (used by the tiny model).
+    #[allow(clippy::too_many_arguments)]
+    pub fn from_var_builders(
+        t_cfg: &TransformerConfig,
+        te_cfg: &TextEncoderConfig,
+        vae_cfg: &VaeConfig,
+        sched: SchedulerConfig,
+        tokenizer: PromptTokenizer,
+        vbs: [VarBuilder; 3],
+        name: &str,
+        is_tiny: bool,
+    ) -> Result<Self> {
+        let [t_vb, te_vb, vae_vb] = vbs;
+        let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
+        let transformer = ZImageTransformer::new(t_cfg, t_vb)?;
+        let text_encoder = TextEncoder::new(te_cfg, te_vb)?;
+        let vae = AutoencoderKl::new(vae_cfg, vae_vb)?;
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        transformer: ZImageTransformer,
+        text_encoder: TextEncoder,
+        tokenizer: PromptTokenizer,
+        vae: AutoencoderKl,
+        scheduler: SchedulerConfig,
+        device: &Device,
+        dtype: DType,
+        name: &str,
+        is_tiny: bool,
+    ) -> Result<Self> {
+        let (cap, hidden) = (transformer.config().cap_feat_dim, text_encoder.hidden_size());
+        if cap != hidden {
+            return Err(Error::WeightMismatch {
+                component: "pipeline".into(),
+                problems: vec![format!("transformer cap_feat_dim {cap} != text encoder hidden size {hidden}")],
+            });
+        }
+        if transformer.config().in_channels != vae.config().latent_channels {
+            return Err(Error::WeightMismatch {
+                component: "pipeline".into(),
+                problems: vec![format!(
+                    "transformer in_channels {} != VAE latent_channels {}",
+                    transformer.config().in_channels,
+                    vae.config().latent_channels
+                )],
+            });
+        }
+        Ok(Self {
+            transformer,
+            text_encoder,
+            tokenizer,
+            vae,
+            scheduler,
+            tiling: TilingOptions::default(),
+            device: device.clone(),
+            dtype,
+            model_name: name.to_string(),
+            is_tiny,
+        })
+    }
+
+    pub fn model_name(&self) -> &str {
+        &self.model_name
+    }
+    pub fn is_tiny(&self) -> bool {
+        self.is_tiny
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    pub fn transformer(&self) -> &ZImageTransformer {
+        &self.transformer
+    }
+    pub fn vae(&self) -> &AutoencoderKl {
+        &self.vae
+    }
+    pub fn set_tiling(&mut self, tiling: TilingOptions) {
+        self.tiling = tiling;
+    }
+
+    fn latent_channels(&self) -> usize {
+        self.vae.config().latent_channels
+    }
+
+    /// Prompt -> (L, hidden) embeddings in the compute dtype, and the pre-truncation token count
+    /// when the prompt was cut to 512 tokens.
+    pub fn encode_prompt(&self, prompt: &str) -> Result<(Tensor, Option<usize>)> {
+        let enc = self.tokenizer.encode(prompt)?;
+        Ok((self.text_encoder.encode_ids(&enc.ids)?, enc.truncated_from))
+    }
+
+    /// Image (any size) -> (1, 3, H, W) in [-1, 1], resized with Lanczos3 when the size differs.
+    pub fn preprocess_image(&self, img: &image::RgbImage, width: usize, height: usize) -> Result<Tensor> {
+        let resized;
+        let img = if img.width() as usize != width || img.height() as usize != height {
+            resized = image::imageops::resize(img, width as u32, height as u32, image::imageops::FilterType::Lanczos3);
+            &resized
+        } else {
+            img
+        };
+        let data: Vec<f32> = img.as_raw().iter().map(|&v| v as f32 / 127.5 - 1.0).collect();
+        let t = Tensor::from_vec(data, (height, width, 3), &Device::Cpu)?.permute((2, 0, 1))?.unsqueeze(0)?;
+        Ok(t.to_device(&self.device)?)
+    }
+
+    /// Raw VAE latent mean -> model latent: (z - shift) * scale, f32.
+    pub fn encode_image(&self, img: &Tensor) -> Result<Tensor> {
+        let cfg = self.vae.config();
+        let mean = self.vae.encode_mean_auto(&img.to_dtype(self.vae.dtype())?, &self.tiling)?;
+        Ok(((mean.to_dtype(DType::F32)? - cfg.shift())? * cfg.scaling_factor)?)
+    }
+
+    /// Model latents (n, 16, h, w) f32 -> RGB images, one image at a time (slicing), tiled when large.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        let cfg = self.vae.config();
+        let n = latents.dim(0)?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            let z = ((latents.narrow(0, i, 1)? / cfg.scaling_factor)? + cfg.shift())?;
+            let img = self.vae.decode_auto(&z.to_dtype(self.vae.dtype())?, &self.tiling)?;
+            out.push(to_rgb_image(&img.squeeze(0)?)?);
+        }
+        Ok(out)
+    }
+
+    /// Float image in [0, 1] (n, H, W, 3) exactly as the reference's `output_type="np"`.
+    pub fn decode_latents_float(&self, latents: &Tensor) -> Result<Tensor> {
+        let cfg = self.vae.config();
+        let z = ((latents / cfg.scaling_factor)? + cfg.shift())?;
+        let img = self.vae.decode_auto(&z.to_dtype(self.vae.dtype())?, &self.tiling)?.to_dtype(DType::F32)?;
+        Ok(((img * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?)
+    }
+
+    fn initial_noise(&self, req: &GenerateRequest, h: usize, w: usize) -> Result<Tensor> {
+        let c = self.latent_channels();
+        if let Some(noise) = &req.noise {
+            let noise = if noise.rank() == 3 { noise.unsqueeze(0)? } else { noise.clone() };
+            return Ok(noise.to_dtype(DType::F32)?.to_device(&self.device)?);
+        }
+        // Drawn on the CPU with our own generator: the same seed gives the same noise everywhere.
+        let per = c * h * w;
+        let mut all = Vec::with_capacity(req.n * per);
+        for i in 0..req.n {
+            all.extend(crate::rng::normal_vec(req.seed + i as u64, per));
+        }
+        Ok(Tensor::from_vec(all, (req.n, c, h, w), &Device::Cpu)?.to_device(&self.device)?)
+    }
+
+    /// Runs one request. `on_step` is called after every step; returning `Control::Cancel` stops
+    /// the run with `Error::Cancelled`.
+    pub fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(&StepEvent) -> Control,
+    ) -> Result<GenerateOutput> {
+        let start = Instant::now();
+        req.validate()?;
+        let mut timings = Timings::default();
+        let schedule = Schedule::new(&self.scheduler, req.steps)?;
+        let first_step = match &req.init_image {
+            Some(_) => img2img_start_step(req.steps, req.strength)?,
+            None => 0,
+        };
+        let (h, w) = (2 * (req.height / 16), 2 * (req.width / 16));
+
+        // Text.
+        let t = Instant::now();
+        let (pos, truncated) = self.encode_prompt(&req.prompt)?;
+        let use_cfg = req.guidance_scale > 0.0;
+        let neg = if use_cfg { Some(self.encode_prompt(&req.negative_prompt)?.0) } else { None };
+        timings.text_encoding = t.elapsed();
+
+        // Starting latents.
+        let noise = self.initial_noise(req, h, w)?;
+        let mut x = match &req.init_image {
+            Some(img) => {
+                let t = Instant::now();
+                let z = self.encode_image(&self.preprocess_image(img, req.width, req.height)?)?;
+                let z = z.broadcast_as(noise.shape())?;
+                let s = schedule.sigmas[first_step] as f64;
+                let x = ((&noise * s)? + (z * (1.0 - s))?)?;
+                timings.vae_encode = t.elapsed();
+                x
+            }
+            None => noise,
+        };
+
+        // Denoising.
+        let t_loop = Instant::now();
+        let n = req.n;
+        let pos_caps = vec![pos; n];
+        let neg_caps = neg.map(|neg| vec![neg; n]);
+        let total = req.steps - first_step;
+        for i in first_step..req.steps {
+            let sigma = schedule.sigmas[i];
+            let model_t = schedule.model_time(i);
+            let t_in = Tensor::full(model_t, n, &self.device)?;
+            let x_in = x.unsqueeze(2)?.to_dtype(self.dtype)?;
+            let out_pos = self.transformer.forward(&x_in, &t_in, &pos_caps)?.squeeze(2)?.to_dtype(DType::F32)?;
+            let guidance_now = match &neg_caps {
+                Some(_) if req.cfg_truncation <= 1.0 && model_t > req.cfg_truncation => 0.0,
+                Some(_) => req.guidance_scale,
+                None => 0.0,
+            };
+            let pred = match (&neg_caps, guidance_now > 0.0) {
+                (Some(neg_caps), true) => {
+                    let out_neg =
+                        self.transformer.forward(&x_in, &t_in, neg_caps)?.squeeze(2)?.to_dtype(DType::F32)?;
+                    guide(&out_pos, &out_neg, guidance_now, req.cfg_normalization)?
+                }
+                _ => out_pos,
+            };
+            let v = pred.neg()?;
+            let denoised = (&x - (&v * sigma as f64)?)?;
+            x = (&x + (&v * (schedule.sigmas[i + 1] - sigma) as f64)?)?;
+            let preview = if req.preview { Some(crate::preview::latent_to_rgb(&denoised.get(0)?)?) } else { None };
+            let event = StepEvent {
+                image_index: 0,
+                step: i - first_step + 1,
+                total,
+                sigma,
+                elapsed: start.elapsed(),
+                denoised: &denoised,
+                preview: preview.as_ref(),
+            };
+            if on_step(&event) == Control::Cancel {
+                return Err(Error::Cancelled);
+            }
+        }
+        // Make the loop's time real on asynchronous devices before reading the clock.
+        self.device.synchronize()?;
+        timings.denoising = t_loop.elapsed();
+
+        let t = Instant::now();
+        let images = self.decode_latents(&x)?;
+        timings.vae_decode = t.elapsed();
+        timings.total = start.elapsed();
+        Ok(GenerateOutput {
+            images,
+            seeds: (0..n as u64).map(|i| req.seed + i).collect(),
+            timings,
+            prompt_truncated: truncated,
+            latents: x,
+        })
+    }
+}
+
+/// pred = pos + g (pos - neg); with normalization c > 0, ||pred|| is capped at c ||pos|| per item.
+fn guide(pos: &Tensor, neg: &Tensor, g: f32, normalization: f32) -> Result<Tensor> {
+    let pred = (pos + ((pos - neg)? * g as f64)?)?;
+    if normalization <= 0.0 {
+        return Ok(pred);
+    }
+    let n = pred.dim(0)?;
+    let mut items = Vec::with_capacity(n);
+    for i in 0..n {
+        let (p, q) = (pos.get(i)?, pred.get(i)?);
+        let pos_norm = p.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let new_norm = q.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
+        let max_norm = pos_norm * normalization;
+        items.push(if new_norm > max_norm { (q * (max_norm / new_norm) as f64)? } else { q });
+    }
+    Ok(Tensor::stack(&items, 0)?)
+}
+
+/// (3, H, W) in about [-1, 1] -> RGB u8 with (x / 2 + 0.5).clamp(0, 1) * 255 rounded.
+fn to_rgb_image(img: &Tensor) -> Result<image::RgbImage> {
+    let (_, h, w) = img.dims3()?;
+    let v = ((img.to_dtype(DType::F32)? * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
+    let data: Vec<u8> = (v * 255.0)?
+        .round()?
+        .permute((1, 2, 0))?
+        .flatten_all()?
+        .to_vec1::<f32>()?
+        .into_iter()
+        .map(|p| p as u8)
+        .collect();
+    image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Image("decoded image has the wrong size".into()))
+}
+
+#[allow(dead_code)]
+fn _assert_send_sync() {
+    fn is<T: Send + Sync>() {}
+    is::<Pipeline>();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testutil::{assert_close, expected, expected_json, tiny_model_dir};
+
+    fn fixture_pipeline() -> Pipeline {
+        Pipeline::load(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu).unwrap()
+    }
+
+    fn request(case: &serde_json::Value, noise: &Tensor) -> GenerateRequest {
+        GenerateRequest {
+            prompt: case["prompt"].as_str().unwrap().into(),
+            negative_prompt: case["negative_prompt"].as_str().unwrap_or("").into(),
+            width: case["width"].as_u64().unwrap() as usize,
+            height: case["height"].as_u64().unwrap() as usize,
+            steps: case["num_inference_steps"].as_u64().unwrap() as usize,
+            guidance_scale: case["guidance_scale"].as_f64().unwrap() as f32,
+            cfg_normalization: case["cfg_normalization"].as_f64().unwrap_or(0.0) as f32,
+            cfg_truncation: case["cfg_truncation"].as_f64().unwrap_or(1.0) as f32,
+            strength: case["strength"].as_f64().unwrap_or(1.0) as f32,
+            noise: Some(noise.clone()),
+            ..Default::default()
+        }
+    }
+
+    /// Runs a fixture case and compares the final latents and the float image.
+    fn check_case(name: &str, init: Option<image::RgbImage>) -> Vec<Tensor> {
+        let p = fixture_pipeline();
+        let e = expected();
+        let mut req = request(&expected_json()[name], &e[&format!("{name}.noise")]);
+        req.init_image = init;
+        let mut steps = Vec::new();
+        let out = p
+            .generate(&req, &mut |ev| {
+                // x after the step is not in the event; rebuild it from x0 is not possible, so record x0.
+                steps.push(ev.denoised.clone());
+                Control::Continue
+            })
+            .unwrap();
+        assert_close(&format!("{name}.latents"), &out.latents, &e[&format!("{name}.latents")], 1e-4);
+        let img = p.decode_latents_float(&out.latents).unwrap().squeeze(0).unwrap();
+        assert_close(&format!("{name}.image"), &img, &e[&format!("{name}.image")], 1e-4);
+        // The u8 output rounds the same float image.
+        let want: Vec<f32> = e[&format!("{name}.image")].flatten_all().unwrap().to_vec1().unwrap();
+        let got = out.images[0].as_raw();
+        let off = got.iter().zip(&want).filter(|(g, w)| (**g as f32 - (*w * 255.0).round()).abs() > 1.0).count();
+        assert_eq!(off, 0, "{name}: u8 pixels off by more than 1");
+        steps
+    }
+
+    #[test]
+    fn text_to_image_matches_diffusers() {
+        let p = fixture_pipeline();
+        let e = expected();
+        let req = request(&expected_json()["t2i"], &e["t2i.noise"]);
+        let mut xs = Vec::new();
+        let mut prev = e["t2i.noise"].clone();
+        let sched = Schedule::new(&SchedulerConfig::default(), req.steps).unwrap();
+        p.generate(&req, &mut |ev| {
+            // x_next = x0 + sigma_next * v, with v = (x - x0) / sigma
+            let s = ev.sigma as f64;
+            let v = ((&prev - ev.denoised).unwrap() / s).unwrap();
+            let next = (ev.denoised + (v * sched.sigmas[ev.step] as f64).unwrap()).unwrap();
+            prev = next.clone();
+            xs.push(next);
+            Control::Continue
+        })
+        .unwrap();
+        for (i, x) in xs.iter().enumerate() {
+            assert_close(&format!("t2i.step{i}"), x, &e[&format!("t2i.step{i}")], 1e-4);
+        }
+        check_case("t2i", None);
+    }
+
+    #[test]
+    fn guidance_with_normalization_matches_diffusers() {
+        check_case("t2i_cfg", None);
+    }
+
+    #[test]
+    fn guidance_truncation_matches_diffusers() {
+        check_case("t2i_cfg_trunc", None);
+    }
+
+    #[test]
+    fn image_to_image_matches_diffusers() {
+        let init = image::open(crate::testutil::fixtures_dir().join("i2i_init.png")).unwrap().to_rgb8();
+        let p = fixture_pipeline();
+        let e = expected();
+        let z = p.encode_image(&p.preprocess_image(&init, 64, 48).unwrap()).unwrap();
+        assert_close("i2i.image_latents", &z, &e["i2i.image_latents"], 1e-4);
+        let steps = check_case("i2i", Some(init));
+        assert_eq!(steps.len(), 3, "strength 0.6 of 4 steps runs 3");
+    }
+
+    #[test]
+    fn sigmas_and_strength_match_diffusers() {
+        let j = expected_json();
+        for (n, case) in j["sigmas"].as_object().unwrap() {
+            let n: usize = n.parse().unwrap();
+            let s = Schedule::new(&SchedulerConfig::default(), n).unwrap();
+            let want: Vec<f32> = case["sigmas"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            assert_eq!(s.sigmas, want, "sigmas N={n}");
+            let want_t: Vec<f32> = case["model_t"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap() as f32).collect();
+            let got_t: Vec<f32> = (0..n).map(|i| s.model_time(i)).collect();
+            assert_eq!(got_t, want_t, "model time N={n}");
+            for (strength, st) in case["strength"].as_object().unwrap() {
+                let strength: f32 = strength.parse().unwrap();
+                let want_steps = st["num_steps"].as_u64().unwrap() as usize;
+                match img2img_start_step(n, strength) {
+                    Ok(k) => {
+                        assert_eq!(k, st["t_start"].as_u64().unwrap() as usize, "N={n} strength={strength}");
+                        assert_eq!(n - k, want_steps);
+                    }
+                    Err(_) => assert_eq!(want_steps, 0, "N={n} strength={strength} refused but the reference runs steps"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn same_seed_same_image_and_batches_use_seed_plus_i() {
+        let p = Pipeline::load(&ModelSource::Tiny, &Device::Cpu).unwrap();
+        let req = GenerateRequest { prompt: "x".into(), width: 32, height: 32, steps: 2, seed: 11, n: 2, ..Default::default() };
+        let a = p.generate(&req, &mut |_| Control::Continue).unwrap();
+        let b = p.generate(&GenerateRequest { seed: 12, n: 1, ..req.clone() }, &mut |_| Control::Continue).unwrap();
+        assert_eq!(a.seeds, vec![11, 12]);
+        assert_eq!(a.images[1], b.images[0], "image 1 of seed 11 is image 0 of seed 12");
+        assert_ne!(a.images[0], a.images[1]);
+        let c = p.generate(&req, &mut |_| Control::Continue).unwrap();
+        assert_eq!(a.images, c.images);
+    }
+
+    #[test]
+    fn cancel_stops_at_the_next_step() {
+        let p = Pipeline::load(&ModelSource::Tiny, &Device::Cpu).unwrap();
+        let req = GenerateRequest { prompt: "x".into(), width: 32, height: 32, steps: 5, preview: true, ..Default::default() };
+        let mut seen = 0;
+        let r = p.generate(&req, &mut |ev| {
+            seen += 1;
+            assert!(ev.preview.is_some());
+            if ev.step == 2 { Control::Cancel } else { Control::Continue }
+        });
+        assert!(matches!(r, Err(Error::Cancelled)));
+        assert_eq!(seen, 2);
+    }
+
+    #[test]
+    fn bad_requests_are_refused_with_reasons() {
+        let ok = GenerateRequest { prompt: "x".into(), width: 64, height: 64, ..Default::default() };
+        let cases: Vec<(GenerateRequest, &str)> = vec![
+            (GenerateRequest { width: 1000, ..ok.clone() }, "992 or 1008"),
+            (GenerateRequest { height: 8200, ..ok.clone() }, "multiple of 16"),
+            (GenerateRequest { width: 8192, ..ok.clone() }, "outside"),
+            (GenerateRequest { steps: 0, ..ok.clone() }, "steps"),
+            (GenerateRequest { steps: 1000, ..ok.clone() }, "steps"),
+            (GenerateRequest { n: 0, ..ok.clone() }, "n (images"),
+            (GenerateRequest { guidance_scale: f32::NAN, ..ok.clone() }, "guidance"),
+            (GenerateRequest { seed: u64::MAX, n: 2, ..ok.clone() }, "overflows"),
+            (GenerateRequest { init_image: Some(image::RgbImage::new(8, 8)), strength: 0.0, ..ok.clone() }, "strength"),
+            (GenerateRequest { init_image: Some(image::RgbImage::new(8, 8)), steps: 4, strength: 1e-20, ..ok.clone() }, "no step"),
+            (GenerateRequest { noise: Some(Tensor::zeros((1, 16, 4, 4), DType::F32, &Device::Cpu).unwrap()), ..ok.clone() }, "noise"),
+        ];
+        for (req, needle) in cases {
+            let err = req.validate().unwrap_err().to_string();
+            assert!(err.contains(needle), "expected `{needle}` in `{err}`");
+        }
+        ok.validate().unwrap();
+    }
+}

@@ -1,0 +1,458 @@
+//! The Qwen3 text encoder (transformers `Qwen3Model`), run only as far as the pipeline needs.
+//!
+//! Z-Image conditions on `hidden_states[-2]`: the output of decoder layer `L - 2` of `L`, without
+//! the final norm. So only the first `L - 1` layers are loaded and run; the last layer and
+//! `norm.weight` are never read (and need not be present).
+//!
+//! The math follows transformers' eager Qwen3: RMSNorm computed in f32 and cast back before the
+//! weight; q/k/v/o without bias; per-head `q_norm`/`k_norm` before RoPE; rotate-half RoPE with
+//! the tables computed in f32; grouped-query attention; causal softmax (in f32) with scale
+//! `1/sqrt(head_dim)`; SwiGLU MLP. Batch size is one and only real tokens are fed: causal
+//! attention makes the pipeline's right padding irrelevant to them.
+
+use candle_core::{DType, Device, Tensor, D};
+use candle_nn::VarBuilder;
+
+use crate::config::TextEncoderConfig;
+use crate::error::{Error, Result};
+
+/// Collects every missing or misshapen weight so that one error names them all.
+struct Loader<'a> {
+    vb: VarBuilder<'a>,
+    problems: Vec<String>,
+}
+
+impl<'a> Loader<'a> {
+    fn get(&mut self, shape: &[usize], name: &str) -> Option<Tensor> {
+        let full = if self.vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", self.vb.prefix()) };
+        if !self.vb.contains_tensor(name) {
+            self.problems.push(format!("missing tensor {full} (expected shape {shape:?})"));
+            return None;
+        }
+        match self.vb.get(shape, name) {
+            Ok(t) => Some(t),
+            Err(e) => {
+                self.problems.push(format!("{full}: {e}"));
+                None
+            }
+        }
+    }
+    fn pp(&self, s: impl ToString) -> Loader<'a> {
+        Loader { vb: self.vb.pp(s), problems: vec![] }
+    }
+    fn absorb(&mut self, other: Loader<'a>) {
+        self.problems.extend(other.problems);
+    }
+}
+
+/// `weight * (x / sqrt(mean(x^2) + eps))`, normalised in f32 and cast back to x's dtype before
+/// the weight multiplies it (transformers' `Qwen3RMSNorm`).
+fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    let dtype = x.dtype();
+    let xf = x.to_dtype(DType::F32)?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
+    Ok(normed.broadcast_mul(weight)?)
+}
+
+/// `x @ w^T` for x of shape (L, in) and a (out, in) weight.
+fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    Ok(x.matmul(&w.t()?)?)
+}
+
+struct Attention {
+    q_proj: Tensor,
+    k_proj: Tensor,
+    v_proj: Tensor,
+    o_proj: Tensor,
+    q_norm: Tensor,
+    k_norm: Tensor,
+    n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
+    eps: f64,
+}
+
+impl Attention {
+    fn load(cfg: &TextEncoderConfig, ld: &mut Loader) -> Option<Self> {
+        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.num_key_value_heads);
+        let q_proj = ld.get(&[nh * hd, h], "q_proj.weight");
+        let k_proj = ld.get(&[nkv * hd, h], "k_proj.weight");
+        let v_proj = ld.get(&[nkv * hd, h], "v_proj.weight");
+        let o_proj = ld.get(&[h, nh * hd], "o_proj.weight");
+        let q_norm = ld.get(&[hd], "q_norm.weight");
+        let k_norm = ld.get(&[hd], "k_norm.weight");
+        Some(Self {
+            q_proj: q_proj?,
+            k_proj: k_proj?,
+            v_proj: v_proj?,
+            o_proj: o_proj?,
+            q_norm: q_norm?,
+            k_norm: k_norm?,
+            n_heads: nh,
+            n_kv_heads: nkv,
+            head_dim: hd,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    /// x: (L, hidden); cos/sin: (L, head_dim/2) in x's dtype; mask: (L, L) f32 additive.
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let l = x.dim(0)?;
+        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
+        let rep = nh / nkv;
+
+        let q = linear(x, &self.q_proj)?.reshape((l, nh, hd))?;
+        let k = linear(x, &self.k_proj)?.reshape((l, nkv, hd))?;
+        let v = linear(x, &self.v_proj)?.reshape((l, nkv, hd))?;
+        // Per-head norms before RoPE, then heads first: (1, heads, L, hd).
+        let q = rms_norm(&q, &self.q_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let k = rms_norm(&k, &self.k_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (nh, L, hd)
+        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?; // (nkv, L, hd)
+        let v = v.transpose(0, 1)?.contiguous()?; // (nkv, L, hd)
+
+        // GQA without copying k/v: query head h uses kv head h / rep, so the `rep` query heads
+        // of one kv head are stacked along the sequence axis.
+        let q = q.reshape((nkv, rep * l, hd))?;
+        let scale = 1.0 / (hd as f64).sqrt();
+        let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, rep*L, L)
+        let scores = scores.to_dtype(DType::F32)?.reshape((nh, l, l))?.broadcast_add(mask)?;
+        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+        let out = probs.reshape((nkv, rep * l, l))?.matmul(&v)?; // (nkv, rep*L, hd)
+        let out = out.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?;
+        linear(&out, &self.o_proj)
+    }
+}
+
+struct Mlp {
+    gate_proj: Tensor,
+    up_proj: Tensor,
+    down_proj: Tensor,
+}
+
+impl Mlp {
+    fn load(cfg: &TextEncoderConfig, ld: &mut Loader) -> Option<Self> {
+        let (h, i) = (cfg.hidden_size, cfg.intermediate_size);
+        let gate_proj = ld.get(&[i, h], "gate_proj.weight");
+        let up_proj = ld.get(&[i, h], "up_proj.weight");
+        let down_proj = ld.get(&[h, i], "down_proj.weight");
+        Some(Self { gate_proj: gate_proj?, up_proj: up_proj?, down_proj: down_proj? })
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let gate = candle_nn::ops::silu(&linear(x, &self.gate_proj)?)?;
+        let up = linear(x, &self.up_proj)?;
+        linear(&(gate * up)?, &self.down_proj)
+    }
+}
+
+struct DecoderLayer {
+    attn: Attention,
+    mlp: Mlp,
+    input_layernorm: Tensor,
+    post_attention_layernorm: Tensor,
+    eps: f64,
+}
+
+impl DecoderLayer {
+    fn load(cfg: &TextEncoderConfig, ld: &mut Loader) -> Option<Self> {
+        let h = cfg.hidden_size;
+        let mut a = ld.pp("self_attn");
+        let attn = Attention::load(cfg, &mut a);
+        ld.absorb(a);
+        let mut m = ld.pp("mlp");
+        let mlp = Mlp::load(cfg, &mut m);
+        ld.absorb(m);
+        let ln1 = ld.get(&[h], "input_layernorm.weight");
+        let ln2 = ld.get(&[h], "post_attention_layernorm.weight");
+        Some(Self {
+            attn: attn?,
+            mlp: mlp?,
+            input_layernorm: ln1?,
+            post_attention_layernorm: ln2?,
+            eps: cfg.rms_norm_eps,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = self.attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, cos, sin, mask)?;
+        let x = (x + h)?;
+        let h = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
+        Ok((x + h)?)
+    }
+}
+
+/// Qwen3 text encoder producing Z-Image's prompt embeddings (`hidden_states[-2]`).
+pub struct TextEncoder {
+    embed_tokens: Tensor,
+    layers: Vec<DecoderLayer>,
+    cfg: TextEncoderConfig,
+    device: Device,
+    dtype: DType,
+}
+
+impl TextEncoder {
+    /// Loads the embedding and the first `num_hidden_layers - 1` decoder layers. Accepts the keys
+    /// of a saved `Qwen3Model` (`embed_tokens.weight`, `layers.{i}....`) or the same under
+    /// `model.` (a `Qwen3ForCausalLM` checkpoint). Computes in the VarBuilder's dtype and device.
+    pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
+        let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+        if cfg.num_hidden_layers == 0
+            || cfg.num_attention_heads == 0
+            || cfg.num_key_value_heads == 0
+            || cfg.num_attention_heads % cfg.num_key_value_heads != 0
+            || cfg.head_dim() % 2 != 0
+        {
+            return Err(bad(vec![format!(
+                "unsupported config: {} layers, {} heads, {} kv heads, head_dim {} (need >= 1 layer, heads a multiple of kv heads, even head_dim)",
+                cfg.num_hidden_layers,
+                cfg.num_attention_heads,
+                cfg.num_key_value_heads,
+                cfg.head_dim()
+            )]));
+        }
+        let vb = if !vb.contains_tensor("embed_tokens.weight") && vb.contains_tensor("model.embed_tokens.weight") {
+            vb.pp("model")
+        } else {
+            vb
+        };
+        let device = vb.device().clone();
+        let dtype = vb.dtype();
+        let mut ld = Loader { vb, problems: vec![] };
+        let embed_tokens = ld.get(&[cfg.vocab_size, cfg.hidden_size], "embed_tokens.weight");
+        let n_run = cfg.num_hidden_layers - 1;
+        let mut layers = Vec::with_capacity(n_run);
+        for i in 0..n_run {
+            let mut l = ld.pp(format!("layers.{i}"));
+            let layer = DecoderLayer::load(cfg, &mut l);
+            ld.absorb(l);
+            if let Some(layer) = layer {
+                layers.push(layer);
+            }
+        }
+        if !ld.problems.is_empty() {
+            return Err(bad(ld.problems));
+        }
+        let embed_tokens = embed_tokens.expect("no problems means the embedding loaded");
+        Ok(Self { embed_tokens, layers, cfg: cfg.clone(), device, dtype })
+    }
+
+    pub fn config(&self) -> &TextEncoderConfig {
+        &self.cfg
+    }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+    /// Width of each output row (the config's `hidden_size`).
+    pub fn hidden_size(&self) -> usize {
+        self.cfg.hidden_size
+    }
+
+    /// RoPE tables for positions 0..l: (l, head_dim/2) cos and sin, computed in f32 as
+    /// transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`), then cast to
+    /// the model dtype.
+    fn rope_tables(&self, l: usize) -> Result<(Tensor, Tensor)> {
+        let hd = self.cfg.head_dim();
+        let theta = self.cfg.rope_theta() as f32;
+        let inv_freq: Vec<f32> =
+            (0..hd).step_by(2).map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32)).collect();
+        let half = inv_freq.len();
+        let mut cos = Vec::with_capacity(l * half);
+        let mut sin = Vec::with_capacity(l * half);
+        for p in 0..l {
+            for &f in &inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (l, half), &self.device)?.to_dtype(self.dtype)?;
+        let sin = Tensor::from_vec(sin, (l, half), &self.device)?.to_dtype(self.dtype)?;
+        Ok((cos, sin))
+    }
+
+    /// Additive causal mask (l, l) in f32: 0 on and below the diagonal, -inf above.
+    fn causal_mask(&self, l: usize) -> Result<Tensor> {
+        let m: Vec<f32> =
+            (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        Ok(Tensor::from_vec(m, (l, l), &self.device)?)
+    }
+
+    /// Prompt embeddings for token ids of shape (1, L) or (L) (u32 or i64): the output of
+    /// decoder layer `num_hidden_layers - 2`, shape (L, hidden), in the model dtype.
+    pub fn forward(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let ids = match input_ids.dims() {
+            [_] => input_ids.clone(),
+            [1, _] => input_ids.squeeze(0)?,
+            d => {
+                return Err(Error::InvalidRequest(format!(
+                    "text encoder input ids must have shape (1, L) or (L), got {d:?}"
+                )))
+            }
+        };
+        let ids: Vec<u32> = match ids.dtype() {
+            DType::U32 => ids.to_vec1::<u32>()?,
+            _ => ids
+                .to_dtype(DType::I64)?
+                .to_vec1::<i64>()?
+                .into_iter()
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX))
+                .collect(),
+        };
+        self.encode_ids(&ids)
+    }
+
+    /// Same as [`forward`](Self::forward) from a slice of ids.
+    pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
+        let l = ids.len();
+        if l == 0 {
+            return Err(Error::InvalidRequest("the prompt produced no tokens".into()));
+        }
+        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
+            return Err(Error::InvalidRequest(format!(
+                "token id {bad} is outside the text encoder's vocabulary ({} ids); tokenizer and model do not match",
+                self.cfg.vocab_size
+            )));
+        }
+        let ids = Tensor::from_slice(ids, l, &self.device)?;
+        let mut x = self.embed_tokens.index_select(&ids, 0)?; // (L, hidden)
+        let (cos, sin) = self.rope_tables(l)?;
+        let mask = self.causal_mask(l)?;
+        for layer in &self.layers {
+            x = layer.forward(&x, &cos, &sin, &mask)?;
+        }
+        Ok(x)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::path::PathBuf;
+
+    fn fixtures() -> PathBuf {
+        let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
+        assert!(
+            dir.join("expected.safetensors").is_file()
+                && dir.join("tiny_model/text_encoder/model.safetensors").is_file(),
+            "test fixtures missing under {}: generate them with the fixture script",
+            dir.display()
+        );
+        dir
+    }
+
+    fn tiny_config() -> TextEncoderConfig {
+        let p = fixtures().join("tiny_model/text_encoder/config.json");
+        serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
+    }
+
+    fn tiny_weights() -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(fixtures().join("tiny_model/text_encoder/model.safetensors"), &Device::Cpu)
+            .unwrap()
+    }
+
+    fn load_tiny() -> TextEncoder {
+        let path = fixtures().join("tiny_model/text_encoder/model.safetensors");
+        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() };
+        TextEncoder::new(&tiny_config(), vb).unwrap()
+    }
+
+    fn expected() -> HashMap<String, Tensor> {
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
+    }
+
+    /// (max abs error, max |expected|).
+    fn compare(got: &Tensor, want: &Tensor) -> (f32, f32) {
+        assert_eq!(got.dims(), want.dims());
+        let want = want.to_dtype(DType::F32).unwrap();
+        let err = (got.to_dtype(DType::F32).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let scale = want.abs().unwrap().max_all().unwrap();
+        (err.to_scalar::<f32>().unwrap(), scale.to_scalar::<f32>().unwrap())
+    }
+
+    fn check_case(enc: &TextEncoder, exp: &HashMap<String, Tensor>, key: &str) {
+        let ids = exp[&format!("{key}.input_ids")].unsqueeze(0).unwrap(); // (1, L) i64
+        let want = &exp[&format!("{key}.embeds")];
+        let got = enc.forward(&ids).unwrap();
+        let (err, scale) = compare(&got, want);
+        let tol = 1e-4 * scale.max(1.0);
+        eprintln!("{key}: L={} max abs err {err:.3e} (max |expected| {scale:.3}, tol {tol:.1e})", got.dim(0).unwrap());
+        assert!(err <= tol, "{key}: max abs err {err} > {tol}");
+        // u32 ids give the same result.
+        let ids_u32 = ids.to_dtype(DType::U32).unwrap();
+        let again = enc.forward(&ids_u32).unwrap();
+        assert_eq!(compare(&again, &got).0, 0.0);
+    }
+
+    #[test]
+    fn tiny_matches_reference_short() {
+        let enc = load_tiny();
+        assert_eq!(enc.layers.len(), 2);
+        check_case(&enc, &expected(), "te");
+    }
+
+    #[test]
+    fn tiny_matches_reference_long() {
+        check_case(&load_tiny(), &expected(), "te_long");
+    }
+
+    #[test]
+    fn causal_prefix_is_stable() {
+        // Causality: a prefix of the ids gives the prefix of the output.
+        let enc = load_tiny();
+        let exp = expected();
+        let ids = exp["te.input_ids"].to_dtype(DType::U32).unwrap();
+        let full = enc.forward(&ids).unwrap();
+        let part = enc.forward(&ids.narrow(0, 0, 20).unwrap()).unwrap();
+        let (err, _) = compare(&part, &full.narrow(0, 0, 20).unwrap());
+        assert!(err < 1e-5, "prefix err {err}");
+    }
+
+    #[test]
+    fn accepts_causal_lm_prefix_and_needs_no_last_layer_or_norm() {
+        let cfg = tiny_config();
+        let last = format!("layers.{}.", cfg.num_hidden_layers - 1);
+        let weights: HashMap<String, Tensor> = tiny_weights()
+            .into_iter()
+            .filter(|(k, _)| k != "norm.weight" && !k.starts_with(&last))
+            .map(|(k, v)| (format!("model.{k}"), v))
+            .collect();
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        let enc = TextEncoder::new(&cfg, vb).unwrap();
+        let exp = expected();
+        let got = enc.forward(&exp["te.input_ids"]).unwrap();
+        let reference = load_tiny().forward(&exp["te.input_ids"]).unwrap();
+        assert_eq!(compare(&got, &reference).0, 0.0);
+    }
+
+    #[test]
+    fn missing_and_misshapen_weights_are_all_named() {
+        let cfg = tiny_config();
+        let mut weights = tiny_weights();
+        weights.remove("layers.0.self_attn.q_norm.weight");
+        weights.insert("layers.1.mlp.up_proj.weight".into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        match TextEncoder::new(&cfg, vb) {
+            Err(Error::WeightMismatch { component, problems }) => {
+                assert_eq!(component, "text_encoder");
+                assert_eq!(problems.len(), 2, "{problems:?}");
+                assert!(problems[0].contains("layers.0.self_attn.q_norm.weight"), "{problems:?}");
+                assert!(problems[1].contains("layers.1.mlp.up_proj.weight"), "{problems:?}");
+            }
+            Err(e) => panic!("unexpected error {e}"),
+            Ok(_) => panic!("loading should fail"),
+        }
+    }
+
+    #[test]
+    fn rejects_out_of_vocab_ids() {
+        let enc = load_tiny();
+        assert!(matches!(enc.encode_ids(&[1, 2, 259]), Err(Error::InvalidRequest(_))));
+        assert!(matches!(enc.encode_ids(&[]), Err(Error::InvalidRequest(_))));
+    }
+}

@@ -1,0 +1,151 @@
+//! The built-in `tiny` model: the Z-Image architecture at small dims with deterministic random
+//! weights and a byte-level tokenizer, so everything runs offline. Its images are noise-like
+//! patterns, not pictures. `write_dir` saves it in the diffusers layout for the real loader.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{DType, Device, Tensor};
+use serde_json::json;
+
+use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
+use crate::error::{Error, Result};
+use crate::pipeline::Pipeline;
+use crate::tokenizer::{tiny_tokenizer, write_tiny_tokenizer_files, PromptTokenizer};
+use crate::weights::{random_var_builder, RandomWeights};
+
+pub const TINY_NAME: &str = "tiny";
+/// Seeds of the three components' weights; changing them changes every tiny image.
+const SEEDS: [u64; 3] = [0x5EED_0001, 0x5EED_0002, 0x5EED_0003];
+
+pub fn transformer_config() -> TransformerConfig {
+    TransformerConfig {
+        dim: 64,
+        n_layers: 2,
+        n_refiner_layers: 1,
+        n_heads: 2,
+        n_kv_heads: 2,
+        cap_feat_dim: 64,
+        axes_dims: vec![8, 12, 12],
+        ..TransformerConfig::z_image_turbo()
+    }
+}
+
+pub fn text_encoder_config() -> TextEncoderConfig {
+    TextEncoderConfig {
+        vocab_size: 259,
+        hidden_size: 64,
+        intermediate_size: 128,
+        num_hidden_layers: 3,
+        num_attention_heads: 4,
+        num_key_value_heads: 2,
+        head_dim: Some(16),
+        max_position_embeddings: 1024,
+        ..TextEncoderConfig::qwen3_4b()
+    }
+}
+
+pub fn vae_config() -> VaeConfig {
+    VaeConfig { block_out_channels: vec![8, 16, 16, 32], layers_per_block: 1, norm_num_groups: 8, ..VaeConfig::flux() }
+}
+
+/// The three random weight sources, in (transformer, text encoder, VAE) order.
+fn sources() -> [Arc<RandomWeights>; 3] {
+    SEEDS.map(|s| Arc::new(RandomWeights::new(s)))
+}
+
+/// The tiny pipeline, built directly in memory.
+pub fn pipeline(device: &Device, dtype: DType) -> Result<Pipeline> {
+    let [t, te, vae] = sources();
+    Pipeline::from_var_builders(
+        &transformer_config(),
+        &text_encoder_config(),
+        &vae_config(),
+        SchedulerConfig::default(),
+        PromptTokenizer::tiny()?,
+        [random_var_builder(&t, dtype, device), random_var_builder(&te, dtype, device), random_var_builder(&vae, dtype, device)],
+        TINY_NAME,
+        true,
+    )
+}
+
+fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(|e| Error::io(p, e))?;
+    }
+    let s = serde_json::to_string_pretty(v).expect("json");
+    std::fs::write(path, s).map_err(|e| Error::io(path, e))
+}
+
+fn with_class(v: impl serde::Serialize, class: &str, lib: &str) -> serde_json::Value {
+    let mut v = serde_json::to_value(v).expect("config serializes");
+    v[if lib == "diffusers" { "_class_name" } else { "architectures" }] =
+        if lib == "diffusers" { json!(class) } else { json!([class]) };
+    v
+}
+
+fn save(tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
+    let tensors: std::collections::HashMap<String, Tensor> = tensors.into_iter().collect();
+    candle_core::safetensors::save(&tensors, path).map_err(Error::from)
+}
+
+/// Writes the tiny model in the diffusers layout (weights in f32).
+pub fn write_dir(dir: &Path) -> Result<()> {
+    let [t, te, vae] = sources();
+    // Building the models pulls every tensor through the random sources, which records them.
+    let cpu = Device::Cpu;
+    let _ = Pipeline::from_var_builders(
+        &transformer_config(),
+        &text_encoder_config(),
+        &vae_config(),
+        SchedulerConfig::default(),
+        PromptTokenizer::new(tiny_tokenizer()?)?,
+        [random_var_builder(&t, DType::F32, &cpu), random_var_builder(&te, DType::F32, &cpu), random_var_builder(&vae, DType::F32, &cpu)],
+        TINY_NAME,
+        true,
+    )?;
+    write_json(
+        &dir.join("model_index.json"),
+        &json!({
+            "_class_name": "ZImagePipeline",
+            "scheduler": ["diffusers", "FlowMatchEulerDiscreteScheduler"],
+            "text_encoder": ["transformers", "Qwen3Model"],
+            "tokenizer": ["transformers", "Qwen2Tokenizer"],
+            "transformer": ["diffusers", "ZImageTransformer2DModel"],
+            "vae": ["diffusers", "AutoencoderKL"],
+        }),
+    )?;
+    write_json(&dir.join("scheduler/scheduler_config.json"), &with_class(SchedulerConfig::default(), "FlowMatchEulerDiscreteScheduler", "diffusers"))?;
+    write_json(&dir.join("transformer/config.json"), &with_class(transformer_config(), "ZImageTransformer2DModel", "diffusers"))?;
+    write_json(&dir.join("text_encoder/config.json"), &with_class(text_encoder_config(), "Qwen3Model", "transformers"))?;
+    write_json(&dir.join("vae/config.json"), &with_class(vae_config(), "AutoencoderKL", "diffusers"))?;
+    save(t.tensors(), &dir.join("transformer/diffusion_pytorch_model.safetensors"))?;
+    save(te.tensors(), &dir.join("text_encoder/model.safetensors"))?;
+    save(vae.tensors(), &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
+    write_tiny_tokenizer_files(dir.join("tokenizer"))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::loader::ModelSource;
+    use crate::pipeline::{Control, GenerateRequest};
+
+    fn small_request() -> GenerateRequest {
+        GenerateRequest { prompt: "a lighthouse at dusk".into(), width: 64, height: 48, steps: 3, seed: 7, ..Default::default() }
+    }
+
+    #[test]
+    fn written_folder_loads_and_matches_the_in_memory_model() {
+        let dir = std::env::temp_dir().join(format!("zimage-tiny-{}", std::process::id()));
+        write_dir(&dir).unwrap();
+        let from_disk = Pipeline::load(&ModelSource::Dir(dir.clone()), &Device::Cpu).unwrap();
+        let in_mem = Pipeline::load(&ModelSource::Tiny, &Device::Cpu).unwrap();
+        let a = from_disk.generate(&small_request(), &mut |_| Control::Continue).unwrap();
+        let b = in_mem.generate(&small_request(), &mut |_| Control::Continue).unwrap();
+        assert_eq!(a.images[0], b.images[0]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
