@@ -237,6 +237,24 @@ impl Pipeline {
         Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny)
     }
 
+    /// The real architecture (Z-Image-Turbo configs) with random weights drawn on the device, and
+    /// the tiny byte-level tokenizer: for benchmarks where the real files are absent.
+    pub fn random_full_size(device: &Device, dtype: DType) -> Result<Self> {
+        use crate::weights::device_random_var_builder;
+        let mut te = TextEncoderConfig::qwen3_4b();
+        te.vocab_size = te.vocab_size.max(259);
+        Self::from_var_builders(
+            &TransformerConfig::z_image_turbo(),
+            &te,
+            &VaeConfig::flux(),
+            SchedulerConfig::default(),
+            PromptTokenizer::tiny()?,
+            [device_random_var_builder(dtype, device), device_random_var_builder(dtype, device), device_random_var_builder(dtype, device)],
+            "random-full-size",
+            false,
+        )
+    }
+
     /// Builds the components from one `VarBuilder` per component (used by the tiny model).
     #[allow(clippy::too_many_arguments)]
     pub fn from_var_builders(

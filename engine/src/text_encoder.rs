@@ -24,9 +24,14 @@ struct Loader<'a> {
 
 impl<'a> Loader<'a> {
     fn get(&mut self, shape: &[usize], name: &str) -> Option<Tensor> {
-        let full = if self.vb.prefix().is_empty() { name.to_string() } else { format!("{}.{name}", self.vb.prefix()) };
+        let full = if self.vb.prefix().is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.vb.prefix())
+        };
         if !self.vb.contains_tensor(name) {
-            self.problems.push(format!("missing tensor {full} (expected shape {shape:?})"));
+            self.problems
+                .push(format!("missing tensor {full} (expected shape {shape:?})"));
             return None;
         }
         match self.vb.get(shape, name) {
@@ -38,7 +43,10 @@ impl<'a> Loader<'a> {
         }
     }
     fn pp(&self, s: impl ToString) -> Loader<'a> {
-        Loader { vb: self.vb.pp(s), problems: vec![] }
+        Loader {
+            vb: self.vb.pp(s),
+            problems: vec![],
+        }
     }
     fn absorb(&mut self, other: Loader<'a>) {
         self.problems.extend(other.problems);
@@ -50,7 +58,9 @@ impl<'a> Loader<'a> {
 fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
     let xf = x.to_dtype(DType::F32)?;
-    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?.sqrt()?.recip()?;
+    let inv = (xf.sqr()?.mean_keepdim(D::Minus1)? + eps)?
+        .sqrt()?
+        .recip()?;
     let normed = xf.broadcast_mul(&inv)?.to_dtype(dtype)?;
     Ok(normed.broadcast_mul(weight)?)
 }
@@ -75,7 +85,12 @@ struct Attention {
 
 impl Attention {
     fn load(cfg: &TextEncoderConfig, ld: &mut Loader) -> Option<Self> {
-        let (h, hd, nh, nkv) = (cfg.hidden_size, cfg.head_dim(), cfg.num_attention_heads, cfg.num_key_value_heads);
+        let (h, hd, nh, nkv) = (
+            cfg.hidden_size,
+            cfg.head_dim(),
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+        );
         let q_proj = ld.get(&[nh * hd, h], "q_proj.weight");
         let k_proj = ld.get(&[nkv * hd, h], "k_proj.weight");
         let v_proj = ld.get(&[nkv * hd, h], "v_proj.weight");
@@ -106,8 +121,14 @@ impl Attention {
         let k = linear(x, &self.k_proj)?.reshape((l, nkv, hd))?;
         let v = linear(x, &self.v_proj)?.reshape((l, nkv, hd))?;
         // Per-head norms before RoPE, then heads first: (1, heads, L, hd).
-        let q = rms_norm(&q, &self.q_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let k = rms_norm(&k, &self.k_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
+        let q = rms_norm(&q, &self.q_norm, self.eps)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
+        let k = rms_norm(&k, &self.k_norm, self.eps)?
+            .transpose(0, 1)?
+            .contiguous()?
+            .unsqueeze(0)?;
         let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (nh, L, hd)
         let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?; // (nkv, L, hd)
         let v = v.transpose(0, 1)?.contiguous()?; // (nkv, L, hd)
@@ -117,10 +138,16 @@ impl Attention {
         let q = q.reshape((nkv, rep * l, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
         let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, rep*L, L)
-        let scores = scores.to_dtype(DType::F32)?.reshape((nh, l, l))?.broadcast_add(mask)?;
+        let scores = scores
+            .to_dtype(DType::F32)?
+            .reshape((nh, l, l))?
+            .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
         let out = probs.reshape((nkv, rep * l, l))?.matmul(&v)?; // (nkv, rep*L, hd)
-        let out = out.reshape((nh, l, hd))?.transpose(0, 1)?.reshape((l, nh * hd))?;
+        let out = out
+            .reshape((nh, l, hd))?
+            .transpose(0, 1)?
+            .reshape((l, nh * hd))?;
         linear(&out, &self.o_proj)
     }
 }
@@ -137,7 +164,11 @@ impl Mlp {
         let gate_proj = ld.get(&[i, h], "gate_proj.weight");
         let up_proj = ld.get(&[i, h], "up_proj.weight");
         let down_proj = ld.get(&[h, i], "down_proj.weight");
-        Some(Self { gate_proj: gate_proj?, up_proj: up_proj?, down_proj: down_proj? })
+        Some(Self {
+            gate_proj: gate_proj?,
+            up_proj: up_proj?,
+            down_proj: down_proj?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -176,9 +207,16 @@ impl DecoderLayer {
     }
 
     fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self.attn.forward(&rms_norm(x, &self.input_layernorm, self.eps)?, cos, sin, mask)?;
+        let h = self.attn.forward(
+            &rms_norm(x, &self.input_layernorm, self.eps)?,
+            cos,
+            sin,
+            mask,
+        )?;
         let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
+        let h = self
+            .mlp
+            .forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
         Ok((x + h)?)
     }
 }
@@ -197,12 +235,17 @@ impl TextEncoder {
     /// of a saved `Qwen3Model` (`embed_tokens.weight`, `layers.{i}....`) or the same under
     /// `model.` (a `Qwen3ForCausalLM` checkpoint). Computes in the VarBuilder's dtype and device.
     pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
-        let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+        let bad = |problems: Vec<String>| Error::WeightMismatch {
+            component: "text_encoder".into(),
+            problems,
+        };
         if cfg.num_hidden_layers == 0
             || cfg.num_attention_heads == 0
             || cfg.num_key_value_heads == 0
-            || cfg.num_attention_heads % cfg.num_key_value_heads != 0
-            || cfg.head_dim() % 2 != 0
+            || !cfg
+                .num_attention_heads
+                .is_multiple_of(cfg.num_key_value_heads)
+            || !cfg.head_dim().is_multiple_of(2)
         {
             return Err(bad(vec![format!(
                 "unsupported config: {} layers, {} heads, {} kv heads, head_dim {} (need >= 1 layer, heads a multiple of kv heads, even head_dim)",
@@ -212,14 +255,19 @@ impl TextEncoder {
                 cfg.head_dim()
             )]));
         }
-        let vb = if !vb.contains_tensor("embed_tokens.weight") && vb.contains_tensor("model.embed_tokens.weight") {
+        let vb = if !vb.contains_tensor("embed_tokens.weight")
+            && vb.contains_tensor("model.embed_tokens.weight")
+        {
             vb.pp("model")
         } else {
             vb
         };
         let device = vb.device().clone();
         let dtype = vb.dtype();
-        let mut ld = Loader { vb, problems: vec![] };
+        let mut ld = Loader {
+            vb,
+            problems: vec![],
+        };
         let embed_tokens = ld.get(&[cfg.vocab_size, cfg.hidden_size], "embed_tokens.weight");
         let n_run = cfg.num_hidden_layers - 1;
         let mut layers = Vec::with_capacity(n_run);
@@ -235,7 +283,13 @@ impl TextEncoder {
             return Err(bad(ld.problems));
         }
         let embed_tokens = embed_tokens.expect("no problems means the embedding loaded");
-        Ok(Self { embed_tokens, layers, cfg: cfg.clone(), device, dtype })
+        Ok(Self {
+            embed_tokens,
+            layers,
+            cfg: cfg.clone(),
+            device,
+            dtype,
+        })
     }
 
     pub fn config(&self) -> &TextEncoderConfig {
@@ -258,8 +312,10 @@ impl TextEncoder {
     fn rope_tables(&self, l: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let theta = self.cfg.rope_theta() as f32;
-        let inv_freq: Vec<f32> =
-            (0..hd).step_by(2).map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32)).collect();
+        let inv_freq: Vec<f32> = (0..hd)
+            .step_by(2)
+            .map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32))
+            .collect();
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(l * half);
         let mut sin = Vec::with_capacity(l * half);
@@ -277,8 +333,9 @@ impl TextEncoder {
 
     /// Additive causal mask (l, l) in f32: 0 on and below the diagonal, -inf above.
     fn causal_mask(&self, l: usize) -> Result<Tensor> {
-        let m: Vec<f32> =
-            (0..l).flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 })).collect();
+        let m: Vec<f32> = (0..l)
+            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
         Ok(Tensor::from_vec(m, (l, l), &self.device)?)
     }
 
@@ -310,7 +367,9 @@ impl TextEncoder {
     pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
         let l = ids.len();
         if l == 0 {
-            return Err(Error::InvalidRequest("the prompt produced no tokens".into()));
+            return Err(Error::InvalidRequest(
+                "the prompt produced no tokens".into(),
+            ));
         }
         if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
             return Err(Error::InvalidRequest(format!(
@@ -339,7 +398,9 @@ mod tests {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         assert!(
             dir.join("expected.safetensors").is_file()
-                && dir.join("tiny_model/text_encoder/model.safetensors").is_file(),
+                && dir
+                    .join("tiny_model/text_encoder/model.safetensors")
+                    .is_file(),
             "test fixtures missing under {}: generate them with the fixture script",
             dir.display()
         );
@@ -352,27 +413,41 @@ mod tests {
     }
 
     fn tiny_weights() -> HashMap<String, Tensor> {
-        candle_core::safetensors::load(fixtures().join("tiny_model/text_encoder/model.safetensors"), &Device::Cpu)
-            .unwrap()
+        candle_core::safetensors::load(
+            fixtures().join("tiny_model/text_encoder/model.safetensors"),
+            &Device::Cpu,
+        )
+        .unwrap()
     }
 
     fn load_tiny() -> TextEncoder {
         let path = fixtures().join("tiny_model/text_encoder/model.safetensors");
-        let vb = unsafe { VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap() };
+        let vb = unsafe {
+            VarBuilder::from_mmaped_safetensors(&[path], DType::F32, &Device::Cpu).unwrap()
+        };
         TextEncoder::new(&tiny_config(), vb).unwrap()
     }
 
     fn expected() -> HashMap<String, Tensor> {
-        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu).unwrap()
+        candle_core::safetensors::load(fixtures().join("expected.safetensors"), &Device::Cpu)
+            .unwrap()
     }
 
     /// (max abs error, max |expected|).
     fn compare(got: &Tensor, want: &Tensor) -> (f32, f32) {
         assert_eq!(got.dims(), want.dims());
         let want = want.to_dtype(DType::F32).unwrap();
-        let err = (got.to_dtype(DType::F32).unwrap() - &want).unwrap().abs().unwrap().max_all().unwrap();
+        let err = (got.to_dtype(DType::F32).unwrap() - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap();
         let scale = want.abs().unwrap().max_all().unwrap();
-        (err.to_scalar::<f32>().unwrap(), scale.to_scalar::<f32>().unwrap())
+        (
+            err.to_scalar::<f32>().unwrap(),
+            scale.to_scalar::<f32>().unwrap(),
+        )
     }
 
     fn check_case(enc: &TextEncoder, exp: &HashMap<String, Tensor>, key: &str) {
@@ -381,7 +456,10 @@ mod tests {
         let got = enc.forward(&ids).unwrap();
         let (err, scale) = compare(&got, want);
         let tol = 1e-4 * scale.max(1.0);
-        eprintln!("{key}: L={} max abs err {err:.3e} (max |expected| {scale:.3}, tol {tol:.1e})", got.dim(0).unwrap());
+        eprintln!(
+            "{key}: L={} max abs err {err:.3e} (max |expected| {scale:.3}, tol {tol:.1e})",
+            got.dim(0).unwrap()
+        );
         assert!(err <= tol, "{key}: max abs err {err} > {tol}");
         // u32 ids give the same result.
         let ids_u32 = ids.to_dtype(DType::U32).unwrap();
@@ -435,14 +513,26 @@ mod tests {
         let cfg = tiny_config();
         let mut weights = tiny_weights();
         weights.remove("layers.0.self_attn.q_norm.weight");
-        weights.insert("layers.1.mlp.up_proj.weight".into(), Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap());
+        weights.insert(
+            "layers.1.mlp.up_proj.weight".into(),
+            Tensor::zeros((3, 3), DType::F32, &Device::Cpu).unwrap(),
+        );
         let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
         match TextEncoder::new(&cfg, vb) {
-            Err(Error::WeightMismatch { component, problems }) => {
+            Err(Error::WeightMismatch {
+                component,
+                problems,
+            }) => {
                 assert_eq!(component, "text_encoder");
                 assert_eq!(problems.len(), 2, "{problems:?}");
-                assert!(problems[0].contains("layers.0.self_attn.q_norm.weight"), "{problems:?}");
-                assert!(problems[1].contains("layers.1.mlp.up_proj.weight"), "{problems:?}");
+                assert!(
+                    problems[0].contains("layers.0.self_attn.q_norm.weight"),
+                    "{problems:?}"
+                );
+                assert!(
+                    problems[1].contains("layers.1.mlp.up_proj.weight"),
+                    "{problems:?}"
+                );
             }
             Err(e) => panic!("unexpected error {e}"),
             Ok(_) => panic!("loading should fail"),
@@ -452,7 +542,10 @@ mod tests {
     #[test]
     fn rejects_out_of_vocab_ids() {
         let enc = load_tiny();
-        assert!(matches!(enc.encode_ids(&[1, 2, 259]), Err(Error::InvalidRequest(_))));
+        assert!(matches!(
+            enc.encode_ids(&[1, 2, 259]),
+            Err(Error::InvalidRequest(_))
+        ));
         assert!(matches!(enc.encode_ids(&[]), Err(Error::InvalidRequest(_))));
     }
 }

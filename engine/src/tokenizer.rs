@@ -4,7 +4,9 @@
 //! The pipeline wraps the prompt in the Qwen3 chat template (`enable_thinking=True`, generation
 //! prompt on, so no think block), tokenizes it without extra special tokens, and truncates it on
 //! the right to 512 ids, as `ZImagePipeline._encode_prompt` does with
-//! `tokenizer(..., padding="max_length", max_length=512, truncation=True)`. Padding is not
+//! `tokenizer(..., padding="max_length", max_length=512, truncation=True)`. The text is put in
+//! Unicode NFC first: transformers (>= 5) loads any `Qwen2Tokenizer` with an NFC normalizer, and
+//! the real Qwen3 `tokenizer.json` carries one anyway (NFC is idempotent). Padding is not
 //! reproduced: the encoder is causal, so pad positions never influence the real ones and the
 //! pipeline drops them afterwards.
 
@@ -13,7 +15,7 @@ use std::path::Path;
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
 use tokenizers::models::bpe::{Vocab, BPE};
 use tokenizers::pre_tokenizers::byte_level::ByteLevel;
-use tokenizers::{AddedToken, Tokenizer};
+use tokenizers::{AddedToken, NormalizedString, Tokenizer};
 
 use crate::error::{Error, Result};
 
@@ -47,8 +49,13 @@ impl PromptTokenizer {
     /// wrapper truncates itself and never pads.
     pub fn new(mut inner: Tokenizer) -> Result<Self> {
         inner.with_padding(None);
-        inner.with_truncation(None).map_err(|e| Error::Tokenizer(e.to_string()))?;
-        Ok(Self { inner, max_len: MAX_PROMPT_TOKENS })
+        inner
+            .with_truncation(None)
+            .map_err(|e| Error::Tokenizer(e.to_string()))?;
+        Ok(Self {
+            inner,
+            max_len: MAX_PROMPT_TOKENS,
+        })
     }
 
     /// Loads `tokenizer.json`.
@@ -95,9 +102,11 @@ impl PromptTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
-    /// Templates, tokenizes and right-truncates the prompt to 512 ids.
+    /// Templates, NFC-normalizes, tokenizes and right-truncates the prompt to 512 ids.
     pub fn encode(&self, prompt: &str) -> Result<EncodedPrompt> {
-        let mut ids = self.encode_raw(&Self::chat_text(prompt))?;
+        let mut text = NormalizedString::from(Self::chat_text(prompt));
+        text.nfc();
+        let mut ids = self.encode_raw(text.get())?;
         let truncated_from = if ids.len() > self.max_len {
             let n = ids.len();
             ids.truncate(self.max_len);
@@ -105,12 +114,17 @@ impl PromptTokenizer {
         } else {
             None
         };
-        Ok(EncodedPrompt { ids, truncated_from })
+        Ok(EncodedPrompt {
+            ids,
+            truncated_from,
+        })
     }
 
     /// Decodes ids back to text (special tokens kept).
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
-        self.inner.decode(ids, false).map_err(|e| Error::Tokenizer(e.to_string()))
+        self.inner
+            .decode(ids, false)
+            .map_err(|e| Error::Tokenizer(e.to_string()))
     }
 }
 
@@ -121,7 +135,8 @@ pub fn byte_level_alphabet() -> [char; 256] {
     let mut out = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u32 {
-        let printable = (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
+        let printable =
+            (0x21..=0x7e).contains(&b) || (0xa1..=0xac).contains(&b) || (0xae..=0xff).contains(&b);
         let cp = if printable {
             b
         } else {
@@ -157,7 +172,9 @@ pub fn tiny_tokenizer() -> Result<Tokenizer> {
     ]);
     for (tok_str, id) in [(ENDOFTEXT, 256), (IM_START, 257), (IM_END, 258)] {
         if tok.token_to_id(tok_str) != Some(id) {
-            return Err(Error::Tokenizer(format!("tiny tokenizer: {tok_str} did not get id {id}")));
+            return Err(Error::Tokenizer(format!(
+                "tiny tokenizer: {tok_str} did not get id {id}"
+            )));
         }
     }
     Ok(tok)
@@ -168,22 +185,23 @@ pub fn tiny_tokenizer() -> Result<Tokenizer> {
 /// prompt. `added_tokens_decoder` pins the special tokens' ids, so loaders that rebuild the
 /// tokenizer from vocab and config (transformers >= 5) give them the same ids.
 pub fn tiny_tokenizer_config() -> serde_json::Value {
-    let added: serde_json::Map<String, serde_json::Value> = [(256, ENDOFTEXT), (257, IM_START), (258, IM_END)]
-        .iter()
-        .map(|(id, content)| {
-            (
-                id.to_string(),
-                serde_json::json!({
-                    "content": content,
-                    "lstrip": false,
-                    "normalized": false,
-                    "rstrip": false,
-                    "single_word": false,
-                    "special": true
-                }),
-            )
-        })
-        .collect();
+    let added: serde_json::Map<String, serde_json::Value> =
+        [(256, ENDOFTEXT), (257, IM_START), (258, IM_END)]
+            .iter()
+            .map(|(id, content)| {
+                (
+                    id.to_string(),
+                    serde_json::json!({
+                        "content": content,
+                        "lstrip": false,
+                        "normalized": false,
+                        "rstrip": false,
+                        "single_word": false,
+                        "special": true
+                    }),
+                )
+            })
+            .collect();
     serde_json::json!({
         "tokenizer_class": "Qwen2Tokenizer",
         "add_bos_token": false,
@@ -225,7 +243,8 @@ mod tests {
     fn fixtures() -> PathBuf {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
         assert!(
-            dir.join("expected.json").is_file() && dir.join("tiny_model/tokenizer/tokenizer.json").is_file(),
+            dir.join("expected.json").is_file()
+                && dir.join("tiny_model/tokenizer/tokenizer.json").is_file(),
             "test fixtures missing under {}: generate them with the fixture script",
             dir.display()
         );
@@ -238,10 +257,21 @@ mod tests {
     }
 
     fn expected_ids(key: &str) -> Vec<u32> {
-        let t = candle_core::safetensors::load(fixtures().join("expected.safetensors"), &candle_core::Device::Cpu)
-            .unwrap();
-        let ids = t.get(key).unwrap_or_else(|| panic!("{key} missing from expected.safetensors"));
-        ids.to_dtype(candle_core::DType::I64).unwrap().to_vec1::<i64>().unwrap().into_iter().map(|v| v as u32).collect()
+        let t = candle_core::safetensors::load(
+            fixtures().join("expected.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        let ids = t
+            .get(key)
+            .unwrap_or_else(|| panic!("{key} missing from expected.safetensors"));
+        ids.to_dtype(candle_core::DType::I64)
+            .unwrap()
+            .to_vec1::<i64>()
+            .unwrap()
+            .into_iter()
+            .map(|v| v as u32)
+            .collect()
     }
 
     fn fixture_tokenizer() -> PromptTokenizer {
@@ -264,7 +294,10 @@ mod tests {
         let exp = expected_json();
         for key in ["te", "te_long"] {
             let prompt = exp[key]["prompt"].as_str().unwrap();
-            assert_eq!(PromptTokenizer::chat_text(prompt), exp[key]["chat"].as_str().unwrap());
+            assert_eq!(
+                PromptTokenizer::chat_text(prompt),
+                exp[key]["chat"].as_str().unwrap()
+            );
         }
     }
 
@@ -275,15 +308,24 @@ mod tests {
 
         let short = tok.encode(exp["te"]["prompt"].as_str().unwrap()).unwrap();
         assert_eq!(short.ids, expected_ids("te.input_ids"));
-        assert_eq!(short.ids.len() as u64, exp["te"]["num_tokens"].as_u64().unwrap());
+        assert_eq!(
+            short.ids.len() as u64,
+            exp["te"]["num_tokens"].as_u64().unwrap()
+        );
         assert_eq!(short.truncated_from, None);
 
-        let long = tok.encode(exp["te_long"]["prompt"].as_str().unwrap()).unwrap();
+        let long = tok
+            .encode(exp["te_long"]["prompt"].as_str().unwrap())
+            .unwrap();
         assert_eq!(long.ids.len(), MAX_PROMPT_TOKENS);
         assert_eq!(long.ids, expected_ids("te_long.input_ids"));
         assert_eq!(
             long.truncated_from,
-            Some(exp["te_long"]["num_tokens_before_truncation"].as_u64().unwrap() as usize)
+            Some(
+                exp["te_long"]["num_tokens_before_truncation"]
+                    .as_u64()
+                    .unwrap() as usize
+            )
         );
         // Right truncation: the head of the template survives, the tail does not.
         assert_eq!(long.ids[0], 257);
@@ -304,13 +346,19 @@ mod tests {
             // With the tokenizer's own post-processing too (the pipeline's call).
             let a = ours.inner().encode(*s, true).unwrap().get_ids().to_vec();
             let b = fixture.inner().encode(*s, true).unwrap().get_ids().to_vec();
-            assert_eq!(a, b, "ids with special-token post-processing differ for {s:?}");
+            assert_eq!(
+                a, b,
+                "ids with special-token post-processing differ for {s:?}"
+            );
         }
         for (t, id) in [(ENDOFTEXT, 256), (IM_START, 257), (IM_END, 258)] {
             assert_eq!(fixture.inner().token_to_id(t), Some(id));
             assert_eq!(ours.inner().token_to_id(t), Some(id));
         }
-        assert_eq!(ours.inner().get_vocab_size(true), fixture.inner().get_vocab_size(true));
+        assert_eq!(
+            ours.inner().get_vocab_size(true),
+            fixture.inner().get_vocab_size(true)
+        );
     }
 
     #[test]
@@ -321,7 +369,16 @@ mod tests {
         assert_eq!(ids, s.bytes().map(u32::from).collect::<Vec<_>>());
         assert_eq!(tok.decode(&ids).unwrap(), s);
         let enc = tok.encode("hi").unwrap();
-        assert_eq!(enc.ids, [vec![257], b"user\nhi".map(u32::from).to_vec(), vec![258, 10, 257], b"assistant\n".map(u32::from).to_vec()].concat());
+        assert_eq!(
+            enc.ids,
+            [
+                vec![257],
+                b"user\nhi".map(u32::from).to_vec(),
+                vec![258, 10, 257],
+                b"assistant\n".map(u32::from).to_vec()
+            ]
+            .concat()
+        );
         let alphabet = byte_level_alphabet();
         assert_eq!(alphabet[b'!' as usize], '!');
         assert_eq!(alphabet[0], 'Ā');
@@ -329,6 +386,21 @@ mod tests {
         assert_eq!(alphabet[b'\n' as usize], 'Ċ');
         let set: std::collections::HashSet<char> = alphabet.iter().copied().collect();
         assert_eq!(set.len(), 256);
+    }
+
+    #[test]
+    fn prompts_are_nfc_normalized() {
+        // transformers 5 loads Qwen2Tokenizer with an NFC normalizer, so the pipeline tokenizes
+        // decomposed accents as their composed forms, even with the tiny tokenizer.json.
+        let tok = PromptTokenizer::tiny().unwrap();
+        assert_eq!(
+            tok.encode("e\u{301}te\u{301}").unwrap(),
+            tok.encode("\u{e9}t\u{e9}").unwrap()
+        );
+        assert_ne!(
+            tok.encode_raw("e\u{301}").unwrap(),
+            tok.encode_raw("\u{e9}").unwrap()
+        );
     }
 
     #[test]
@@ -344,19 +416,29 @@ mod tests {
 
     #[test]
     fn tiny_files_roundtrip() {
-        let dir = std::env::temp_dir().join(format!("engine-tiny-tokenizer-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("engine-tiny-tokenizer-{}", std::process::id()));
         write_tiny_tokenizer_files(&dir).unwrap();
         let loaded = PromptTokenizer::from_file(dir.join("tokenizer.json")).unwrap();
         let fixture = fixture_tokenizer();
         for s in SAMPLES {
-            assert_eq!(loaded.encode(s).unwrap(), fixture.encode(s).unwrap(), "ids differ for {s:?}");
+            assert_eq!(
+                loaded.encode(s).unwrap(),
+                fixture.encode(s).unwrap(),
+                "ids differ for {s:?}"
+            );
         }
-        let cfg: serde_json::Value =
-            serde_json::from_str(&std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap()).unwrap();
+        let cfg: serde_json::Value = serde_json::from_str(
+            &std::fs::read_to_string(dir.join("tokenizer_config.json")).unwrap(),
+        )
+        .unwrap();
         assert_eq!(cfg["tokenizer_class"], "Qwen2Tokenizer");
         assert_eq!(cfg["pad_token"], ENDOFTEXT);
         assert_eq!(cfg["eos_token"], IM_END);
-        assert!(cfg["chat_template"].as_str().unwrap().contains("<|im_start|>assistant\\n"));
+        assert!(cfg["chat_template"]
+            .as_str()
+            .unwrap()
+            .contains("<|im_start|>assistant\\n"));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -174,3 +174,33 @@ impl SimpleBackend for RandomSource {
 pub fn random_var_builder(weights: &std::sync::Arc<RandomWeights>, dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(RandomSource(weights.clone())), dtype, device.clone())
 }
+
+/// Random weights drawn directly on the target device (fast at full size, not reproducible across
+/// devices): for benchmarks of the real architecture without the real files.
+struct DeviceRandom;
+
+impl SimpleBackend for DeviceRandom {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
+        let dims = s.dims();
+        let leaf = name.rsplit('.').next().unwrap_or(name);
+        let t = if dims.len() == 1 && name.contains("norm") && leaf == "weight" {
+            (Tensor::randn(0f32, 0.1, s, dev)? + 1.0)?
+        } else if dims.len() == 1 {
+            Tensor::randn(0f32, 0.05, s, dev)?
+        } else {
+            let fan_in: usize = dims[1..].iter().product();
+            Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), s, dev)?
+        };
+        t.to_dtype(dtype)
+    }
+    fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
+        candle_core::bail!("device random weights: `{name}` needs a shape")
+    }
+    fn contains_tensor(&self, _name: &str) -> bool {
+        true
+    }
+}
+
+pub fn device_random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
+    VarBuilder::from_backend(Box::new(DeviceRandom), dtype, device.clone())
+}
