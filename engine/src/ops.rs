@@ -1,5 +1,5 @@
 //! Numerics shared by the model components, written to match the PyTorch reference: norms compute
-//! their statistics in f32 whatever the activation dtype, attention dispatches to flash attention
+//! their statistics in f32 whatever the activation dtype (fused kernels), attention dispatches to flash attention
 //! when built with the `flash-attn` feature and running on CUDA.
 
 use candle_core::{DType, Module, Result, Tensor, D};
@@ -18,12 +18,10 @@ impl RmsNorm {
 }
 
 impl Module for RmsNorm {
+    /// candle's fused kernel: one pass, f32 accumulation for half-precision inputs.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dtype = x.dtype();
-        let xf = x.to_dtype(DType::F32)?;
-        let var = xf.sqr()?.mean_keepdim(D::Minus1)?;
-        let normed = xf.broadcast_mul(&(var + self.eps)?.sqrt()?.recip()?)?;
-        normed.to_dtype(dtype)?.broadcast_mul(&self.weight.to_dtype(dtype)?)
+        let w = if self.weight.dtype() == x.dtype() { self.weight.clone() } else { self.weight.to_dtype(x.dtype())? };
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
     }
 }
 

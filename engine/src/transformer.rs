@@ -98,22 +98,23 @@ impl Rope {
             sin: Tensor::from_vec(sin, (l, half), device)?,
         })
     }
+    fn to_dtype(&self, dtype: DType) -> Result<Rope> {
+        Ok(Rope { cos: self.cos.to_dtype(dtype)?, sin: self.sin.to_dtype(dtype)? })
+    }
     fn cat(parts: &[&Rope]) -> Result<Rope> {
         let cos: Vec<&Tensor> = parts.iter().map(|r| &r.cos).collect();
         let sin: Vec<&Tensor> = parts.iter().map(|r| &r.sin).collect();
         Ok(Rope { cos: Tensor::cat(&cos, 0)?, sin: Tensor::cat(&sin, 0)? })
     }
-    /// x: (B, L, H, D). Rotates adjacent pairs (complex multiply) in f32, returns x's dtype.
+    /// x: (B, H, L, D) contiguous. Rotates adjacent pairs (a complex multiply) with candle's fused
+    /// interleaved-rope kernel, in x's dtype.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (b, l, h, d) = x.dims4()?;
-        let xf = x.to_dtype(DType::F32)?.reshape((b, l, h, d / 2, 2))?;
-        let re = xf.narrow(4, 0, 1)?.squeeze(4)?;
-        let im = xf.narrow(4, 1, 1)?.squeeze(4)?;
-        let cos = self.cos.reshape((1, l, 1, d / 2))?;
-        let sin = self.sin.reshape((1, l, 1, d / 2))?;
-        let out_re = (re.broadcast_mul(&cos)? - im.broadcast_mul(&sin)?)?;
-        let out_im = (re.broadcast_mul(&sin)? + im.broadcast_mul(&cos)?)?;
-        Tensor::stack(&[out_re, out_im], 4)?.reshape((b, l, h, d))?.to_dtype(x.dtype())
+        let (cos, sin) = if self.cos.dtype() == x.dtype() {
+            (self.cos.clone(), self.sin.clone())
+        } else {
+            (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?)
+        };
+        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
     }
 }
 
@@ -160,8 +161,8 @@ impl Attention {
         if let Some(n) = &self.norm_k {
             k = n.forward(&k)?;
         }
-        let q = rope.apply(&q)?.transpose(1, 2)?;
-        let k = rope.apply(&k)?.transpose(1, 2)?;
+        let q = rope.apply(&q.transpose(1, 2)?)?;
+        let k = rope.apply(&k.transpose(1, 2)?)?;
         let v = v.transpose(1, 2)?;
         let out = attention(&q, &k, &v)?; // (B, H, L, D)
         let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
@@ -357,8 +358,9 @@ impl ZImageTransformer {
             }
         }
         img_pos.resize(img_pad, [0, 0, 0]);
-        let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
-        let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
+        // Tables are made once per call, in the compute dtype, and shared by every block.
+        let img_rope = Rope::new(cfg, &img_pos, &self.device)?.to_dtype(self.dtype)?;
+        let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?.to_dtype(self.dtype)?;
 
         let mut img = img;
         for blk in &self.noise_refiner {
