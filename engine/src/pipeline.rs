@@ -148,6 +148,8 @@ pub struct StepEvent<'a> {
     pub elapsed: Duration,
     /// Denoised estimate x0 = x - sigma * v for every image, (n, 16, h, w) f32.
     pub denoised: &'a Tensor,
+    /// The latents after this step, (n, 16, h, w) f32.
+    pub latents: &'a Tensor,
     /// Latent-to-RGB preview of image 0's estimate, when requested.
     pub preview: Option<&'a image::RgbImage>,
 }
@@ -336,6 +338,12 @@ impl Pipeline {
     pub fn vae(&self) -> &AutoencoderKl {
         &self.vae
     }
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.text_encoder
+    }
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tokenizer
+    }
     pub fn set_tiling(&mut self, tiling: TilingOptions) {
         self.tiling = tiling;
     }
@@ -483,6 +491,7 @@ impl Pipeline {
                 sigma,
                 elapsed: start.elapsed(),
                 denoised: &denoised,
+                latents: &x,
                 preview: preview.as_ref(),
             };
             if on_step(&event) == Control::Cancel {
@@ -580,8 +589,7 @@ mod tests {
         let mut steps = Vec::new();
         let out = p
             .generate(&req, &mut |ev| {
-                // x after the step is not in the event; rebuild it from x0 is not possible, so record x0.
-                steps.push(ev.denoised.clone());
+                steps.push(ev.latents.clone());
                 Control::Continue
             })
             .unwrap();
@@ -602,15 +610,8 @@ mod tests {
         let e = expected();
         let req = request(&expected_json()["t2i"], &e["t2i.noise"]);
         let mut xs = Vec::new();
-        let mut prev = e["t2i.noise"].clone();
-        let sched = Schedule::new(&SchedulerConfig::default(), req.steps).unwrap();
         p.generate(&req, &mut |ev| {
-            // x_next = x0 + sigma_next * v, with v = (x - x0) / sigma
-            let s = ev.sigma as f64;
-            let v = ((&prev - ev.denoised).unwrap() / s).unwrap();
-            let next = (ev.denoised + (v * sched.sigmas[ev.step] as f64).unwrap()).unwrap();
-            prev = next.clone();
-            xs.push(next);
+            xs.push(ev.latents.clone());
             Control::Continue
         })
         .unwrap();

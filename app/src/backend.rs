@@ -1,0 +1,44 @@
+//! The server side of the server functions: a trait the server crate implements (job queue, image
+//! store), reached from a server function through an axum extractor on the request's extensions.
+
+use crate::error::StudioError;
+use crate::types::{JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use axum::extract::FromRequestParts;
+use axum::http::request::Parts;
+use std::sync::Arc;
+
+pub trait Backend: Send + Sync + 'static {
+    fn info(&self) -> ServerInfo;
+    /// Validates and enqueues; refuses when the queue is full.
+    fn submit(&self, req: JobRequest) -> Result<JobTicket, StudioError>;
+    /// Cancels a queued job at once, or a running one at its next step.
+    fn cancel(&self, job_id: &str) -> Result<(), StudioError>;
+    /// A stored image's metadata (for share links).
+    fn image(&self, image_id: &str) -> Result<JobResult, StudioError>;
+    /// Decodes, resizes and stores an uploaded Transform input. Blocking: call off the runtime.
+    fn store_upload(&self, bytes: Vec<u8>, content_type: Option<String>) -> Result<UploadInfo, StudioError>;
+}
+
+/// The backend, put into every request's extensions by the server (`axum::Extension` layer) and
+/// taken out by server functions with `leptos_axum::extract::<BackendHandle>()`.
+#[derive(Clone)]
+pub struct BackendHandle(pub Arc<dyn Backend>);
+
+impl std::ops::Deref for BackendHandle {
+    type Target = dyn Backend;
+    fn deref(&self) -> &Self::Target {
+        &*self.0
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for BackendHandle {
+    type Rejection = StudioError;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        parts
+            .extensions
+            .get::<BackendHandle>()
+            .cloned()
+            .ok_or_else(|| StudioError::internal("The studio backend is not attached to this request."))
+    }
+}

@@ -1,0 +1,243 @@
+//! Browser-only helpers: the `/ws` progress socket (with reconnect), clipboard, postMessage.
+//! Without the `hydrate` feature (server rendering) they do nothing.
+
+use crate::types::JobEvent;
+
+#[cfg(feature = "hydrate")]
+mod imp {
+    use crate::types::{JobEvent, WsClientMsg};
+    use std::cell::RefCell;
+    use std::collections::BTreeSet;
+    use std::rc::Rc;
+    use wasm_bindgen::prelude::*;
+    use wasm_bindgen::JsCast;
+    use web_sys::{CloseEvent, MessageEvent, WebSocket};
+
+    type EventCb = Rc<dyn Fn(JobEvent)>;
+    type StatusCb = Rc<dyn Fn(bool)>;
+
+    #[derive(Default)]
+    struct WsState {
+        socket: Option<WebSocket>,
+        watched: BTreeSet<String>,
+        on_event: Option<EventCb>,
+        on_status: Option<StatusCb>,
+        retry_ms: u32,
+        started: bool,
+    }
+
+    thread_local! {
+        static STATE: RefCell<WsState> = RefCell::new(WsState::default());
+    }
+
+    fn send(socket: &WebSocket, msg: &WsClientMsg) {
+        if socket.ready_state() == WebSocket::OPEN {
+            if let Ok(text) = serde_json::to_string(msg) {
+                let _ = socket.send_with_str(&text);
+            }
+        }
+    }
+
+    fn url() -> Option<String> {
+        let loc = web_sys::window()?.location();
+        let proto = if loc.protocol().ok()? == "https:" { "wss:" } else { "ws:" };
+        Some(format!("{proto}//{}/ws", loc.host().ok()?))
+    }
+
+    fn status(up: bool) {
+        let cb = STATE.with(|s| s.borrow().on_status.clone());
+        if let Some(cb) = cb {
+            cb(up);
+        }
+    }
+
+    fn schedule_reconnect() {
+        let delay = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            let d = s.retry_ms.max(250);
+            s.retry_ms = (d * 2).min(5000);
+            d
+        });
+        leptos::prelude::set_timeout(connect, std::time::Duration::from_millis(delay as u64));
+    }
+
+    fn connect() {
+        let Some(url) = url() else { return };
+        let socket = match WebSocket::new(&url) {
+            Ok(s) => s,
+            Err(_) => return schedule_reconnect(),
+        };
+        let onopen = {
+            let socket = socket.clone();
+            Closure::<dyn FnMut()>::new(move || {
+                let watched = STATE.with(|s| {
+                    let mut s = s.borrow_mut();
+                    s.retry_ms = 250;
+                    s.watched.clone()
+                });
+                // re-subscribe: the server answers each watch with the job's latest state
+                for job_id in watched {
+                    send(&socket, &WsClientMsg::Watch { job_id });
+                }
+                status(true);
+            })
+        };
+        let onmessage = Closure::<dyn FnMut(MessageEvent)>::new(move |e: MessageEvent| {
+            let Some(text) = e.data().as_string() else { return };
+            let Ok(ev) = serde_json::from_str::<JobEvent>(&text) else { return };
+            let cb = STATE.with(|s| {
+                let mut s = s.borrow_mut();
+                if ev.is_terminal() {
+                    s.watched.remove(ev.job_id());
+                }
+                s.on_event.clone()
+            });
+            if let Some(cb) = cb {
+                cb(ev);
+            }
+        });
+        let onclose = {
+            let socket = socket.clone();
+            Closure::<dyn FnMut(CloseEvent)>::new(move |_e: CloseEvent| {
+                let current = STATE.with(|s| {
+                    let mut s = s.borrow_mut();
+                    let is_current = s.socket.as_ref().is_some_and(|c| c == &socket);
+                    if is_current {
+                        s.socket = None;
+                    }
+                    is_current
+                });
+                if current {
+                    status(false);
+                    schedule_reconnect();
+                }
+            })
+        };
+        socket.set_onopen(Some(onopen.as_ref().unchecked_ref()));
+        socket.set_onmessage(Some(onmessage.as_ref().unchecked_ref()));
+        socket.set_onclose(Some(onclose.as_ref().unchecked_ref()));
+        // the socket owns its handlers for its whole life; a reconnect makes a new set
+        onopen.forget();
+        onmessage.forget();
+        onclose.forget();
+        STATE.with(|s| s.borrow_mut().socket = Some(socket));
+    }
+
+    pub fn ws_start(on_event: impl Fn(JobEvent) + 'static, on_status: impl Fn(bool) + 'static) {
+        let first = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.on_event = Some(Rc::new(on_event));
+            s.on_status = Some(Rc::new(on_status));
+            !std::mem::replace(&mut s.started, true)
+        });
+        if first {
+            connect();
+            // test hook: drop the socket to exercise the reconnect path
+            if let Some(w) = web_sys::window() {
+                let drop_socket = Closure::<dyn FnMut()>::new(|| {
+                    let s = STATE.with(|s| s.borrow().socket.clone());
+                    if let Some(s) = s {
+                        let _ = s.close();
+                    }
+                });
+                let _ = js_sys::Reflect::set(&w, &"__zimageDropSocket".into(), drop_socket.as_ref());
+                drop_socket.forget();
+            }
+        }
+    }
+
+    pub fn watch(job_id: &str) {
+        let socket = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.watched.insert(job_id.to_string());
+            s.socket.clone()
+        });
+        if let Some(socket) = socket {
+            send(&socket, &WsClientMsg::Watch { job_id: job_id.to_string() });
+        }
+    }
+
+    pub fn unwatch(job_id: &str) {
+        let socket = STATE.with(|s| {
+            let mut s = s.borrow_mut();
+            s.watched.remove(job_id);
+            s.socket.clone()
+        });
+        if let Some(socket) = socket {
+            send(&socket, &WsClientMsg::Unwatch { job_id: job_id.to_string() });
+        }
+    }
+
+    pub fn copy_text(text: &str) {
+        let Some(w) = web_sys::window() else { return };
+        let nav = w.navigator();
+        let Ok(clip) = js_sys::Reflect::get(&nav, &"clipboard".into()) else { return };
+        if clip.is_undefined() {
+            return;
+        }
+        if let Ok(f) = js_sys::Reflect::get(&clip, &"writeText".into()) {
+            if let Some(f) = f.dyn_ref::<js_sys::Function>() {
+                if let Ok(p) = f.call1(&clip, &JsValue::from_str(text)) {
+                    // swallow a refused permission instead of an unhandled rejection
+                    if let Some(p) = p.dyn_ref::<js_sys::Promise>() {
+                        let noop = Closure::<dyn FnMut(JsValue)>::new(|_| {});
+                        let _ = p.catch(&noop);
+                        noop.forget();
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn origin() -> String {
+        web_sys::window().and_then(|w| w.location().origin().ok()).unwrap_or_default()
+    }
+
+    pub fn post_to_parent(json: &str) {
+        let Some(w) = web_sys::window() else { return };
+        let Ok(Some(parent)) = w.parent() else { return };
+        if parent == w {
+            return; // not in a frame
+        }
+        if let Ok(msg) = js_sys::JSON::parse(json) {
+            let _ = parent.post_message(&msg, "*");
+        }
+    }
+}
+
+#[cfg(not(feature = "hydrate"))]
+mod imp {
+    use crate::types::JobEvent;
+    pub fn ws_start(_on_event: impl Fn(JobEvent) + 'static, _on_status: impl Fn(bool) + 'static) {}
+    pub fn watch(_job_id: &str) {}
+    pub fn unwatch(_job_id: &str) {}
+    pub fn copy_text(_text: &str) {}
+    pub fn origin() -> String {
+        String::new()
+    }
+    pub fn post_to_parent(_json: &str) {}
+}
+
+/// Opens the `/ws` socket (once) and routes job events to `on_event`; `on_status` hears
+/// connected / disconnected. Reconnects with backoff and re-watches unfinished jobs.
+pub fn ws_start(on_event: impl Fn(JobEvent) + 'static, on_status: impl Fn(bool) + 'static) {
+    imp::ws_start(on_event, on_status)
+}
+/// Subscribes to a job's events (the server answers with its latest state at once).
+pub fn watch(job_id: &str) {
+    imp::watch(job_id)
+}
+pub fn unwatch(job_id: &str) {
+    imp::unwatch(job_id)
+}
+pub fn copy_text(text: &str) {
+    imp::copy_text(text)
+}
+/// `https://host:port` of the page (empty on the server).
+pub fn origin() -> String {
+    imp::origin()
+}
+/// Posts a JSON message to the parent window when the page is framed.
+pub fn post_to_parent(json: &str) {
+    imp::post_to_parent(json)
+}

@@ -1,0 +1,686 @@
+//! Types shared by the browser and the server: one type per concept.
+//!
+//! * [`JobRequest`]  — what the user asks for (Generate or Transform), sent through a server function.
+//! * [`JobTicket`]   — the answer to a submission (job id + queue position).
+//! * [`JobEvent`]    — progress events pushed over the `/ws` websocket.
+//! * [`WsClientMsg`] — what the browser sends over the websocket (watch / unwatch a job).
+//! * [`JobResult`]   — a finished image (also what a share link shows).
+//! * [`JobState`]    — the client-side view of a job, folded from [`JobEvent`]s.
+//! * [`UploadInfo`]  — an uploaded Transform input after it was resized.
+//! * [`ServerInfo`]  — which model is loaded, whether it is the random-weight tiny model.
+
+use crate::error::StudioError;
+use serde::{Deserialize, Serialize};
+
+/// Limits enforced on the server (and mirrored by the UI).
+pub mod limits {
+    pub const MIN_STEPS: u32 = 4;
+    pub const MAX_STEPS: u32 = 16;
+    pub const DEFAULT_STEPS: u32 = 8;
+    /// Seeds are 32-bit like the seed Space's; the server picks one when the request has none.
+    pub const MAX_SEED: u64 = u32::MAX as u64;
+    /// Characters of prompt the user may type (the style suffix is added on top).
+    pub const MAX_PROMPT_CHARS: usize = 2000;
+    pub const MIN_STRENGTH: f32 = 0.1;
+    pub const MAX_STRENGTH: f32 = 1.0;
+    pub const DEFAULT_STRENGTH: f32 = 0.6;
+    /// Largest accepted upload, in bytes.
+    pub const MAX_UPLOAD_BYTES: usize = 20 * 1024 * 1024;
+    /// Transform inputs are resized so both sides fall in this range, in multiples of 16.
+    pub const MIN_TRANSFORM_SIDE: u32 = 512;
+    pub const MAX_TRANSFORM_SIDE: u32 = 2048;
+    /// Accepted upload types.
+    pub const UPLOAD_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp"];
+}
+
+/// The seed Space's 10 style presets. Each appends a suffix to the prompt.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Style {
+    #[default]
+    None,
+    Photorealistic,
+    Cinematic,
+    Anime,
+    DigitalArt,
+    OilPainting,
+    Watercolor,
+    Render3d,
+    Fantasy,
+    SciFi,
+}
+
+impl Style {
+    pub const ALL: [Style; 10] = [
+        Style::None,
+        Style::Photorealistic,
+        Style::Cinematic,
+        Style::Anime,
+        Style::DigitalArt,
+        Style::OilPainting,
+        Style::Watercolor,
+        Style::Render3d,
+        Style::Fantasy,
+        Style::SciFi,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            Style::None => "None",
+            Style::Photorealistic => "Photorealistic",
+            Style::Cinematic => "Cinematic",
+            Style::Anime => "Anime",
+            Style::DigitalArt => "Digital Art",
+            Style::OilPainting => "Oil Painting",
+            Style::Watercolor => "Watercolor",
+            Style::Render3d => "3D Render",
+            Style::Fantasy => "Fantasy",
+            Style::SciFi => "Sci-Fi",
+        }
+    }
+
+    /// Stable identifier used in `<select>` values and URLs.
+    pub fn slug(self) -> &'static str {
+        match self {
+            Style::None => "none",
+            Style::Photorealistic => "photorealistic",
+            Style::Cinematic => "cinematic",
+            Style::Anime => "anime",
+            Style::DigitalArt => "digital_art",
+            Style::OilPainting => "oil_painting",
+            Style::Watercolor => "watercolor",
+            Style::Render3d => "render3d",
+            Style::Fantasy => "fantasy",
+            Style::SciFi => "sci_fi",
+        }
+    }
+
+    pub fn from_slug(s: &str) -> Option<Style> {
+        Style::ALL.into_iter().find(|st| st.slug() == s)
+    }
+
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Style::None => "",
+            Style::Photorealistic => {
+                ", photorealistic, ultra detailed, natural lighting, sharp focus, high resolution photograph"
+            }
+            Style::Cinematic => {
+                ", cinematic film still, dramatic lighting, shallow depth of field, anamorphic lens, color graded"
+            }
+            Style::Anime => ", anime style, cel shading, vibrant colors, clean line art, anime key visual",
+            Style::DigitalArt => ", digital art, highly detailed, vivid colors, polished concept art",
+            Style::OilPainting => {
+                ", oil painting on canvas, visible brushstrokes, rich impasto texture, classical fine art"
+            }
+            Style::Watercolor => {
+                ", watercolor painting, soft washes, bleeding edges, textured paper, delicate pastel tones"
+            }
+            Style::Render3d => {
+                ", 3D render, global illumination, physically based materials, octane render, highly detailed"
+            }
+            Style::Fantasy => {
+                ", epic fantasy art, magical atmosphere, ethereal glow, intricate details, otherworldly"
+            }
+            Style::SciFi => {
+                ", science fiction, futuristic technology, neon lights, sleek design, high-tech atmosphere"
+            }
+        }
+    }
+
+    /// The prompt the model sees: the user's prompt (trimmed) followed by the style suffix.
+    pub fn apply(self, prompt: &str) -> String {
+        format!("{}{}", prompt.trim(), self.suffix())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum RatioGroup {
+    Standard,
+    Xl,
+    Max,
+}
+
+impl RatioGroup {
+    pub const ALL: [RatioGroup; 3] = [RatioGroup::Standard, RatioGroup::Xl, RatioGroup::Max];
+    pub fn label(self) -> &'static str {
+        match self {
+            RatioGroup::Standard => "Standard",
+            RatioGroup::Xl => "XL",
+            RatioGroup::Max => "MAX",
+        }
+    }
+}
+
+/// One of the seed Space's 18 output sizes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AspectRatio {
+    pub group: RatioGroup,
+    pub width: u32,
+    pub height: u32,
+    pub ratio: &'static str,
+}
+
+impl AspectRatio {
+    pub fn label(&self) -> String {
+        format!("{}×{} ({})", self.width, self.height, self.ratio)
+    }
+    /// `"WxH"`, used as the `<select>` value.
+    pub fn key(&self) -> String {
+        format!("{}x{}", self.width, self.height)
+    }
+    pub fn from_key(key: &str) -> Option<AspectRatio> {
+        ASPECT_RATIOS.iter().copied().find(|r| r.key() == key)
+    }
+    pub fn find(width: u32, height: u32) -> Option<AspectRatio> {
+        ASPECT_RATIOS.iter().copied().find(|r| r.width == width && r.height == height)
+    }
+}
+
+const fn ar(group: RatioGroup, width: u32, height: u32, ratio: &'static str) -> AspectRatio {
+    AspectRatio { group, width, height, ratio }
+}
+
+/// Exactly the seed Space's 18 sizes in its three groups.
+pub const ASPECT_RATIOS: [AspectRatio; 18] = [
+    ar(RatioGroup::Standard, 1024, 1024, "1:1 square"),
+    ar(RatioGroup::Standard, 1344, 768, "16:9 landscape"),
+    ar(RatioGroup::Standard, 768, 1344, "9:16 portrait"),
+    ar(RatioGroup::Standard, 1152, 896, "4:3 landscape"),
+    ar(RatioGroup::Standard, 896, 1152, "3:4 portrait"),
+    ar(RatioGroup::Standard, 1536, 640, "21:9 ultrawide"),
+    ar(RatioGroup::Standard, 1216, 832, "3:2 landscape"),
+    ar(RatioGroup::Standard, 832, 1216, "2:3 portrait"),
+    ar(RatioGroup::Xl, 1536, 1536, "1:1 square"),
+    ar(RatioGroup::Xl, 1920, 1088, "16:9 landscape"),
+    ar(RatioGroup::Xl, 1088, 1920, "9:16 portrait"),
+    ar(RatioGroup::Xl, 1536, 1152, "4:3 landscape"),
+    ar(RatioGroup::Xl, 1152, 1536, "3:4 portrait"),
+    ar(RatioGroup::Max, 2048, 2048, "1:1 square"),
+    ar(RatioGroup::Max, 2048, 1152, "16:9 landscape"),
+    ar(RatioGroup::Max, 1152, 2048, "9:16 portrait"),
+    ar(RatioGroup::Max, 2048, 1536, "4:3 landscape"),
+    ar(RatioGroup::Max, 1536, 2048, "3:4 portrait"),
+];
+
+pub const DEFAULT_RATIO: AspectRatio = ASPECT_RATIOS[0];
+
+/// Example prompts that fill the prompt box in one click.
+pub const EXAMPLE_PROMPTS: &[(&str, &str)] = &[
+    ("Lighthouse", "A lone lighthouse on a rocky cliff at dusk, waves crashing below, warm light in the lantern room"),
+    ("Fox", "Portrait of a red fox in fresh snow, soft morning light, frost on its whiskers"),
+    ("Tea shop", "A cozy tea shop in a rainy Tokyo alley at night, paper lanterns, reflections on wet cobblestones"),
+    ("Astronaut", "An astronaut tending a small greenhouse garden on the Moon, Earth rising in the background"),
+    ("Market", "A bustling floating market in Bangkok at sunrise, boats full of tropical fruit and flowers"),
+    ("Dragon", "A small friendly dragon reading a book by candlelight in an old library"),
+    ("Sign", "A neon sign that reads \"OPEN 24 HOURS\" above a retro diner, 1950s style, night"),
+    ("Still life", "Still life of lemons, a glass carafe and a blue ceramic bowl on a linen tablecloth"),
+];
+
+/// What to make.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "mode", rename_all = "snake_case")]
+pub enum JobKind {
+    /// Text to image at one of the 18 sizes.
+    Generate { width: u32, height: u32 },
+    /// Image to image from a previous upload (its size is the upload's resized size).
+    Transform { upload_id: String, strength: f32 },
+}
+
+/// The generation request, as the browser sends it to the `submit_job` server function.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobRequest {
+    pub prompt: String,
+    #[serde(default)]
+    pub style: Style,
+    pub steps: u32,
+    /// `None` = let the server pick a random seed.
+    #[serde(default)]
+    pub seed: Option<u64>,
+    pub kind: JobKind,
+}
+
+impl JobRequest {
+    /// Checks everything that can be checked without server state. The server calls this on every
+    /// request whatever the UI allowed.
+    pub fn validate(&self) -> Result<(), StudioError> {
+        let prompt = self.prompt.trim();
+        if prompt.is_empty() {
+            return Err(StudioError::invalid("Please enter a prompt."));
+        }
+        let chars = prompt.chars().count();
+        if chars > limits::MAX_PROMPT_CHARS {
+            return Err(StudioError::invalid(format!(
+                "The prompt is too long ({chars} characters; at most {}).",
+                limits::MAX_PROMPT_CHARS
+            )));
+        }
+        if prompt.chars().any(|c| c == '\0') {
+            return Err(StudioError::invalid("The prompt contains a NUL character."));
+        }
+        if !(limits::MIN_STEPS..=limits::MAX_STEPS).contains(&self.steps) {
+            return Err(StudioError::invalid(format!(
+                "Steps must be between {} and {} (got {}).",
+                limits::MIN_STEPS,
+                limits::MAX_STEPS,
+                self.steps
+            )));
+        }
+        if let Some(seed) = self.seed {
+            if seed > limits::MAX_SEED {
+                return Err(StudioError::invalid(format!(
+                    "The seed must be between 0 and {} (got {seed}).",
+                    limits::MAX_SEED
+                )));
+            }
+        }
+        match &self.kind {
+            JobKind::Generate { width, height } => {
+                if AspectRatio::find(*width, *height).is_none() {
+                    return Err(StudioError::invalid(format!(
+                        "{width}×{height} is not one of the 18 supported sizes."
+                    )));
+                }
+            }
+            JobKind::Transform { upload_id, strength } => {
+                if !is_valid_id(upload_id) {
+                    return Err(StudioError::invalid("Please upload an image first."));
+                }
+                if !strength.is_finite()
+                    || *strength < limits::MIN_STRENGTH - 1e-6
+                    || *strength > limits::MAX_STRENGTH + 1e-6
+                {
+                    return Err(StudioError::invalid(format!(
+                        "Strength must be between {} and {} (got {strength}).",
+                        limits::MIN_STRENGTH,
+                        limits::MAX_STRENGTH
+                    )));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The prompt the model sees (style suffix applied).
+    pub fn full_prompt(&self) -> String {
+        self.style.apply(&self.prompt)
+    }
+}
+
+/// Ids of jobs, images and uploads: 128 random bits as 32 lowercase hex digits.
+pub fn is_valid_id(id: &str) -> bool {
+    id.len() == 32 && id.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// Size a Transform input is resized to: keeps the aspect ratio, both sides in 512..=2048,
+/// multiples of 16 (extreme aspect ratios are clamped).
+pub fn transform_size(width: u32, height: u32) -> (u32, u32) {
+    let (w, h) = (width.max(1) as f64, height.max(1) as f64);
+    let (min, max) = (limits::MIN_TRANSFORM_SIDE as f64, limits::MAX_TRANSFORM_SIDE as f64);
+    let mut scale = 1.0f64;
+    if w.max(h) > max {
+        scale = max / w.max(h);
+    }
+    if w.min(h) * scale < min {
+        scale = min / w.min(h);
+    }
+    let side = |x: f64| {
+        (((x * scale) / 16.0).round() as u32 * 16)
+            .clamp(limits::MIN_TRANSFORM_SIDE, limits::MAX_TRANSFORM_SIDE)
+    };
+    (side(w), side(h))
+}
+
+/// Answer to a successful submission.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobTicket {
+    pub job_id: String,
+    /// 1-based place in the waiting line at submission time.
+    pub position: usize,
+    /// The seed that will be used (picked by the server when the request had none).
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
+/// Time spent in each phase, in milliseconds.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TimingsMs {
+    pub queued_ms: u64,
+    pub text_encoding_ms: u64,
+    pub vae_encode_ms: u64,
+    pub denoising_ms: u64,
+    pub vae_decode_ms: u64,
+    pub total_ms: u64,
+}
+
+/// A finished image. Stored next to the PNG so share links can show it later.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobResult {
+    pub image_id: String,
+    /// Path of the PNG, e.g. `/images/<id>.png`.
+    pub image_url: String,
+    /// Path of the share page, e.g. `/share/<id>`.
+    pub share_url: String,
+    pub prompt: String,
+    pub style: Style,
+    pub seed: u64,
+    pub steps: u32,
+    pub width: u32,
+    pub height: u32,
+    /// Set for Transform results.
+    pub strength: Option<f32>,
+    pub model: String,
+    pub tiny_model: bool,
+    pub timings: TimingsMs,
+    /// The prompt was longer than the text encoder's context and was cut.
+    pub prompt_truncated: bool,
+    /// Seconds since the Unix epoch.
+    pub created_unix: u64,
+}
+
+/// Progress events of one job, pushed over the `/ws` websocket as JSON (`{"type": "...", ...}`).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum JobEvent {
+    /// Waiting; `position` is the 1-based place in line (1 = next).
+    Queued { job_id: String, position: usize },
+    /// A worker picked the job up.
+    Started { job_id: String, width: u32, height: u32, steps: u32, seed: u64 },
+    /// One denoising step finished.
+    Step {
+        job_id: String,
+        step: u32,
+        total: u32,
+        elapsed_ms: u64,
+        eta_ms: u64,
+        /// Small JPEG of the current estimate as a `data:` URL.
+        preview: Option<String>,
+    },
+    Done { job_id: String, result: JobResult },
+    Error { job_id: String, reason: String },
+    Cancelled { job_id: String },
+}
+
+impl JobEvent {
+    pub fn job_id(&self) -> &str {
+        match self {
+            JobEvent::Queued { job_id, .. }
+            | JobEvent::Started { job_id, .. }
+            | JobEvent::Step { job_id, .. }
+            | JobEvent::Done { job_id, .. }
+            | JobEvent::Error { job_id, .. }
+            | JobEvent::Cancelled { job_id } => job_id,
+        }
+    }
+    pub fn is_terminal(&self) -> bool {
+        matches!(self, JobEvent::Done { .. } | JobEvent::Error { .. } | JobEvent::Cancelled { .. })
+    }
+}
+
+/// Browser → server messages on the websocket.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum WsClientMsg {
+    /// Send me this job's events; the server answers at once with its latest state.
+    Watch { job_id: String },
+    Unwatch { job_id: String },
+}
+
+/// Where a job stands, as the UI shows it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum JobPhase {
+    Queued { position: usize },
+    Running { step: u32, total: u32, elapsed_ms: u64, eta_ms: u64 },
+    Done(Box<JobResult>),
+    Failed(String),
+    Cancelled,
+}
+
+/// Client-side state of one job, folded from its events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct JobState {
+    pub job_id: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+    pub phase: JobPhase,
+    pub preview: Option<String>,
+    /// Number of step events seen (the preview changes with each).
+    pub steps_seen: u32,
+    /// Set once the user pressed Cancel (until the server confirms).
+    pub cancel_requested: bool,
+}
+
+impl JobState {
+    pub fn from_ticket(t: &JobTicket) -> JobState {
+        JobState {
+            job_id: t.job_id.clone(),
+            seed: t.seed,
+            width: t.width,
+            height: t.height,
+            phase: JobPhase::Queued { position: t.position },
+            preview: None,
+            steps_seen: 0,
+            cancel_requested: false,
+        }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase, JobPhase::Done(_) | JobPhase::Failed(_) | JobPhase::Cancelled)
+    }
+
+    /// Applies one event. Events of other jobs are ignored; a finished job stays finished.
+    pub fn apply(&mut self, ev: &JobEvent) {
+        if ev.job_id() != self.job_id || self.is_terminal() {
+            return;
+        }
+        match ev {
+            JobEvent::Queued { position, .. } => {
+                self.phase = JobPhase::Queued { position: *position };
+            }
+            JobEvent::Started { width, height, steps, seed, .. } => {
+                self.width = *width;
+                self.height = *height;
+                self.seed = *seed;
+                self.phase =
+                    JobPhase::Running { step: 0, total: *steps, elapsed_ms: 0, eta_ms: 0 };
+            }
+            JobEvent::Step { step, total, elapsed_ms, eta_ms, preview, .. } => {
+                self.phase = JobPhase::Running {
+                    step: *step,
+                    total: *total,
+                    elapsed_ms: *elapsed_ms,
+                    eta_ms: *eta_ms,
+                };
+                self.steps_seen += 1;
+                if preview.is_some() {
+                    self.preview = preview.clone();
+                }
+            }
+            JobEvent::Done { result, .. } => {
+                self.seed = result.seed;
+                self.phase = JobPhase::Done(Box::new(result.clone()));
+            }
+            JobEvent::Error { reason, .. } => self.phase = JobPhase::Failed(reason.clone()),
+            JobEvent::Cancelled { .. } => self.phase = JobPhase::Cancelled,
+        }
+    }
+
+    /// Fraction done, 0..=1.
+    pub fn progress(&self) -> f64 {
+        match &self.phase {
+            JobPhase::Queued { .. } => 0.0,
+            JobPhase::Running { step, total, .. } => {
+                if *total == 0 {
+                    0.0
+                } else {
+                    (*step as f64 / *total as f64).clamp(0.0, 1.0)
+                }
+            }
+            JobPhase::Done(_) => 1.0,
+            JobPhase::Failed(_) | JobPhase::Cancelled => 0.0,
+        }
+    }
+}
+
+/// An uploaded Transform input, after it was decoded and resized.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UploadInfo {
+    pub upload_id: String,
+    /// Path of the resized input, e.g. `/uploads/<id>.png`.
+    pub url: String,
+    pub original_width: u32,
+    pub original_height: u32,
+    /// Size the Transform will run at.
+    pub width: u32,
+    pub height: u32,
+}
+
+/// What the server runs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct ServerInfo {
+    pub model: String,
+    /// The built-in tiny model with random weights: images look like noise.
+    pub tiny_model: bool,
+    pub device: String,
+    pub queue_capacity: usize,
+    pub version: String,
+}
+
+/// Formats milliseconds as "1.2 s" / "850 ms".
+pub fn fmt_ms(ms: u64) -> String {
+    if ms >= 1000 {
+        format!("{:.1} s", ms as f64 / 1000.0)
+    } else {
+        format!("{ms} ms")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gen_req() -> JobRequest {
+        JobRequest {
+            prompt: "a cat".into(),
+            style: Style::None,
+            steps: 8,
+            seed: Some(42),
+            kind: JobKind::Generate { width: 1024, height: 1024 },
+        }
+    }
+
+    #[test]
+    fn eighteen_ratios_in_three_groups() {
+        assert_eq!(ASPECT_RATIOS.len(), 18);
+        let count = |g| ASPECT_RATIOS.iter().filter(|r| r.group == g).count();
+        assert_eq!(count(RatioGroup::Standard), 8);
+        assert_eq!(count(RatioGroup::Xl), 5);
+        assert_eq!(count(RatioGroup::Max), 5);
+        for r in ASPECT_RATIOS {
+            assert_eq!(r.width % 16, 0);
+            assert_eq!(r.height % 16, 0);
+            assert_eq!(AspectRatio::from_key(&r.key()), Some(r));
+        }
+    }
+
+    #[test]
+    fn ten_styles_with_unique_slugs() {
+        assert_eq!(Style::ALL.len(), 10);
+        for s in Style::ALL {
+            assert_eq!(Style::from_slug(s.slug()), Some(s));
+        }
+        assert_eq!(Style::None.apply("  cat "), "cat");
+        assert!(Style::Anime.apply("cat").starts_with("cat, anime"));
+    }
+
+    #[test]
+    fn validation() {
+        assert!(gen_req().validate().is_ok());
+        let mut r = gen_req();
+        r.prompt = "   ".into();
+        assert!(r.validate().unwrap_err().reason.contains("prompt"));
+        let mut r = gen_req();
+        r.steps = 3;
+        assert!(r.validate().is_err());
+        r.steps = 17;
+        assert!(r.validate().is_err());
+        let mut r = gen_req();
+        r.seed = Some(limits::MAX_SEED + 1);
+        assert!(r.validate().is_err());
+        let mut r = gen_req();
+        r.kind = JobKind::Generate { width: 1000, height: 1000 };
+        assert!(r.validate().is_err());
+        let mut r = gen_req();
+        r.prompt = "x".repeat(limits::MAX_PROMPT_CHARS + 1);
+        assert!(r.validate().is_err());
+        let mut r = gen_req();
+        r.kind = JobKind::Transform { upload_id: "0".repeat(32), strength: 0.05 };
+        assert!(r.validate().is_err());
+        r.kind = JobKind::Transform { upload_id: "0".repeat(32), strength: f32::NAN };
+        assert!(r.validate().is_err());
+        r.kind = JobKind::Transform { upload_id: "../etc/passwd".into(), strength: 0.5 };
+        assert!(r.validate().is_err());
+        r.kind = JobKind::Transform { upload_id: "0".repeat(32), strength: 0.5 };
+        assert!(r.validate().is_ok());
+    }
+
+    #[test]
+    fn transform_sizes() {
+        assert_eq!(transform_size(1024, 1024), (1024, 1024));
+        assert_eq!(transform_size(4000, 3000), (2048, 1536));
+        assert_eq!(transform_size(300, 200), (768, 512));
+        assert_eq!(transform_size(1000, 800), (1008, 800));
+        // extreme aspect: clamped
+        assert_eq!(transform_size(5000, 500), (2048, 512));
+        for (w, h) in [(1, 1), (17, 9999), (640, 480), (1920, 1080)] {
+            let (a, b) = transform_size(w, h);
+            assert!(a % 16 == 0 && b % 16 == 0);
+            assert!((512..=2048).contains(&a) && (512..=2048).contains(&b));
+        }
+    }
+
+    #[test]
+    fn events_serialize_with_type_tag() {
+        let ev = JobEvent::Queued { job_id: "a".into(), position: 2 };
+        let s = serde_json::to_string(&ev).unwrap();
+        assert_eq!(s, r#"{"type":"queued","job_id":"a","position":2}"#);
+        let back: JobEvent = serde_json::from_str(&s).unwrap();
+        assert_eq!(back, ev);
+        let msg: WsClientMsg = serde_json::from_str(r#"{"type":"watch","job_id":"x"}"#).unwrap();
+        assert_eq!(msg, WsClientMsg::Watch { job_id: "x".into() });
+    }
+
+    #[test]
+    fn job_state_folds_events() {
+        let t = JobTicket { job_id: "j".into(), position: 2, seed: 1, width: 1024, height: 1024 };
+        let mut st = JobState::from_ticket(&t);
+        st.apply(&JobEvent::Queued { job_id: "j".into(), position: 1 });
+        assert_eq!(st.phase, JobPhase::Queued { position: 1 });
+        st.apply(&JobEvent::Started { job_id: "j".into(), width: 1024, height: 1024, steps: 8, seed: 1 });
+        st.apply(&JobEvent::Step {
+            job_id: "j".into(),
+            step: 4,
+            total: 8,
+            elapsed_ms: 100,
+            eta_ms: 100,
+            preview: Some("data:x".into()),
+        });
+        assert_eq!(st.progress(), 0.5);
+        assert_eq!(st.steps_seen, 1);
+        st.apply(&JobEvent::Step {
+            job_id: "other".into(),
+            step: 8,
+            total: 8,
+            elapsed_ms: 1,
+            eta_ms: 0,
+            preview: None,
+        });
+        assert_eq!(st.progress(), 0.5);
+        st.apply(&JobEvent::Cancelled { job_id: "j".into() });
+        assert_eq!(st.phase, JobPhase::Cancelled);
+        st.apply(&JobEvent::Queued { job_id: "j".into(), position: 1 });
+        assert_eq!(st.phase, JobPhase::Cancelled, "terminal states are sticky");
+    }
+}

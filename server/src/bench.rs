@@ -1,0 +1,167 @@
+//! `zimage bench`: times a request stage by stage (text encoding, every denoising step, VAE
+//! decode, PNG encoding, the whole prompt-to-PNG-bytes request) over several runs and sizes, and
+//! prints JSON. Device work is synchronized before each clock read so GPU times are real.
+
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use engine::pipeline::{default_dtype, Control, GenerateRequest, Pipeline};
+use serde::Serialize;
+
+#[derive(Args)]
+pub struct BenchArgs {
+    /// `tiny`, `random` (full-size architecture, random weights on the device), a folder or a hub id.
+    #[arg(long, default_value = "tiny")]
+    model: String,
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Comma-separated WxH sizes.
+    #[arg(long, default_value = "256x256")]
+    sizes: String,
+    #[arg(long, default_value_t = 4)]
+    steps: usize,
+    /// Timed runs per size (after one warm-up run).
+    #[arg(long, default_value_t = 3)]
+    runs: usize,
+    #[arg(long, default_value = "a photo of a red fox in fresh snow, golden hour, 85mm")]
+    prompt: String,
+    /// Also write the JSON here.
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+#[derive(Serialize)]
+struct Run {
+    text_encoding_ms: f64,
+    steps_ms: Vec<f64>,
+    denoising_ms: f64,
+    vae_decode_ms: f64,
+    png_encode_ms: f64,
+    /// Prompt in, PNG bytes out.
+    total_ms: f64,
+}
+
+#[derive(Serialize)]
+struct SizeReport {
+    width: usize,
+    height: usize,
+    steps: usize,
+    runs: Vec<Run>,
+    median_total_ms: f64,
+    median_step_ms: f64,
+    median_text_encoding_ms: f64,
+    median_vae_decode_ms: f64,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    device: String,
+    dtype: String,
+    load_ms: f64,
+    sizes: Vec<SizeReport>,
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite times"));
+    if v.is_empty() {
+        0.0
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(a: BenchArgs) -> Result<()> {
+    let device = crate::pick_device(&a.device)?;
+    let dtype = default_dtype(&device);
+    let t = Instant::now();
+    let pipe = if a.model == "random" {
+        Pipeline::random_full_size(&device, dtype)?
+    } else {
+        Pipeline::load(&engine::loader::ModelSource::parse(&a.model), &device)?
+    };
+    device.synchronize()?;
+    let load_ms = ms(t.elapsed());
+    let mut sizes = Vec::new();
+    for size in a.sizes.split(',') {
+        let (w, h) = size
+            .split_once('x')
+            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+            .with_context(|| format!("size `{size}` is not WxH"))?;
+        let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: a.steps, seed: 1, ..Default::default() };
+        req.validate()?;
+        let mut runs = Vec::new();
+        for i in 0..=a.runs {
+            let run = one_run(&pipe, &req, &device)?;
+            eprintln!("{w}x{h} run {i}{}: total {:.1} ms", if i == 0 { " (warm-up)" } else { "" }, run.total_ms);
+            if i > 0 {
+                runs.push(run);
+            }
+        }
+        sizes.push(SizeReport {
+            width: w,
+            height: h,
+            steps: a.steps,
+            median_total_ms: median(runs.iter().map(|r| r.total_ms).collect()),
+            median_step_ms: median(runs.iter().flat_map(|r| r.steps_ms.clone()).collect()),
+            median_text_encoding_ms: median(runs.iter().map(|r| r.text_encoding_ms).collect()),
+            median_vae_decode_ms: median(runs.iter().map(|r| r.vae_decode_ms).collect()),
+            runs,
+        });
+    }
+    let report = Report { model: pipe.model_name().into(), device: format!("{device:?}"), dtype: format!("{dtype:?}"), load_ms, sizes };
+    let json = serde_json::to_string_pretty(&report)?;
+    println!("{json}");
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device) -> Result<Run> {
+    device.synchronize()?;
+    let start = Instant::now();
+    let mut last = None;
+    let mut steps_ms = Vec::new();
+    let out = pipe.generate(req, &mut |_ev| {
+        let _ = device.synchronize();
+        let now = Instant::now();
+        if let Some(prev) = last.replace(now) {
+            steps_ms.push(ms(now - prev));
+        }
+        Control::Continue
+    })?;
+    let t = Instant::now();
+    let params = engine::png_meta::Parameters {
+        prompt: req.prompt.clone(),
+        negative_prompt: String::new(),
+        steps: req.steps,
+        seed: req.seed,
+        width: req.width as u32,
+        height: req.height as u32,
+        model: pipe.model_name().into(),
+        strength: None,
+        guidance_scale: 0.0,
+    };
+    let bytes = engine::png_meta::encode_png(&out.images[0], &params)?;
+    let png_encode_ms = ms(t.elapsed());
+    let total_ms = ms(start.elapsed());
+    anyhow::ensure!(!bytes.is_empty());
+    // The first step's time is the denoising total minus the others (its start is not observed).
+    let denoising_ms = ms(out.timings.denoising);
+    let rest: f64 = steps_ms.iter().sum();
+    steps_ms.insert(0, (denoising_ms - rest).max(0.0));
+    Ok(Run {
+        text_encoding_ms: ms(out.timings.text_encoding),
+        steps_ms,
+        denoising_ms,
+        vae_decode_ms: ms(out.timings.vae_decode),
+        png_encode_ms,
+        total_ms,
+    })
+}

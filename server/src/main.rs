@@ -1,0 +1,334 @@
+//! `zimage`: the command line of Z-Image Turbo Studio. `generate` runs the engine once and writes
+//! PNGs with their parameters, `tiny` writes the built-in tiny model as a diffusers folder, `info`
+//! reads a PNG's parameters back, `serve` starts the web studio, `bench` times the stages.
+//! This binary parses arguments, reports progress and maps errors to messages; the math lives in
+//! `engine`, the web app in `web` and `app`.
+
+#![recursion_limit = "256"]
+
+mod bench;
+mod parity;
+mod web;
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+use engine::loader::ModelSource;
+use engine::pipeline::{Control, GenerateRequest, Pipeline};
+
+#[derive(Parser)]
+#[command(name = "zimage", version, about = "Z-Image-Turbo text-to-image and image-to-image, on a Rust engine")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Generate images from a prompt (add --image for image-to-image).
+    Generate(GenerateArgs),
+    /// Write the built-in tiny model (random weights) as a diffusers-layout folder.
+    Tiny {
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Print the generation parameters stored in a PNG.
+    Info { file: PathBuf },
+    /// Start the web studio.
+    Serve(ServeArgs),
+    /// Time text encoding, each denoising step, VAE decode and whole requests; prints JSON.
+    Bench(bench::BenchArgs),
+    /// Run the engine stage by stage on a diffusers run's saved inputs (scripts/gpu/parity_full.py).
+    #[command(hide = true)]
+    Parity(parity::ParityArgs),
+}
+
+#[derive(Args, Clone)]
+pub struct ModelArgs {
+    /// `tiny`, a diffusers-layout folder, or a Hugging Face hub id. Default: the real model if
+    /// the Hugging Face cache holds it, else `tiny`.
+    #[arg(long)]
+    pub model: Option<String>,
+    /// cpu, cuda or cuda:N. Default: cuda when built with it and a GPU is present, else cpu.
+    #[arg(long, default_value = "auto")]
+    pub device: String,
+}
+
+impl ModelArgs {
+    pub fn source(&self) -> ModelSource {
+        match &self.model {
+            Some(m) => ModelSource::parse(m),
+            None => ModelSource::default_source(),
+        }
+    }
+}
+
+pub fn pick_device(spec: &str) -> Result<candle_core::Device> {
+    use candle_core::Device;
+    Ok(match spec {
+        "cpu" => Device::Cpu,
+        "auto" => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+        s if s == "cuda" || s.starts_with("cuda:") => {
+            let idx: usize = s.strip_prefix("cuda:").map(|i| i.parse()).transpose().context("cuda:N")?.unwrap_or(0);
+            Device::new_cuda(idx).with_context(|| {
+                format!("cannot open {s}: is this binary built with `--features cuda` and a GPU present?")
+            })?
+        }
+        other => bail!("unknown device `{other}`: use cpu, cuda or cuda:N"),
+    })
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    /// Input image for image-to-image.
+    #[arg(long)]
+    image: Option<PathBuf>,
+    /// Image-to-image strength in (0, 1].
+    #[arg(long, default_value_t = 0.6)]
+    strength: f32,
+    /// Default 1024, or the input image's width rounded down to a multiple of 16.
+    #[arg(long)]
+    width: Option<usize>,
+    #[arg(long)]
+    height: Option<usize>,
+    #[arg(long, default_value_t = 8)]
+    steps: usize,
+    /// Default: random (printed).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Number of images; image i uses seed + i.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Classifier-free guidance scale (Turbo: 0).
+    #[arg(long, default_value_t = 0.0)]
+    guidance_scale: f32,
+    #[arg(long, default_value_t = 0.0)]
+    cfg_normalization: f32,
+    #[arg(long, default_value_t = 1.0)]
+    cfg_truncation: f32,
+    /// Start from these latents: a safetensors file with one tensor (n, 16, H/8, W/8).
+    #[arg(long)]
+    noise: Option<PathBuf>,
+    /// Output PNG; with --n > 1 the images are OUT-STEM-<i>.png.
+    #[arg(long, default_value = "out.png")]
+    out: PathBuf,
+    /// Write each step's latent preview as PNGs into this folder.
+    #[arg(long)]
+    preview_dir: Option<PathBuf>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    addr: std::net::SocketAddr,
+    /// Where generated images are kept (share links).
+    #[arg(long, default_value = "data")]
+    data_dir: PathBuf,
+    /// Origins allowed to embed /embed in an iframe (CSP frame-ancestors); repeatable.
+    #[arg(long = "frame-ancestor")]
+    frame_ancestors: Vec<String>,
+    /// Jobs that may wait in the queue before new ones are refused.
+    #[arg(long, default_value_t = 32)]
+    queue_capacity: usize,
+    /// The built site (wasm, JS, CSS, public files).
+    #[arg(long, env = "LEPTOS_SITE_ROOT", default_value = "target/site")]
+    site_root: PathBuf,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+/// Largest input image accepted: 16k per side and 512 MiB decoded.
+pub fn image_limits() -> image::Limits {
+    let mut l = image::Limits::default();
+    l.max_image_width = Some(16384);
+    l.max_image_height = Some(16384);
+    l.max_alloc = Some(512 * 1024 * 1024);
+    l
+}
+
+/// Decodes an input image with size limits; the error says what was wrong.
+pub fn read_input_image(path: &Path) -> Result<image::RgbImage> {
+    let mut reader = image::ImageReader::open(path)
+        .with_context(|| format!("cannot open {}", path.display()))?
+        .with_guessed_format()
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    if reader.format().is_none() {
+        bail!("{} is not an image (PNG, JPEG or WebP expected)", path.display());
+    }
+    reader.limits(image_limits());
+    let img = reader.decode().map_err(|e| match e {
+        image::ImageError::Limits(l) => {
+            anyhow::anyhow!("{} is too large to process ({l}); the limit is 16384 px per side", path.display())
+        }
+        e => anyhow::anyhow!("{} could not be decoded as an image: {e}", path.display()),
+    })?;
+    Ok(img.to_rgb8())
+}
+
+fn load_noise(path: &Path) -> Result<candle_core::Tensor> {
+    let tensors = candle_core::safetensors::load(path, &candle_core::Device::Cpu)
+        .with_context(|| format!("cannot read noise file {}", path.display()))?;
+    match tensors.len() {
+        1 => Ok(tensors.into_values().next().expect("one tensor")),
+        0 => bail!("{} holds no tensor", path.display()),
+        _ => tensors
+            .get("noise")
+            .cloned()
+            .with_context(|| format!("{} holds several tensors and none is named `noise`", path.display())),
+    }
+}
+
+fn output_path(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out.file_stem().and_then(|s| s.to_str()).unwrap_or("out");
+    let ext = out.extension().and_then(|s| s.to_str()).unwrap_or("png");
+    out.with_file_name(format!("{stem}-{i}.{ext}"))
+}
+
+fn generate(args: GenerateArgs) -> Result<()> {
+    let init = args.image.as_deref().map(read_input_image).transpose()?;
+    let (dw, dh) = match &init {
+        Some(img) => ((img.width() as usize / 16 * 16).max(16), (img.height() as usize / 16 * 16).max(16)),
+        None => (1024, 1024),
+    };
+    let seed = args.seed.unwrap_or_else(rand_seed);
+    let req = GenerateRequest {
+        prompt: args.prompt.clone(),
+        negative_prompt: args.negative_prompt.clone(),
+        width: args.width.unwrap_or(dw),
+        height: args.height.unwrap_or(dh),
+        steps: args.steps,
+        seed,
+        n: args.n,
+        guidance_scale: args.guidance_scale,
+        cfg_normalization: args.cfg_normalization,
+        cfg_truncation: args.cfg_truncation,
+        init_image: init,
+        strength: args.strength,
+        noise: args.noise.as_deref().map(load_noise).transpose()?,
+        preview: args.preview_dir.is_some(),
+    };
+    req.validate()?;
+    let source = args.model.source();
+    let device = pick_device(&args.model.device)?;
+    eprintln!("model: {} on {:?}", source.display_name(), device);
+    let t = Instant::now();
+    let pipe = Pipeline::load(&source, &device)?;
+    eprintln!("loaded in {:.2?}", t.elapsed());
+    if pipe.is_tiny() {
+        eprintln!("note: the tiny model has random weights; its images are patterns, not pictures");
+    }
+    if let Some(d) = &args.preview_dir {
+        std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
+    }
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} steps {msg}").expect("template"),
+    );
+    let mut preview_err = None;
+    let mut steps_run = 0u32;
+    let out = pipe.generate(&req, &mut |ev| {
+        steps_run = ev.total as u32;
+        bar.set_length(ev.total as u64);
+        bar.set_position(ev.step as u64);
+        bar.set_message(format!("sigma {:.3}, {:.2?}", ev.sigma, ev.elapsed));
+        if let (Some(dir), Some(p)) = (&args.preview_dir, ev.preview) {
+            if let Err(e) = p.save(dir.join(format!("step-{:02}.png", ev.step))) {
+                preview_err = Some(e);
+            }
+        }
+        Control::Continue
+    })?;
+    bar.finish();
+    if let Some(e) = preview_err {
+        eprintln!("warning: could not write a preview: {e}");
+    }
+    if let Some(n) = out.prompt_truncated {
+        eprintln!("warning: the prompt is {n} tokens with its template; it was truncated to 512 tokens as the reference does");
+    }
+    for (i, (img, seed)) in out.images.iter().zip(&out.seeds).enumerate() {
+        let params = engine::png_meta::Parameters {
+            prompt: req.prompt.clone(),
+            negative_prompt: req.negative_prompt.clone(),
+            steps: req.steps,
+            seed: *seed,
+            width: img.width(),
+            height: img.height(),
+            model: pipe.model_name().to_string(),
+            strength: req.init_image.as_ref().map(|_| req.strength),
+            guidance_scale: req.guidance_scale,
+        };
+        let path = output_path(&args.out, i, out.images.len());
+        let bytes = engine::png_meta::encode_png(img, &params)?;
+        std::fs::write(&path, bytes).with_context(|| format!("cannot write {}", path.display()))?;
+        println!("seed {seed}: {}", path.display());
+    }
+    let tm = &out.timings;
+    eprintln!(
+        "time: text encoding {:.1?}, vae encode {:.1?}, denoising {:.1?} ({:.1?}/step), vae decode {:.1?}, total {:.1?}",
+        tm.text_encoding,
+        tm.vae_encode,
+        tm.denoising,
+        tm.denoising / steps_run.max(1),
+        tm.vae_decode,
+        tm.total
+    );
+    Ok(())
+}
+
+fn rand_seed() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+    h.finish() >> 11 // keep it in JavaScript's safe-integer range for the web UI
+}
+
+fn main() {
+    let cli = Cli::parse();
+    let r = match cli.command {
+        Command::Generate(a) => generate(a),
+        Command::Tiny { out } => engine::tiny::write_dir(&out)
+            .map(|_| println!("wrote the tiny model to {}", out.display()))
+            .map_err(Into::into),
+        Command::Info { file } => info(&file),
+        Command::Serve(a) => serve(a),
+        Command::Bench(a) => bench::run(a),
+        Command::Parity(a) => parity::run(a),
+    };
+    if let Err(e) = r {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn info(file: &Path) -> Result<()> {
+    let bytes = std::fs::read(file).with_context(|| format!("cannot read {}", file.display()))?;
+    match engine::png_meta::read_parameters(&bytes) {
+        Some(p) => {
+            println!("{p}");
+            Ok(())
+        }
+        None => bail!("{} has no `parameters` text chunk", file.display()),
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<()> {
+    web::serve(web::ServeOptions {
+        addr: a.addr,
+        model: a.model.source(),
+        data_dir: a.data_dir,
+        frame_ancestors: a.frame_ancestors,
+        queue_capacity: a.queue_capacity,
+        site_root: a.site_root,
+    })
+}

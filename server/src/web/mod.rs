@@ -1,0 +1,292 @@
+//! The web studio: axum + leptos_axum serving the `app` crate (pages, server functions), the
+//! `/ws` progress socket, stored images, and the built site (wasm, JS, CSS, PWA files).
+//!
+//! Routes:
+//! * `/`, `/embed`, `/share/{id}` — Leptos pages (SSR, hydrated by the wasm in `/pkg`)
+//! * `/api/*` — server functions (`app::api`), errors as JSON `{kind, reason}` with a status
+//! * `/ws` — job events (JSON, `app::types::JobEvent`)
+//! * `/images/{id}.png`, `/uploads/{id}.png` — stored PNGs under unguessable ids
+//! * `/healthz` — liveness
+//! * everything else — files of the built site (`site_root`), else the 404 page
+
+mod queue;
+mod store;
+mod studio;
+#[cfg(test)]
+mod tests;
+mod ws;
+
+use anyhow::{bail, Context};
+use app::backend::{Backend, BackendHandle};
+use app::types::limits::MAX_UPLOAD_BYTES;
+use app::{shell, App, StudioError};
+use axum::extract::{FromRef, Path, Request, State};
+use axum::http::{header, HeaderValue};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Extension, Router};
+use leptos::config::{Env, LeptosOptions};
+use leptos_axum::{generate_route_list, LeptosRoutes};
+use std::sync::Arc;
+use tower_http::compression::CompressionLayer;
+use tower_http::limit::RequestBodyLimitLayer;
+
+pub use queue::Generator;
+pub use store::ImageStore;
+pub use studio::Studio;
+
+/// Everything `zimage serve` passes in.
+pub struct ServeOptions {
+    pub addr: std::net::SocketAddr,
+    pub model: engine::loader::ModelSource,
+    /// Generated images and uploads are kept here.
+    pub data_dir: std::path::PathBuf,
+    /// Origins allowed to frame `/embed` (CSP frame-ancestors), e.g. `https://blog.example`;
+    /// `*` allows any. Other pages may only be framed by the studio itself.
+    pub frame_ancestors: Vec<String>,
+    /// How many jobs may wait before new ones are refused.
+    pub queue_capacity: usize,
+    /// The built site (`scripts/build-site.sh` writes `target/site`).
+    pub site_root: std::path::PathBuf,
+}
+
+/// Builds its own tokio runtime, loads the model (on a blocking thread), serves until killed.
+pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("zimage-web")
+        .build()
+        .context("starting the tokio runtime")?;
+    let r = rt.block_on(run(opts));
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    r
+}
+
+async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let frames = FramePolicy::new(&opts.frame_ancestors)?;
+    let site_root = opts.site_root.clone();
+    let wasm = site_root.join("pkg").join(format!("{}.wasm", app::OUTPUT_NAME));
+    if !wasm.exists() {
+        eprintln!(
+            "warning: {} is missing: the pages will render but not run. Build the site first with \
+             `scripts/build-site.sh` (or pass --site-root).",
+            wasm.display()
+        );
+    }
+    let store = Arc::new(
+        ImageStore::open(&opts.data_dir)
+            .with_context(|| format!("opening the data folder {}", opts.data_dir.display()))?,
+    );
+    store.prune_uploads();
+
+    let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
+    let device_label = if device.is_cuda() { "CUDA GPU 0".to_string() } else { "CPU".to_string() };
+    let source = opts.model.clone();
+    eprintln!("loading model {} on {device_label}…", source.display_name());
+    let t = std::time::Instant::now();
+    let pipeline =
+        tokio::task::spawn_blocking(move || engine::pipeline::Pipeline::load(&source, &device))
+            .await
+            .context("model loading thread")?
+            .context("loading the model")?;
+    eprintln!("model {} loaded in {:.1?}", pipeline.model_name(), t.elapsed());
+    if pipeline.is_tiny() {
+        eprintln!(
+            "note: this is the built-in tiny model with random weights; images will look like noise."
+        );
+    }
+    let generator: Arc<dyn Generator> = Arc::new(pipeline);
+    let studio = Studio::start(vec![(device_label, generator)], store.clone(), opts.queue_capacity);
+
+    let options = leptos_options(opts.addr, &site_root);
+    let app = router(studio.clone(), options, frames);
+
+    // prune old uploads hourly
+    tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.prune_uploads()).await;
+        }
+    });
+
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .with_context(|| format!("binding {}", opts.addr))?;
+    eprintln!("Z-Image Turbo Studio listening on http://{}", listener.local_addr()?);
+    tokio::select! {
+        r = axum::serve(listener, app) => r.context("serving")?,
+        _ = shutdown_signal() => eprintln!("shutting down"),
+    }
+    studio.shutdown();
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .expect("installing the SIGTERM handler");
+        tokio::select! {
+            _ = ctrl_c => {},
+            _ = term.recv() => {},
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+}
+
+pub fn leptos_options(addr: std::net::SocketAddr, site_root: &std::path::Path) -> LeptosOptions {
+    LeptosOptions::builder()
+        .output_name(app::OUTPUT_NAME)
+        .site_root(site_root.to_string_lossy().to_string())
+        .site_pkg_dir("pkg")
+        .site_addr(addr)
+        .env(Env::PROD)
+        .hash_files(false)
+        .build()
+}
+
+/// Router state: handlers take what they need through `State<…>` (`FromRef`).
+#[derive(Clone)]
+pub struct AppState {
+    pub leptos_options: LeptosOptions,
+    pub studio: Arc<Studio>,
+}
+
+impl FromRef<AppState> for LeptosOptions {
+    fn from_ref(s: &AppState) -> Self {
+        s.leptos_options.clone()
+    }
+}
+
+impl FromRef<AppState> for Arc<Studio> {
+    fn from_ref(s: &AppState) -> Self {
+        s.studio.clone()
+    }
+}
+
+/// The whole app as an axum router (used by `serve` and the tests).
+pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) -> Router {
+    let state = AppState { leptos_options: options.clone(), studio: studio.clone() };
+    let routes = generate_route_list(App);
+    let backend = BackendHandle(studio as Arc<dyn Backend>);
+    Router::new()
+        .route("/ws", get(ws::ws_handler))
+        .route("/images/{file}", get(image_file))
+        .route("/uploads/{file}", get(upload_file))
+        .route("/healthz", get(|| async { "ok" }))
+        .leptos_routes(&state, routes, {
+            let options = options.clone();
+            move || shell(options.clone())
+        })
+        .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
+        .layer(Extension(backend))
+        .layer(axum::middleware::from_fn(api_error_status))
+        .layer(axum::middleware::from_fn_with_state(Arc::new(frames), frame_headers))
+        .layer(CompressionLayer::new())
+        .layer(RequestBodyLimitLayer::new(2 * MAX_UPLOAD_BYTES))
+        .with_state(state)
+}
+
+async fn png_file(path: Option<std::path::PathBuf>, cache: &'static str) -> Response {
+    let missing = || StudioError::not_found("No such image.").into_response();
+    let Some(path) = path else { return missing() };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
+                (header::CACHE_CONTROL, HeaderValue::from_static(cache)),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => missing(),
+    }
+}
+
+async fn image_file(State(studio): State<Arc<Studio>>, Path(file): Path<String>) -> Response {
+    let path = file.strip_suffix(".png").and_then(|id| studio.store.image_path(id));
+    png_file(path, "public, max-age=31536000, immutable").await
+}
+
+async fn upload_file(State(studio): State<Arc<Studio>>, Path(file): Path<String>) -> Response {
+    let path = file.strip_suffix(".png").and_then(|id| studio.store.upload_path(id));
+    png_file(path, "private, max-age=86400").await
+}
+
+/// Server-function errors leave server_fn as 500 when they happen before our code runs (e.g. an
+/// unreadable body); give every one the status of its [`StudioError`] kind.
+async fn api_error_status(req: Request, next: Next) -> Response {
+    let res = next.run(req).await;
+    if res.headers().get(leptos::server_fn::error::SERVER_FN_ERROR_HEADER).is_none() {
+        return res;
+    }
+    let (mut parts, body) = res.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20).await.unwrap_or_default();
+    if let Ok(e) = serde_json::from_slice::<StudioError>(&bytes) {
+        if let Ok(code) = axum::http::StatusCode::from_u16(e.status()) {
+            parts.status = code;
+        }
+        parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+    }
+    Response::from_parts(parts, axum::body::Body::from(bytes))
+}
+
+/// Who may frame which page: `/embed` the configured origins, everything else only ourselves.
+pub struct FramePolicy {
+    embed_csp: HeaderValue,
+}
+
+impl FramePolicy {
+    pub fn new(ancestors: &[String]) -> anyhow::Result<FramePolicy> {
+        let mut sources = vec!["'self'".to_string()];
+        for a in ancestors {
+            let a = a.trim().trim_end_matches('/');
+            let ok = a == "*"
+                || a == "'self'"
+                || a == "'none'"
+                || (a.contains("://") || a.ends_with(':'))
+                    && a.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/*[]".contains(c));
+            if !ok {
+                bail!(
+                    "bad frame ancestor `{a}`: use an origin like https://example.com, a scheme like https:, or *"
+                );
+            }
+            if a == "*" {
+                sources = vec!["*".to_string()];
+                break;
+            }
+            if a == "'none'" {
+                sources = vec!["'none'".to_string()];
+                break;
+            }
+            if !sources.iter().any(|s| s == a) {
+                sources.push(a.to_string());
+            }
+        }
+        let csp = format!("frame-ancestors {}", sources.join(" "));
+        Ok(FramePolicy { embed_csp: HeaderValue::from_str(&csp).context("frame ancestors")? })
+    }
+}
+
+async fn frame_headers(State(policy): State<Arc<FramePolicy>>, req: Request, next: Next) -> Response {
+    let path = req.uri().path();
+    let embed = path == "/embed" || path.starts_with("/embed/");
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    if embed {
+        h.insert(header::CONTENT_SECURITY_POLICY, policy.embed_csp.clone());
+    } else {
+        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("frame-ancestors 'self'"));
+        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("SAMEORIGIN"));
+    }
+    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
+    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("strict-origin-when-cross-origin"));
+    res
+}

@@ -1,0 +1,428 @@
+//! Queue, store and HTTP tests with a fake generator (fast, deterministic), plus one run of the
+//! real tiny model through the whole stack.
+
+use super::queue::{Generator, JobQueue};
+use super::store::ImageStore;
+use super::studio::Studio;
+use super::*;
+use app::backend::Backend;
+use app::types::{JobEvent, JobKind, JobRequest, Style};
+use app::ErrorKind;
+use axum::body::Body;
+use axum::http::{Method, Request as HttpRequest, StatusCode};
+use candle_core::{DType, Device, Tensor};
+use engine::pipeline::{Control, GenerateOutput, GenerateRequest, StepEvent, Timings};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
+use tower::ServiceExt;
+
+/// Steps take `step_ms`; when `gated`, the first step waits until `open()` is called.
+struct Fake {
+    step_ms: u64,
+    gate: Arc<(Mutex<bool>, Condvar)>,
+}
+
+impl Fake {
+    fn new(step_ms: u64, gated: bool) -> Arc<Fake> {
+        Arc::new(Fake { step_ms, gate: Arc::new((Mutex::new(!gated), Condvar::new())) })
+    }
+    fn open(&self) {
+        *self.gate.0.lock().unwrap() = true;
+        self.gate.1.notify_all();
+    }
+}
+
+impl Generator for Fake {
+    fn model_name(&self) -> String {
+        "fake".into()
+    }
+    fn is_tiny(&self) -> bool {
+        true
+    }
+    fn generate(
+        &self,
+        req: &GenerateRequest,
+        on_step: &mut dyn FnMut(&StepEvent) -> Control,
+    ) -> engine::Result<GenerateOutput> {
+        let start = Instant::now();
+        let latents = Tensor::zeros((1, 16, 2, 2), DType::F32, &Device::Cpu)?;
+        let preview = image::RgbImage::from_pixel(8, 8, image::Rgb([1, 2, 3]));
+        for step in 1..=req.steps {
+            if step == 1 {
+                let mut open = self.gate.0.lock().unwrap();
+                while !*open {
+                    open = self.gate.1.wait(open).unwrap();
+                }
+            }
+            std::thread::sleep(Duration::from_millis(self.step_ms));
+            let ev = StepEvent {
+                image_index: 0,
+                step,
+                total: req.steps,
+                sigma: 1.0 - step as f32 / req.steps as f32,
+                elapsed: start.elapsed(),
+                denoised: &latents,
+                latents: &latents,
+                preview: Some(&preview),
+            };
+            if on_step(&ev) == Control::Cancel {
+                return Err(engine::Error::Cancelled);
+            }
+        }
+        Ok(GenerateOutput {
+            images: vec![image::RgbImage::from_pixel(req.width as u32, req.height as u32, image::Rgb([200, 100, 50]))],
+            seeds: vec![req.seed],
+            timings: Timings { total: start.elapsed(), ..Timings::default() },
+            prompt_truncated: None,
+            latents,
+        })
+    }
+}
+
+fn tmp_dir() -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("zimage-web-test-{}", store::new_id()))
+}
+
+fn studio_with(generator: Arc<dyn Generator>, capacity: usize) -> (Arc<Studio>, std::path::PathBuf) {
+    let dir = tmp_dir();
+    let store = Arc::new(ImageStore::open(&dir).unwrap());
+    (Studio::start(vec![("CPU".into(), generator)], store, capacity), dir)
+}
+
+fn gen_req(prompt: &str, steps: u32) -> JobRequest {
+    JobRequest {
+        prompt: prompt.into(),
+        style: Style::Cinematic,
+        steps,
+        seed: Some(7),
+        kind: JobKind::Generate { width: 1344, height: 768 },
+    }
+}
+
+/// Collects events until `n` jobs finished (or a timeout).
+fn collect_until_done(rx: &mut tokio::sync::broadcast::Receiver<JobEvent>, n: usize) -> Vec<JobEvent> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut out = Vec::new();
+    let mut done = 0;
+    while done < n && Instant::now() < deadline {
+        match rx.try_recv() {
+            Ok(ev) => {
+                if ev.is_terminal() {
+                    done += 1;
+                }
+                out.push(ev);
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(5)),
+        }
+    }
+    assert_eq!(done, n, "jobs did not finish: {out:?}");
+    out
+}
+
+#[test]
+fn fifo_positions_progress_and_stored_png() {
+    let (studio, dir) = studio_with(Fake::new(5, false), 8);
+    let mut rx = studio.queue.subscribe();
+    let tickets: Vec<_> = ["one", "two", "three"]
+        .iter()
+        .map(|p| studio.submit(gen_req(p, 4)).unwrap())
+        .collect();
+    assert_eq!(tickets[0].seed, 7);
+    assert_eq!((tickets[0].width, tickets[0].height), (1344, 768));
+    let events = collect_until_done(&mut rx, 3);
+    let done: Vec<&str> = events
+        .iter()
+        .filter(|e| matches!(e, JobEvent::Done { .. }))
+        .map(|e| e.job_id())
+        .collect();
+    let ids: Vec<&str> = tickets.iter().map(|t| t.job_id.as_str()).collect();
+    assert_eq!(done, ids, "first in, first out");
+    // the third job heard its position improve
+    let third_positions: Vec<usize> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Queued { job_id, position } if job_id == ids[2] => Some(*position),
+            _ => None,
+        })
+        .collect();
+    assert!(third_positions.contains(&1), "positions pushed: {third_positions:?}");
+    // step events with previews for every step of the first job
+    let steps: Vec<u32> = events
+        .iter()
+        .filter_map(|e| match e {
+            JobEvent::Step { job_id, step, preview, total, .. } if job_id == ids[0] => {
+                assert_eq!(*total, 4);
+                assert!(preview.as_deref().unwrap().starts_with("data:image/jpeg;base64,"));
+                Some(*step)
+            }
+            _ => None,
+        })
+        .collect();
+    assert_eq!(steps, vec![1, 2, 3, 4]);
+    let JobEvent::Done { result, .. } = events.iter().find(|e| matches!(e, JobEvent::Done { .. })).unwrap() else {
+        unreachable!()
+    };
+    assert_eq!(result.prompt, "one");
+    assert_eq!((result.width, result.height), (1344, 768));
+    let png = std::fs::read(studio.store.image_path(&result.image_id).unwrap()).unwrap();
+    let params = engine::png_meta::read_parameters(&png).unwrap();
+    assert!(params.starts_with("one, cinematic"), "{params}");
+    assert!(params.contains("Seed: 7"));
+    assert_eq!(studio.image(&result.image_id).unwrap(), *result);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn bounded_queue_refuses_and_cancel_works() {
+    let fake = Fake::new(5, true);
+    let (studio, dir) = studio_with(fake.clone(), 1);
+    let mut rx = studio.queue.subscribe();
+    let running = studio.submit(gen_req("running", 8)).unwrap();
+    // wait until the worker took it
+    let t0 = Instant::now();
+    while studio.queue.waiting_len() > 0 && t0.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let waiting = studio.submit(gen_req("waiting", 8)).unwrap();
+    assert_eq!(waiting.position, 1);
+    let full = studio.submit(gen_req("refused", 8)).unwrap_err();
+    assert_eq!(full.kind, ErrorKind::QueueFull);
+    assert_eq!(full.status(), 503);
+    assert!(full.reason.contains("queue is full"), "{}", full.reason);
+
+    // cancel the waiting job: immediate
+    studio.cancel(&waiting.job_id).unwrap();
+    assert_eq!(studio.queue.snapshot(&waiting.job_id), Some(JobEvent::Cancelled { job_id: waiting.job_id.clone() }));
+    // cancel the running one: it stops at its next step
+    studio.cancel(&running.job_id).unwrap();
+    fake.open();
+    let events = collect_until_done(&mut rx, 2);
+    let running_steps = events
+        .iter()
+        .filter(|e| matches!(e, JobEvent::Step { job_id, .. } if *job_id == running.job_id))
+        .count();
+    assert!(running_steps <= 1, "stopped at the next step, saw {running_steps}");
+    assert!(events.contains(&JobEvent::Cancelled { job_id: running.job_id.clone() }));
+    // unknown ids
+    assert_eq!(studio.cancel(&store::new_id()).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(studio.cancel("nope").unwrap_err().kind, ErrorKind::InvalidInput);
+    // the queue has room again
+    assert!(studio.submit(gen_req("again", 4)).is_ok());
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn server_side_validation() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let bad = |r: JobRequest| studio.submit(r).unwrap_err();
+    assert_eq!(bad(gen_req("x", 2)).kind, ErrorKind::InvalidInput);
+    assert_eq!(bad(gen_req("   ", 8)).kind, ErrorKind::InvalidInput);
+    let mut r = gen_req("x", 8);
+    r.kind = JobKind::Generate { width: 4096, height: 4096 };
+    assert_eq!(bad(r).kind, ErrorKind::InvalidInput);
+    let mut r = gen_req("x", 8);
+    r.seed = Some(1 << 40);
+    assert_eq!(bad(r).kind, ErrorKind::InvalidInput);
+    let mut r = gen_req("x", 8);
+    r.kind = JobKind::Transform { upload_id: store::new_id(), strength: 0.5 };
+    assert_eq!(bad(r).kind, ErrorKind::NotFound);
+    let mut png = Vec::new();
+    image::RgbImage::new(64, 64).write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+    let up = studio.store_upload(png, None).unwrap();
+    assert_eq!((up.width, up.height), (512, 512));
+    let mut r = gen_req("x", 4);
+    r.kind = JobKind::Transform { upload_id: up.upload_id.clone(), strength: 0.05 };
+    let e = bad(r);
+    assert!(e.reason.contains("Strength must be between 0.1 and 1"), "{}", e.reason);
+    let mut r = gen_req("x", 8);
+    r.kind = JobKind::Transform { upload_id: up.upload_id, strength: 0.5 };
+    let t = studio.submit(r).unwrap();
+    assert_eq!((t.width, t.height), (512, 512));
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+// ------------------------------------------------------------------------------------------
+// HTTP
+
+fn test_router(studio: Arc<Studio>) -> Router {
+    let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
+    router(studio, options, FramePolicy::new(&["http://127.0.0.1:3101".into()]).unwrap())
+}
+
+async fn send(app: &Router, req: HttpRequest<Body>) -> (StatusCode, axum::http::HeaderMap, Vec<u8>) {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    let headers = res.headers().clone();
+    let body = axum::body::to_bytes(res.into_body(), usize::MAX).await.unwrap().to_vec();
+    (status, headers, body)
+}
+
+fn json_post(path: &str, body: serde_json::Value) -> HttpRequest<Body> {
+    HttpRequest::builder()
+        .method(Method::POST)
+        .uri(path)
+        .header("content-type", "application/json")
+        .header("accept", "application/json")
+        .body(Body::from(body.to_string()))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_errors_are_json_with_status() {
+    let (studio, dir) = studio_with(Fake::new(1, true), 1);
+    let app = test_router(studio.clone());
+
+    // invalid input -> 400 {kind, reason}
+    let mut req = serde_json::to_value(gen_req("a cat", 99)).unwrap();
+    let (s, _, b) = send(&app, json_post("/api/submit_job", serde_json::json!({ "req": req.clone() }))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.reason.contains("Steps must be between 4 and 16"), "{}", e.reason);
+
+    // unreadable body -> 400
+    let (s, h, b) = send(&app, json_post("/api/submit_job", serde_json::json!({ "nope": 1 }))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{h:?} {}", String::from_utf8_lossy(&b));
+
+    // accepted, then the queue fills up -> 503
+    req["steps"] = 8.into();
+    let (s, _, b) = send(&app, json_post("/api/submit_job", serde_json::json!({ "req": req.clone() }))).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    let t: app::types::JobTicket = serde_json::from_slice(&b).unwrap();
+    assert_eq!(t.seed, 7);
+    let mut status = StatusCode::OK;
+    for _ in 0..3 {
+        status = send(&app, json_post("/api/submit_job", serde_json::json!({ "req": req.clone() }))).await.0;
+    }
+    assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+
+    // unknown image -> 404 JSON
+    let get = |uri: &str| HttpRequest::builder().uri(uri).body(Body::empty()).unwrap();
+    let (s, _, b) = send(&app, get(&format!("/images/{}.png", store::new_id()))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&b).contains("not_found"));
+    let (s, _, _) = send(&app, get("/images/..%2F..%2Fetc%2Fpasswd.png")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    let (s, _, _) = send(&app, json_post("/api/image_info", serde_json::json!({ "image_id": store::new_id() }))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    // uploads: declared too large -> 413 before reading; not an image -> 415
+    let boundary = "XyZ";
+    let big = HttpRequest::builder()
+        .method(Method::POST)
+        .uri("/api/upload_image")
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .header("content-length", (30 * 1024 * 1024).to_string())
+        .body(Body::empty())
+        .unwrap();
+    let (s, _, b) = send(&app, big).await;
+    assert_eq!(s, StatusCode::PAYLOAD_TOO_LARGE, "{}", String::from_utf8_lossy(&b));
+    let text = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a.txt\"\r\nContent-Type: text/plain\r\n\r\nhello\r\n--{boundary}--\r\n"
+    );
+    let up = HttpRequest::builder()
+        .method(Method::POST)
+        .uri("/api/upload_image")
+        .header("content-type", format!("multipart/form-data; boundary={boundary}"))
+        .body(Body::from(text))
+        .unwrap();
+    let (s, _, b) = send(&app, up).await;
+    assert_eq!(s, StatusCode::UNSUPPORTED_MEDIA_TYPE, "{}", String::from_utf8_lossy(&b));
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert!(e.reason.contains("PNG, JPEG or WebP"));
+
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pages_render_with_frame_headers() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let app = test_router(studio.clone());
+    let get = |uri: &str| HttpRequest::builder().uri(uri).body(Body::empty()).unwrap();
+
+    let (s, h, b) = send(&app, get("/")).await;
+    assert_eq!(s, StatusCode::OK);
+    let html = String::from_utf8_lossy(&b);
+    assert!(html.contains("Z-Image Turbo Studio"));
+    assert!(html.contains("tiny-banner"), "tiny model banner is rendered on the server");
+    assert!(html.contains("/manifest.webmanifest"));
+    assert_eq!(h["x-frame-options"], "SAMEORIGIN");
+    assert_eq!(h["content-security-policy"], "frame-ancestors 'self'");
+
+    let (s, h, b) = send(&app, get("/embed")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&b).contains("embed-prompt"));
+    assert!(h.get("x-frame-options").is_none());
+    assert_eq!(h["content-security-policy"], "frame-ancestors 'self' http://127.0.0.1:3101");
+
+    let (s, _, b) = send(&app, get(&format!("/share/{}", store::new_id()))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(String::from_utf8_lossy(&b).contains("does not exist"));
+
+    let (s, _, _) = send(&app, get("/no/such/page")).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn frame_policy_validates_origins() {
+    assert!(FramePolicy::new(&["https://blog.example".into(), "http://localhost:8080".into()]).is_ok());
+    assert!(FramePolicy::new(&["*".into()]).is_ok());
+    assert!(FramePolicy::new(&["https://a.example; script-src *".into()]).is_err());
+    assert!(FramePolicy::new(&["evil".into()]).is_err());
+    let p = FramePolicy::new(&["*".into()]).unwrap();
+    assert_eq!(p.embed_csp, "frame-ancestors *");
+}
+
+/// The real tiny model through the queue: one Generate at a real ratio and one Transform.
+#[test]
+fn tiny_model_end_to_end() {
+    let pipeline = engine::pipeline::Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap();
+    let (studio, dir) = studio_with(Arc::new(pipeline), 4);
+    let mut rx = studio.queue.subscribe();
+    let t = Instant::now();
+    let g = studio.submit(gen_req("a lighthouse at dusk", 4)).unwrap();
+    let events = collect_until_done(&mut rx, 1);
+    eprintln!("tiny 1344x768, 4 steps: {:.1?}", t.elapsed());
+    let Some(JobEvent::Done { result, .. }) = events.last() else { panic!("{events:?}") };
+    assert_eq!(result.image_id.len(), 32);
+    let png = std::fs::read(studio.store.image_path(&result.image_id).unwrap()).unwrap();
+    assert_eq!(image::load_from_memory(&png).unwrap().dimensions_wh(), (1344, 768));
+    assert!(events.iter().any(|e| matches!(e, JobEvent::Step { job_id, preview: Some(_), .. } if *job_id == g.job_id)));
+
+    let mut input = Vec::new();
+    image::RgbImage::from_pixel(640, 480, image::Rgb([30, 90, 200]))
+        .write_to(&mut std::io::Cursor::new(&mut input), image::ImageFormat::Jpeg)
+        .unwrap();
+    let up = studio.store_upload(input, Some("image/jpeg".into())).unwrap();
+    assert_eq!((up.width, up.height), (688, 512));
+    let mut r = gen_req("watercolor harbor", 4);
+    r.kind = JobKind::Transform { upload_id: up.upload_id, strength: 0.5 };
+    studio.submit(r).unwrap();
+    let events = collect_until_done(&mut rx, 1);
+    let Some(JobEvent::Done { result, .. }) = events.last() else { panic!("{events:?}") };
+    assert_eq!((result.width, result.height), (688, 512));
+    assert_eq!(result.strength, Some(0.5));
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+trait Wh {
+    fn dimensions_wh(&self) -> (u32, u32);
+}
+impl Wh for image::DynamicImage {
+    fn dimensions_wh(&self) -> (u32, u32) {
+        (self.width(), self.height())
+    }
+}
+
+#[allow(dead_code)]
+fn _assert_queue_is_shareable(q: Arc<JobQueue>) -> impl Send + Sync {
+    q
+}
