@@ -185,9 +185,12 @@ fn offline() -> bool {
     matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
 }
 
-/// The snapshot folder of a hub model if the HF cache holds all of its files.
+/// The snapshot folder of a hub model if the HF cache (HF_HOME) holds all of its files.
 pub fn cached_hub_model(id: &str) -> Result<Option<PathBuf>> {
-    let cache = hf_hub::Cache::from_env();
+    cached_hub_model_in(&hf_hub::Cache::from_env(), id)
+}
+
+fn cached_hub_model_in(cache: &hf_hub::Cache, id: &str) -> Result<Option<PathBuf>> {
     let repo = cache.model(id.to_string());
     let Some(index) = repo.get("model_index.json") else { return Ok(None) };
     let snapshot = index.parent().expect("snapshot folder").to_path_buf();
@@ -200,16 +203,19 @@ pub fn cached_hub_model(id: &str) -> Result<Option<PathBuf>> {
 /// Resolves a hub id to a complete local snapshot: the cache first, then a download with
 /// progress bars unless HF_HUB_OFFLINE is set.
 pub fn resolve_hub_model(id: &str) -> Result<ModelFiles> {
-    if let Some(dir) = cached_hub_model(id)? {
+    resolve_hub_model_in(&hf_hub::Cache::from_env(), id, offline())
+}
+
+fn resolve_hub_model_in(cache: &hf_hub::Cache, id: &str, offline: bool) -> Result<ModelFiles> {
+    if let Some(dir) = cached_hub_model_in(cache, id)? {
         return ModelFiles::from_dir(&dir);
     }
-    let cache = hf_hub::Cache::from_env();
     let how = format!(
         "the Hugging Face cache at {} does not hold {id} complete. With network access run \
          `huggingface-cli download {id}` (or unset HF_HUB_OFFLINE and run again), or pass --model <folder>",
         cache.path().display()
     );
-    if offline() {
+    if offline {
         let repo = cache.model(id.to_string());
         let missing: Vec<String> =
             HUB_META_FILES.iter().filter(|f| repo.get(f).is_none()).map(|f| f.to_string()).collect();
@@ -219,7 +225,7 @@ pub fn resolve_hub_model(id: &str) -> Result<ModelFiles> {
             hint: format!("HF_HUB_OFFLINE is set; {how}"),
         });
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
+    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
         .with_progress(true)
         .build()
         .map_err(|e| Error::Hub(format!("{e}; {how}")))?;
@@ -280,6 +286,52 @@ mod tests {
             assert!(err.contains(name), "{name} not named in: {err}");
         }
         assert!(err.contains("huggingface-cli download"));
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+
+    /// Lays out `dir` as the HF cache does: models--org--name/{refs/main, snapshots/<rev>/...}.
+    fn fake_cache_with_fixture(dir: &Path, id: &str) {
+        let repo = dir.join(format!("models--{}", id.replace('/', "--")));
+        let snap = repo.join("snapshots/0123abcd");
+        std::fs::create_dir_all(repo.join("refs")).unwrap();
+        std::fs::write(repo.join("refs/main"), "0123abcd").unwrap();
+        copy_dir(&tiny_model_dir(), &snap);
+    }
+
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            let dest = to.join(e.file_name());
+            if e.file_type().unwrap().is_dir() {
+                copy_dir(&e.path(), &dest);
+            } else {
+                std::fs::copy(e.path(), dest).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn hub_id_resolves_from_the_cache_offline() {
+        let tmp = std::env::temp_dir().join(format!("zimage-hf-{}", std::process::id()));
+        let id = "Tongyi-MAI/Z-Image-Turbo";
+        fake_cache_with_fixture(&tmp, id);
+        let cache = hf_hub::Cache::new(tmp.clone());
+        let files = resolve_hub_model_in(&cache, id, true).unwrap();
+        assert!(files.root.ends_with("snapshots/0123abcd"));
+        assert!(files.transformer.weights.len() > 1);
+        std::fs::remove_dir_all(&tmp).ok();
+    }
+
+    #[test]
+    fn offline_without_the_model_names_what_is_missing() {
+        let tmp = std::env::temp_dir().join(format!("zimage-hf-empty-{}", std::process::id()));
+        std::fs::create_dir_all(&tmp).unwrap();
+        let err = resolve_hub_model_in(&hf_hub::Cache::new(tmp.clone()), "Tongyi-MAI/Z-Image-Turbo", true)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("model_index.json") && err.contains("transformer/config.json"), "{err}");
+        assert!(err.contains("HF_HUB_OFFLINE") && err.contains("huggingface-cli download"), "{err}");
         std::fs::remove_dir_all(&tmp).ok();
     }
 
