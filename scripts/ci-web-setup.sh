@@ -24,14 +24,14 @@ if ! command -v wasm-opt >/dev/null; then
   npm install -g "binaryen@$BINARYEN_VERSION"
 fi
 
-if ! command -v chromium >/dev/null; then
+if [ "${SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null; then
   log "installing Debian chromium"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO=sudo
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y chromium chromium-driver
 fi
 
-if [ -f end2end/package-lock.json ] && [ ! -d end2end/node_modules/@playwright/test ]; then
+if [ "${SKIP_BROWSER:-0}" != 1 ] && [ -f end2end/package-lock.json ] && [ ! -d end2end/node_modules/@playwright/test ]; then
   log "installing Playwright (no browser download)"
   (cd end2end && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci)
 fi
