@@ -1,0 +1,122 @@
+//! The `zimage` command line, run as a user would: generate on the tiny model, read the PNG's
+//! parameters back, write the tiny model and load it as a folder, and clear errors for bad input.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn zimage() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_zimage"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("zimage-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn run(args: &[&str]) -> (bool, String, String) {
+    let o = zimage().args(args).output().unwrap();
+    (o.status.success(), String::from_utf8_lossy(&o.stdout).into(), String::from_utf8_lossy(&o.stderr).into())
+}
+
+#[test]
+fn generate_writes_a_png_with_parameters_and_info_reads_them() {
+    let d = tmp("gen");
+    let out = d.join("fox.png");
+    let (ok, stdout, stderr) = run(&[
+        "generate", "--model", "tiny", "--device", "cpu", "--prompt", "a red fox", "--width", "96", "--height", "64",
+        "--steps", "3", "--seed", "5", "--n", "2", "--out", out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("seed 5:") && stdout.contains("seed 6:"), "{stdout}");
+    assert!(stderr.contains("text encoding") && stderr.contains("vae decode"), "stage times printed: {stderr}");
+    assert!(stderr.contains("random weights"), "the tiny model is announced: {stderr}");
+    let first = d.join("fox-0.png");
+    let img = image::open(&first).unwrap();
+    assert_eq!((img.width(), img.height()), (96, 64));
+    let (ok, info, _) = run(&["info", first.to_str().unwrap()]);
+    assert!(ok);
+    assert!(info.starts_with("a red fox\nSteps: 3,") && info.contains("Seed: 5, Size: 96x64, Model: tiny"), "{info}");
+    let (_, info2, _) = run(&["info", d.join("fox-1.png").to_str().unwrap()]);
+    assert!(info2.contains("Seed: 6,"), "{info2}");
+}
+
+#[test]
+fn image_to_image_and_the_tiny_folder_round_trip() {
+    let d = tmp("i2i");
+    let model = d.join("tiny-model");
+    let (ok, _, stderr) = run(&["tiny", "--out", model.to_str().unwrap()]);
+    assert!(ok, "{stderr}");
+    let input = d.join("in.png");
+    image::RgbImage::from_fn(70, 50, |x, y| image::Rgb([x as u8 * 3, y as u8 * 5, 90])).save(&input).unwrap();
+    let out = d.join("out.png");
+    let (ok, _, stderr) = run(&[
+        "generate", "--model", model.to_str().unwrap(), "--device", "cpu", "--prompt", "oil painting",
+        "--image", input.to_str().unwrap(), "--strength", "0.5", "--steps", "4", "--seed", "1", "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stderr}");
+    // 70x50 rounds down to 64x48, as the reference does.
+    let img = image::open(&out).unwrap();
+    assert_eq!((img.width(), img.height()), (64, 48));
+    let (_, info, _) = run(&["info", out.to_str().unwrap()]);
+    assert!(info.contains("Denoising strength: 0.5"), "{info}");
+}
+
+#[test]
+fn bad_input_gets_a_clear_error() {
+    let d = tmp("bad");
+    let not_image = d.join("notes.png");
+    std::fs::write(&not_image, "hello").unwrap();
+    let not_txt = d.join("notes.txt");
+    std::fs::write(&not_txt, "hello").unwrap();
+    let good = d.join("good.png");
+    image::RgbImage::new(64, 64).save(&good).unwrap();
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (vec!["--height".into(), "1000".into()], "nearest valid values are 992 or 1008"),
+        (vec!["--steps".into(), "0".into()], "steps must be between"),
+        (vec!["--image".into(), not_image.display().to_string()], "could not be decoded as an image"),
+        (vec!["--image".into(), not_txt.display().to_string()], "is not an image"),
+        (vec!["--image".into(), good.display().to_string(), "--strength".into(), "1.5".into()], "strength must be in (0, 1]"),
+        (vec!["--n".into(), "100".into()], "n (images per request)"),
+    ];
+    for (extra, needle) in cases {
+        let mut args: Vec<String> =
+            ["generate", "--model", "tiny", "--device", "cpu", "--prompt", "x", "--width", "64"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect();
+        args.extend(extra);
+        let refs: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+        let (ok, _, stderr) = run(&refs);
+        assert!(!ok, "{refs:?} should fail");
+        assert!(stderr.contains(needle), "expected `{needle}` in: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+    }
+    let missing = d.join("nothing-here");
+    let (ok, _, stderr) =
+        run(&["generate", "--model", missing.to_str().unwrap(), "--device", "cpu", "--prompt", "x", "--width", "64"]);
+    assert!(!ok && stderr.contains("model files missing"), "{stderr}");
+    let (ok, _, stderr) = run(&["info", not_image.to_str().unwrap()]);
+    assert!(!ok && stderr.contains("no `parameters`"), "{stderr}");
+}
+
+#[test]
+fn huge_images_are_refused_before_decoding() {
+    let d = tmp("huge");
+    // A valid PNG header claiming 100000 x 100000 pixels.
+    let path = d.join("huge.png");
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, 100_000, 100_000);
+        enc.set_color(png::ColorType::Rgb);
+        let _ = enc.write_header().map(|w| drop(w));
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let (ok, _, stderr) = run(&[
+        "generate", "--model", "tiny", "--device", "cpu", "--prompt", "x", "--image", path.to_str().unwrap(),
+    ]);
+    assert!(!ok);
+    assert!(stderr.contains("too large") || stderr.contains("could not be decoded"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
