@@ -3,6 +3,8 @@
 //! Built twice: with `ssr` into the server (renders pages, runs server functions) and with
 //! `hydrate` into the browser's wasm (`frontend` crate).
 
+#![recursion_limit = "256"]
+
 pub mod api;
 #[cfg(feature = "ssr")]
 pub mod backend;
@@ -52,6 +54,12 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
 pub fn App() -> impl IntoView {
     provide_meta_context();
     ui::provide_jobs();
+    // effects run only in the browser, after hydration: tests wait for this marker
+    Effect::new(|_| {
+        if let Some(body) = document().body() {
+            let _ = body.set_attribute("data-hydrated", "true");
+        }
+    });
     view! {
         <Stylesheet id="leptos" href=format!("/pkg/{OUTPUT_NAME}.css") />
         <Title text="Z-Image Turbo Studio" />

@@ -163,7 +163,7 @@ pub struct AspectRatio {
 
 impl AspectRatio {
     pub fn label(&self) -> String {
-        format!("{}×{} ({})", self.width, self.height, self.ratio)
+        format!("{} · {}×{}", self.ratio, self.width, self.height)
     }
     /// `"WxH"`, used as the `<select>` value.
     pub fn key(&self) -> String {
@@ -183,24 +183,24 @@ const fn ar(group: RatioGroup, width: u32, height: u32, ratio: &'static str) -> 
 
 /// Exactly the seed Space's 18 sizes in its three groups.
 pub const ASPECT_RATIOS: [AspectRatio; 18] = [
-    ar(RatioGroup::Standard, 1024, 1024, "1:1 square"),
-    ar(RatioGroup::Standard, 1344, 768, "16:9 landscape"),
-    ar(RatioGroup::Standard, 768, 1344, "9:16 portrait"),
-    ar(RatioGroup::Standard, 1152, 896, "4:3 landscape"),
-    ar(RatioGroup::Standard, 896, 1152, "3:4 portrait"),
-    ar(RatioGroup::Standard, 1536, 640, "21:9 ultrawide"),
-    ar(RatioGroup::Standard, 1216, 832, "3:2 landscape"),
-    ar(RatioGroup::Standard, 832, 1216, "2:3 portrait"),
-    ar(RatioGroup::Xl, 1536, 1536, "1:1 square"),
-    ar(RatioGroup::Xl, 1920, 1088, "16:9 landscape"),
-    ar(RatioGroup::Xl, 1088, 1920, "9:16 portrait"),
-    ar(RatioGroup::Xl, 1536, 1152, "4:3 landscape"),
-    ar(RatioGroup::Xl, 1152, 1536, "3:4 portrait"),
-    ar(RatioGroup::Max, 2048, 2048, "1:1 square"),
-    ar(RatioGroup::Max, 2048, 1152, "16:9 landscape"),
-    ar(RatioGroup::Max, 1152, 2048, "9:16 portrait"),
-    ar(RatioGroup::Max, 2048, 1536, "4:3 landscape"),
-    ar(RatioGroup::Max, 1536, 2048, "3:4 portrait"),
+    ar(RatioGroup::Standard, 1024, 1024, "1:1"),
+    ar(RatioGroup::Standard, 1344, 768, "16:9"),
+    ar(RatioGroup::Standard, 768, 1344, "9:16"),
+    ar(RatioGroup::Standard, 1152, 896, "4:3"),
+    ar(RatioGroup::Standard, 896, 1152, "3:4"),
+    ar(RatioGroup::Standard, 1536, 640, "21:9"),
+    ar(RatioGroup::Standard, 1216, 832, "3:2"),
+    ar(RatioGroup::Standard, 832, 1216, "2:3"),
+    ar(RatioGroup::Xl, 1536, 1536, "1:1"),
+    ar(RatioGroup::Xl, 1920, 1088, "16:9"),
+    ar(RatioGroup::Xl, 1088, 1920, "9:16"),
+    ar(RatioGroup::Xl, 1536, 1152, "4:3"),
+    ar(RatioGroup::Xl, 1152, 1536, "3:4"),
+    ar(RatioGroup::Max, 2048, 2048, "1:1"),
+    ar(RatioGroup::Max, 2048, 1152, "16:9"),
+    ar(RatioGroup::Max, 1152, 2048, "9:16"),
+    ar(RatioGroup::Max, 2048, 1536, "4:3"),
+    ar(RatioGroup::Max, 1536, 2048, "3:4"),
 ];
 
 pub const DEFAULT_RATIO: AspectRatio = ASPECT_RATIOS[0];

@@ -126,6 +126,24 @@ fn LightningIcon() -> impl IntoView {
 }
 
 #[component]
+fn SparkleIcon() -> impl IntoView {
+    view! {
+        <svg class="icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">
+            <path d="M12 2l1.9 5.6L19.5 9.5l-5.6 1.9L12 17l-1.9-5.6L4.5 9.5l5.6-1.9z M19 14l.9 2.6 2.6.9-2.6.9L19 21l-.9-2.6-2.6-.9 2.6-.9z" fill="currentColor" />
+        </svg>
+    }
+}
+
+#[component]
+fn PaletteIcon() -> impl IntoView {
+    view! {
+        <svg class="icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">
+            <path d="M12 3a9 9 0 0 0 0 18c1.1 0 1.7-.8 1.7-1.6 0-.5-.2-.8-.5-1.1-.3-.3-.5-.7-.5-1.1 0-.9.7-1.6 1.6-1.6H16a5 5 0 0 0 5-5C21 6.4 17 3 12 3zm-5.5 9a1.5 1.5 0 1 1 0-3 1.5 1.5 0 0 1 0 3zm3-4a1.5 1.5 0 1 1 0-3 1.5 1.5 0 0 1 0 3zm5 0a1.5 1.5 0 1 1 0-3 1.5 1.5 0 0 1 0 3zm3 4a1.5 1.5 0 1 1 0-3 1.5 1.5 0 0 1 0 3z" fill="currentColor" />
+        </svg>
+    }
+}
+
+#[component]
 fn Header() -> impl IntoView {
     view! {
         <header class="hero">
@@ -222,7 +240,8 @@ pub fn StudioPage() -> impl IntoView {
                     aria-selected=move || (tab.get() == Tab::Generate).to_string()
                     on:click=move |_| tab.set(Tab::Generate)
                 >
-                    "🎨 Generate"
+                    <PaletteIcon />
+                    "Generate"
                 </button>
                 <button
                     role="tab"
@@ -231,7 +250,8 @@ pub fn StudioPage() -> impl IntoView {
                     aria-selected=move || (tab.get() == Tab::Transform).to_string()
                     on:click=move |_| tab.set(Tab::Transform)
                 >
-                    "✨ Transform"
+                    <SparkleIcon />
+                    "Transform"
                 </button>
             </nav>
             <div class="tab-panel" class:hidden=move || tab.get() != Tab::Generate>
@@ -507,6 +527,11 @@ fn JobStateView(st: JobState, job: JobSlot, compact: bool) -> impl IntoView {
                     <p class="status" data-testid="step-text">
                         {if step == 0 {
                             "Encoding the prompt…".to_string()
+                        } else if step >= total {
+                            format!(
+                                "Step {step}/{total} · {} elapsed · decoding the image…",
+                                fmt_ms(elapsed_ms),
+                            )
                         } else {
                             format!(
                                 "Step {step}/{total} · {} elapsed · ~{} left",
@@ -597,7 +622,7 @@ fn ResultView(result: JobResult, compact: bool) -> impl IntoView {
                 </Show>
                 <div class="meta-row">
                     <a class="btn primary" data-testid="download" href=result.image_url.clone() download=download_name>
-                        "⬇ Download PNG"
+                        "Download PNG"
                     </a>
                     <a class="btn" data-testid="share-open" href=result.share_url.clone() target="_blank" rel="noopener">
                         "Open share page"
@@ -682,7 +707,8 @@ fn GenerateTab() -> impl IntoView {
                     disabled=move || slot.active()
                     on:click=move |_| submit.run(())
                 >
-                    {move || if slot.active() { "⏳ Generating…" } else { "⚡ Generate" }}
+                    <span class="btn-icon"><LightningIcon /></span>
+                    {move || if slot.active() { "Generating…" } else { "Generate" }}
                 </button>
             </section>
             <section class="card output" aria-label="Result" id="gen-output">
@@ -690,6 +716,7 @@ fn GenerateTab() -> impl IntoView {
             </section>
         </div>
     }
+    .into_any()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -884,7 +911,8 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
                     disabled=move || slot.active() || uploading.get()
                     on:click=move |_| submit.run(())
                 >
-                    {move || if slot.active() { "⏳ Transforming…" } else { "✨ Transform" }}
+                    <SparkleIcon />
+                    {move || if slot.active() { "Transforming…" } else { "Transform" }}
                 </button>
             </section>
             <section class="card output" aria-label="Result" id="tr-output">
@@ -892,6 +920,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
             </section>
         </div>
     }
+    .into_any()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -953,7 +982,8 @@ pub fn EmbedPage() -> impl IntoView {
                         disabled=move || slot.active()
                         on:click=move |_| submit.run(())
                     >
-                        "⚡ Generate"
+                        <span class="btn-icon"><LightningIcon /></span>
+                        "Generate"
                     </button>
                 </div>
                 <JobView job=slot compact=true />
@@ -1023,7 +1053,7 @@ fn ShareView(result: JobResult) -> impl IntoView {
             <p class="dim">{details}</p>
             {result.tiny_model.then(|| view! { <p class="banner tiny">"Made with the tiny random-weight demo model."</p> })}
             <div class="meta-row">
-                <a class="btn primary" href=result.image_url.clone() download=format!("zimage-{}.png", result.seed)>"⬇ Download PNG"</a>
+                <a class="btn primary" href=result.image_url.clone() download=format!("zimage-{}.png", result.seed)>"Download PNG"</a>
                 <a class="btn" href="/">"Make your own"</a>
             </div>
         </div>
