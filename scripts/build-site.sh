@@ -35,6 +35,9 @@ mv "$STAGE/pkg/${NAME}_bg.wasm" "$STAGE/pkg/$NAME.wasm"     # HydrationScripts l
 wasm-opt -Oz --enable-bulk-memory --enable-nontrapping-float-to-int \
       "$STAGE/pkg/$NAME.wasm" -o "$STAGE/pkg/$NAME.wasm"
 cp style/main.css "$STAGE/pkg/$NAME.css"                   # plain CSS, no sass step
+# precompressed copies: the static file handler serves *.gz to browsers that accept gzip
+# (others get on-the-fly compression from the server's compression layer)
+gzip -9 -k -f "$STAGE/pkg/$NAME.wasm" "$STAGE/pkg/$NAME.js" "$STAGE/pkg/$NAME.css"
 # swap in the new site in one step (a running server keeps serving the old files until then)
 rm -rf "$SITE" && mv "$STAGE" "$SITE" && trap - EXIT
 ls -l "$SITE/pkg"

@@ -25,6 +25,15 @@ pub use error::{ErrorKind, StudioError};
 /// Name of the wasm/js/css bundle under `/pkg` (`[[workspace.metadata.leptos]] name`).
 pub const OUTPUT_NAME: &str = "zimage";
 
+/// Runs an effect in the browser only. Building the whole workspace at once makes cargo unify the
+/// `hydrate` feature into the server's copy of this crate, and an effect created there would try to
+/// spawn a local task outside any `LocalSet`.
+pub(crate) fn browser_effect(f: impl FnMut(Option<()>) + 'static) {
+    if cfg!(target_arch = "wasm32") {
+        Effect::new(f);
+    }
+}
+
 /// The HTML document around the app (rendered on the server only).
 pub fn shell(options: LeptosOptions) -> impl IntoView {
     view! {
@@ -55,7 +64,7 @@ pub fn App() -> impl IntoView {
     provide_meta_context();
     ui::provide_jobs();
     // effects run only in the browser, after hydration: tests wait for this marker
-    Effect::new(|_| {
+    browser_effect(|_| {
         if let Some(body) = document().body() {
             let _ = body.set_attribute("data-hydrated", "true");
         }

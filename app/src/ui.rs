@@ -10,6 +10,7 @@ use crate::types::{
 use leptos::prelude::*;
 use leptos::task::spawn_local;
 use leptos_meta::Title;
+use crate::browser_effect;
 use leptos_router::hooks::use_params_map;
 use std::time::Duration;
 
@@ -36,7 +37,7 @@ pub struct Jobs {
 pub fn provide_jobs() {
     let jobs = Jobs { slots: StoredValue::new(Vec::new()), connected: RwSignal::new(true) };
     provide_context(jobs);
-    Effect::new(move |_| {
+    browser_effect(move |_| {
         client::ws_start(
             move |ev| {
                 jobs.slots.with_value(|slots| {
@@ -650,7 +651,7 @@ fn GenerateTab() -> impl IntoView {
     let slot = JobSlot::new();
 
     // show the seed that was used, so unticking "Random" reproduces the image
-    Effect::new(move |_| {
+    browser_effect(move |_| {
         if let Some(JobState { phase: JobPhase::Done(r), .. }) = slot.state.get() {
             seed.text.set(r.seed.to_string());
         }
@@ -766,7 +767,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
     let dragging = RwSignal::new(false);
     let _ = (active, uploading, upload_error, dragging);
 
-    Effect::new(move |_| {
+    browser_effect(move |_| {
         if let Some(JobState { phase: JobPhase::Done(r), .. }) = slot.state.get() {
             seed.text.set(r.seed.to_string());
         }
@@ -774,7 +775,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
 
     // paste an image anywhere while this tab is open
     #[cfg(feature = "hydrate")]
-    Effect::new(move |_| {
+    browser_effect(move |_| {
         let handle = window_event_listener(leptos::ev::paste, move |ev| {
             if !active.get_untracked() {
                 return;
@@ -933,7 +934,7 @@ pub fn EmbedPage() -> impl IntoView {
     let slot = JobSlot::new();
     let posted: StoredValue<Option<String>> = StoredValue::new(None);
 
-    Effect::new(move |_| {
+    browser_effect(move |_| {
         if let Some(JobState { job_id, phase: JobPhase::Done(r), .. }) = slot.state.get() {
             if posted.get_value().as_deref() != Some(job_id.as_str()) {
                 posted.set_value(Some(job_id.clone()));

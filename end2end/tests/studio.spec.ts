@@ -221,3 +221,34 @@ test("queue: FIFO positions, full queue refused with a clear message, queued and
   const unknown = await request.post("/api/cancel_job", { data: { job_id: "f".repeat(32) } });
   expect(unknown.status()).toBe(404);
 });
+
+test("queue in the UI: a second visitor sees their place in line, then moves up when the first cancels", async ({ browser }) => {
+  const ctxA = await browser.newContext();
+  const ctxB = await browser.newContext();
+  const a = await ctxA.newPage();
+  const b = await ctxB.newPage();
+  await gotoHydrated(a, "/");
+  await gotoHydrated(b, "/");
+  await a.selectOption("#gen-ratio", "2048x2048");
+  await a.locator("#gen-steps").fill("16");
+  await a.locator("#gen-prompt").fill("first visitor, slow picture");
+  await a.locator("#gen-submit").click();
+  await expect(a.getByTestId("running")).toBeVisible();
+
+  await b.locator("#gen-prompt").fill("second visitor");
+  await b.locator("#gen-submit").click();
+  await expect(b.getByTestId("queued")).toContainText("you are next");
+  await b.screenshot({ path: shot("queue-position"), fullPage: true });
+  // cancelling a queued job works from the UI too; submit again and let the first one go
+  await b.getByTestId("cancel").click();
+  await expect(b.getByTestId("cancelled")).toBeVisible();
+  await b.locator("#gen-submit").click();
+  await expect(b.getByTestId("queued")).toBeVisible();
+  await a.getByTestId("cancel").click();
+  await expect(a.getByTestId("cancelled")).toBeVisible();
+  await expect(b.getByTestId("running")).toBeVisible();
+  await b.getByTestId("cancel").click();
+  await expect(b.getByTestId("cancelled")).toBeVisible();
+  await ctxA.close();
+  await ctxB.close();
+});
