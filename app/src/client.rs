@@ -193,6 +193,20 @@ mod imp {
         web_sys::window().and_then(|w| w.location().origin().ok()).unwrap_or_default()
     }
 
+    fn session() -> Option<web_sys::Storage> {
+        web_sys::window()?.session_storage().ok()?
+    }
+
+    pub fn session_get(key: &str) -> Option<String> {
+        session()?.get_item(key).ok()?
+    }
+
+    pub fn session_set(key: &str, value: &str) {
+        if let Some(s) = session() {
+            let _ = s.set_item(key, value);
+        }
+    }
+
     pub fn post_to_parent(json: &str) {
         let Some(w) = web_sys::window() else { return };
         let Ok(Some(parent)) = w.parent() else { return };
@@ -216,6 +230,10 @@ mod imp {
         String::new()
     }
     pub fn post_to_parent(_json: &str) {}
+    pub fn session_get(_key: &str) -> Option<String> {
+        None
+    }
+    pub fn session_set(_key: &str, _value: &str) {}
 }
 
 /// Opens the `/ws` socket (once) and routes job events to `on_event`; `on_status` hears
@@ -236,6 +254,13 @@ pub fn copy_text(text: &str) {
 /// `https://host:port` of the page (empty on the server).
 pub fn origin() -> String {
     imp::origin()
+}
+/// Reads a value kept for this tab (sessionStorage).
+pub fn session_get(key: &str) -> Option<String> {
+    imp::session_get(key)
+}
+pub fn session_set(key: &str, value: &str) {
+    imp::session_set(key, value)
 }
 /// Posts a JSON message to the parent window when the page is framed.
 pub fn post_to_parent(json: &str) {

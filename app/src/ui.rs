@@ -4,7 +4,7 @@
 use crate::api::{cancel_job, get_server_info, image_info, submit_job, upload_image};
 use crate::client;
 use crate::types::{
-    fmt_ms, limits, AspectRatio, JobKind, JobPhase, JobRequest, JobResult, JobState, RatioGroup,
+    fmt_ms, limits, AspectRatio, JobKind, JobPhase, JobRequest, JobResult, JobState, JobTicket, RatioGroup,
     ServerInfo, Style, UploadInfo, ASPECT_RATIOS, DEFAULT_RATIO, EXAMPLE_PROMPTS,
 };
 use leptos::prelude::*;
@@ -25,6 +25,7 @@ pub struct JobSlot {
     pub error: RwSignal<Option<String>>,
     /// A submission is on its way.
     pub submitting: RwSignal<bool>,
+    key: &'static str,
 }
 
 /// All slots of the page plus the websocket status.
@@ -56,16 +57,34 @@ pub fn provide_jobs() {
 }
 
 impl JobSlot {
-    pub fn new() -> JobSlot {
+    /// `name` keeps the panel's last job for this browser tab (sessionStorage), so a reload
+    /// picks up its progress or result again.
+    pub fn new(name: &'static str) -> JobSlot {
         let slot = JobSlot {
             state: RwSignal::new(None),
             error: RwSignal::new(None),
             submitting: RwSignal::new(false),
+            key: name,
         };
         if let Some(jobs) = use_context::<Jobs>() {
             jobs.slots.update_value(|v| v.push(slot));
         }
+        browser_effect(move |prev| {
+            if prev.is_some() {
+                return;
+            }
+            let ticket = client::session_get(&slot.storage_key())
+                .and_then(|t| serde_json::from_str::<JobTicket>(&t).ok());
+            if let Some(t) = ticket {
+                slot.state.set(Some(JobState::from_ticket(&t)));
+                client::watch(&t.job_id);
+            }
+        });
         slot
+    }
+
+    fn storage_key(&self) -> String {
+        format!("zimage.job.{}", self.key)
     }
 
     /// A job is queued or running (or being submitted).
@@ -86,6 +105,9 @@ impl JobSlot {
         spawn_local(async move {
             match submit_job(req).await {
                 Ok(ticket) => {
+                    if let Ok(json) = serde_json::to_string(&ticket) {
+                        client::session_set(&self.storage_key(), &json);
+                    }
                     self.state.set(Some(JobState::from_ticket(&ticket)));
                     client::watch(&ticket.job_id);
                 }
@@ -648,7 +670,7 @@ fn GenerateTab() -> impl IntoView {
     let ratio = RwSignal::new(DEFAULT_RATIO);
     let steps = RwSignal::new(limits::DEFAULT_STEPS);
     let seed = SeedState::new();
-    let slot = JobSlot::new();
+    let slot = JobSlot::new("generate");
 
     // show the seed that was used, so unticking "Random" reproduces the image
     browser_effect(move |_| {
@@ -760,7 +782,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
     let steps = RwSignal::new(limits::DEFAULT_STEPS);
     let strength = RwSignal::new(limits::DEFAULT_STRENGTH);
     let seed = SeedState::new();
-    let slot = JobSlot::new();
+    let slot = JobSlot::new("transform");
     let upload: RwSignal<Option<UploadInfo>> = RwSignal::new(None);
     let uploading = RwSignal::new(false);
     let upload_error: RwSignal<Option<String>> = RwSignal::new(None);
@@ -931,7 +953,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
 pub fn EmbedPage() -> impl IntoView {
     let prompt = RwSignal::new(String::new());
     let ratio = RwSignal::new(DEFAULT_RATIO);
-    let slot = JobSlot::new();
+    let slot = JobSlot::new("embed");
     let posted: StoredValue<Option<String>> = StoredValue::new(None);
 
     browser_effect(move |_| {

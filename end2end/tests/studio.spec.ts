@@ -69,7 +69,7 @@ test("generate: example prompt, 16:9 size, live progress and previews, PNG of th
   expect(errors).toEqual([]);
 });
 
-test("generate: Ctrl+Enter submits with a fixed seed; the websocket reconnects mid-run", async ({ page }) => {
+test("generate: Ctrl+Enter submits with a fixed seed; the websocket reconnects and a reload resumes the job", async ({ page }) => {
   const errors = watchConsole(page, [/WebSocket/]);
   await gotoHydrated(page, "/");
   await page.locator("#gen-seed-random").uncheck();
@@ -80,6 +80,10 @@ test("generate: Ctrl+Enter submits with a fixed seed; the websocket reconnects m
   await expect(page.getByTestId("running")).toBeVisible();
   // drop the socket: the client reconnects, re-watches the job and still gets its result
   await page.evaluate(() => (window as any).__zimageDropSocket());
+  await expect(page.getByTestId("step-text")).toContainText(/Step \d+\/8/);
+  // a reload mid-run picks the job up again (its ticket is kept in sessionStorage)
+  await page.reload();
+  await expect(page.locator("body[data-hydrated=true]")).toBeAttached();
   await expect(page.getByTestId("result-image")).toBeVisible();
   await expect(page.getByTestId("result-seed")).toHaveText("1234");
   await expect(page.getByTestId("reconnecting")).toHaveCount(0);
