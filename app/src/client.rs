@@ -168,24 +168,41 @@ mod imp {
         }
     }
 
+    /// Copies with the async Clipboard API, or (plain-http pages, where it is missing) with a
+    /// temporary textarea and `execCommand("copy")`.
     pub fn copy_text(text: &str) {
         let Some(w) = web_sys::window() else { return };
         let nav = w.navigator();
-        let Ok(clip) = js_sys::Reflect::get(&nav, &"clipboard".into()) else { return };
-        if clip.is_undefined() {
-            return;
-        }
-        if let Ok(f) = js_sys::Reflect::get(&clip, &"writeText".into()) {
-            if let Some(f) = f.dyn_ref::<js_sys::Function>() {
-                if let Ok(p) = f.call1(&clip, &JsValue::from_str(text)) {
-                    // swallow a refused permission instead of an unhandled rejection
-                    if let Some(p) = p.dyn_ref::<js_sys::Promise>() {
-                        let noop = Closure::<dyn FnMut(JsValue)>::new(|_| {});
-                        let _ = p.catch(&noop);
-                        noop.forget();
+        let clip = js_sys::Reflect::get(&nav, &"clipboard".into()).unwrap_or(JsValue::UNDEFINED);
+        if !clip.is_undefined() {
+            if let Ok(f) = js_sys::Reflect::get(&clip, &"writeText".into()) {
+                if let Some(f) = f.dyn_ref::<js_sys::Function>() {
+                    if let Ok(p) = f.call1(&clip, &JsValue::from_str(text)) {
+                        // swallow a refused permission instead of an unhandled rejection
+                        if let Some(p) = p.dyn_ref::<js_sys::Promise>() {
+                            let noop = Closure::<dyn FnMut(JsValue)>::new(|_| {});
+                            let _ = p.catch(&noop);
+                            noop.forget();
+                        }
+                        return;
                     }
                 }
             }
+        }
+        let Some(doc) = w.document() else { return };
+        let Some(body) = doc.body() else { return };
+        let Ok(el) = doc.create_element("textarea") else { return };
+        let area: web_sys::HtmlTextAreaElement = el.unchecked_into();
+        area.set_value(text);
+        let _ = area.set_attribute("style", "position:fixed;top:-1000px;opacity:0");
+        if body.append_child(&area).is_ok() {
+            area.select();
+            if let Ok(exec) = js_sys::Reflect::get(&doc, &"execCommand".into()) {
+                if let Some(exec) = exec.dyn_ref::<js_sys::Function>() {
+                    let _ = exec.call1(&doc, &JsValue::from_str("copy"));
+                }
+            }
+            let _ = body.remove_child(&area);
         }
     }
 

@@ -55,6 +55,13 @@ test("generate: example prompt, 16:9 size, live progress and previews, PNG of th
   await expect(page.getByTestId("download")).toHaveAttribute("download", new RegExp(`zimage-${seed}-1344x768\\.png`));
   // the used seed is put in the seed field for reproduction
   await expect(page.locator("#gen-seed")).toHaveValue(seed);
+  // copy buttons put the seed and the share link on the clipboard
+  await page.context().grantPermissions(["clipboard-read", "clipboard-write"]);
+  await page.getByTestId("copy-seed").click();
+  await expect(page.getByTestId("copy-seed")).toHaveText("Copied ✓");
+  expect(await page.evaluate(() => navigator.clipboard.readText())).toBe(seed);
+  await page.getByTestId("copy-share").click();
+  expect(await page.evaluate(() => navigator.clipboard.readText())).toMatch(/\/share\/[0-9a-f]{32}$/);
 
   // share link opens the image later
   const share = await page.getByTestId("share-url").inputValue();

@@ -80,24 +80,26 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     );
     store.prune_uploads();
 
-    let device = candle_core::Device::cuda_if_available(0).unwrap_or(candle_core::Device::Cpu);
-    let device_label = if device.is_cuda() { "CUDA GPU 0".to_string() } else { "CPU".to_string() };
-    let source = opts.model.clone();
-    eprintln!("loading model {} on {device_label}…", source.display_name());
-    let t = std::time::Instant::now();
-    let pipeline =
-        tokio::task::spawn_blocking(move || engine::pipeline::Pipeline::load(&source, &device))
-            .await
-            .context("model loading thread")?
-            .context("loading the model")?;
-    eprintln!("model {} loaded in {:.1?}", pipeline.model_name(), t.elapsed());
-    if pipeline.is_tiny() {
-        eprintln!(
-            "note: this is the built-in tiny model with random weights; images will look like noise."
-        );
+    // one worker per device: every CUDA GPU (when built with CUDA), else the CPU
+    let mut generators: Vec<(String, Arc<dyn Generator>)> = Vec::new();
+    for (device, label) in devices() {
+        let source = opts.model.clone();
+        eprintln!("loading model {} on {label}…", source.display_name());
+        let t = std::time::Instant::now();
+        let pipeline =
+            tokio::task::spawn_blocking(move || engine::pipeline::Pipeline::load(&source, &device))
+                .await
+                .context("model loading thread")?
+                .with_context(|| format!("loading the model on {label}"))?;
+        eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
+        if generators.is_empty() && pipeline.is_tiny() {
+            eprintln!(
+                "note: this is the built-in tiny model with random weights; images will look like noise."
+            );
+        }
+        generators.push((label, Arc::new(pipeline)));
     }
-    let generator: Arc<dyn Generator> = Arc::new(pipeline);
-    let studio = Studio::start(vec![(device_label, generator)], store.clone(), opts.queue_capacity);
+    let studio = Studio::start(generators, store.clone(), opts.queue_capacity);
 
     let options = leptos_options(opts.addr, &site_root);
     let app = router(studio.clone(), options, frames);
@@ -122,6 +124,23 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     }
     studio.shutdown();
     Ok(())
+}
+
+/// Every CUDA device that opens (when built with CUDA and a GPU is present), else the CPU.
+fn devices() -> Vec<(candle_core::Device, String)> {
+    let mut out = Vec::new();
+    if candle_core::utils::cuda_is_available() {
+        for i in 0..64 {
+            match candle_core::Device::new_cuda(i) {
+                Ok(d) => out.push((d, format!("CUDA GPU {i}"))),
+                Err(_) => break,
+            }
+        }
+    }
+    if out.is_empty() {
+        out.push((candle_core::Device::Cpu, "CPU".to_string()));
+    }
+    out
 }
 
 async fn shutdown_signal() {
