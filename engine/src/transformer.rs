@@ -98,23 +98,16 @@ impl Rope {
             sin: Tensor::from_vec(sin, (l, half), device)?,
         })
     }
-    fn to_dtype(&self, dtype: DType) -> Result<Rope> {
-        Ok(Rope { cos: self.cos.to_dtype(dtype)?, sin: self.sin.to_dtype(dtype)? })
-    }
     fn cat(parts: &[&Rope]) -> Result<Rope> {
         let cos: Vec<&Tensor> = parts.iter().map(|r| &r.cos).collect();
         let sin: Vec<&Tensor> = parts.iter().map(|r| &r.sin).collect();
         Ok(Rope { cos: Tensor::cat(&cos, 0)?, sin: Tensor::cat(&sin, 0)? })
     }
-    /// x: (B, H, L, D) contiguous. Rotates adjacent pairs (a complex multiply) with candle's fused
-    /// interleaved-rope kernel, in x's dtype.
+    /// x: (B, H, L, D). Rotates adjacent pairs (a complex multiply) with candle's fused
+    /// interleaved-rope kernel in f32, rounding once to x's dtype, as the reference does.
     fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let (cos, sin) = if self.cos.dtype() == x.dtype() {
-            (self.cos.clone(), self.sin.clone())
-        } else {
-            (self.cos.to_dtype(x.dtype())?, self.sin.to_dtype(x.dtype())?)
-        };
-        candle_nn::rotary_emb::rope_i(&x.contiguous()?, &cos, &sin)
+        let xf = x.to_dtype(DType::F32)?.contiguous()?;
+        candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?.to_dtype(x.dtype())
     }
 }
 
@@ -358,9 +351,9 @@ impl ZImageTransformer {
             }
         }
         img_pos.resize(img_pad, [0, 0, 0]);
-        // Tables are made once per call, in the compute dtype, and shared by every block.
-        let img_rope = Rope::new(cfg, &img_pos, &self.device)?.to_dtype(self.dtype)?;
-        let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?.to_dtype(self.dtype)?;
+        // Tables (f32) are made once per call and shared by every block.
+        let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
+        let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
 
         let mut img = img;
         for blk in &self.noise_refiner {

@@ -109,10 +109,11 @@ def make_model(a):
     ids = pipe.tokenizer(chat, return_tensors="pt").input_ids[0]
     embeds = pipe._encode_prompt(PROMPT, device=DEV)[0]
 
-    outs, ins = [], []
+    outs, ins, times = [], [], []
 
     def hook(_m, args, out):
         ins.append(args[0][0].detach().float().cpu())
+        times.append(args[1].detach().float().cpu())
         outs.append(out[0][0].detach().float().cpu())
 
     h = pipe.transformer.register_forward_hook(hook)
@@ -127,6 +128,17 @@ def make_model(a):
     for i, (x, v) in enumerate(zip(ins, outs)):
         tensors[f"x.{i}"] = x.squeeze(1).unsqueeze(0)  # (16,1,h,w) -> (1,16,h,w)
         tensors[f"v.{i}"] = v.squeeze(1).unsqueeze(0)
+    # The same stages in float32 (upcast weights): the truth both bf16 implementations are judged by.
+    pipe.transformer.float()
+    pipe.text_encoder.float()
+    pipe.vae.float()
+    tensors["te_embeds_f32"] = pipe._encode_prompt(PROMPT, device=DEV)[0].float().cpu()
+    emb32 = embeds.float()
+    for i, (x, t) in enumerate(zip(ins, times)):
+        o = pipe.transformer([x.to(DEV)], t.to(DEV), [emb32], return_dict=False)[0][0]
+        tensors[f"v32.{i}"] = o.float().cpu().squeeze(1).unsqueeze(0)
+    z32 = lat.to(DEV) / pipe.vae.config.scaling_factor + pipe.vae.config.shift_factor
+    tensors["image_f32"] = (pipe.vae.decode(z32).sample.float() * 0.5 + 0.5).clamp(0, 1).permute(0, 2, 3, 1).cpu()
     from safetensors.torch import save_file
     save_file({k: v.contiguous().clone() for k, v in tensors.items()}, a.ref)
     with open(a.ref + ".prompt.txt", "w") as f:
@@ -139,16 +151,33 @@ def rel(a, b):
     return float((a - b).norm() / b.norm().clamp_min(1e-30))
 
 
+def psnr(a, b):
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return float(-10 * math.log10(mse + 1e-30))
+
+
 def compare(a):
     from safetensors.torch import load_file
     ref, ours = load_file(a.ref), load_file(a.ours)
-    rep = {"text_encoder_hidden_states[-2]": rel(ours["te_embeds"], ref["te_embeds"])}
     steps = sorted(int(k.split(".")[1]) for k in ref if k.startswith("v."))
-    rep["transformer_per_step"] = [rel(ours[f"out.{i}"], ref[f"v.{i}"]) for i in steps]
-    rep["final_latents_end_to_end"] = rel(ours["latents"], ref["latents"])
-    rep["vae_decode_image"] = rel(ours["image_from_ref_latents"], ref["image"])
-    rep["psnr_vae_decode_db"] = float(-10 * math.log10(((ours["image_from_ref_latents"].double()
-                                                          - ref["image"].double()) ** 2).mean().item() + 1e-30))
+    rep = {"vs_diffusers_bf16": {
+        "text_encoder_hidden_states[-2]": rel(ours["te_embeds"], ref["te_embeds"]),
+        "transformer_per_step": [rel(ours[f"out.{i}"], ref[f"v.{i}"]) for i in steps],
+        "final_latents_end_to_end": rel(ours["latents"], ref["latents"]),
+        "vae_decode_image": rel(ours["image_from_ref_latents"], ref["image"]),
+        "psnr_vae_decode_db": psnr(ours["image_from_ref_latents"], ref["image"]),
+    }}
+    if "v32.0" in ref:
+        rep["ours_bf16_vs_f32"] = {
+            "text_encoder_hidden_states[-2]": rel(ours["te_embeds"], ref["te_embeds_f32"]),
+            "transformer_per_step": [rel(ours[f"out.{i}"], ref[f"v32.{i}"]) for i in steps],
+            "vae_decode_image": rel(ours["image_from_ref_latents"], ref["image_f32"]),
+        }
+        rep["diffusers_bf16_vs_f32"] = {
+            "text_encoder_hidden_states[-2]": rel(ref["te_embeds"], ref["te_embeds_f32"]),
+            "transformer_per_step": [rel(ref[f"v.{i}"], ref[f"v32.{i}"]) for i in steps],
+            "vae_decode_image": rel(ref["image"], ref["image_f32"]),
+        }
     print(json.dumps(rep, indent=1))
     if a.json:
         with open(a.json, "w") as f:
