@@ -24,7 +24,7 @@ parity)
   python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json"
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   W=$(mem_watch "$OUT/mem_zimage.log")
-  /tmp/zimage bench --model /tmp/zfull --device cuda --sizes 1024x1024,2048x2048 --steps 8 --runs 3 \
+  /tmp/zimage bench --model /tmp/zfull --device cuda --sizes "${BENCH_SIZES:-1024x1024,2048x2048}" --steps 8 --runs 3 \
       --out "$OUT/zimage_bench_disk.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_bench_disk.log"
   kill "$W"; echo "zimage peak GPU memory (MiB, nvidia-smi): $(peak "$OUT/mem_zimage.log")" | tee -a "$OUT/zimage_bench_disk.log"
   ;;
