@@ -71,6 +71,17 @@ const TRANSFORMER_STEM: &str = "transformer/diffusion_pytorch_model";
 const TEXT_ENCODER_STEM: &str = "text_encoder/model";
 const VAE_STEM: &str = "vae/diffusion_pytorch_model";
 
+/// The distinct shard file names of a `*.safetensors.index.json`, sorted.
+fn shard_names(index: &serde_json::Value) -> Vec<String> {
+    let mut shards: Vec<String> = index["weight_map"]
+        .as_object()
+        .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
+        .unwrap_or_default();
+    shards.sort();
+    shards.dedup();
+    shards
+}
+
 /// Names of the weight files of a component: from `<stem>.safetensors.index.json` when present
 /// (sharded), else `<stem>.safetensors`.
 fn weight_files(root: &Path, stem: &str, missing: &mut Vec<String>) -> Vec<PathBuf> {
@@ -82,12 +93,7 @@ fn weight_files(root: &Path, stem: &str, missing: &mut Vec<String>) -> Vec<PathB
             .and_then(|s| serde_json::from_str(&s).map_err(|e| e.to_string()));
         match parsed {
             Ok(v) => {
-                let mut shards: Vec<String> = v["weight_map"]
-                    .as_object()
-                    .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
+                let shards = shard_names(&v);
                 let dir = index.parent().expect("index has a parent");
                 if shards.is_empty() {
                     missing.push(format!("{} has an empty weight_map", index.display()));
@@ -243,12 +249,7 @@ fn resolve_hub_model_in(cache: &hf_hub::Cache, id: &str, offline: bool) -> Resul
         match repo.get(&index) {
             Ok(p) => {
                 let v: serde_json::Value = read_config(&p)?;
-                let mut shards: Vec<String> = v["weight_map"]
-                    .as_object()
-                    .map(|m| m.values().filter_map(|f| f.as_str().map(String::from)).collect())
-                    .unwrap_or_default();
-                shards.sort();
-                shards.dedup();
+                let shards = shard_names(&v);
                 let dir = Path::new(stem).parent().expect("component folder");
                 for s in shards {
                     let f = dir.join(&s).display().to_string();
