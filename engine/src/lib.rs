@@ -6,20 +6,21 @@
 
 pub mod config;
 pub mod error;
-pub mod text_encoder;
-pub mod tokenizer;
-
-pub use error::{Error, Result};
+pub mod loader;
 pub mod ops;
+pub mod pipeline;
+pub mod png_meta;
+pub mod preview;
 pub mod rng;
+pub mod scheduler;
+pub mod text_encoder;
+pub mod tiny;
+pub mod tokenizer;
 pub mod transformer;
 pub mod vae;
 pub mod weights;
-pub mod png_meta;
-pub mod preview;
-pub mod scheduler;
-pub mod loader;
+
 #[cfg(test)]
 pub mod testutil;
-pub mod pipeline;
-pub mod tiny;
+
+pub use error::{Error, Result};
