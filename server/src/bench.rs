@@ -29,6 +29,10 @@ pub struct BenchArgs {
     /// Also write the JSON here.
     #[arg(long)]
     out: Option<std::path::PathBuf>,
+    /// Instead of whole requests, time the single operations one transformer block is made of, at
+    /// the real 1024x1024 shapes (4224 tokens, dim 3840), to see where a step's time goes.
+    #[arg(long)]
+    ops: bool,
 }
 
 #[derive(Serialize)]
@@ -79,6 +83,9 @@ fn ms(d: std::time::Duration) -> f64 {
 pub fn run(a: BenchArgs) -> Result<()> {
     let device = crate::pick_device(&a.device)?;
     let dtype = default_dtype(&device);
+    if a.ops {
+        return op_profile(&device, dtype);
+    }
     let t = Instant::now();
     let pipe = if a.model == "random" {
         Pipeline::random_full_size(&device, dtype)?
@@ -164,4 +171,69 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
         png_encode_ms,
         total_ms,
     })
+}
+
+/// Median time of `f` over 20 runs after 3 warm-ups, with a device synchronize around each.
+fn time_op(device: &candle_core::Device, mut f: impl FnMut() -> candle_core::Result<candle_core::Tensor>) -> Result<f64> {
+    for _ in 0..3 {
+        f()?;
+    }
+    let mut v = Vec::new();
+    for _ in 0..20 {
+        device.synchronize()?;
+        let t = Instant::now();
+        f()?;
+        device.synchronize()?;
+        v.push(ms(t.elapsed()));
+    }
+    Ok(median(v))
+}
+
+/// Per-op times of one joint block at 1024x1024 (L = 4224, dim 3840, 30 heads of 128, FFN 10240),
+/// with how often each runs per block, so their sum can be set against the measured step.
+fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    use candle_core::{Tensor, D};
+    let (l, d, h, hd, f) = (4224usize, 3840usize, 30usize, 128usize, 10240usize);
+    let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
+    let x = r(&[1, l, d])?;
+    let w_dd = r(&[d, d])?;
+    let w_fd = r(&[f, d])?;
+    let w_df = r(&[d, f])?;
+    let hidden = r(&[1, l, f])?;
+    let norm_w = r(&[d])?;
+    let head_w = r(&[hd])?;
+    let modv = r(&[1, 1, d])?;
+    let q4 = r(&[1, l, h, hd])?;
+    let cos = Tensor::randn(0f32, 1.0, (l, hd / 2), device)?;
+    let sin = Tensor::randn(0f32, 1.0, (l, hd / 2), device)?;
+    let x2 = x.reshape((l, d))?;
+    let mut rows: Vec<(&str, usize, f64)> = vec![
+        ("matmul L x 3840 x 3840 (q, k, v, out)", 4, time_op(device, || x2.matmul(&w_dd.t()?))?),
+        ("matmul L x 3840 -> 10240 (w1, w3)", 2, time_op(device, || x2.matmul(&w_fd.t()?))?),
+        ("matmul L x 10240 -> 3840 (w2)", 1, time_op(device, || hidden.reshape((l, f))?.matmul(&w_df.t()?))?),
+        ("rms_norm (L, 3840)", 4, time_op(device, || candle_nn::ops::rms_norm(&x, &norm_w, 1e-5))?),
+        ("rms_norm per head (L, 30, 128)", 2, time_op(device, || candle_nn::ops::rms_norm(&q4, &head_w, 1e-5))?),
+        ("broadcast_mul (L, 3840) x (1, 3840)", 4, time_op(device, || x.broadcast_mul(&modv))?),
+        ("add (L, 3840)", 2, time_op(device, || &x + &x)?),
+        ("silu (L, 10240)", 1, time_op(device, || hidden.silu())?),
+        ("mul (L, 10240)", 1, time_op(device, || &hidden * &hidden)?),
+        ("rope: transpose + f32 + rope_i + cast back", 2, time_op(device, || {
+            let t = q4.transpose(1, 2)?.to_dtype(candle_core::DType::F32)?.contiguous()?;
+            candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?.to_dtype(dtype)
+        })?),
+        ("transpose (B, L, H, D) <-> (B, H, L, D) copy", 2, time_op(device, || q4.transpose(1, 2)?.contiguous())?),
+    ];
+    let qt = q4.transpose(1, 2)?.contiguous()?;
+    rows.push(("attention (1, 30, 4224, 128)", 1, time_op(device, || engine::ops::attention(&qt, &qt, &qt))?));
+    let _ = D::Minus1;
+    let mut total = 0.0;
+    for (name, n, t) in &rows {
+        total += *n as f64 * t;
+        eprintln!("{name:48} x{n}  {t:8.3} ms  -> {:8.3} ms/block", *n as f64 * t);
+    }
+    eprintln!("sum per block {total:.2} ms; x 32 blocks = {:.1} ms per step (plus the caption refiners)", total * 32.0);
+    let json: Vec<serde_json::Value> =
+        rows.iter().map(|(n, c, t)| serde_json::json!({"op": n, "per_block": c, "ms": t})).collect();
+    println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
 }
