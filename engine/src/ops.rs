@@ -17,6 +17,15 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// rms_norm(x) * weight * scale, with `scale` (dim) folded into the weight: one fused pass
+    /// instead of a norm plus a broadcast multiply over the whole activation.
+    pub fn forward_scaled(&self, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        let w = self.weight.to_dtype(x.dtype())?.mul(&scale.to_dtype(x.dtype())?)?;
+        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
+    }
+}
+
 impl Module for RmsNorm {
     /// candle's fused kernel: one pass, f32 accumulation for half-precision inputs.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

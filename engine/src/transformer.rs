@@ -193,9 +193,23 @@ impl Block {
         })
     }
 
-    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks.
-    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>) -> Result<Tensor> {
+    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks. When every batch item has the
+    /// same timestep (`shared_t`), the per-channel scales and gates are folded into the RMSNorm
+    /// weights (exact up to rounding), which saves four full passes over the activations.
+    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>, shared_t: bool) -> Result<Tensor> {
         match (&self.ada_ln, adaln) {
+            (Some(ada), Some(c)) if shared_t => {
+                let m = ada.forward(&c.narrow(0, 0, 1)?)?.squeeze(0)?; // (4*dim)
+                let chunks = m.chunk(4, 0)?;
+                let scale_msa = (&chunks[0] + 1.0)?;
+                let gate_msa = chunks[1].tanh()?;
+                let scale_mlp = (&chunks[2] + 1.0)?;
+                let gate_mlp = chunks[3].tanh()?;
+                let attn_out = self.attention.forward(&self.attention_norm1.forward_scaled(x, &scale_msa)?, rope)?;
+                let x = (x + self.attention_norm2.forward_scaled(&attn_out, &gate_msa)?)?;
+                let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward_scaled(&x, &scale_mlp)?)?;
+                x + self.ffn_norm2.forward_scaled(&ffn_out, &gate_mlp)?
+            }
             (Some(ada), Some(c)) => {
                 let m = ada.forward(c)?.unsqueeze(1)?; // (B, 1, 4*dim)
                 let chunks = m.chunk(4, 2)?;
@@ -355,19 +369,21 @@ impl ZImageTransformer {
         let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
         let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
 
+        let t_host: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
+        let shared_t = t_host.iter().all(|v| *v == t_host[0]);
         let mut img = img;
         for blk in &self.noise_refiner {
-            img = blk.forward(&img, &img_rope, Some(&adaln))?;
+            img = blk.forward(&img, &img_rope, Some(&adaln), shared_t)?;
         }
         let mut cap = cap;
         for blk in &self.context_refiner {
-            cap = blk.forward(&cap, &cap_rope, None)?;
+            cap = blk.forward(&cap, &cap_rope, None, shared_t)?;
         }
 
         let mut seq = Tensor::cat(&[&img, &cap], 1)?;
         let rope = Rope::cat(&[&img_rope, &cap_rope])?;
         for blk in &self.layers {
-            seq = blk.forward(&seq, &rope, Some(&adaln))?;
+            seq = blk.forward(&seq, &rope, Some(&adaln), shared_t)?;
         }
         let out = self.final_layer.forward(&seq.narrow(1, 0, img_len)?, &adaln)?; // (B, T, patch_dim)
 
