@@ -380,24 +380,23 @@ impl Pipeline {
         Ok(((mean.to_dtype(DType::F32)? - cfg.shift())? * cfg.scaling_factor)?)
     }
 
-    /// Model latents (n, 16, h, w) f32 -> RGB images, one image at a time (slicing), tiled when large.
-    pub fn decode_latents(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+    /// Model latents -> raw VAE output: z / scale + shift, decoded per item (slicing), tiled when large.
+    fn decode_raw(&self, latents: &Tensor) -> Result<Tensor> {
         let cfg = self.vae.config();
-        let n = latents.dim(0)?;
-        let mut out = Vec::with_capacity(n);
-        for i in 0..n {
-            let z = ((latents.narrow(0, i, 1)? / cfg.scaling_factor)? + cfg.shift())?;
-            let img = self.vae.decode_auto(&z.to_dtype(self.vae.dtype())?, &self.tiling)?;
-            out.push(to_rgb_image(&img.squeeze(0)?)?);
-        }
-        Ok(out)
+        let z = ((latents / cfg.scaling_factor)? + cfg.shift())?;
+        Ok(self.vae.decode_auto(&z.to_dtype(self.vae.dtype())?, &self.tiling)?)
+    }
+
+    /// Model latents (n, 16, h, w) f32 -> RGB images, one image at a time.
+    pub fn decode_latents(&self, latents: &Tensor) -> Result<Vec<image::RgbImage>> {
+        (0..latents.dim(0)?)
+            .map(|i| to_rgb_image(&self.decode_raw(&latents.narrow(0, i, 1)?)?.squeeze(0)?))
+            .collect()
     }
 
     /// Float image in [0, 1] (n, H, W, 3) exactly as the reference's `output_type="np"`.
     pub fn decode_latents_float(&self, latents: &Tensor) -> Result<Tensor> {
-        let cfg = self.vae.config();
-        let z = ((latents / cfg.scaling_factor)? + cfg.shift())?;
-        let img = self.vae.decode_auto(&z.to_dtype(self.vae.dtype())?, &self.tiling)?.to_dtype(DType::F32)?;
+        let img = self.decode_raw(latents)?.to_dtype(DType::F32)?;
         Ok(((img * 0.5)? + 0.5)?.clamp(0f32, 1f32)?.permute((0, 2, 3, 1))?)
     }
 

@@ -193,12 +193,13 @@ impl Block {
         })
     }
 
-    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks. When every batch item has the
-    /// same timestep (`shared_t`), the per-channel scales and gates are folded into the RMSNorm
-    /// weights (exact up to rounding), which saves four full passes over the activations.
-    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>, shared_t: bool) -> Result<Tensor> {
+    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks, the same row for every item
+    /// (`ZImageTransformer::forward` batches only items sharing a timestep). The per-channel scales
+    /// and gates are folded into the RMSNorm weights: rms_norm(x) * w * s == rms_norm(x, w * s),
+    /// one fused pass instead of a norm plus a broadcast multiply.
+    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>) -> Result<Tensor> {
         match (&self.ada_ln, adaln) {
-            (Some(ada), Some(c)) if shared_t => {
+            (Some(ada), Some(c)) => {
                 let m = ada.forward(&c.narrow(0, 0, 1)?)?.squeeze(0)?; // (4*dim)
                 let chunks = m.chunk(4, 0)?;
                 let scale_msa = (&chunks[0] + 1.0)?;
@@ -209,20 +210,6 @@ impl Block {
                 let x = (x + self.attention_norm2.forward_scaled(&attn_out, &gate_msa)?)?;
                 let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward_scaled(&x, &scale_mlp)?)?;
                 x + self.ffn_norm2.forward_scaled(&ffn_out, &gate_mlp)?
-            }
-            (Some(ada), Some(c)) => {
-                let m = ada.forward(c)?.unsqueeze(1)?; // (B, 1, 4*dim)
-                let chunks = m.chunk(4, 2)?;
-                let scale_msa = (&chunks[0] + 1.0)?;
-                let gate_msa = chunks[1].tanh()?;
-                let scale_mlp = (&chunks[2] + 1.0)?;
-                let gate_mlp = chunks[3].tanh()?;
-                let attn_in = self.attention_norm1.forward(x)?.broadcast_mul(&scale_msa)?;
-                let attn_out = self.attention.forward(&attn_in, rope)?;
-                let x = (x + gate_msa.broadcast_mul(&self.attention_norm2.forward(&attn_out)?)?)?;
-                let ffn_in = self.ffn_norm1.forward(&x)?.broadcast_mul(&scale_mlp)?;
-                let ffn_out = self.ffn_norm2.forward(&self.feed_forward.forward(&ffn_in)?)?;
-                x + gate_mlp.broadcast_mul(&ffn_out)?
             }
             (None, _) => {
                 let attn_out = self.attention.forward(&self.attention_norm1.forward(x)?, rope)?;
@@ -306,15 +293,18 @@ impl ZImageTransformer {
         self.dtype
     }
 
-    /// Runs the denoiser. Items whose caption lengths agree are run as one batch; otherwise each
-    /// item runs alone, which equals the reference's masked batch (masked keys contribute nothing).
+    /// Runs the denoiser. Items whose caption lengths and timesteps agree run as one batch (always
+    /// the case in our pipeline); otherwise each item runs alone, which equals the reference's
+    /// masked batch (masked keys contribute nothing) and lets every block share one modulation.
     pub fn forward(&self, x: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
         let b = x.dim(0)?;
         if caps.len() != b || t.dim(0)? != b {
             candle_core::bail!("transformer: {b} latents, {} captions, {} timesteps", caps.len(), t.dim(0)?);
         }
         let l0 = caps[0].dim(0)?;
-        if caps.iter().all(|c| c.dim(0).map(|l| l == l0).unwrap_or(false)) {
+        let t_host: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
+        let same_t = t_host.iter().all(|v| *v == t_host[0]);
+        if same_t && caps.iter().all(|c| c.dim(0).map(|l| l == l0).unwrap_or(false)) {
             let caps = Tensor::stack(caps, 0)?;
             return self.forward_uniform(x, t, &caps);
         }
@@ -369,21 +359,19 @@ impl ZImageTransformer {
         let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
         let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
 
-        let t_host: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
-        let shared_t = t_host.iter().all(|v| *v == t_host[0]);
         let mut img = img;
         for blk in &self.noise_refiner {
-            img = blk.forward(&img, &img_rope, Some(&adaln), shared_t)?;
+            img = blk.forward(&img, &img_rope, Some(&adaln))?;
         }
         let mut cap = cap;
         for blk in &self.context_refiner {
-            cap = blk.forward(&cap, &cap_rope, None, shared_t)?;
+            cap = blk.forward(&cap, &cap_rope, None)?;
         }
 
         let mut seq = Tensor::cat(&[&img, &cap], 1)?;
         let rope = Rope::cat(&[&img_rope, &cap_rope])?;
         for blk in &self.layers {
-            seq = blk.forward(&seq, &rope, Some(&adaln), shared_t)?;
+            seq = blk.forward(&seq, &rope, Some(&adaln))?;
         }
         let out = self.final_layer.forward(&seq.narrow(1, 0, img_len)?, &adaln)?; // (B, T, patch_dim)
 

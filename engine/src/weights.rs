@@ -124,21 +124,25 @@ impl RandomWeights {
     fn make(&self, dims: &[usize], name: &str) -> candle_core::Result<Tensor> {
         let n: usize = dims.iter().product();
         let mut rng = crate::rng::Rng::new(self.seed ^ crate::rng::fnv1a(name.as_bytes()));
-        let leaf = name.rsplit('.').next().unwrap_or(name);
-        let is_norm = name.contains("norm") && leaf == "weight";
-        let data: Vec<f32> = if is_norm && dims.len() == 1 {
-            (0..n).map(|_| 1.0 + 0.1 * rng.normal()).collect()
-        } else if dims.len() == 1 {
-            // biases and 1-D parameters
-            (0..n).map(|_| 0.05 * rng.normal()).collect()
-        } else if name.ends_with("pad_token") {
-            (0..n).map(|_| rng.normal()).collect()
-        } else {
-            let fan_in: usize = dims[1..].iter().product();
-            let std = 1.0 / (fan_in as f32).sqrt();
-            (0..n).map(|_| std * rng.normal()).collect()
-        };
+        let (mean, std) = init_rule(name, dims);
+        let data: Vec<f32> = (0..n).map(|_| mean + std * rng.normal()).collect();
         Tensor::from_vec(data, dims, &Device::Cpu)
+    }
+}
+
+/// (mean, std) of a random weight: norm weights 1 + N(0, 0.1), other vectors N(0, 0.05), pad
+/// tokens N(0, 1), matrices and kernels N(0, 1/fan_in), so activations stay O(1).
+fn init_rule(name: &str, dims: &[usize]) -> (f32, f32) {
+    let leaf = name.rsplit('.').next().unwrap_or(name);
+    if dims.len() == 1 && name.contains("norm") && leaf == "weight" {
+        (1.0, 0.1)
+    } else if dims.len() == 1 {
+        (0.0, 0.05)
+    } else if name.ends_with("pad_token") {
+        (0.0, 1.0)
+    } else {
+        let fan_in: usize = dims[1..].iter().product();
+        (0.0, 1.0 / (fan_in as f32).sqrt())
     }
 }
 
@@ -181,17 +185,8 @@ struct DeviceRandom;
 
 impl SimpleBackend for DeviceRandom {
     fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
-        let dims = s.dims();
-        let leaf = name.rsplit('.').next().unwrap_or(name);
-        let t = if dims.len() == 1 && name.contains("norm") && leaf == "weight" {
-            (Tensor::randn(0f32, 0.1, s, dev)? + 1.0)?
-        } else if dims.len() == 1 {
-            Tensor::randn(0f32, 0.05, s, dev)?
-        } else {
-            let fan_in: usize = dims[1..].iter().product();
-            Tensor::randn(0f32, 1.0 / (fan_in as f32).sqrt(), s, dev)?
-        };
-        t.to_dtype(dtype)
+        let (mean, std) = init_rule(name, s.dims());
+        Tensor::randn(mean, std, s, dev)?.to_dtype(dtype)
     }
     fn get_unchecked(&self, name: &str, _: DType, _: &Device) -> candle_core::Result<Tensor> {
         candle_core::bail!("device random weights: `{name}` needs a shape")

@@ -192,7 +192,7 @@ fn time_op(device: &candle_core::Device, mut f: impl FnMut() -> candle_core::Res
 /// Per-op times of one joint block at 1024x1024 (L = 4224, dim 3840, 30 heads of 128, FFN 10240),
 /// with how often each runs per block, so their sum can be set against the measured step.
 fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
-    use candle_core::{Tensor, D};
+    use candle_core::Tensor;
     let (l, d, h, hd, f) = (4224usize, 3840usize, 30usize, 128usize, 10240usize);
     let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
     let x = r(&[1, l, d])?;
@@ -225,7 +225,6 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
     ];
     let qt = q4.transpose(1, 2)?.contiguous()?;
     rows.push(("attention (1, 30, 4224, 128)", 1, time_op(device, || engine::ops::attention(&qt, &qt, &qt))?));
-    let _ = D::Minus1;
     let mut total = 0.0;
     for (name, n, t) in &rows {
         total += *n as f64 * t;
