@@ -5,7 +5,10 @@
 //! or anything that blocks on user input; callers drive it through `pipeline::Pipeline`.
 
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod error;
+pub mod fp8;
 pub mod loader;
 pub mod ops;
 pub mod pipeline;

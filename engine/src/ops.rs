@@ -4,6 +4,8 @@
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
+use crate::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
+
 /// RMSNorm as diffusers/transformers compute it: statistics in f32, then scaled by the weight.
 #[derive(Clone, Debug)]
 pub struct RmsNorm {
@@ -44,57 +46,135 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
-/// Scaled dot-product attention over (B, H, L, D) tensors, no mask, scale 1/sqrt(D).
-/// Softmax is taken in f32.
+/// Scaled dot-product attention over (B, L, H, D) tensors (the layout linear layers produce and
+/// flash attention reads), no mask, scale 1/sqrt(D); returns (B, L, H, D). Softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "flash-attn")]
     {
         if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
             let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
-            // flash-attn wants (B, L, H, D)
-            let (q2, k2, v2) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-            let out = candle_flash_attn::flash_attn(&q2.contiguous()?, &k2.contiguous()?, &v2.contiguous()?, scale, false)?;
-            return out.transpose(1, 2);
+            return candle_flash_attn::flash_attn(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, false);
         }
     }
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
     let q = (q.contiguous()? * scale)?;
     let scores = q.matmul(&k.t()?.contiguous()?)?;
     let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)
+    probs.matmul(&v.contiguous()?)?.transpose(1, 2)
 }
 
-/// Linear layer that multiplies in the weight's dtype; x may have any number of leading dims.
-#[derive(Clone, Debug)]
+/// Per-head RMSNorm (when `norm` is given) then interleaved RoPE, on (B, L, H, D) queries or keys;
+/// cos/sin (L, D/2) f32. The rotation is computed in f32 and rounded once to x's dtype, as the
+/// reference does. On CUDA with bf16 this is one fused kernel in place of a norm, two casts, two
+/// transposes and a rotation; elsewhere it is those candle ops.
+pub fn qk_norm_rope(x: &Tensor, norm: Option<&RmsNorm>, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 {
+        return crate::cuda::qk_norm_rope(x, norm.map(|n| &n.weight), norm.map(|n| n.eps as f32).unwrap_or(0.0), cos, sin);
+    }
+    qk_norm_rope_composed(x, norm, cos, sin)
+}
+
+/// `qk_norm_rope` from candle ops (the CPU path, and the reference the fused kernel is checked against).
+pub fn qk_norm_rope_composed(x: &Tensor, norm: Option<&RmsNorm>, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let x = match norm {
+        Some(n) => n.forward(x)?,
+        None => x.clone(),
+    };
+    let xf = x.to_dtype(DType::F32)?.transpose(1, 2)?.contiguous()?;
+    candle_nn::rotary_emb::rope_i(&xf, cos, sin)?.to_dtype(x.dtype())?.transpose(1, 2)?.contiguous()
+}
+
+/// Linear layer; x may have any number of leading dims. The weight is dense (multiplied in its
+/// dtype) or FP8 E4M3 (see `fp8`), chosen after loading with `quantize_fp8`.
+#[derive(Clone)]
 pub struct Linear {
-    weight: Tensor,
+    weight: LinearWeight,
     bias: Option<Tensor>,
+}
+
+#[derive(Clone)]
+enum LinearWeight {
+    Dense(Tensor),
+    Fp8(Fp8Weight),
+}
+
+/// An input flattened to (rows, in) and, for FP8 layers, quantized once: several layers reading the
+/// same activation (q, k, v; gate and up) share one quantization.
+pub struct LinearInput {
+    lead_dims: Vec<usize>,
+    dense: Tensor,
+    fp8: Option<QuantizedActivation>,
+}
+
+impl LinearInput {
+    /// An input already quantized (e.g. by a fused kernel), with its dense form for dense layers.
+    pub fn from_parts(lead_dims: Vec<usize>, dense: Tensor, fp8: Option<QuantizedActivation>) -> Self {
+        Self { lead_dims, dense, fp8 }
+    }
 }
 
 impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight, bias })
+        Ok(Self { weight: LinearWeight::Dense(weight), bias })
     }
-    pub fn weight(&self) -> &Tensor {
-        &self.weight
+    /// The weight as the layer multiplies it (dequantized for FP8 layers).
+    pub fn weight(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => Ok(w.clone()),
+            LinearWeight::Fp8(w) => w.dequantize(DType::F32),
+        }
+    }
+    pub fn is_fp8(&self) -> bool {
+        matches!(self.weight, LinearWeight::Fp8(_))
+    }
+    fn out_dim(&self) -> usize {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.dims()[0],
+            LinearWeight::Fp8(w) => w.out_dim(),
+        }
+    }
+    /// Replaces a dense weight by its E4M3 quantization (per-tensor scale); the dense copy is freed.
+    pub fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
+        if let LinearWeight::Dense(w) = &self.weight {
+            self.weight = LinearWeight::Fp8(Fp8Weight::quantize(w, ctx)?);
+        }
+        Ok(())
+    }
+    /// Flattens x and quantizes it when this layer is FP8; pass the result to `forward_input` of
+    /// this or any other layer with the same input width.
+    pub fn prepare(&self, x: &Tensor) -> Result<LinearInput> {
+        let dims = x.dims();
+        let in_dim = *dims.last().expect("linear input has a last dim");
+        let lead_dims = dims[..dims.len() - 1].to_vec();
+        let rows: usize = lead_dims.iter().product();
+        let dense = x.reshape((rows, in_dim))?;
+        let fp8 = if self.is_fp8() { Some(QuantizedActivation::new(&dense)?) } else { None };
+        Ok(LinearInput { lead_dims, dense, fp8 })
+    }
+    pub fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
+        let mut y = match &self.weight {
+            LinearWeight::Dense(w) => x.dense.matmul(&w.t()?)?,
+            LinearWeight::Fp8(w) => match &x.fp8 {
+                Some(q) => w.matmul(q, x.dense.dtype())?,
+                None => w.matmul(&QuantizedActivation::new(&x.dense)?, x.dense.dtype())?,
+            },
+        };
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
+        }
+        let mut out_dims = x.lead_dims.clone();
+        out_dims.push(self.out_dim());
+        y.reshape(out_dims)
     }
 }
 
 impl Module for Linear {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let dims = x.dims().to_vec();
-        let in_dim = *dims.last().expect("linear input has a last dim");
-        let rows: usize = dims[..dims.len() - 1].iter().product();
-        let x2 = x.reshape((rows, in_dim))?;
-        let mut y = x2.matmul(&self.weight.t()?)?;
-        if let Some(b) = &self.bias {
-            y = y.broadcast_add(b)?;
-        }
-        let mut out_dims = dims;
-        *out_dims.last_mut().expect("dims") = self.weight.dim(0)?;
-        y.reshape(out_dims)
+        self.forward_input(&self.prepare(x)?)
     }
 }

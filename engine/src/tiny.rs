@@ -11,7 +11,7 @@ use serde_json::json;
 
 use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
 use crate::error::{Error, Result};
-use crate::pipeline::Pipeline;
+use crate::pipeline::{LoadOptions, Pipeline};
 use crate::tokenizer::{tiny_tokenizer, write_tiny_tokenizer_files, PromptTokenizer};
 use crate::weights::{random_var_builder, RandomWeights};
 
@@ -57,6 +57,10 @@ fn sources() -> [Arc<RandomWeights>; 3] {
 
 /// The tiny pipeline, built directly in memory.
 pub fn pipeline(device: &Device, dtype: DType) -> Result<Pipeline> {
+    pipeline_with_options(device, dtype, LoadOptions::default())
+}
+
+pub fn pipeline_with_options(device: &Device, dtype: DType, opts: LoadOptions) -> Result<Pipeline> {
     let [t, te, vae] = sources();
     Pipeline::from_var_builders(
         &transformer_config(),
@@ -67,6 +71,7 @@ pub fn pipeline(device: &Device, dtype: DType) -> Result<Pipeline> {
         [random_var_builder(&t, dtype, device), random_var_builder(&te, dtype, device), random_var_builder(&vae, dtype, device)],
         TINY_NAME,
         true,
+        opts,
     )
 }
 
@@ -104,6 +109,7 @@ pub fn write_dir(dir: &Path) -> Result<()> {
         [random_var_builder(&t, DType::F32, &cpu), random_var_builder(&te, DType::F32, &cpu), random_var_builder(&vae, DType::F32, &cpu)],
         TINY_NAME,
         true,
+        LoadOptions::default(),
     )?;
     write_json(
         &dir.join("model_index.json"),

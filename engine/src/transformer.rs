@@ -8,7 +8,8 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
-use crate::ops::{attention, layer_norm_plain, Linear, RmsNorm};
+use crate::fp8::Fp8Context;
+use crate::ops::{attention, layer_norm_plain, qk_norm_rope, Linear, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -59,8 +60,28 @@ impl FeedForward {
             w3: Linear::new(dim, hidden, false, vb.pp("w3"))?,
         })
     }
+    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
+        for l in [&mut self.w1, &mut self.w2, &mut self.w3] {
+            l.quantize_fp8(ctx)?;
+        }
+        Ok(())
+    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        self.w2.forward(&(self.w1.forward(x)?.silu()? * self.w3.forward(x)?)?)
+        let input = self.w1.prepare(x)?;
+        let (gate, up) = (self.w1.forward_input(&input)?, self.w3.forward_input(&input)?);
+        #[cfg(feature = "cuda")]
+        if self.w2.is_fp8() && gate.device().is_cuda() && gate.dtype() == DType::BF16 {
+            // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2.
+            let dims = gate.dims().to_vec();
+            let rows: usize = dims[..dims.len() - 1].iter().product();
+            let hidden = dims[dims.len() - 1];
+            let (gate2, up2) = (gate.reshape((rows, hidden))?, up.reshape((rows, hidden))?);
+            let (h, q, scale) = crate::cuda::swiglu_quantized(&gate2, &up2)?;
+            let q = crate::fp8::QuantizedActivation { q, scale };
+            let input = crate::ops::LinearInput::from_parts(dims[..dims.len() - 1].to_vec(), h, Some(q));
+            return self.w2.forward_input(&input);
+        }
+        self.w2.forward(&(gate.silu()? * up)?)
     }
 }
 
@@ -103,11 +124,10 @@ impl Rope {
         let sin: Vec<&Tensor> = parts.iter().map(|r| &r.sin).collect();
         Ok(Rope { cos: Tensor::cat(&cos, 0)?, sin: Tensor::cat(&sin, 0)? })
     }
-    /// x: (B, H, L, D). Rotates adjacent pairs (a complex multiply) with candle's fused
-    /// interleaved-rope kernel in f32, rounding once to x's dtype, as the reference does.
-    fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        let xf = x.to_dtype(DType::F32)?.contiguous()?;
-        candle_nn::rotary_emb::rope_i(&xf, &self.cos, &self.sin)?.to_dtype(x.dtype())
+    /// x: (B, L, H, D), after the optional per-head norm. Rotates adjacent pairs (a complex
+    /// multiply) in f32, rounding once to x's dtype, as the reference does.
+    fn apply(&self, x: &Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
+        qk_norm_rope(x, norm, &self.cos, &self.sin)
     }
 }
 
@@ -139,27 +159,27 @@ impl Attention {
             n_heads: cfg.n_heads,
         })
     }
+    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
+        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
+            l.quantize_fp8(ctx)?;
+        }
+        Ok(())
+    }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
         let split = |t: Tensor| -> Result<Tensor> {
             let hd = t.dim(D::Minus1)? / self.n_heads;
             t.reshape((b, l, self.n_heads, hd))
         };
-        let mut q = split(self.to_q.forward(x)?)?;
-        let mut k = split(self.to_k.forward(x)?)?;
-        let v = split(self.to_v.forward(x)?)?;
-        if let Some(n) = &self.norm_q {
-            q = n.forward(&q)?;
-        }
-        if let Some(n) = &self.norm_k {
-            k = n.forward(&k)?;
-        }
-        let q = rope.apply(&q.transpose(1, 2)?)?;
-        let k = rope.apply(&k.transpose(1, 2)?)?;
-        let v = v.transpose(1, 2)?;
-        let out = attention(&q, &k, &v)?; // (B, H, L, D)
-        let out = out.transpose(1, 2)?.reshape((b, l, ()))?;
-        self.to_out.forward(&out)
+        // One flattening (and for FP8, one quantization) of x serves q, k and v.
+        let input = self.to_q.prepare(x)?;
+        let q = split(self.to_q.forward_input(&input)?)?;
+        let k = split(self.to_k.forward_input(&input)?)?;
+        let v = split(self.to_v.forward_input(&input)?)?;
+        let q = rope.apply(&q, self.norm_q.as_ref())?;
+        let k = rope.apply(&k, self.norm_k.as_ref())?;
+        let out = attention(&q, &k, &v)?; // (B, L, H, D)
+        self.to_out.forward(&out.reshape((b, l, ()))?)
     }
 }
 
@@ -191,6 +211,11 @@ impl Block {
             ffn_norm2: RmsNorm::new(dim, cfg.norm_eps, vb.pp("ffn_norm2"))?,
             ada_ln,
         })
+    }
+
+    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
+        self.attention.quantize_fp8(ctx)?;
+        self.feed_forward.quantize_fp8(ctx)
     }
 
     /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks, the same row for every item
@@ -256,6 +281,7 @@ pub struct ZImageTransformer {
     cap_pad_token: Tensor,
     dtype: DType,
     device: Device,
+    fp8: bool,
 }
 
 impl ZImageTransformer {
@@ -283,11 +309,27 @@ impl ZImageTransformer {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
+            fp8: false,
         })
     }
 
     pub fn config(&self) -> &TransformerConfig {
         &self.cfg
+    }
+
+    /// Quantizes the attention and feed-forward linears of every block to FP8 E4M3 (per-tensor
+    /// scales). The timestep, caption and patch embedders, the adaLN projections, the final layer
+    /// and the pad tokens stay in the model dtype: they are small and precision-sensitive.
+    pub fn quantize_fp8(&mut self) -> Result<()> {
+        let ctx = Fp8Context::new(&self.device)?;
+        for blk in self.noise_refiner.iter_mut().chain(self.context_refiner.iter_mut()).chain(self.layers.iter_mut()) {
+            blk.quantize_fp8(&ctx)?;
+        }
+        self.fp8 = true;
+        Ok(())
+    }
+    pub fn is_fp8(&self) -> bool {
+        self.fp8
     }
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -139,8 +139,9 @@ impl Conv2d {
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        // The CPU backend already tiles its im2col; only accelerators build the full matrix.
-        let budget = if x.device().is_cpu() {
+        // The CPU backend already tiles its im2col and cuDNN (the `cudnn` feature) builds none;
+        // only candle's CUDA im2col path materializes the full matrix.
+        let budget = if x.device().is_cpu() || cfg!(feature = "cudnn") {
             None
         } else {
             Some(CONV_COLUMNS_BUDGET)

@@ -3,11 +3,15 @@
 #   scripts/gpu/run.sh parity   # random full-size weights -> diffusers reference -> zimage parity -> errors
 #                               # then zimage bench on those weights from local disk (load time included)
 #   scripts/gpu/run.sh baseline # diffusers eager / compile / compile+FP8 and zimage bench --model random
+#   scripts/gpu/run.sh engine   # zimage only: kernel checks + FP8 quality, bf16 and FP8 benches, op profile
 set -euo pipefail
 MODE=${1:?parity or baseline}
 OUT=${OUT:-/tmp/out}
 mkdir -p "$OUT"
-export LD_LIBRARY_PATH=/opt/torch/.venv/lib/python3.12/site-packages/nvidia/cu13/lib${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
+NV=/opt/torch/.venv/lib/python3.12/site-packages/nvidia
+# cuDNN (for a binary built with the `cudnn` feature) comes with torch's nvidia-cudnn wheel.
+CUDNN_DIR=$(dirname "$(find "$NV" -name 'libcudnn.so.9' 2>/dev/null | head -1)" 2>/dev/null || true)
+export LD_LIBRARY_PATH=$NV/cu13/lib${CUDNN_DIR:+:$CUDNN_DIR}${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
@@ -17,6 +21,18 @@ mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -
 peak() { sort -n "$1" | tail -1; }
 
 case "$MODE" in
+engine)
+  /tmp/zimage bench --check --model random --device cuda --sizes "${CHECK_SIZES:-1024x1024}" --steps 8 \
+      --out "$OUT/zimage_check.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_check.log"
+  for variant in bf16 fp8; do
+    flag=""; [ "$variant" = fp8 ] && flag="--fp8"
+    W=$(mem_watch "$OUT/mem_$variant.log")
+    /tmp/zimage bench --model random --device cuda $flag --sizes "${BENCH_SIZES:-1024x1024,2048x2048}" --steps 8 --runs 3 \
+        --out "$OUT/zimage_bench_$variant.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_bench_$variant.log"
+    kill "$W"; echo "zimage $variant peak GPU memory (MiB, nvidia-smi): $(peak "$OUT/mem_$variant.log")" | tee -a "$OUT/zimage_bench_$variant.log"
+  done
+  /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | tee "$OUT/zimage_ops.log" | head -40
+  ;;
 parity)
   python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tee "$OUT/make.log"
   /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \

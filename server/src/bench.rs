@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use engine::pipeline::{default_dtype, Control, GenerateRequest, Pipeline};
+use engine::pipeline::{default_dtype, Control, GenerateRequest, LoadOptions, Pipeline};
 use serde::Serialize;
 
 #[derive(Args)]
@@ -33,6 +33,17 @@ pub struct BenchArgs {
     /// the real 1024x1024 shapes (4224 tokens, dim 3840), to see where a step's time goes.
     #[arg(long)]
     ops: bool,
+    /// Quantize the transformer's block linears to FP8 E4M3 (cuBLASLt FP8 matmuls on CUDA).
+    #[arg(long)]
+    fp8: bool,
+    /// Load the text encoder per request and free it after encoding.
+    #[arg(long)]
+    free_text_encoder: bool,
+    /// Instead of timing: check the fused kernels against the candle ops they replace, then
+    /// generate one image per size in bf16 and again after FP8 quantization of the same weights
+    /// (same seed) and report the latents' relative error and the images' PSNR.
+    #[arg(long)]
+    check: bool,
 }
 
 #[derive(Serialize)]
@@ -63,6 +74,8 @@ struct Report {
     model: String,
     device: String,
     dtype: String,
+    fp8: bool,
+    text_encoder_resident: bool,
     load_ms: f64,
     sizes: Vec<SizeReport>,
 }
@@ -86,14 +99,18 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.ops {
         return op_profile(&device, dtype);
     }
+    let opts = LoadOptions { fp8: a.fp8 && !a.check, free_text_encoder: a.free_text_encoder };
     let t = Instant::now();
-    let pipe = if a.model == "random" {
-        Pipeline::random_full_size(&device, dtype)?
+    let mut pipe = if a.model == "random" {
+        Pipeline::random_full_size(&device, dtype, opts)?
     } else {
-        Pipeline::load(&engine::loader::ModelSource::parse(&a.model), &device)?
+        Pipeline::load_with_options(&engine::loader::ModelSource::parse(&a.model), &device, dtype, opts)?
     };
     device.synchronize()?;
     let load_ms = ms(t.elapsed());
+    if a.check {
+        return check(&mut pipe, &a, &device);
+    }
     let mut sizes = Vec::new();
     for size in a.sizes.split(',') {
         let (w, h) = size
@@ -121,7 +138,15 @@ pub fn run(a: BenchArgs) -> Result<()> {
             runs,
         });
     }
-    let report = Report { model: pipe.model_name().into(), device: format!("{device:?}"), dtype: format!("{dtype:?}"), load_ms, sizes };
+    let report = Report {
+        model: pipe.model_name().into(),
+        device: format!("{device:?}"),
+        dtype: format!("{dtype:?}"),
+        fp8: pipe.is_fp8(),
+        text_encoder_resident: pipe.text_encoder_resident(),
+        load_ms,
+        sizes,
+    };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");
     if let Some(p) = &a.out {
@@ -223,8 +248,18 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
         })?),
         ("transpose (B, L, H, D) <-> (B, H, L, D) copy", 2, time_op(device, || q4.transpose(1, 2)?.contiguous())?),
     ];
-    let qt = q4.transpose(1, 2)?.contiguous()?;
-    rows.push(("attention (1, 30, 4224, 128)", 1, time_op(device, || engine::ops::attention(&qt, &qt, &qt))?));
+    rows.push(("attention (1, 4224, 30, 128)", 1, time_op(device, || engine::ops::attention(&q4, &q4, &q4))?));
+    rows.push(("fused qk norm + rope (1, 4224, 30, 128)", 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
+    {
+        use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
+        let ctx = Fp8Context::new(device)?;
+        let (f_dd, f_fd, f_df) = (Fp8Weight::quantize(&w_dd, &ctx)?, Fp8Weight::quantize(&w_fd, &ctx)?, Fp8Weight::quantize(&w_df, &ctx)?);
+        let (xq, hq) = (QuantizedActivation::new(&x2)?, QuantizedActivation::new(&hidden.reshape((l, f))?)?);
+        rows.push(("fp8 quantize activation (L, 3840)", 2, time_op(device, || QuantizedActivation::new(&x2).map(|q| q.q))?));
+        rows.push(("fp8 matmul L x 3840 x 3840", 4, time_op(device, || f_dd.matmul(&xq, dtype))?));
+        rows.push(("fp8 matmul L x 3840 -> 10240", 2, time_op(device, || f_fd.matmul(&xq, dtype))?));
+        rows.push(("fp8 matmul L x 10240 -> 3840", 1, time_op(device, || f_df.matmul(&hq, dtype))?));
+    }
     let mut total = 0.0;
     for (name, n, t) in &rows {
         total += *n as f64 * t;
@@ -234,5 +269,104 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
     let json: Vec<serde_json::Value> =
         rows.iter().map(|(n, c, t)| serde_json::json!({"op": n, "per_block": c, "ms": t})).collect();
     println!("{}", serde_json::to_string_pretty(&json)?);
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct KernelCheck {
+    name: String,
+    relative_l2: f32,
+}
+
+#[derive(Serialize)]
+struct QualityReport {
+    width: usize,
+    height: usize,
+    steps: usize,
+    latents_relative_l2: f32,
+    image_psnr_db: f64,
+}
+
+fn psnr(a: &image::RgbImage, b: &image::RgbImage) -> f64 {
+    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>()
+        / a.as_raw().len() as f64;
+    if mse == 0.0 {
+        f64::INFINITY
+    } else {
+        10.0 * (255.0f64 * 255.0 / mse).log10()
+    }
+}
+
+/// The fused kernels against the candle ops they replace (on the bench device, at the 1024x1024
+/// shapes), then FP8 quality against bf16 with the same weights and seed.
+fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Result<()> {
+    use candle_core::{DType, Tensor};
+    use engine::fp8::{relative_l2, Fp8Context, Fp8Weight, QuantizedActivation};
+    let dtype = pipe.dtype();
+    let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
+    let mut kernels = Vec::new();
+    let (l, d, h, hd, f) = (4224usize, 3840usize, 30usize, 128usize, 10240usize);
+    let q4 = (r(&[1, l, h, hd])? * 3.0)?;
+    let half = hd / 2;
+    let angles = Tensor::randn(0f32, 3.0, (l, half), device)?;
+    let (cos, sin) = (angles.cos()?, angles.sin()?);
+    let norm_vb = candle_nn::VarBuilder::from_tensors(
+        [("weight".to_string(), (r(&[hd])?.abs()? + 0.5)?)].into_iter().collect(),
+        dtype,
+        device,
+    );
+    let norm = engine::ops::RmsNorm::new(hd, 1e-5, norm_vb)?;
+    let fused = engine::ops::qk_norm_rope(&q4, Some(&norm), &cos, &sin)?;
+    let composed = engine::ops::qk_norm_rope_composed(&q4, Some(&norm), &cos, &sin)?;
+    kernels.push(KernelCheck { name: "qk_norm_rope fused vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
+    let ctx = Fp8Context::new(device)?;
+    let x = r(&[l, d])?;
+    for (name, n_out, k_in) in [("fp8 matmul 4224x3840x3840", d, d), ("fp8 matmul 4224x3840->10240", f, d), ("fp8 matmul 4224x10240->3840", d, f)] {
+        let x = if k_in == d { x.clone() } else { r(&[l, f])? };
+        let w = (r(&[n_out, k_in])? * 0.02)?;
+        let fw = Fp8Weight::quantize(&w, &ctx)?;
+        let xq = QuantizedActivation::new(&x)?;
+        let got = fw.matmul(&xq, dtype)?;
+        let emulated = fw.matmul_emulated(&xq, DType::F32)?;
+        let dense = x.matmul(&w.t()?)?;
+        kernels.push(KernelCheck { name: format!("{name}: vs dequantized f32 product"), relative_l2: relative_l2(&got, &emulated)? });
+        kernels.push(KernelCheck { name: format!("{name}: vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
+    }
+    let (q, s) = engine::fp8::quantize(&x)?;
+    let back = q.to_dtype(DType::F32)?.broadcast_mul(&s)?;
+    kernels.push(KernelCheck { name: "fp8 quantize (4224, 3840) round trip".into(), relative_l2: relative_l2(&back, &x)? });
+    for k in &kernels {
+        eprintln!("{:60} relative L2 {:.3e}", k.name, k.relative_l2);
+    }
+
+    let mut quality = Vec::new();
+    let mut bf16_runs = Vec::new();
+    let sizes: Vec<(usize, usize)> = a
+        .sizes
+        .split(',')
+        .map(|size| {
+            size.split_once('x')
+                .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+                .with_context(|| format!("size `{size}` is not WxH"))
+        })
+        .collect::<Result<_>>()?;
+    let req = |w: usize, h: usize| GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: a.steps, seed: 7, ..Default::default() };
+    for &(w, h) in &sizes {
+        let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
+        bf16_runs.push(out);
+    }
+    pipe.quantize_fp8()?;
+    for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
+        let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
+        let rel = relative_l2(&out.latents, &base.latents)?;
+        let p = psnr(&out.images[0], &base.images[0]);
+        eprintln!("{w}x{h}: FP8 vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB");
+        quality.push(QualityReport { width: w, height: h, steps: a.steps, latents_relative_l2: rel, image_psnr_db: p });
+    }
+    let json = serde_json::to_string_pretty(&serde_json::json!({"model": pipe.model_name(), "device": format!("{device:?}"), "kernels": kernels, "fp8_quality": quality}))?;
+    println!("{json}");
+    if let Some(p) = &a.out {
+        std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
+    }
     Ok(())
 }

@@ -54,9 +54,18 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N. Default: cuda when built with it and a GPU is present, else cpu.
     #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Quantize the transformer's block linears to FP8 E4M3 (half the memory; on CUDA, FP8 matmuls).
+    #[arg(long, env = "ZIMAGE_FP8")]
+    pub fp8: bool,
+    /// Load the text encoder for each prompt and free it after encoding (for small cards).
+    #[arg(long, env = "ZIMAGE_FREE_TEXT_ENCODER")]
+    pub free_text_encoder: bool,
 }
 
 impl ModelArgs {
+    pub fn load_options(&self) -> engine::pipeline::LoadOptions {
+        engine::pipeline::LoadOptions { fp8: self.fp8, free_text_encoder: self.free_text_encoder }
+    }
     pub fn source(&self) -> ModelSource {
         match &self.model {
             Some(m) => ModelSource::parse(m),
@@ -223,8 +232,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let device = pick_device(&args.model.device)?;
     eprintln!("model: {} on {:?}", source.display_name(), device);
     let t = Instant::now();
-    let pipe = Pipeline::load(&source, &device)?;
-    eprintln!("loaded in {:.2?}", t.elapsed());
+    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options())?;
+    eprintln!("loaded in {:.2?}{}", t.elapsed(), if pipe.is_fp8() { " (transformer in FP8)" } else { "" });
     if pipe.is_tiny() {
         eprintln!("note: the tiny model has random weights; its images are patterns, not pictures");
     }
@@ -326,6 +335,7 @@ fn serve(a: ServeArgs) -> Result<()> {
     web::serve(web::ServeOptions {
         addr: a.addr,
         model: a.model.source(),
+        load_options: a.model.load_options(),
         data_dir: a.data_dir,
         frame_ancestors: a.frame_ancestors,
         queue_capacity: a.queue_capacity,

@@ -39,7 +39,7 @@ pub fn run(a: ParityArgs) -> Result<()> {
     let ids: Vec<u32> = get("prompt_ids")?.to_dtype(DType::I64)?.to_vec1::<i64>()?.iter().map(|&v| v as u32).collect();
     let ours_ids = pipe.tokenizer().encode(&a.prompt)?.ids;
     anyhow::ensure!(ours_ids == ids, "our tokenizer gives other ids for the prompt than the reference");
-    let te = pipe.text_encoder().encode_ids(&ids)?;
+    let te = pipe.encode_ids(&ids)?;
     out.insert("te_embeds".into(), te.to_dtype(DType::F32)?.to_device(&candle_core::Device::Cpu)?);
 
     // Transformer at every step, from the reference's latents and embeddings.

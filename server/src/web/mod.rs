@@ -40,6 +40,7 @@ pub use studio::Studio;
 pub struct ServeOptions {
     pub addr: std::net::SocketAddr,
     pub model: engine::loader::ModelSource,
+    pub load_options: engine::pipeline::LoadOptions,
     /// Generated images and uploads are kept here.
     pub data_dir: std::path::PathBuf,
     /// Origins allowed to frame `/embed` (CSP frame-ancestors), e.g. `https://blog.example`;
@@ -84,10 +85,14 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let mut generators: Vec<(String, Arc<dyn Generator>)> = Vec::new();
     for (device, label) in devices() {
         let source = opts.model.clone();
+        let load_options = opts.load_options;
         eprintln!("loading model {} on {label}…", source.display_name());
         let t = std::time::Instant::now();
         let pipeline =
-            tokio::task::spawn_blocking(move || engine::pipeline::Pipeline::load(&source, &device))
+            tokio::task::spawn_blocking(move || {
+                let dtype = engine::pipeline::default_dtype(&device);
+                engine::pipeline::Pipeline::load_with_options(&source, &device, dtype, load_options)
+            })
                 .await
                 .context("model loading thread")?
                 .with_context(|| format!("loading the model on {label}"))?;

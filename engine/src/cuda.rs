@@ -1,0 +1,326 @@
+//! CUDA-only pieces: launches of our own kernels (`kernels/zimage.cu`, PTX built by build.rs) and
+//! the cuBLASLt FP8 matmul. Every function here has an equivalent written with candle ops that the
+//! callers use on other devices; the device checks in `zimage bench --check` compare the two.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use candle_core::cuda_backend::cudarc;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, WrapErr};
+use candle_core::op::BackpropOp;
+use candle_core::{bail, DType, Result, Storage, Tensor};
+use cudarc::cublaslt::{result as lt, sys};
+use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfig, PushKernelArg};
+use float8::F8E4M3;
+use half::bf16;
+
+const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/zimage.ptx"));
+const MODULE: &str = "zimage_engine_kernels";
+const THREADS: u32 = 256;
+
+fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
+    match t.device() {
+        candle_core::Device::Cuda(d) => Ok(d.clone()),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+/// Runs `f` on the tensor's CUDA slice of element type T (contiguous, offset applied).
+fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
+    t: &Tensor,
+    f: impl FnOnce(cudarc::driver::CudaView<'_, T>) -> Result<R>,
+) -> Result<R> {
+    let (st, layout) = t.storage_and_layout();
+    let Some((o1, o2)) = layout.contiguous_offsets() else { bail!("kernel input must be contiguous") };
+    match &*st {
+        Storage::Cuda(s) => f(s.as_cuda_slice::<T>()?.slice(o1..o2)),
+        _ => bail!("expected a CUDA tensor"),
+    }
+}
+
+fn wrap<T: candle_core::cuda_backend::CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
+    Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
+}
+
+fn grid_for(work_items: usize) -> u32 {
+    // Enough blocks to fill an H100 several times over; grid-stride loops cover the rest.
+    (work_items.div_ceil(THREADS as usize)).clamp(1, 132 * 16) as u32
+}
+
+fn launch_cfg(blocks: u32) -> LaunchConfig {
+    LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Per-tensor E4M3 quantization of a contiguous bf16 tensor whose size is a multiple of 8:
+/// an amax kernel then a quantize kernel, the scale staying on the device.
+pub fn quantize_e4m3(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let dev = cuda_device(x)?;
+    let n = x.elem_count();
+    if n % 8 != 0 || x.dtype() != DType::BF16 {
+        bail!("quantize_e4m3: bf16 with a multiple of 8 elements, got {:?} {n}", x.dtype());
+    }
+    let amax = dev.alloc_zeros::<u32>(1)?;
+    let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
+    let mut scale = unsafe { dev.alloc::<f32>(1)? };
+    with_slice::<bf16, _>(x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_amax_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        let n64 = n as u64;
+        b.arg(&xs);
+        b.arg(&n64);
+        b.arg(&amax);
+        unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
+        let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        b.arg(&n64);
+        b.arg(&amax);
+        b.arg(&mut q);
+        b.arg(&mut scale);
+        unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
+        Ok(())
+    })?;
+    Ok((wrap(q, &dev, x.dims()), wrap(scale, &dev, &[1])))
+}
+
+/// silu(gate) * up in bf16 (silu rounded first, as torch does) and its E4M3 quantization, with
+/// the amax taken in the same pass that writes the product.
+pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(gate)?;
+    let n = gate.elem_count();
+    if gate.dims() != up.dims() || n % 8 != 0 || gate.dtype() != DType::BF16 || up.dtype() != DType::BF16 {
+        bail!("swiglu_quantized: two bf16 tensors of one shape with a multiple of 8 elements");
+    }
+    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let amax = dev.alloc_zeros::<u32>(1)?;
+    let mut out = unsafe { dev.alloc::<bf16>(n)? };
+    with_slice::<bf16, _>(&gate, |gs| {
+        with_slice::<bf16, _>(&up, |us| {
+            let f = dev.get_or_load_custom_func("zimage_swiglu_amax_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            let pairs = (n / 2) as u64;
+            b.arg(&gs);
+            b.arg(&us);
+            b.arg(&mut out);
+            b.arg(&pairs);
+            b.arg(&amax);
+            unsafe { b.launch(launch_cfg(grid_for(n / 2))) }.w()?;
+            Ok(())
+        })
+    })?;
+    let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
+    let mut scale = unsafe { dev.alloc::<f32>(1)? };
+    let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_bf16", MODULE, PTX)?;
+    let mut b = f.builder();
+    let n64 = n as u64;
+    b.arg(&out);
+    b.arg(&n64);
+    b.arg(&amax);
+    b.arg(&mut q);
+    b.arg(&mut scale);
+    unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
+    let dims = gate.dims();
+    Ok((wrap(out, &dev, dims), wrap(q, &dev, dims), wrap(scale, &dev, &[1])))
+}
+
+/// Fused per-head RMSNorm + interleaved RoPE on (B, L, H, D) bf16; `weight` (D) f32 or None;
+/// cos/sin (L, D/2) f32. Output (B, L, H, D) bf16, contiguous.
+pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (b, l, h, d) = x.dims4()?;
+    if x.dtype() != DType::BF16 || d % 2 != 0 || cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
+        bail!("qk_norm_rope: bf16 (B, L, H, D) with f32 tables (L, D/2)");
+    }
+    let x = x.contiguous()?;
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    let w = match weight {
+        Some(w) => w.to_dtype(DType::F32)?.contiguous()?,
+        None => Tensor::ones(d, DType::F32, x.device())?,
+    };
+    let rows = b * l * h;
+    let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
+    with_slice::<bf16, _>(&x, |xs| {
+        with_slice::<f32, _>(&w, |ws| {
+            with_slice::<f32, _>(&cos, |cs| {
+                with_slice::<f32, _>(&sin, |ss| {
+                    let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_bf16", MODULE, PTX)?;
+                    let mut bld = f.builder();
+                    let (rows32, l32, h32, d32) = (rows as u32, l as u32, h as u32, d as u32);
+                    let has_weight: i32 = weight.is_some() as i32;
+                    bld.arg(&xs);
+                    bld.arg(&ws);
+                    bld.arg(&cs);
+                    bld.arg(&ss);
+                    bld.arg(&mut out);
+                    bld.arg(&rows32);
+                    bld.arg(&l32);
+                    bld.arg(&h32);
+                    bld.arg(&d32);
+                    bld.arg(&has_weight);
+                    bld.arg(&eps);
+                    let warps_per_block = THREADS / 32;
+                    let blocks = (rows as u32).div_ceil(warps_per_block);
+                    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    Ok(wrap(out, &dev, &[b, l, h, d]))
+}
+
+/// One cached cuBLASLt plan: descriptors and the heuristic's algorithm for an (m, n, k) shape.
+struct Plan {
+    desc: sys::cublasLtMatmulDesc_t,
+    a: sys::cublasLtMatrixLayout_t,
+    b: sys::cublasLtMatrixLayout_t,
+    d: sys::cublasLtMatrixLayout_t,
+    algo: sys::cublasLtMatmulAlgo_t,
+}
+
+/// cuBLASLt FP8 matmuls on one device: D(bf16) = alpha * scale_b * (W_q · X_qᵀ) in f32 accumulation.
+pub struct Fp8Gemm {
+    handle: sys::cublasLtHandle_t,
+    workspace: Mutex<CudaSlice<u8>>,
+    workspace_size: usize,
+    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    stream: Arc<CudaStream>,
+    dev: CudaDevice,
+}
+
+// The raw handles are only used under the plans/workspace mutexes, on the device's one stream.
+unsafe impl Send for Fp8Gemm {}
+unsafe impl Sync for Fp8Gemm {}
+
+fn lt_err(e: lt::CublasError) -> candle_core::Error {
+    candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
+}
+
+impl Fp8Gemm {
+    pub fn new(dev: &CudaDevice) -> Result<Self> {
+        let stream = dev.cuda_stream();
+        stream.context().bind_to_thread().w()?;
+        let handle = lt::create_handle().map_err(lt_err)?;
+        let workspace_size = 32 << 20;
+        let workspace = dev.alloc_zeros::<u8>(workspace_size)?;
+        Ok(Self { handle, workspace: Mutex::new(workspace), workspace_size, plans: Mutex::new(HashMap::new()), stream, dev: dev.clone() })
+    }
+
+    fn plan(&self, m: usize, n: usize, k: usize) -> Result<Plan> {
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        // Column-major view: D (n_out x m) = op(A) (n_out x k) * op(B) (k x m), with A the row-major
+        // (n_out, k) weight read transposed and B the row-major (m, k) activation: the "TN" form
+        // FP8 requires.
+        unsafe {
+            let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
+                .map_err(lt_err)?;
+            let ta = sys::cublasOperation_t::CUBLAS_OP_T;
+            let tb = sys::cublasOperation_t::CUBLAS_OP_N;
+            let fast: i8 = 1;
+            let set = |attr: A, p: *const std::ffi::c_void, size: usize| lt::set_matmul_desc_attribute(desc, attr, p, size).map_err(lt_err);
+            set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
+            set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
+            set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const _, 1)?;
+            let a = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64).map_err(lt_err)?;
+            let b = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64).map_err(lt_err)?;
+            let d = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, m as u64, n as i64).map_err(lt_err)?;
+            let pref = lt::create_matmul_pref().map_err(lt_err)?;
+            let ws = self.workspace_size as u64;
+            lt::set_matmul_pref_attribute(
+                pref,
+                sys::cublasLtMatmulPreferenceAttributes_t::CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES,
+                &ws as *const _ as *const _,
+                std::mem::size_of_val(&ws),
+            )
+            .map_err(lt_err)?;
+            let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref).map_err(lt_err);
+            lt::destroy_matmul_pref(pref).map_err(lt_err)?;
+            let heur = heur.map_err(|e| candle_core::Error::Msg(format!("no cuBLASLt FP8 algorithm for m={m} n={n} k={k}: {e}")))?;
+            Ok(Plan { desc, a, b, d, algo: heur.algo })
+        }
+    }
+
+    /// x_q (m, k) E4M3 with device scale x_scale (1,) f32; w_q (n, k) E4M3 with host scale
+    /// w_scale. Returns (m, n) bf16.
+    pub fn matmul(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: f32) -> Result<Tensor> {
+        let (m, k) = x_q.dims2()?;
+        let (n, k2) = w_q.dims2()?;
+        if k != k2 || x_q.dtype() != DType::F8E4M3 || w_q.dtype() != DType::F8E4M3 {
+            bail!("fp8 matmul: x {:?} {:?}, w {:?} {:?}", x_q.dims(), x_q.dtype(), w_q.dims(), w_q.dtype());
+        }
+        if k % 16 != 0 || n % 16 != 0 {
+            bail!("fp8 matmul: k={k} and n={n} must be multiples of 16");
+        }
+        let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
+        let mut plans = self.plans.lock().expect("fp8 plan cache poisoned");
+        if !plans.contains_key(&(m, n, k)) {
+            let p = self.plan(m, n, k)?;
+            plans.insert((m, n, k), p);
+        }
+        let plan = &plans[&(m, n, k)];
+        let mut ws = self.workspace.lock().expect("fp8 workspace poisoned");
+        let x_q = x_q.contiguous()?;
+        let w_q = w_q.contiguous()?;
+        with_slice::<F8E4M3, _>(&x_q, |xs| {
+            with_slice::<F8E4M3, _>(&w_q, |wsl| {
+                with_slice::<f32, _>(x_scale, |ss| {
+                    let (x_ptr, _gx) = xs.device_ptr(&self.stream);
+                    let (w_ptr, _gw) = wsl.device_ptr(&self.stream);
+                    let (s_ptr, _gs) = ss.device_ptr(&self.stream);
+                    let (o_ptr, _go) = out.device_ptr_mut(&self.stream);
+                    let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
+                    let alpha = w_scale;
+                    let beta = 0f32;
+                    unsafe {
+                        lt::set_matmul_desc_attribute(
+                            plan.desc,
+                            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                            &s_ptr as *const _ as *const _,
+                            std::mem::size_of_val(&s_ptr),
+                        )
+                        .map_err(lt_err)?;
+                        lt::matmul(
+                            self.handle,
+                            plan.desc,
+                            &alpha as *const f32 as *const _,
+                            &beta as *const f32 as *const _,
+                            w_ptr as *const _,
+                            plan.a,
+                            x_ptr as *const _,
+                            plan.b,
+                            o_ptr as *const _,
+                            plan.d,
+                            o_ptr as *mut _,
+                            plan.d,
+                            &plan.algo,
+                            ws_ptr as *mut _,
+                            self.workspace_size,
+                            self.stream.cu_stream() as *mut _,
+                        )
+                        .map_err(lt_err)?;
+                    }
+                    Ok(())
+                })
+            })
+        })?;
+        drop(ws);
+        drop(plans);
+        Ok(wrap(out, &self.dev, &[m, n]))
+    }
+}
+
+impl Drop for Fp8Gemm {
+    fn drop(&mut self) {
+        let plans = std::mem::take(&mut *self.plans.lock().unwrap_or_else(|e| e.into_inner()));
+        unsafe {
+            for (_, p) in plans {
+                let _ = lt::destroy_matrix_layout(p.a);
+                let _ = lt::destroy_matrix_layout(p.b);
+                let _ = lt::destroy_matrix_layout(p.d);
+                let _ = lt::destroy_matmul_desc(p.desc);
+            }
+            let _ = lt::destroy_handle(self.handle);
+        }
+    }
+}
+
