@@ -170,3 +170,142 @@ extern "C" __global__ void zimage_swiglu_amax_bf16(const unsigned int* __restric
         if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
     }
 }
+
+// E4M3 -> f32 (no scale), two elements per thread step. n must be even.
+extern "C" __global__ void zimage_e4m3_to_f32(const unsigned short* __restrict__ q, unsigned long long n_pairs,
+                                              float2* __restrict__ out) {
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += stride) {
+        unsigned int h2;
+        asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(q[i]));
+        unsigned short lo = (unsigned short)(h2 & 0xffffu), hi = (unsigned short)(h2 >> 16);
+        float a, b;
+        asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"(lo));
+        asm("cvt.f32.f16 %0, %1;" : "=f"(b) : "h"(hi));
+        out[i] = make_float2(a, b);
+    }
+}
+
+// y[i] += bias[channel of i] in place, NCHW bf16, bias f32 (C).
+extern "C" __global__ void zimage_add_channel_bias_bf16(bf16_bits* __restrict__ y, const float* __restrict__ bias,
+                                                        unsigned long long n, unsigned long long hw, unsigned int c) {
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        unsigned int ch = (unsigned int)((i / hw) % c);
+        y[i] = f32_to_bf16(bf16_to_f32(y[i]) + bias[ch]);
+    }
+}
+
+// GroupNorm statistics, pass 1. Group (b, g) of NCHW is one contiguous run of `group_len` elements.
+// Block (chunk, group) reduces its chunk to (count, mean, M2) with Welford per thread and Chan's
+// merge across threads, written to partial[(group * chunks + chunk) * 3 ..].
+__device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, float nb, float meanb, float m2b) {
+    float total = n + nb;
+    if (total == 0.0f) return;
+    float delta = meanb - mean;
+    float wb = nb / total;
+    mean += delta * wb;
+    m2 += m2b + delta * delta * n * wb;
+    n = total;
+}
+
+extern "C" __global__ void zimage_group_stats_bf16(const bf16_bits* __restrict__ x, unsigned long long group_len,
+                                                   unsigned int chunk_len, float* __restrict__ partial) {
+    unsigned int chunks = gridDim.x;
+    unsigned long long group = blockIdx.y;
+    unsigned long long start = (unsigned long long)blockIdx.x * chunk_len;
+    unsigned long long end = start + chunk_len;
+    if (end > group_len) end = group_len;
+    const bf16_bits* xg = x + group * group_len;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        float v = bf16_to_f32(xg[i]);
+        n += 1.0f;
+        float d = v - mean;
+        mean += d / n;
+        m2 += d * (v - mean);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float nb = __shfl_xor_sync(0xffffffffu, n, o);
+        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+        chan_merge(n, mean, m2, nb, mb, m2b);
+    }
+    __shared__ float sn[32], sm[32], sm2[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
+        float* p = partial + (group * chunks + blockIdx.x) * 3;
+        p[0] = tn; p[1] = tm; p[2] = tm2;
+    }
+}
+
+// GroupNorm pass 2: merge the group's partials, then y = (x - mean) * rsqrt(var + eps) * gamma[c]
+// + beta[c], optionally followed by SiLU; f32 math, one rounding to bf16.
+extern "C" __global__ void zimage_group_norm_apply_bf16(const bf16_bits* __restrict__ x, const float* __restrict__ partial,
+                                                        const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                        bf16_bits* __restrict__ y, unsigned long long group_len,
+                                                        unsigned int chunk_len, unsigned int partial_chunks,
+                                                        unsigned long long hw, unsigned int channels_per_group,
+                                                        unsigned int groups, float eps, int apply_silu) {
+    unsigned long long group = blockIdx.y;
+    __shared__ float s_mean, s_inv;
+    if (threadIdx.x == 0) {
+        float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+        const float* p = partial + group * partial_chunks * 3;
+        for (unsigned int k = 0; k < partial_chunks; k++) chan_merge(n, mean, m2, p[3 * k], p[3 * k + 1], p[3 * k + 2]);
+        s_mean = mean;
+        s_inv = rsqrtf(m2 / n + eps);
+    }
+    __syncthreads();
+    float mean = s_mean, inv = s_inv;
+    unsigned int g = (unsigned int)(group % groups);
+    unsigned long long start = (unsigned long long)blockIdx.x * chunk_len;
+    unsigned long long end = start + chunk_len;
+    if (end > group_len) end = group_len;
+    const bf16_bits* xg = x + group * group_len;
+    bf16_bits* yg = y + group * group_len;
+    for (unsigned long long i = start + threadIdx.x; i < end; i += blockDim.x) {
+        unsigned int c = g * channels_per_group + (unsigned int)(i / hw);
+        float v = (bf16_to_f32(xg[i]) - mean) * inv * gamma[c] + beta[c];
+        if (apply_silu) v = v / (1.0f + __expf(-v));
+        yg[i] = f32_to_bf16(v);
+    }
+}
+
+// out = x + bf16(rms_norm(y) * w): the gated residual of a block in one pass. One block per row;
+// statistics in f32; the normalized term is rounded to bf16 before the add, as the unfused
+// rms_norm-then-add computes it. w: dim f32 (the norm weight with any gate folded in).
+extern "C" __global__ void zimage_add_rms_norm_bf16(const bf16_bits* __restrict__ x, const bf16_bits* __restrict__ y,
+                                                    const float* __restrict__ w, bf16_bits* __restrict__ out,
+                                                    unsigned int dim, float eps) {
+    unsigned long long row = blockIdx.x;
+    const bf16_bits* xr = x + row * dim;
+    const bf16_bits* yr = y + row * dim;
+    bf16_bits* outr = out + row * dim;
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float v = bf16_to_f32(yr[i]);
+        ss += v * v;
+    }
+    ss = warp_sum(ss);
+    __shared__ float partial[32];
+    __shared__ float s_inv;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    if (warp == 0) {
+        ss = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
+        ss = warp_sum(ss);
+        if (lane == 0) s_inv = rsqrtf(ss / (float)dim + eps);
+    }
+    __syncthreads();
+    float inv = s_inv;
+    for (unsigned int i = threadIdx.x; i < dim; i += blockDim.x) {
+        float n = bf16_to_f32(f32_to_bf16(bf16_to_f32(yr[i]) * inv * w[i]));
+        outr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + n);
+    }
+}

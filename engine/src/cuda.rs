@@ -62,10 +62,10 @@ pub fn quantize_e4m3(x: &Tensor) -> Result<(Tensor, Tensor)> {
     let amax = dev.alloc_zeros::<u32>(1)?;
     let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
     let mut scale = unsafe { dev.alloc::<f32>(1)? };
+    let n64 = n as u64;
     with_slice::<bf16, _>(x, |xs| {
         let f = dev.get_or_load_custom_func("zimage_amax_bf16", MODULE, PTX)?;
         let mut b = f.builder();
-        let n64 = n as u64;
         b.arg(&xs);
         b.arg(&n64);
         b.arg(&amax);
@@ -83,6 +83,29 @@ pub fn quantize_e4m3(x: &Tensor) -> Result<(Tensor, Tensor)> {
     Ok((wrap(q, &dev, x.dims()), wrap(scale, &dev, &[1])))
 }
 
+/// E4M3 -> f32 without scaling (candle 0.11's CUDA cast from F8E4M3 looks up a kernel name that
+/// candle-kernels does not define).
+pub fn e4m3_to_f32(q: &Tensor) -> Result<Tensor> {
+    let dev = cuda_device(q)?;
+    let n = q.elem_count();
+    if n % 2 != 0 || q.dtype() != DType::F8E4M3 {
+        bail!("e4m3_to_f32: F8E4M3 with an even number of elements");
+    }
+    let q = q.contiguous()?;
+    let mut out = unsafe { dev.alloc::<f32>(n)? };
+    let pairs = (n / 2) as u64;
+    with_slice::<F8E4M3, _>(&q, |qs| {
+        let f = dev.get_or_load_custom_func("zimage_e4m3_to_f32", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&qs);
+        b.arg(&pairs);
+        b.arg(&mut out);
+        unsafe { b.launch(launch_cfg(grid_for(n / 2))) }.w()?;
+        Ok(())
+    })?;
+    Ok(wrap(out, &dev, q.dims()))
+}
+
 /// silu(gate) * up in bf16 (silu rounded first, as torch does) and its E4M3 quantization, with
 /// the amax taken in the same pass that writes the product.
 pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
@@ -94,11 +117,11 @@ pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, T
     let (gate, up) = (gate.contiguous()?, up.contiguous()?);
     let amax = dev.alloc_zeros::<u32>(1)?;
     let mut out = unsafe { dev.alloc::<bf16>(n)? };
+    let pairs = (n / 2) as u64;
     with_slice::<bf16, _>(&gate, |gs| {
         with_slice::<bf16, _>(&up, |us| {
             let f = dev.get_or_load_custom_func("zimage_swiglu_amax_bf16", MODULE, PTX)?;
             let mut b = f.builder();
-            let pairs = (n / 2) as u64;
             b.arg(&gs);
             b.arg(&us);
             b.arg(&mut out);
@@ -110,9 +133,9 @@ pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, T
     })?;
     let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
     let mut scale = unsafe { dev.alloc::<f32>(1)? };
+    let n64 = n as u64;
     let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_bf16", MODULE, PTX)?;
     let mut b = f.builder();
-    let n64 = n as u64;
     b.arg(&out);
     b.arg(&n64);
     b.arg(&amax);
@@ -139,14 +162,14 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
     };
     let rows = b * l * h;
     let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
+    let (rows32, l32, h32, d32) = (rows as u32, l as u32, h as u32, d as u32);
+    let has_weight: i32 = weight.is_some() as i32;
     with_slice::<bf16, _>(&x, |xs| {
         with_slice::<f32, _>(&w, |ws| {
             with_slice::<f32, _>(&cos, |cs| {
                 with_slice::<f32, _>(&sin, |ss| {
                     let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_bf16", MODULE, PTX)?;
                     let mut bld = f.builder();
-                    let (rows32, l32, h32, d32) = (rows as u32, l as u32, h as u32, d as u32);
-                    let has_weight: i32 = weight.is_some() as i32;
                     bld.arg(&xs);
                     bld.arg(&ws);
                     bld.arg(&cs);
@@ -214,8 +237,8 @@ impl Fp8Gemm {
         unsafe {
             let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
                 .map_err(lt_err)?;
-            let ta = sys::cublasOperation_t::CUBLAS_OP_T;
-            let tb = sys::cublasOperation_t::CUBLAS_OP_N;
+            let ta = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
+            let tb = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
             let fast: i8 = 1;
             let set = |attr: A, p: *const std::ffi::c_void, size: usize| lt::set_matmul_desc_attribute(desc, attr, p, size).map_err(lt_err);
             set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
@@ -324,3 +347,192 @@ impl Drop for Fp8Gemm {
     }
 }
 
+
+/// GroupNorm over NCHW bf16 (statistics in f32 with Welford/Chan merging, like torch), affine
+/// `gamma`/`beta` (C) f32, optionally followed by SiLU, in two passes over x.
+pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f32, silu: bool) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let (b, c, h, w) = x.dims4()?;
+    if x.dtype() != DType::BF16 || c % groups != 0 {
+        bail!("group_norm: bf16 NCHW with channels divisible by groups");
+    }
+    let x = x.contiguous()?;
+    let (gamma, beta) = (gamma.to_dtype(DType::F32)?.contiguous()?, beta.to_dtype(DType::F32)?.contiguous()?);
+    let hw = (h * w) as u64;
+    let cpg = (c / groups) as u32;
+    let group_len = (c / groups * h * w) as u64;
+    let chunk_len: u32 = 8192;
+    let chunks = (group_len as usize).div_ceil(chunk_len as usize) as u32;
+    let total_groups = (b * groups) as u32;
+    let mut partial = unsafe { dev.alloc::<f32>(total_groups as usize * chunks as usize * 3)? };
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
+    let cfg = LaunchConfig { grid_dim: (chunks, total_groups, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (groups32, silu32) = (groups as u32, silu as i32);
+    with_slice::<bf16, _>(&x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_group_stats_bf16", MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xs);
+        bld.arg(&group_len);
+        bld.arg(&chunk_len);
+        bld.arg(&mut partial);
+        unsafe { bld.launch(cfg) }.w()?;
+        with_slice::<f32, _>(&gamma, |gs| {
+            with_slice::<f32, _>(&beta, |bs| {
+                let f = dev.get_or_load_custom_func("zimage_group_norm_apply_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&partial);
+                bld.arg(&gs);
+                bld.arg(&bs);
+                bld.arg(&mut out);
+                bld.arg(&group_len);
+                bld.arg(&chunk_len);
+                bld.arg(&chunks);
+                bld.arg(&hw);
+                bld.arg(&cpg);
+                bld.arg(&groups32);
+                bld.arg(&eps);
+                bld.arg(&silu32);
+                unsafe { bld.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(wrap(out, &dev, &[b, c, h, w]))
+}
+
+#[cfg(feature = "cudnn")]
+pub use conv::CudnnConv;
+
+#[cfg(feature = "cudnn")]
+mod conv {
+    use super::*;
+    use cudarc::cudnn::{sys as csys, ConvForward, Cudnn};
+
+    type Key = [usize; 9];
+
+    struct Inner {
+        cudnn: Arc<Cudnn>,
+        algos: HashMap<Key, (csys::cudnnConvolutionFwdAlgo_t, usize)>,
+        workspace: Option<CudaSlice<u8>>,
+    }
+
+    /// cuDNN convolutions with tensor-core math (bf16 data, f32 accumulation), the algorithm
+    /// picked by cuDNN's heuristics once per shape, bias added by our own kernel.
+    pub struct CudnnConv {
+        inner: Mutex<Inner>,
+        dev: CudaDevice,
+    }
+
+    // The cuDNN handle is used only under the mutex, on the device's one stream.
+    unsafe impl Send for CudnnConv {}
+    unsafe impl Sync for CudnnConv {}
+
+    impl CudnnConv {
+        pub fn new(dev: &CudaDevice) -> Result<Self> {
+            let stream = dev.cuda_stream();
+            stream.context().bind_to_thread().w()?;
+            let cudnn = Cudnn::new(stream).map_err(|e| candle_core::Error::Msg(format!("cuDNN: {e:?}")))?;
+            Ok(Self { inner: Mutex::new(Inner { cudnn, algos: HashMap::new(), workspace: None }), dev: dev.clone() })
+        }
+
+        /// x (B, C, H, W) bf16, w (K, C, R, S) bf16, bias (K) -> (B, K, H', W') bf16.
+        pub fn conv2d(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+            let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
+            let (b, c, h, wd) = x.dims4()?;
+            let (k, c2, r, s) = w.dims4()?;
+            if c != c2 || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
+                bail!("cudnn conv2d: x {:?} {:?}, w {:?} {:?}", x.dims(), x.dtype(), w.dims(), w.dtype());
+            }
+            let oh = (h + 2 * padding - r) / stride + 1;
+            let ow = (wd + 2 * padding - s) / stride + 1;
+            let (x, w) = (x.contiguous()?, w.contiguous()?);
+            self.dev.cuda_stream().context().bind_to_thread().w()?;
+            let mut guard = self.inner.lock().expect("cudnn state poisoned");
+            let inner = &mut *guard;
+            let i = |v: usize| v as i32;
+            let mut conv = inner
+                .cudnn
+                .create_conv2d::<f32>([i(padding); 2], [i(stride); 2], [1, 1], csys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
+                .map_err(e)?;
+            conv.set_math_type(csys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH).map_err(e)?;
+            let nchw = csys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
+            let xd = inner.cudnn.create_4d_tensor::<bf16>(nchw, [i(b), i(c), i(h), i(wd)]).map_err(e)?;
+            let wdesc = inner.cudnn.create_4d_filter::<bf16>(nchw, [i(k), i(c), i(r), i(s)]).map_err(e)?;
+            let yd = inner.cudnn.create_4d_tensor::<bf16>(nchw, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
+            let op = ConvForward { conv: &conv, x: &xd, w: &wdesc, y: &yd };
+            let key = [b, c, h, wd, k, r, s, padding, stride];
+            let (algo, ws_size) = match inner.algos.get(&key) {
+                Some(v) => *v,
+                None => {
+                    let algo = op.pick_algorithm().map_err(e)?;
+                    let ws = op.get_workspace_size(algo).map_err(e)?;
+                    inner.algos.insert(key, (algo, ws));
+                    (algo, ws)
+                }
+            };
+            if ws_size > 0 && inner.workspace.as_ref().map(|w| w.len()).unwrap_or(0) < ws_size {
+                inner.workspace = None;
+                inner.workspace = Some(self.dev.alloc_zeros::<u8>(ws_size)?);
+            }
+            let mut y = unsafe { self.dev.alloc::<bf16>(b * k * oh * ow)? };
+            with_slice::<bf16, _>(&x, |xs| {
+                with_slice::<bf16, _>(&w, |wsl| {
+                    let ws = if ws_size > 0 { inner.workspace.as_mut() } else { None };
+                    unsafe { op.launch(algo, ws, (bf16::ONE, bf16::ZERO), &xs, &wsl, &mut y) }.map_err(e)?;
+                    Ok(())
+                })
+            })?;
+            drop(guard);
+            if let Some(bias) = bias {
+                let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+                let n = (b * k * oh * ow) as u64;
+                let hw = (oh * ow) as u64;
+                let k32 = k as u32;
+                with_slice::<f32, _>(&bias, |bs| {
+                    let f = self.dev.get_or_load_custom_func("zimage_add_channel_bias_bf16", MODULE, PTX)?;
+                    let mut bld = f.builder();
+                    bld.arg(&mut y);
+                    bld.arg(&bs);
+                    bld.arg(&n);
+                    bld.arg(&hw);
+                    bld.arg(&k32);
+                    unsafe { bld.launch(launch_cfg(grid_for(n as usize))) }.w()?;
+                    Ok(())
+                })?;
+            }
+            Ok(wrap(y, &self.dev, &[b, k, oh, ow]))
+        }
+    }
+}
+
+/// x + rms_norm(y) * w for (.., dim) bf16 tensors of one shape, w (dim): one pass.
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    let dev = cuda_device(x)?;
+    let dim = *x.dims().last().unwrap_or(&0);
+    if x.dims() != y.dims() || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || w.dims() != [dim] {
+        bail!("add_rms_norm: x {:?}, y {:?}, w {:?}", x.dims(), y.dims(), w.dims());
+    }
+    let (x, y) = (x.contiguous()?, y.contiguous()?);
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
+    let rows = x.elem_count() / dim;
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
+    let dim32 = dim as u32;
+    with_slice::<bf16, _>(&x, |xs| {
+        with_slice::<bf16, _>(&y, |ys| {
+            with_slice::<f32, _>(&w, |ws| {
+                let f = dev.get_or_load_custom_func("zimage_add_rms_norm_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&ys);
+                bld.arg(&ws);
+                bld.arg(&mut out);
+                bld.arg(&dim32);
+                bld.arg(&eps);
+                unsafe { bld.launch(launch_cfg(rows as u32)) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(wrap(out, &dev, x.dims()))
+}

@@ -66,13 +66,13 @@ impl Fp8Weight {
     }
     /// The weight as the matmul sees it: q * scale.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
-        (self.q.to_dtype(DType::F32)? * self.scale as f64)?.to_dtype(dtype)
+        (e4m3_to_f32(&self.q)? * self.scale as f64)?.to_dtype(dtype)
     }
 
     /// The matmul computed by dequantizing both operands and multiplying in f32 (what the CUDA
     /// path must equal up to accumulation order).
     pub fn matmul_emulated(&self, x: &QuantizedActivation, out_dtype: DType) -> Result<Tensor> {
-        let xd = (x.q.to_dtype(DType::F32)?.broadcast_mul(&x.scale.to_dtype(DType::F32)?))?;
+        let xd = e4m3_to_f32(&x.q)?.broadcast_mul(&x.scale.to_dtype(DType::F32)?)?;
         xd.matmul(&self.dequantize(DType::F32)?.t()?)?.to_dtype(out_dtype)
     }
 
@@ -114,6 +114,15 @@ pub fn quantize(x: &Tensor) -> Result<(Tensor, Tensor)> {
         .clamp(-E4M3_MAX, E4M3_MAX)?
         .to_dtype(DType::F8E4M3)?;
     Ok((q, scale.reshape(1)?))
+}
+
+/// E4M3 values as f32 (no scale applied).
+pub fn e4m3_to_f32(q: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if q.device().is_cuda() && q.elem_count() % 2 == 0 {
+        return crate::cuda::e4m3_to_f32(q);
+    }
+    q.to_dtype(DType::F32)
 }
 
 /// Relative L2 distance ||a - b|| / ||b||, in f32.

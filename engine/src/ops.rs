@@ -28,6 +28,21 @@ impl RmsNorm {
     }
 }
 
+impl RmsNorm {
+    /// x + rms_norm(y) * weight [* scale]: a block's (gated) residual. One fused pass on CUDA bf16.
+    pub fn add_to(&self, x: &Tensor, y: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
+        let w = match scale {
+            Some(s) => self.weight.to_dtype(y.dtype())?.mul(&s.to_dtype(y.dtype())?)?,
+            None => self.weight.to_dtype(y.dtype())?,
+        };
+        #[cfg(feature = "cuda")]
+        if y.device().is_cuda() && y.dtype() == DType::BF16 && x.dtype() == DType::BF16 {
+            return crate::cuda::add_rms_norm(x, y, &w, self.eps as f32);
+        }
+        x + candle_nn::ops::rms_norm(&y.contiguous()?, &w, self.eps as f32)?
+    }
+}
+
 impl Module for RmsNorm {
     /// candle's fused kernel: one pass, f32 accumulation for half-precision inputs.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {

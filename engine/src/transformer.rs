@@ -232,15 +232,15 @@ impl Block {
                 let scale_mlp = (&chunks[2] + 1.0)?;
                 let gate_mlp = chunks[3].tanh()?;
                 let attn_out = self.attention.forward(&self.attention_norm1.forward_scaled(x, &scale_msa)?, rope)?;
-                let x = (x + self.attention_norm2.forward_scaled(&attn_out, &gate_msa)?)?;
+                let x = self.attention_norm2.add_to(x, &attn_out, Some(&gate_msa))?;
                 let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward_scaled(&x, &scale_mlp)?)?;
-                x + self.ffn_norm2.forward_scaled(&ffn_out, &gate_mlp)?
+                self.ffn_norm2.add_to(&x, &ffn_out, Some(&gate_mlp))
             }
             (None, _) => {
                 let attn_out = self.attention.forward(&self.attention_norm1.forward(x)?, rope)?;
-                let x = (x + self.attention_norm2.forward(&attn_out)?)?;
+                let x = self.attention_norm2.add_to(x, &attn_out, None)?;
                 let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
-                x + self.ffn_norm2.forward(&ffn_out)?
+                self.ffn_norm2.add_to(&x, &ffn_out, None)
             }
             (Some(_), None) => candle_core::bail!("modulated block called without a timestep embedding"),
         }

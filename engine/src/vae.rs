@@ -89,7 +89,20 @@ impl GroupNorm {
         })
     }
 
+    /// silu(group_norm(x)): one fused kernel on CUDA bf16.
+    fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dtype() == DType::BF16 {
+            return Ok(crate::cuda::group_norm(x, &self.weight, &self.bias, self.num_groups, GROUP_NORM_EPS as f32, true)?);
+        }
+        Ok(candle_nn::ops::silu(&self.forward(x)?)?)
+    }
+
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dtype() == DType::BF16 {
+            return Ok(crate::cuda::group_norm(x, &self.weight, &self.bias, self.num_groups, GROUP_NORM_EPS as f32, false)?);
+        }
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let grouped = x
@@ -124,10 +137,37 @@ struct Conv2d {
     bias: Tensor,
     padding: usize,
     stride: usize,
+    #[cfg_attr(not(feature = "cudnn"), allow(dead_code))]
+    ctx: ConvContext,
+}
+
+/// Shared convolution state of one VAE: the cuDNN handle and per-shape algorithm choices with the
+/// `cudnn` feature on CUDA; nothing otherwise (candle's conv2d).
+#[derive(Clone, Default)]
+pub(crate) struct ConvContext {
+    #[cfg(feature = "cudnn")]
+    cudnn: Option<std::sync::Arc<crate::cuda::CudnnConv>>,
+}
+
+impl std::fmt::Debug for ConvContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ConvContext")
+    }
+}
+
+impl ConvContext {
+    fn new(device: &candle_core::Device) -> Result<Self> {
+        #[cfg(feature = "cudnn")]
+        if let candle_core::Device::Cuda(dev) = device {
+            return Ok(Self { cudnn: Some(std::sync::Arc::new(crate::cuda::CudnnConv::new(dev)?)) });
+        }
+        let _ = device;
+        Ok(Self::default())
+    }
 }
 
 impl Conv2d {
-    fn new(in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ctx: &ConvContext, in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
         let bias = vb.get(out_c, "bias")?;
         Ok(Self {
@@ -135,10 +175,15 @@ impl Conv2d {
             bias,
             padding,
             stride,
+            ctx: ctx.clone(),
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let (Some(cudnn), DType::BF16) = (&self.ctx.cudnn, x.dtype()) {
+            return Ok(cudnn.conv2d(x, &self.weight, Some(&self.bias), self.padding, self.stride)?);
+        }
         // The CPU backend already tiles its im2col and cuDNN (the `cudnn` feature) builds none;
         // only candle's CUDA im2col path materializes the full matrix.
         let budget = if x.device().is_cpu() || cfg!(feature = "cudnn") {
@@ -194,24 +239,24 @@ struct ResnetBlock {
 }
 
 impl ResnetBlock {
-    fn new(in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
+    fn new(ctx: &ConvContext, in_c: usize, out_c: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         let conv_shortcut = if in_c != out_c {
-            Some(Conv2d::new(in_c, out_c, 1, 0, 1, vb.pp("conv_shortcut"))?)
+            Some(Conv2d::new(ctx, in_c, out_c, 1, 0, 1, vb.pp("conv_shortcut"))?)
         } else {
             None
         };
         Ok(Self {
             norm1: GroupNorm::new(in_c, groups, vb.pp("norm1"))?,
-            conv1: Conv2d::new(in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
+            conv1: Conv2d::new(ctx, in_c, out_c, 3, 1, 1, vb.pp("conv1"))?,
             norm2: GroupNorm::new(out_c, groups, vb.pp("norm2"))?,
-            conv2: Conv2d::new(out_c, out_c, 3, 1, 1, vb.pp("conv2"))?,
+            conv2: Conv2d::new(ctx, out_c, out_c, 3, 1, 1, vb.pp("conv2"))?,
             conv_shortcut,
         })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&candle_nn::ops::silu(&self.norm1.forward(x)?)?)?;
-        let h = self.conv2.forward(&candle_nn::ops::silu(&self.norm2.forward(&h)?)?)?;
+        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
+        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
         let shortcut = match &self.conv_shortcut {
             Some(conv) => conv.forward(x)?,
             None => x.clone(),
@@ -222,7 +267,7 @@ impl ResnetBlock {
 }
 
 /// The mid-block `Attention`: one head over all channels, GroupNorm first, residual added,
-/// rescale_output_factor 1. Scores and softmax run in f32.
+/// rescale_output_factor 1. The softmax runs in f32.
 #[derive(Debug, Clone)]
 struct MidAttention {
     group_norm: GroupNorm,
@@ -253,22 +298,25 @@ impl MidAttention {
             .reshape((b, c, tokens))?
             .transpose(1, 2)?
             .contiguous()?;
-        let q = self.to_q.forward(&normed)?.to_dtype(DType::F32)?;
+        // Products in f32 on the CPU; on accelerators in the activation dtype (tensor cores, f32
+        // accumulation, as PyTorch's SDPA runs them) with the softmax still in f32.
+        let mm_dtype = if x.device().is_cpu() { DType::F32 } else { dtype };
+        let q = self.to_q.forward(&normed)?.to_dtype(mm_dtype)?;
         let k_t = self
             .to_k
             .forward(&normed)?
-            .to_dtype(DType::F32)?
+            .to_dtype(mm_dtype)?
             .transpose(1, 2)?
             .contiguous()?;
-        let v = self.to_v.forward(&normed)?.to_dtype(DType::F32)?;
+        let v = self.to_v.forward(&normed)?.to_dtype(mm_dtype)?;
         let scale = 1.0 / (c as f64).sqrt();
         let chunk = (ATTENTION_SCORES_BUDGET / (b * tokens)).clamp(1, tokens);
         let mut outs = Vec::with_capacity(tokens.div_ceil(chunk));
         let mut start = 0;
         while start < tokens {
             let len = chunk.min(tokens - start);
-            let scores = (q.narrow(1, start, len)?.matmul(&k_t)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let scores = (q.narrow(1, start, len)?.matmul(&k_t)?.to_dtype(DType::F32)? * scale)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(mm_dtype)?;
             outs.push(probs.matmul(&v)?);
             start += len;
         }
@@ -287,16 +335,16 @@ struct MidBlock {
 }
 
 impl MidBlock {
-    fn new(channels: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
+    fn new(ctx: &ConvContext, channels: usize, groups: usize, add_attention: bool, vb: VarBuilder) -> Result<Self> {
         let attention = if add_attention {
             Some(MidAttention::new(channels, groups, vb.pp("attentions.0"))?)
         } else {
             None
         };
         Ok(Self {
-            resnet_in: ResnetBlock::new(channels, channels, groups, vb.pp("resnets.0"))?,
+            resnet_in: ResnetBlock::new(ctx, channels, channels, groups, vb.pp("resnets.0"))?,
             attention,
-            resnet_out: ResnetBlock::new(channels, channels, groups, vb.pp("resnets.1"))?,
+            resnet_out: ResnetBlock::new(ctx, channels, channels, groups, vb.pp("resnets.1"))?,
         })
     }
 
@@ -370,10 +418,10 @@ struct Encoder {
 }
 
 impl Encoder {
-    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(ctx: &ConvContext, cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         let chans = &cfg.block_out_channels;
         let groups = cfg.norm_num_groups;
-        let conv_in = Conv2d::new(cfg.in_channels, chans[0], 3, 1, 1, vb.pp("conv_in"))?;
+        let conv_in = Conv2d::new(ctx, cfg.in_channels, chans[0], 3, 1, 1, vb.pp("conv_in"))?;
         let mut down_blocks = Vec::with_capacity(chans.len());
         let mut in_c = chans[0];
         for (i, &out_c) in chans.iter().enumerate() {
@@ -381,11 +429,11 @@ impl Encoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block);
             for j in 0..cfg.layers_per_block {
                 let c = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(c, out_c, groups, vb_block.pp(format!("resnets.{j}")))?);
+                resnets.push(ResnetBlock::new(ctx, c, out_c, groups, vb_block.pp(format!("resnets.{j}")))?);
             }
             let downsample = if i + 1 < chans.len() {
                 Some(Downsample {
-                    conv: Conv2d::new(out_c, out_c, 3, 0, 2, vb_block.pp("downsamplers.0.conv"))?,
+                    conv: Conv2d::new(ctx, out_c, out_c, 3, 0, 2, vb_block.pp("downsamplers.0.conv"))?,
                 })
             } else {
                 None
@@ -401,9 +449,9 @@ impl Encoder {
         Ok(Self {
             conv_in,
             down_blocks,
-            mid_block: MidBlock::new(last, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
+            mid_block: MidBlock::new(ctx, last, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?,
             conv_norm_out: GroupNorm::new(last, groups, vb.pp("conv_norm_out"))?,
-            conv_out: Conv2d::new(last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: Conv2d::new(ctx, last, 2 * cfg.latent_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
 
@@ -413,7 +461,7 @@ impl Encoder {
             h = block.forward(&h)?;
         }
         let h = self.mid_block.forward(&h)?;
-        let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
+        let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
 }
@@ -429,12 +477,12 @@ struct Decoder {
 }
 
 impl Decoder {
-    fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
+    fn new(ctx: &ConvContext, cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         let groups = cfg.norm_num_groups;
         let reversed: Vec<usize> = cfg.block_out_channels.iter().rev().copied().collect();
         let top = reversed[0];
-        let conv_in = Conv2d::new(cfg.latent_channels, top, 3, 1, 1, vb.pp("conv_in"))?;
-        let mid_block = MidBlock::new(top, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
+        let conv_in = Conv2d::new(ctx, cfg.latent_channels, top, 3, 1, 1, vb.pp("conv_in"))?;
+        let mid_block = MidBlock::new(ctx, top, groups, cfg.mid_block_add_attention, vb.pp("mid_block"))?;
         let mut up_blocks = Vec::with_capacity(reversed.len());
         let mut in_c = top;
         for (i, &out_c) in reversed.iter().enumerate() {
@@ -442,11 +490,11 @@ impl Decoder {
             let mut resnets = Vec::with_capacity(cfg.layers_per_block + 1);
             for j in 0..=cfg.layers_per_block {
                 let c = if j == 0 { in_c } else { out_c };
-                resnets.push(ResnetBlock::new(c, out_c, groups, vb_block.pp(format!("resnets.{j}")))?);
+                resnets.push(ResnetBlock::new(ctx, c, out_c, groups, vb_block.pp(format!("resnets.{j}")))?);
             }
             let upsample = if i + 1 < reversed.len() {
                 Some(Upsample {
-                    conv: Conv2d::new(out_c, out_c, 3, 1, 1, vb_block.pp("upsamplers.0.conv"))?,
+                    conv: Conv2d::new(ctx, out_c, out_c, 3, 1, 1, vb_block.pp("upsamplers.0.conv"))?,
                 })
             } else {
                 None
@@ -464,18 +512,28 @@ impl Decoder {
             mid_block,
             up_blocks,
             conv_norm_out: GroupNorm::new(bottom, groups, vb.pp("conv_norm_out"))?,
-            conv_out: Conv2d::new(bottom, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
+            conv_out: Conv2d::new(ctx, bottom, cfg.out_channels, 3, 1, 1, vb.pp("conv_out"))?,
         })
     }
 
     fn forward(&self, z: &Tensor) -> Result<Tensor> {
+        self.forward_probed(z, &mut |_| {})
+    }
+
+    /// `forward`, calling `probe(stage)` after each stage (for profiling).
+    fn forward_probed(&self, z: &Tensor, probe: &mut dyn FnMut(&str)) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
+        probe("conv_in");
         let mut h = self.mid_block.forward(&h)?;
-        for block in &self.up_blocks {
+        probe("mid_block");
+        for (i, block) in self.up_blocks.iter().enumerate() {
             h = block.forward(&h)?;
+            probe(["up_block.0", "up_block.1", "up_block.2", "up_block.3"].get(i).copied().unwrap_or("up_block.n"));
         }
-        let h = candle_nn::ops::silu(&self.conv_norm_out.forward(&h)?)?;
-        self.conv_out.forward(&h)
+        let h = self.conv_norm_out.forward_silu(&h)?;
+        let out = self.conv_out.forward(&h)?;
+        probe("norm_out+conv_out");
+        Ok(out)
     }
 }
 
@@ -495,18 +553,19 @@ impl AutoencoderKl {
     pub fn new(cfg: &VaeConfig, vb: VarBuilder) -> Result<Self> {
         validate_config(cfg)?;
         let dtype = vb.dtype();
+        let ctx = &ConvContext::new(vb.device())?;
         let build = || -> Result<Self> {
             let lc = cfg.latent_channels;
             Ok(Self {
-                encoder: Encoder::new(cfg, vb.pp("encoder"))?,
-                decoder: Decoder::new(cfg, vb.pp("decoder"))?,
+                encoder: Encoder::new(ctx, cfg, vb.pp("encoder"))?,
+                decoder: Decoder::new(ctx, cfg, vb.pp("decoder"))?,
                 quant_conv: if cfg.use_quant_conv {
-                    Some(Conv2d::new(2 * lc, 2 * lc, 1, 0, 1, vb.pp("quant_conv"))?)
+                    Some(Conv2d::new(ctx, 2 * lc, 2 * lc, 1, 0, 1, vb.pp("quant_conv"))?)
                 } else {
                     None
                 },
                 post_quant_conv: if cfg.use_post_quant_conv {
-                    Some(Conv2d::new(lc, lc, 1, 0, 1, vb.pp("post_quant_conv"))?)
+                    Some(Conv2d::new(ctx, lc, lc, 1, 0, 1, vb.pp("post_quant_conv"))?)
                 } else {
                     None
                 },
@@ -543,6 +602,18 @@ impl AutoencoderKl {
     pub fn decode(&self, z: &Tensor) -> Result<Tensor> {
         self.check_latent(z)?;
         self.decode_unchecked(&z.to_dtype(self.dtype)?)
+    }
+
+    /// `decode` of one untiled latent, calling `probe(stage)` after each decoder stage (the
+    /// caller synchronizes and reads a clock there).
+    pub fn decode_probed(&self, z: &Tensor, probe: &mut dyn FnMut(&str)) -> Result<Tensor> {
+        self.check_latent(z)?;
+        let z = z.to_dtype(self.dtype)?;
+        let z = match &self.post_quant_conv {
+            Some(c) => c.forward(&z)?,
+            None => z,
+        };
+        Ok(self.decoder.forward_probed(&z, probe)?)
     }
 
     /// Decode in overlapping tiles of `opts.tile_latent_size` latent pixels, one tile at a time,
@@ -1045,6 +1116,7 @@ mod tests {
                 bias: bias.clone(),
                 padding,
                 stride,
+                ctx: ConvContext::default(),
             };
             let input = if stride == 2 {
                 x.pad_with_zeros(3, 0, 1).unwrap().pad_with_zeros(2, 0, 1).unwrap()

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the GPU machine (device tool), from the repo root, with dist/zimage.xz and .whl/ carried:
 #   scripts/gpu/run.sh parity   # random full-size weights -> diffusers reference -> zimage parity -> errors
-#                               # then zimage bench on those weights from local disk (load time included)
-#   scripts/gpu/run.sh baseline # diffusers eager / compile / compile+FP8 and zimage bench --model random
+#                               # then zimage bench on those weights from local disk (load time, memory)
+#   scripts/gpu/run.sh baseline # zimage bench --model random (FP8, bf16) then diffusers eager / compile, same call
 #   scripts/gpu/run.sh engine   # zimage only: kernel checks + FP8 quality, bf16 and FP8 benches, op profile
 set -euo pipefail
 MODE=${1:?parity or baseline}
@@ -20,17 +20,20 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
 peak() { sort -n "$1" | tail -1; }
 
+# bench_mem NAME ARGS...: zimage bench with nvidia-smi sampling, JSON to $OUT/zimage_NAME.json
+bench_mem() {
+  local name=$1; shift
+  local w; w=$(mem_watch "$OUT/mem_$name.log")
+  /tmp/zimage bench --device cuda --steps 8 --runs 3 "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_$name.log"
+  kill "$w"; echo "zimage $name peak GPU memory (MiB, nvidia-smi, whole process): $(peak "$OUT/mem_$name.log")" | tee -a "$OUT/zimage_$name.log"
+}
+
 case "$MODE" in
 engine)
   /tmp/zimage bench --check --model random --device cuda --sizes "${CHECK_SIZES:-1024x1024}" --steps 8 \
       --out "$OUT/zimage_check.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_check.log"
-  for variant in bf16 fp8; do
-    flag=""; [ "$variant" = fp8 ] && flag="--fp8"
-    W=$(mem_watch "$OUT/mem_$variant.log")
-    /tmp/zimage bench --model random --device cuda $flag --sizes "${BENCH_SIZES:-1024x1024,2048x2048}" --steps 8 --runs 3 \
-        --out "$OUT/zimage_bench_$variant.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_bench_$variant.log"
-    kill "$W"; echo "zimage $variant peak GPU memory (MiB, nvidia-smi): $(peak "$OUT/mem_$variant.log")" | tee -a "$OUT/zimage_bench_$variant.log"
-  done
+  bench_mem random_bf16 --model random --sizes 1024x1024,2048x2048
+  bench_mem random_fp8 --model random --fp8 --sizes 1024x1024,2048x2048
   /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | tee "$OUT/zimage_ops.log" | head -40
   ;;
 parity)
@@ -39,17 +42,18 @@ parity)
       --out /tmp/ours.safetensors --device cuda 2>&1 | tee "$OUT/parity_run.log"
   python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json"
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
-  W=$(mem_watch "$OUT/mem_zimage.log")
-  /tmp/zimage bench --model /tmp/zfull --device cuda --sizes "${BENCH_SIZES:-1024x1024,2048x2048}" --steps 8 --runs 3 \
-      --out "$OUT/zimage_bench_disk.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_bench_disk.log"
-  kill "$W"; echo "zimage peak GPU memory (MiB, nvidia-smi): $(peak "$OUT/mem_zimage.log")" | tee -a "$OUT/zimage_bench_disk.log"
+  bench_mem disk_fp8_1024 --model /tmp/zfull --fp8 --sizes 1024x1024
+  bench_mem disk_fp8_free_te_1024 --model /tmp/zfull --fp8 --free-text-encoder --sizes 1024x1024
+  bench_mem disk_fp8_2048 --model /tmp/zfull --fp8 --sizes 2048x2048
+  bench_mem disk_bf16_2048 --model /tmp/zfull --sizes 2048x2048
   ;;
 baseline)
-  W=$(mem_watch "$OUT/mem_zimage.log")
-  /tmp/zimage bench --model random --device cuda --sizes 1024x1024,2048x2048 --steps 8 --runs 3 \
-      --out "$OUT/zimage_bench_random.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_bench_random.log"
-  kill "$W"; echo "zimage peak GPU memory (MiB): $(peak "$OUT/mem_zimage.log")" | tee -a "$OUT/zimage_bench_random.log"
-  python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16,compile_fp8}" --sizes "${SIZES:-1024}" \
+  bench_mem random_fp8_1024 --model random --fp8 --sizes 1024x1024
+  bench_mem random_bf16_1024 --model random --sizes 1024x1024
+  python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16}" --sizes "${SIZES:-1024}" \
       --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | tail -40
+  ;;
+*)
+  echo "unknown mode $MODE (engine, parity or baseline)"; exit 2
   ;;
 esac

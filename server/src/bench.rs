@@ -260,6 +260,7 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
         rows.push(("fp8 matmul L x 3840 -> 10240", 2, time_op(device, || f_fd.matmul(&xq, dtype))?));
         rows.push(("fp8 matmul L x 10240 -> 3840", 1, time_op(device, || f_df.matmul(&hq, dtype))?));
     }
+    vae_profile(device, dtype)?;
     let mut total = 0.0;
     for (name, n, t) in &rows {
         total += *n as f64 * t;
@@ -319,6 +320,17 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     let fused = engine::ops::qk_norm_rope(&q4, Some(&norm), &cos, &sin)?;
     let composed = engine::ops::qk_norm_rope_composed(&q4, Some(&norm), &cos, &sin)?;
     kernels.push(KernelCheck { name: "qk_norm_rope fused vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
+    let res_vb = candle_nn::VarBuilder::from_tensors(
+        [("weight".to_string(), (r(&[d])?.abs()? + 0.5)?)].into_iter().collect(),
+        dtype,
+        device,
+    );
+    let res_norm = engine::ops::RmsNorm::new(d, 1e-5, res_vb.clone())?;
+    let (rx, ry, gate) = (r(&[1, l, d])?, (r(&[1, l, d])? * 4.0)?, r(&[d])?.tanh()?);
+    let fused = res_norm.add_to(&rx, &ry, Some(&gate))?;
+    let w = (res_vb.get(d, "weight")?.to_dtype(dtype)? * &gate)?;
+    let composed = (&rx + candle_nn::ops::rms_norm(&ry, &w, 1e-5)?)?;
+    kernels.push(KernelCheck { name: "gated residual add_rms_norm fused vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
     let ctx = Fp8Context::new(device)?;
     let x = r(&[l, d])?;
     for (name, n_out, k_in) in [("fp8 matmul 4224x3840x3840", d, d), ("fp8 matmul 4224x3840->10240", f, d), ("fp8 matmul 4224x10240->3840", d, f)] {
@@ -333,8 +345,31 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         kernels.push(KernelCheck { name: format!("{name}: vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
     }
     let (q, s) = engine::fp8::quantize(&x)?;
-    let back = q.to_dtype(DType::F32)?.broadcast_mul(&s)?;
+    let back = engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s)?;
     kernels.push(KernelCheck { name: "fp8 quantize (4224, 3840) round trip".into(), relative_l2: relative_l2(&back, &x)? });
+    // The whole tiny model (same deterministic weights on both devices): the device path (fused
+    // kernels, cuDNN convolutions, bf16) against the CPU f32 path, which matches diffusers.
+    if !device.is_cpu() {
+        let cpu = candle_core::Device::Cpu;
+        let on_dev = engine::tiny::pipeline(device, dtype)?;
+        let on_cpu = engine::tiny::pipeline(&cpu, DType::F32)?;
+        for (w, h) in [(256usize, 256usize), (512, 384)] {
+            let z = Tensor::randn(0f32, 1.0, (1, 16, h / 8, w / 8), &cpu)?;
+            let img_dev = on_dev.vae().decode(&z.to_device(device)?)?;
+            let img_cpu = on_cpu.vae().decode(&z)?;
+            kernels.push(KernelCheck {
+                name: format!("tiny VAE decode {w}x{h}: device bf16 vs CPU f32"),
+                relative_l2: relative_l2(&img_dev.to_device(&cpu)?, &img_cpu)?,
+            });
+            let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: 4, seed: 3, ..Default::default() };
+            let out_dev = on_dev.generate(&req, &mut |_| Control::Continue)?;
+            let out_cpu = on_cpu.generate(&req, &mut |_| Control::Continue)?;
+            kernels.push(KernelCheck {
+                name: format!("tiny pipeline {w}x{h} latents: device bf16 vs CPU f32"),
+                relative_l2: relative_l2(&out_dev.latents.to_device(&cpu)?, &out_cpu.latents)?,
+            });
+        }
+    }
     for k in &kernels {
         eprintln!("{:60} relative L2 {:.3e}", k.name, k.relative_l2);
     }
@@ -367,6 +402,57 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     println!("{json}");
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// VAE decode at 1024x1024: stage times of a random-weight Flux decoder (synchronized at each
+/// stage boundary) and the single convolutions, upsamplings and elementwise passes it is made of.
+fn vae_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    use candle_core::Tensor;
+    let vae = engine::vae::AutoencoderKl::new(
+        &engine::config::VaeConfig::flux(),
+        engine::weights::device_random_var_builder(dtype, device),
+    )?;
+    let z = Tensor::randn(0f32, 1.0, (1, 16, 128, 128), device)?.to_dtype(dtype)?;
+    for _ in 0..2 {
+        vae.decode(&z)?;
+    }
+    let mut stages: Vec<(String, f64)> = Vec::new();
+    for _ in 0..3 {
+        device.synchronize()?;
+        let mut last = Instant::now();
+        let mut run = Vec::new();
+        vae.decode_probed(&z, &mut |stage| {
+            let _ = device.synchronize();
+            let now = Instant::now();
+            run.push((stage.to_string(), ms(now - last)));
+            last = now;
+        })?;
+        stages = run; // the last run (warm)
+    }
+    let total: f64 = stages.iter().map(|(_, t)| t).sum();
+    for (name, t) in &stages {
+        eprintln!("vae decode 1024x1024 stage {name:24} {t:8.2} ms");
+    }
+    eprintln!("vae decode 1024x1024 total {total:.1} ms");
+    let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
+    let mut rows: Vec<(String, f64)> = Vec::new();
+    for (c_in, c_out, hw) in [(512, 512, 128), (512, 512, 256), (512, 256, 512), (256, 256, 512), (256, 128, 1024), (128, 128, 1024)] {
+        let x = r(&[1, c_in, hw, hw])?;
+        let w = (r(&[c_out, c_in, 3, 3])? * 0.02)?;
+        rows.push((format!("candle conv2d 3x3 {c_in}->{c_out} at {hw}x{hw} (not used by our VAE)"), time_op(device, || x.conv2d(&w, 1, 1, 1, 1))?));
+    }
+    let x = r(&[1, 128, 1024, 1024])?;
+    let bias = r(&[1, 128, 1, 1])?;
+    rows.push(("bias broadcast_add 128 x 1024x1024".into(), time_op(device, || x.broadcast_add(&bias))?));
+    rows.push(("silu 128 x 1024x1024".into(), time_op(device, || candle_nn::ops::silu(&x))?));
+    rows.push(("add 128 x 1024x1024".into(), time_op(device, || &x + &x)?));
+    rows.push(("to f32 128 x 1024x1024".into(), time_op(device, || x.to_dtype(candle_core::DType::F32))?));
+    let x = r(&[1, 256, 512, 512])?;
+    rows.push(("upsample_nearest2d 256 x 512 -> 1024".into(), time_op(device, || x.upsample_nearest2d(1024, 1024))?));
+    for (name, t) in &rows {
+        eprintln!("{name:48} {t:8.3} ms");
     }
     Ok(())
 }
