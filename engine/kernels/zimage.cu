@@ -1,6 +1,6 @@
 // Fused CUDA kernels of the engine, compiled to PTX by engine/build.rs when the `cuda` feature is on.
 // No CUDA headers are included: bf16 is handled as its raw 16 bits, FP8 conversion uses the PTX
-// `cvt ... e4m3x2` instruction (sm_89 and newer), so the file builds with any nvcc and no cccl.
+// `cvt ... e4m3x2` instructions (sm_89 and newer only), so the file builds with any nvcc.
 
 typedef unsigned short bf16_bits;
 
@@ -60,10 +60,17 @@ extern "C" __global__ void zimage_amax_bf16(const bf16_bits* __restrict__ x, uns
     }
 }
 
+// E4M3 conversions exist from sm_89 (Ada, Hopper); the host refuses FP8 on older cards, so the
+// fallback branch is never reached.
 __device__ __forceinline__ unsigned short pack_e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
     unsigned short r;
     asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(hi), "f"(lo));
     return r;
+#else
+    __trap();
+    return 0;
+#endif
 }
 
 // Per-tensor FP8 E4M3 quantization: scale = amax / 448 (E4M3's largest finite value), q = x / scale
@@ -176,8 +183,12 @@ extern "C" __global__ void zimage_e4m3_to_f32(const unsigned short* __restrict__
                                               float2* __restrict__ out) {
     unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += stride) {
-        unsigned int h2;
+        unsigned int h2 = 0;
+#if __CUDA_ARCH__ >= 890
         asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(q[i]));
+#else
+        __trap();
+#endif
         unsigned short lo = (unsigned short)(h2 & 0xffffu), hi = (unsigned short)(h2 >> 16);
         float a, b;
         asm("cvt.f32.f16 %0, %1;" : "=f"(a) : "h"(lo));

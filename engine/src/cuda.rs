@@ -221,8 +221,14 @@ fn lt_err(e: lt::CublasError) -> candle_core::Error {
 
 impl Fp8Gemm {
     pub fn new(dev: &CudaDevice) -> Result<Self> {
+        use cudarc::driver::sys::CUdevice_attribute as Attr;
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
+        let major = stream.context().attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
+        let minor = stream.context().attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?;
+        if (major, minor) < (8, 9) {
+            bail!("FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is {major}.{minor}: run without --fp8");
+        }
         let handle = lt::create_handle().map_err(lt_err)?;
         let workspace_size = 32 << 20;
         let workspace = dev.alloc_zeros::<u8>(workspace_size)?;
@@ -410,6 +416,7 @@ mod conv {
     use cudarc::cudnn::{sys as csys, ConvForward, Cudnn};
 
     type Key = [usize; 9];
+    const MAX_WORKSPACE: usize = 256 << 20;
 
     struct Inner {
         cudnn: Arc<Cudnn>,
@@ -465,8 +472,15 @@ mod conv {
             let (algo, ws_size) = match inner.algos.get(&key) {
                 Some(v) => *v,
                 None => {
-                    let algo = op.pick_algorithm().map_err(e)?;
-                    let ws = op.get_workspace_size(algo).map_err(e)?;
+                    // The heuristic's first choice, unless its workspace exceeds the cap (the
+                    // workspace is kept between calls): then implicit precomputed GEMM, which runs
+                    // on tensor cores with a small workspace.
+                    let mut algo = op.pick_algorithm().map_err(e)?;
+                    let mut ws = op.get_workspace_size(algo).map_err(e)?;
+                    if ws > MAX_WORKSPACE {
+                        algo = csys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+                        ws = op.get_workspace_size(algo).map_err(e)?;
+                    }
                     inner.algos.insert(key, (algo, ws));
                     (algo, ws)
                 }
@@ -535,4 +549,10 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
         })
     })?;
     Ok(wrap(out, &dev, x.dims()))
+}
+
+/// Device memory in use (total - free, whole device, MiB), for reports.
+pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
+    let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
+    Ok((total - free) as f64 / (1024.0 * 1024.0))
 }

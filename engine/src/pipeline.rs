@@ -206,6 +206,15 @@ pub struct Pipeline {
     is_tiny: bool,
 }
 
+/// Device memory in use (whole device, MiB) where the backend can tell (CUDA), for reports.
+pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => crate::cuda::memory_used_mib(dev).ok(),
+        _ => None,
+    }
+}
+
 /// The compute dtype for a device: f32 on CPU, bf16 on accelerators.
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cpu() {

@@ -254,13 +254,17 @@ impl ResnetBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.conv1.forward(&self.norm1.forward_silu(x)?)?;
-        let h = self.conv2.forward(&self.norm2.forward_silu(&h)?)?;
+    /// Takes its input by value and frees each intermediate as soon as it is used, which bounds
+    /// the decoder's peak memory at full resolution.
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let mut h = self.norm1.forward_silu(&x)?;
         let shortcut = match &self.conv_shortcut {
-            Some(conv) => conv.forward(x)?,
-            None => x.clone(),
+            Some(conv) => conv.forward(&x)?, // x is dropped here
+            None => x,
         };
+        h = self.conv1.forward(&h)?;
+        h = self.norm2.forward_silu(&h)?;
+        h = self.conv2.forward(&h)?;
         // output_scale_factor is 1 in the VAE.
         Ok((shortcut + h)?)
     }
@@ -348,12 +352,12 @@ impl MidBlock {
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
         let mut h = self.resnet_in.forward(x)?;
         if let Some(attention) = &self.attention {
             h = attention.forward(&h)?;
         }
-        self.resnet_out.forward(&h)
+        self.resnet_out.forward(h)
     }
 }
 
@@ -377,9 +381,11 @@ struct Upsample {
 }
 
 impl Upsample {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
-        self.conv.forward(&x.upsample_nearest2d(2 * h, 2 * w)?)
+        let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+        drop(x);
+        self.conv.forward(&up)
     }
 }
 
@@ -392,16 +398,16 @@ struct ResnetStage {
 }
 
 impl ResnetStage {
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mut h = x.clone();
+    fn forward(&self, x: Tensor) -> Result<Tensor> {
+        let mut h = x;
         for resnet in &self.resnets {
-            h = resnet.forward(&h)?;
+            h = resnet.forward(h)?;
         }
         if let Some(down) = &self.downsample {
             h = down.forward(&h)?;
         }
         if let Some(up) = &self.upsample {
-            h = up.forward(&h)?;
+            h = up.forward(h)?;
         }
         Ok(h)
     }
@@ -458,9 +464,9 @@ impl Encoder {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let mut h = self.conv_in.forward(x)?;
         for block in &self.down_blocks {
-            h = block.forward(&h)?;
+            h = block.forward(h)?;
         }
-        let h = self.mid_block.forward(&h)?;
+        let h = self.mid_block.forward(h)?;
         let h = self.conv_norm_out.forward_silu(&h)?;
         self.conv_out.forward(&h)
     }
@@ -524,10 +530,16 @@ impl Decoder {
     fn forward_probed(&self, z: &Tensor, probe: &mut dyn FnMut(&str)) -> Result<Tensor> {
         let h = self.conv_in.forward(z)?;
         probe("conv_in");
-        let mut h = self.mid_block.forward(&h)?;
+        let mut h = self.mid_block.forward(h)?;
         probe("mid_block");
         for (i, block) in self.up_blocks.iter().enumerate() {
-            h = block.forward(&h)?;
+            h = block.forward(h)?;
+            if h.device().is_cuda() {
+                // The stream-ordered allocator returns freed blocks to the device only at a
+                // synchronization; each up block works at 4x the previous resolution, so without
+                // this the pool keeps the smaller stages' freed blocks on top of the peak.
+                h.device().synchronize()?;
+            }
             probe(["up_block.0", "up_block.1", "up_block.2", "up_block.3"].get(i).copied().unwrap_or("up_block.n"));
         }
         let h = self.conv_norm_out.forward_silu(&h)?;

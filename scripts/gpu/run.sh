@@ -16,28 +16,29 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
 xz -dc dist/zimage.xz > /tmp/zimage && chmod +x /tmp/zimage
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+# Few files come back from the device: per-run JSON, and one summary.txt (card, peak memory).
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
 peak() { sort -n "$1" | tail -1; }
 
 # bench_mem NAME ARGS...: zimage bench with nvidia-smi sampling, JSON to $OUT/zimage_NAME.json
 bench_mem() {
   local name=$1; shift
-  local w; w=$(mem_watch "$OUT/mem_$name.log")
-  /tmp/zimage bench --device cuda --steps 8 --runs 3 "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_$name.log"
-  kill "$w"; echo "zimage $name peak GPU memory (MiB, nvidia-smi, whole process): $(peak "$OUT/mem_$name.log")" | tee -a "$OUT/zimage_$name.log"
+  local w; w=$(mem_watch "/tmp/mem_$name.log")
+  /tmp/zimage bench --device cuda --steps 8 --runs 3 "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ '
+  kill "$w"; echo "zimage $name peak GPU memory (MiB, nvidia-smi, whole process): $(peak "/tmp/mem_$name.log")" | tee -a "$OUT/summary.txt"
 }
 
 case "$MODE" in
 engine)
   /tmp/zimage bench --check --model random --device cuda --sizes "${CHECK_SIZES:-1024x1024}" --steps 8 \
-      --out "$OUT/zimage_check.json" 2>&1 | grep -v '^ ' | tee "$OUT/zimage_check.log"
+      --out "$OUT/zimage_check.json" 2>&1 | grep -v '^ ' 
   bench_mem random_bf16 --model random --sizes 1024x1024,2048x2048
   bench_mem random_fp8 --model random --fp8 --sizes 1024x1024,2048x2048
-  /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | tee "$OUT/zimage_ops.log" | head -40
+  /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | head -60
   ;;
 parity)
-  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tee "$OUT/make.log"
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -20
   /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \
       --out /tmp/ours.safetensors --device cuda 2>&1 | tee "$OUT/parity_run.log"
   python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json"
@@ -47,6 +48,15 @@ parity)
   bench_mem disk_fp8_2048 --model /tmp/zfull --fp8 --sizes 2048x2048
   bench_mem disk_bf16_2048 --model /tmp/zfull --sizes 2048x2048
   ;;
+memory)
+  # FP8 from a diffusers folder on local disk at 1024x1024: load time, memory after load, peak;
+  # then diffusers compile + torchao FP8 under a time limit (its compilation is long).
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
+  bench_mem disk_fp8_1024 --model /tmp/zfull --fp8 --sizes 1024x1024
+  timeout "${FP8_LIMIT:-300}" python3 scripts/gpu/full_size.py bench --modes compile_fp8 --sizes 1024 \
+      --json "$OUT/diffusers_compile_fp8.json" 2>&1 | grep -v "it/s]" | tail -12 || echo "compile_fp8: stopped after ${FP8_LIMIT:-300} s"
+  ;;
 baseline)
   bench_mem random_fp8_1024 --model random --fp8 --sizes 1024x1024
   bench_mem random_bf16_1024 --model random --sizes 1024x1024
@@ -54,6 +64,6 @@ baseline)
       --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | tail -40
   ;;
 *)
-  echo "unknown mode $MODE (engine, parity or baseline)"; exit 2
+  echo "unknown mode $MODE (engine, parity, memory or baseline)"; exit 2
   ;;
 esac

@@ -55,6 +55,8 @@ struct Run {
     png_encode_ms: f64,
     /// Prompt in, PNG bytes out.
     total_ms: f64,
+    /// Largest device memory in use seen at a step boundary (CUDA only).
+    memory_at_steps_mib: Option<f64>,
 }
 
 #[derive(Serialize)]
@@ -77,6 +79,8 @@ struct Report {
     fp8: bool,
     text_encoder_resident: bool,
     load_ms: f64,
+    /// Device memory in use after loading (CUDA only, whole device).
+    memory_after_load_mib: Option<f64>,
     sizes: Vec<SizeReport>,
 }
 
@@ -108,6 +112,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     };
     device.synchronize()?;
     let load_ms = ms(t.elapsed());
+    let memory_after_load_mib = engine::pipeline::device_memory_used_mib(&device);
     if a.check {
         return check(&mut pipe, &a, &device);
     }
@@ -145,6 +150,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         fp8: pipe.is_fp8(),
         text_encoder_resident: pipe.text_encoder_resident(),
         load_ms,
+        memory_after_load_mib,
         sizes,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -160,8 +166,12 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
     let start = Instant::now();
     let mut last = None;
     let mut steps_ms = Vec::new();
+    let mut mem_max: Option<f64> = None;
     let out = pipe.generate(req, &mut |_ev| {
         let _ = device.synchronize();
+        if let Some(m) = engine::pipeline::device_memory_used_mib(device) {
+            mem_max = Some(mem_max.map_or(m, |v: f64| v.max(m)));
+        }
         let now = Instant::now();
         if let Some(prev) = last.replace(now) {
             steps_ms.push(ms(now - prev));
@@ -195,6 +205,7 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
         vae_decode_ms: ms(out.timings.vae_decode),
         png_encode_ms,
         total_ms,
+        memory_at_steps_mib: mem_max,
     })
 }
 
