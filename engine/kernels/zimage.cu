@@ -28,8 +28,22 @@ __device__ __forceinline__ float warp_sum(float v) {
     return v;
 }
 
-// amax_bits[0] = max(amax_bits[0], bits of max |x|). Non-negative floats order like their bits, so
-// an integer atomicMax is a float max. amax_bits must be zeroed before the first launch.
+// amax_bits[0] = max(amax_bits[0], the largest m of the block's threads); m >= 0. Non-negative
+// floats order like their bits, so an integer atomicMax is a float max.
+__device__ __forceinline__ void block_amax(float m, unsigned int* amax_bits) {
+    m = warp_max(m);
+    __shared__ float partial[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        m = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
+        m = warp_max(m);
+        if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
+    }
+}
+
+// amax_bits[0] = max(amax_bits[0], bits of max |x|); amax_bits must be zeroed before the first launch.
 extern "C" __global__ void zimage_amax_bf16(const bf16_bits* __restrict__ x, unsigned long long n,
                                             unsigned int* __restrict__ amax_bits) {
     float m = 0.0f;
@@ -48,16 +62,7 @@ extern "C" __global__ void zimage_amax_bf16(const bf16_bits* __restrict__ x, uns
     for (unsigned long long i = n8 * 8 + (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
         m = fmaxf(m, fabsf(bf16_to_f32(x[i])));
     }
-    m = warp_max(m);
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = m;
-    __syncthreads();
-    if (warp == 0) {
-        m = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
-        m = warp_max(m);
-        if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
-    }
+    block_amax(m, amax_bits);
 }
 
 // E4M3 conversions exist from sm_89 (Ada, Hopper); the host refuses FP8 on older cards, so the
@@ -166,16 +171,7 @@ extern "C" __global__ void zimage_swiglu_amax_bf16(const unsigned int* __restric
         m = fmaxf(m, fmaxf(fabsf(bf16_to_f32(o0)), fabsf(bf16_to_f32(o1))));
         out[i] = (unsigned int)o0 | ((unsigned int)o1 << 16);
     }
-    m = warp_max(m);
-    __shared__ float partial[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) partial[warp] = m;
-    __syncthreads();
-    if (warp == 0) {
-        m = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
-        m = warp_max(m);
-        if (lane == 0) atomicMax(amax_bits, __float_as_uint(m));
-    }
+    block_amax(m, amax_bits);
 }
 
 // E4M3 -> f32 (no scale), two elements per thread step. n must be even.

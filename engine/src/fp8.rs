@@ -80,7 +80,12 @@ impl Fp8Weight {
     pub fn matmul(&self, x: &QuantizedActivation, out_dtype: DType) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if let (Some(gemm), true) = (&self.ctx.gemm, out_dtype == DType::BF16) {
-            return gemm.matmul(&x.q, &x.scale, &self.q, self.scale);
+            // cuBLASLt FP8 wants both matrix widths in multiples of 16 (true of the real model);
+            // other shapes (the tiny model) take the emulated product.
+            let (n, k) = (self.q.dims()[0], self.q.dims()[1]);
+            if n % 16 == 0 && k % 16 == 0 {
+                return gemm.matmul(&x.q, &x.scale, &self.q, self.scale);
+            }
         }
         self.matmul_emulated(x, out_dtype)
     }
@@ -103,8 +108,14 @@ impl QuantizedActivation {
 /// Per-tensor E4M3 quantization: (q, scale) with q = round(x / scale), scale = amax / 448.
 pub fn quantize(x: &Tensor) -> Result<(Tensor, Tensor)> {
     #[cfg(feature = "cuda")]
-    if x.device().is_cuda() && x.dtype() == DType::BF16 && x.elem_count() % 8 == 0 {
-        return crate::cuda::quantize_e4m3(&x.contiguous()?);
+    if x.device().is_cuda() {
+        if x.dtype() == DType::BF16 && x.elem_count() % 8 == 0 {
+            return crate::cuda::quantize_e4m3(&x.contiguous()?);
+        }
+        // Other shapes or dtypes (the tiny model): on the host, because candle 0.11's CUDA casts
+        // to and from F8E4M3 look up kernels under names candle-kernels does not define.
+        let (q, s) = quantize(&x.to_device(&Device::Cpu)?)?;
+        return Ok((q.to_device(x.device())?, s.to_device(x.device())?));
     }
     let xf = x.to_dtype(DType::F32)?;
     let amax = xf.abs()?.max_all()?;
@@ -119,8 +130,11 @@ pub fn quantize(x: &Tensor) -> Result<(Tensor, Tensor)> {
 /// E4M3 values as f32 (no scale applied).
 pub fn e4m3_to_f32(q: &Tensor) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
-    if q.device().is_cuda() && q.elem_count() % 2 == 0 {
-        return crate::cuda::e4m3_to_f32(q);
+    if q.device().is_cuda() {
+        if q.elem_count() % 2 == 0 {
+            return crate::cuda::e4m3_to_f32(q);
+        }
+        return q.to_device(&Device::Cpu)?.to_dtype(DType::F32)?.to_device(q.device());
     }
     q.to_dtype(DType::F32)
 }

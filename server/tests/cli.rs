@@ -42,6 +42,31 @@ fn generate_writes_a_png_with_parameters_and_info_reads_them() {
 }
 
 #[test]
+fn fp8_and_freed_text_encoder_options_generate_a_close_image() {
+    let d = tmp("fp8");
+    let args = |out: &PathBuf| -> Vec<String> {
+        ["generate", "--model", "tiny", "--device", "cpu", "--prompt", "a red fox", "--width", "64", "--height", "64",
+         "--steps", "3", "--seed", "9", "--out", out.to_str().unwrap()]
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    };
+    let (plain, quant) = (d.join("plain.png"), d.join("fp8.png"));
+    let o = zimage().args(args(&plain)).output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = zimage().args(args(&quant)).args(["--fp8", "--free-text-encoder"]).output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{stderr}");
+    assert!(stderr.contains("transformer in FP8"), "{stderr}");
+    let (a, b) = (image::open(&plain).unwrap().to_rgb8(), image::open(&quant).unwrap().to_rgb8());
+    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>()
+        / a.as_raw().len() as f64;
+    assert!(mse > 0.0, "FP8 changed nothing: were the weights quantized?");
+    let psnr = 10.0 * (255.0f64 * 255.0 / mse).log10();
+    assert!(psnr > 20.0, "FP8 image too far from the full-precision one: PSNR {psnr:.1} dB");
+}
+
+#[test]
 fn image_to_image_and_the_tiny_folder_round_trip() {
     let d = tmp("i2i");
     let model = d.join("tiny-model");

@@ -102,6 +102,13 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
                 "note: this is the built-in tiny model with random weights; images will look like noise."
             );
         }
+        // Say how the model is held, next to the device, in the studio's model line.
+        let label = match (pipeline.is_fp8(), pipeline.text_encoder_resident()) {
+            (false, true) => label,
+            (true, true) => format!("{label} (FP8 transformer)"),
+            (false, false) => format!("{label} (text encoder loaded per prompt)"),
+            (true, false) => format!("{label} (FP8 transformer, text encoder loaded per prompt)"),
+        };
         generators.push((label, Arc::new(pipeline)));
     }
     let studio = Studio::start(generators, store.clone(), opts.queue_capacity);
