@@ -1,6 +1,6 @@
 //! Numerics shared by the model components, written to match the PyTorch reference: norms compute
 //! their statistics in f32 whatever the activation dtype (fused kernels), attention dispatches to flash attention
-//! when built with the `flash-attn` feature and running on CUDA.
+//! when built with the `flash-attn` (FA2) or `flash-attn-v3` (FA3, Hopper) feature and running on CUDA.
 
 use candle_core::{DType, Module, Result, Tensor, D};
 
@@ -64,6 +64,13 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// Scaled dot-product attention over (B, L, H, D) tensors (the layout linear layers produce and
 /// flash attention reads), no mask, scale 1/sqrt(D); returns (B, L, H, D). Softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "flash-attn-v3")]
+    {
+        if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
+            let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
+            return candle_flash_attn_v3::flash_attn(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, false, false);
+        }
+    }
     #[cfg(feature = "flash-attn")]
     {
         if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
