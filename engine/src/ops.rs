@@ -20,21 +20,25 @@ impl RmsNorm {
 }
 
 impl RmsNorm {
-    /// rms_norm(x) * weight * scale, with `scale` (dim) folded into the weight: one fused pass
-    /// instead of a norm plus a broadcast multiply over the whole activation.
+    /// The weight in `dtype`, times a per-channel `scale` when given: folding the scale into the
+    /// (dim-sized) weight spares a broadcast multiply over the whole activation.
+    fn scaled_weight(&self, dtype: DType, scale: Option<&Tensor>) -> Result<Tensor> {
+        let w = self.weight.to_dtype(dtype)?;
+        match scale {
+            Some(s) => w.mul(&s.to_dtype(dtype)?),
+            None => Ok(w),
+        }
+    }
+
+    /// rms_norm(x) * weight * scale in one fused pass.
     pub fn forward_scaled(&self, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
-        let w = self.weight.to_dtype(x.dtype())?.mul(&scale.to_dtype(x.dtype())?)?;
+        let w = self.scaled_weight(x.dtype(), Some(scale))?;
         candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
     }
-}
 
-impl RmsNorm {
     /// x + rms_norm(y) * weight [* scale]: a block's (gated) residual. One fused pass on CUDA bf16.
     pub fn add_to(&self, x: &Tensor, y: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
-        let w = match scale {
-            Some(s) => self.weight.to_dtype(y.dtype())?.mul(&s.to_dtype(y.dtype())?)?,
-            None => self.weight.to_dtype(y.dtype())?,
-        };
+        let w = self.scaled_weight(y.dtype(), scale)?;
         #[cfg(feature = "cuda")]
         if y.device().is_cuda() && y.dtype() == DType::BF16 && x.dtype() == DType::BF16 {
             return crate::cuda::add_rms_norm(x, y, &w, self.eps as f32);
@@ -143,13 +147,6 @@ impl Linear {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self { weight: LinearWeight::Dense(weight), bias })
-    }
-    /// The weight as the layer multiplies it (dequantized for FP8 layers).
-    pub fn weight(&self) -> Result<Tensor> {
-        match &self.weight {
-            LinearWeight::Dense(w) => Ok(w.clone()),
-            LinearWeight::Fp8(w) => w.dequantize(DType::F32),
-        }
     }
     pub fn is_fp8(&self) -> bool {
         matches!(self.weight, LinearWeight::Fp8(_))

@@ -188,7 +188,8 @@ type TextEncoderLoader = Box<dyn Fn() -> Result<TextEncoder> + Send + Sync>;
 
 enum TextEncoderSlot {
     Resident(TextEncoder),
-    OnDemand(TextEncoderLoader),
+    /// Loaded per prompt; `hidden` is the configured width, checked against the transformer once.
+    OnDemand { load: TextEncoderLoader, hidden: usize },
 }
 
 /// A loaded model, ready to generate. Holds no per-request state, so one instance can serve
@@ -228,10 +229,6 @@ impl Pipeline {
     /// Loads a model in the device's default dtype.
     pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
         Self::load_with_options(source, device, default_dtype(device), LoadOptions::default())
-    }
-
-    pub fn load_with_dtype(source: &ModelSource, device: &Device, dtype: DType) -> Result<Self> {
-        Self::load_with_options(source, device, dtype, LoadOptions::default())
     }
 
     pub fn load_with_options(source: &ModelSource, device: &Device, dtype: DType, opts: LoadOptions) -> Result<Self> {
@@ -274,6 +271,7 @@ impl Pipeline {
             transformer.quantize_fp8()?;
         }
 
+        let hidden = te_cfg.hidden_size;
         let te_weights = files.text_encoder.weights.clone();
         let te_device = device.clone();
         let load_te: TextEncoderLoader = Box::new(move || {
@@ -282,7 +280,7 @@ impl Pipeline {
             ensure_no_problems("text_encoder", &problems)?;
             text_encoder
         });
-        let text_encoder = Self::text_encoder_slot(load_te, opts)?;
+        let text_encoder = Self::text_encoder_slot(load_te, hidden, opts)?;
 
         let (vb, problems) = checked_var_builder(&files.vae.weights, dtype, device)?;
         let vae = AutoencoderKl::new(&vae_cfg, vb);
@@ -292,9 +290,9 @@ impl Pipeline {
         Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny)
     }
 
-    fn text_encoder_slot(load: TextEncoderLoader, opts: LoadOptions) -> Result<TextEncoderSlot> {
+    fn text_encoder_slot(load: TextEncoderLoader, hidden: usize, opts: LoadOptions) -> Result<TextEncoderSlot> {
         Ok(if opts.free_text_encoder {
-            TextEncoderSlot::OnDemand(load)
+            TextEncoderSlot::OnDemand { load, hidden }
         } else {
             TextEncoderSlot::Resident(load()?)
         })
@@ -339,7 +337,9 @@ impl Pipeline {
             transformer.quantize_fp8()?;
         }
         let te_cfg = te_cfg.clone();
-        let text_encoder = Self::text_encoder_slot(Box::new(move || Ok(TextEncoder::new(&te_cfg, te_vb.clone())?)), opts)?;
+        let hidden = te_cfg.hidden_size;
+        let text_encoder =
+            Self::text_encoder_slot(Box::new(move || Ok(TextEncoder::new(&te_cfg, te_vb.clone())?)), hidden, opts)?;
         let vae = AutoencoderKl::new(vae_cfg, vae_vb)?;
         Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny)
     }
@@ -358,7 +358,7 @@ impl Pipeline {
     ) -> Result<Self> {
         let hidden = match &text_encoder {
             TextEncoderSlot::Resident(te) => te.hidden_size(),
-            TextEncoderSlot::OnDemand(_) => transformer.config().cap_feat_dim,
+            TextEncoderSlot::OnDemand { hidden, .. } => *hidden,
         };
         let cap = transformer.config().cap_feat_dim;
         if cap != hidden {
@@ -413,20 +413,7 @@ impl Pipeline {
     pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.text_encoder {
             TextEncoderSlot::Resident(te) => te.encode_ids(ids),
-            TextEncoderSlot::OnDemand(load) => {
-                let te = load()?;
-                if te.hidden_size() != self.transformer.config().cap_feat_dim {
-                    return Err(Error::WeightMismatch {
-                        component: "pipeline".into(),
-                        problems: vec![format!(
-                            "transformer cap_feat_dim {} != text encoder hidden size {}",
-                            self.transformer.config().cap_feat_dim,
-                            te.hidden_size()
-                        )],
-                    });
-                }
-                te.encode_ids(ids)
-            }
+            TextEncoderSlot::OnDemand { load, .. } => load()?.encode_ids(ids),
         }
     }
     pub fn is_fp8(&self) -> bool {

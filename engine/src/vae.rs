@@ -89,20 +89,26 @@ impl GroupNorm {
         })
     }
 
-    /// silu(group_norm(x)): one fused kernel on CUDA bf16.
+    /// silu(group_norm(x)).
     fn forward_silu(&self, x: &Tensor) -> Result<Tensor> {
-        #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && x.dtype() == DType::BF16 {
-            return Ok(crate::cuda::group_norm(x, &self.weight, &self.bias, self.num_groups, GROUP_NORM_EPS as f32, true)?);
-        }
-        Ok(candle_nn::ops::silu(&self.forward(x)?)?)
+        self.normalize(x, true)
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        self.normalize(x, false)
+    }
+
+    /// group_norm(x), then SiLU when `silu`: one fused kernel on CUDA bf16, candle ops elsewhere.
+    fn normalize(&self, x: &Tensor, silu: bool) -> Result<Tensor> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.dtype() == DType::BF16 {
-            return Ok(crate::cuda::group_norm(x, &self.weight, &self.bias, self.num_groups, GROUP_NORM_EPS as f32, false)?);
+            return Ok(crate::cuda::group_norm(x, &self.weight, &self.bias, self.num_groups, GROUP_NORM_EPS as f32, silu)?);
         }
+        let y = self.normalize_composed(x)?;
+        Ok(if silu { candle_nn::ops::silu(&y)? } else { y })
+    }
+
+    fn normalize_composed(&self, x: &Tensor) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let dtype = x.dtype();
         let grouped = x

@@ -93,6 +93,17 @@ fn median(mut v: Vec<f64>) -> f64 {
     }
 }
 
+/// "1024x1024,2048x2048" -> [(1024, 1024), (2048, 2048)].
+fn parse_sizes(spec: &str) -> Result<Vec<(usize, usize)>> {
+    spec.split(',')
+        .map(|size| {
+            size.split_once('x')
+                .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
+                .with_context(|| format!("size `{size}` is not WxH"))
+        })
+        .collect()
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -117,11 +128,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         return check(&mut pipe, &a, &device);
     }
     let mut sizes = Vec::new();
-    for size in a.sizes.split(',') {
-        let (w, h) = size
-            .split_once('x')
-            .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-            .with_context(|| format!("size `{size}` is not WxH"))?;
+    for (w, h) in parse_sizes(&a.sizes)? {
         let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: a.steps, seed: 1, ..Default::default() };
         req.validate()?;
         let mut runs = Vec::new();
@@ -387,15 +394,7 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
 
     let mut quality = Vec::new();
     let mut bf16_runs = Vec::new();
-    let sizes: Vec<(usize, usize)> = a
-        .sizes
-        .split(',')
-        .map(|size| {
-            size.split_once('x')
-                .and_then(|(w, h)| Some((w.trim().parse().ok()?, h.trim().parse().ok()?)))
-                .with_context(|| format!("size `{size}` is not WxH"))
-        })
-        .collect::<Result<_>>()?;
+    let sizes = parse_sizes(&a.sizes)?;
     let req = |w: usize, h: usize| GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: a.steps, seed: 7, ..Default::default() };
     for &(w, h) in &sizes {
         let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
