@@ -110,18 +110,19 @@ extern "C" __global__ void zimage_quantize_e4m3_bf16(const bf16_bits* __restrict
 // Fused per-head RMSNorm (optional) + interleaved rotary embedding, in the (B, L, H, D) layout that
 // the linear layers produce and flash attention consumes, so no transposes or dtype casts are
 // materialized. One warp per (b, l, h) row; statistics and rotation in f32, one rounding to bf16.
-// x, out: rows x d bf16 (row = (b * L + l) * H + h); weight: d f32 (ignored when has_weight == 0);
-// cos, sin: L x d/2 f32.
+// x: one token's H heads of d values every token_stride elements (token = b * L + l), so q, k or v
+// can be read straight out of a fused qkv product; out: rows x d bf16, contiguous
+// (row = (b * L + l) * H + h); weight: d f32 (ignored when has_weight == 0); cos, sin: L x d/2 f32.
 extern "C" __global__ void zimage_qk_norm_rope_bf16(const bf16_bits* __restrict__ x, const float* __restrict__ weight,
                                                    const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                                    bf16_bits* __restrict__ out, unsigned int rows,
                                                    unsigned int seq_len, unsigned int heads, unsigned int d,
-                                                   int has_weight, float eps) {
+                                                   unsigned long long token_stride, int has_weight, float eps) {
     unsigned int warps_per_block = blockDim.x >> 5;
     unsigned int row = blockIdx.x * warps_per_block + (threadIdx.x >> 5);
     unsigned int lane = threadIdx.x & 31;
     if (row >= rows) return;
-    const bf16_bits* xr = x + (unsigned long long)row * d;
+    const bf16_bits* xr = x + (unsigned long long)(row / heads) * token_stride + (unsigned long long)(row % heads) * d;
     bf16_bits* outr = out + (unsigned long long)row * d;
     unsigned int l = (row / heads) % seq_len;
     const float* c = cos_t + (unsigned long long)l * (d / 2);
@@ -154,14 +155,17 @@ extern "C" __global__ void zimage_qk_norm_rope_bf16(const bf16_bits* __restrict_
 }
 
 // out = silu(gate) * up, elementwise over bf16, f32 math, and the running max |out| for the FP8
-// quantization that follows (amax_bits zeroed before launch). n a multiple of 2.
-extern "C" __global__ void zimage_swiglu_amax_bf16(const unsigned int* __restrict__ gate, const unsigned int* __restrict__ up,
+// quantization that follows (amax_bits zeroed before launch). gate_up holds each row's gate then its
+// up values (the fused w1|w3 product, row_pairs pairs of each per row); out is rows x 2*row_pairs.
+extern "C" __global__ void zimage_swiglu_amax_bf16(const unsigned int* __restrict__ gate_up,
                                                    unsigned int* __restrict__ out, unsigned long long n_pairs,
-                                                   unsigned int* __restrict__ amax_bits) {
+                                                   unsigned long long row_pairs, unsigned int* __restrict__ amax_bits) {
     float m = 0.0f;
     unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
     for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n_pairs; i += stride) {
-        unsigned int g = gate[i], u = up[i];
+        unsigned long long row = i / row_pairs, p = i - row * row_pairs;
+        const unsigned int* gr = gate_up + row * 2 * row_pairs;
+        unsigned int g = gr[p], u = gr[row_pairs + p];
         float g0 = __uint_as_float(g << 16), g1 = __uint_as_float(g & 0xffff0000u);
         float u0 = __uint_as_float(u << 16), u1 = __uint_as_float(u & 0xffff0000u);
         // silu is rounded to bf16 before the product, as torch computes F.silu(x1) * x3 in bf16.

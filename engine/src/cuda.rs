@@ -25,6 +25,19 @@ fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     }
 }
 
+/// The (major, minor) compute capability of the tensor's GPU.
+pub fn compute_capability(t: &Tensor) -> Result<(i32, i32)> {
+    device_compute_capability(&cuda_device(t)?)
+}
+
+fn device_compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+    use cudarc::driver::sys::CUdevice_attribute as Attr;
+    let ctx = dev.cuda_stream().context().clone();
+    let major = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
+    let minor = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?;
+    Ok((major, minor))
+}
+
 /// Runs `f` on the tensor's CUDA slice of element type T (contiguous, offset applied).
 fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
     t: &Tensor,
@@ -107,29 +120,30 @@ pub fn e4m3_to_f32(q: &Tensor) -> Result<Tensor> {
 }
 
 /// silu(gate) * up in bf16 (silu rounded first, as torch does) and its E4M3 quantization, with
-/// the amax taken in the same pass that writes the product.
-pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
-    let dev = cuda_device(gate)?;
-    let n = gate.elem_count();
-    if gate.dims() != up.dims() || n % 8 != 0 || gate.dtype() != DType::BF16 || up.dtype() != DType::BF16 {
-        bail!("swiglu_quantized: two bf16 tensors of one shape with a multiple of 8 elements");
+/// the amax taken in the same pass that writes the product. `gate_up` (rows, 2 * hidden) is the
+/// fused w1|w3 product: each row's gate values then its up values. Returns (rows, hidden) tensors.
+pub fn swiglu_quantized(gate_up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
+    let dev = cuda_device(gate_up)?;
+    let (rows, width) = gate_up.dims2()?;
+    let hidden = width / 2;
+    if width % 2 != 0 || hidden % 2 != 0 || (rows * hidden) % 8 != 0 || gate_up.dtype() != DType::BF16 {
+        bail!("swiglu_quantized: bf16 (rows, 2 * hidden) with an even hidden and rows * hidden a multiple of 8");
     }
-    let (gate, up) = (gate.contiguous()?, up.contiguous()?);
+    let gate_up = gate_up.contiguous()?;
+    let n = rows * hidden;
     let amax = dev.alloc_zeros::<u32>(1)?;
     let mut out = unsafe { dev.alloc::<bf16>(n)? };
-    let pairs = (n / 2) as u64;
-    with_slice::<bf16, _>(&gate, |gs| {
-        with_slice::<bf16, _>(&up, |us| {
-            let f = dev.get_or_load_custom_func("zimage_swiglu_amax_bf16", MODULE, PTX)?;
-            let mut b = f.builder();
-            b.arg(&gs);
-            b.arg(&us);
-            b.arg(&mut out);
-            b.arg(&pairs);
-            b.arg(&amax);
-            unsafe { b.launch(launch_cfg(grid_for(n / 2))) }.w()?;
-            Ok(())
-        })
+    let (pairs, row_pairs) = ((n / 2) as u64, (hidden / 2) as u64);
+    with_slice::<bf16, _>(&gate_up, |gs| {
+        let f = dev.get_or_load_custom_func("zimage_swiglu_amax_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&gs);
+        b.arg(&mut out);
+        b.arg(&pairs);
+        b.arg(&row_pairs);
+        b.arg(&amax);
+        unsafe { b.launch(launch_cfg(grid_for(n / 2))) }.w()?;
+        Ok(())
     })?;
     let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
     let mut scale = unsafe { dev.alloc::<f32>(1)? };
@@ -142,19 +156,31 @@ pub fn swiglu_quantized(gate: &Tensor, up: &Tensor) -> Result<(Tensor, Tensor, T
     b.arg(&mut q);
     b.arg(&mut scale);
     unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
-    let dims = gate.dims();
-    Ok((wrap(out, &dev, dims), wrap(q, &dev, dims), wrap(scale, &dev, &[1])))
+    let dims = [rows, hidden];
+    Ok((wrap(out, &dev, &dims), wrap(q, &dev, &dims), wrap(scale, &dev, &[1])))
+}
+
+/// The token stride of a (B, L, H, D) tensor whose heads and dims are packed ([.., .., D, 1]) and
+/// whose tokens are evenly spaced ([L * ts, ts, ..]): contiguous tensors and head-range views of a
+/// fused qkv product alike.
+fn token_stride(x: &Tensor) -> Option<usize> {
+    let (_, l, h, d) = x.dims4().ok()?;
+    let st = x.stride();
+    let packed = st[3] == 1 && (st[2] == d || h == 1) && st[1] >= h * d;
+    (packed && (st[0] == l * st[1] || x.dims()[0] == 1)).then_some(st[1])
 }
 
 /// Fused per-head RMSNorm + interleaved RoPE on (B, L, H, D) bf16; `weight` (D) f32 or None;
-/// cos/sin (L, D/2) f32. Output (B, L, H, D) bf16, contiguous.
+/// cos/sin (L, D/2) f32. x may be a head-range view of a fused qkv product (see `token_stride`).
+/// Output (B, L, H, D) bf16, contiguous.
 pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let (b, l, h, d) = x.dims4()?;
     if x.dtype() != DType::BF16 || d % 2 != 0 || cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
         bail!("qk_norm_rope: bf16 (B, L, H, D) with f32 tables (L, D/2)");
     }
-    let x = x.contiguous()?;
+    let x = if token_stride(x).is_some() { x.clone() } else { x.contiguous()? };
+    let ts = token_stride(&x).expect("a contiguous tensor has a token stride") as u64;
     let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
     let w = match weight {
         Some(w) => w.to_dtype(DType::F32)?.contiguous()?,
@@ -164,42 +190,50 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
     let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
     let (rows32, l32, h32, d32) = (rows as u32, l as u32, h as u32, d as u32);
     let has_weight: i32 = weight.is_some() as i32;
-    with_slice::<bf16, _>(&x, |xs| {
-        with_slice::<f32, _>(&w, |ws| {
-            with_slice::<f32, _>(&cos, |cs| {
-                with_slice::<f32, _>(&sin, |ss| {
-                    let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_bf16", MODULE, PTX)?;
-                    let mut bld = f.builder();
-                    bld.arg(&xs);
-                    bld.arg(&ws);
-                    bld.arg(&cs);
-                    bld.arg(&ss);
-                    bld.arg(&mut out);
-                    bld.arg(&rows32);
-                    bld.arg(&l32);
-                    bld.arg(&h32);
-                    bld.arg(&d32);
-                    bld.arg(&has_weight);
-                    bld.arg(&eps);
-                    let warps_per_block = THREADS / 32;
-                    let blocks = (rows as u32).div_ceil(warps_per_block);
-                    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
-                    Ok(())
-                })
+    let (st, layout) = x.storage_and_layout();
+    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
+    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    with_slice::<f32, _>(&w, |ws| {
+        with_slice::<f32, _>(&cos, |cs| {
+            with_slice::<f32, _>(&sin, |ss| {
+                let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&ws);
+                bld.arg(&cs);
+                bld.arg(&ss);
+                bld.arg(&mut out);
+                bld.arg(&rows32);
+                bld.arg(&l32);
+                bld.arg(&h32);
+                bld.arg(&d32);
+                bld.arg(&ts);
+                bld.arg(&has_weight);
+                bld.arg(&eps);
+                let warps_per_block = THREADS / 32;
+                let blocks = (rows as u32).div_ceil(warps_per_block);
+                unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+                Ok(())
             })
         })
     })?;
+    drop(st);
     Ok(wrap(out, &dev, &[b, l, h, d]))
 }
 
-/// One cached cuBLASLt plan: descriptors and the heuristic's algorithm for an (m, n, k) shape.
+/// One cached cuBLASLt plan for an (m, n, k) shape: descriptors, the heuristic's candidate
+/// algorithms, and (once timed on the first call) the fastest of them.
 struct Plan {
     desc: sys::cublasLtMatmulDesc_t,
     a: sys::cublasLtMatrixLayout_t,
     b: sys::cublasLtMatrixLayout_t,
     d: sys::cublasLtMatrixLayout_t,
-    algo: sys::cublasLtMatmulAlgo_t,
+    candidates: Vec<sys::cublasLtMatmulAlgo_t>,
+    chosen: Option<sys::cublasLtMatmulAlgo_t>,
 }
+
+/// How many algorithms the heuristic is asked for when autotuning; its first pick otherwise.
+const AUTOTUNE_CANDIDATES: i32 = 8;
 
 /// cuBLASLt FP8 matmuls on one device: D(bf16) = alpha * scale_b * (W_q · X_qᵀ) in f32 accumulation.
 pub struct Fp8Gemm {
@@ -207,6 +241,7 @@ pub struct Fp8Gemm {
     workspace: Mutex<CudaSlice<u8>>,
     workspace_size: usize,
     plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    autotune: bool,
     stream: Arc<CudaStream>,
     dev: CudaDevice,
 }
@@ -220,19 +255,27 @@ fn lt_err(e: lt::CublasError) -> candle_core::Error {
 }
 
 impl Fp8Gemm {
-    pub fn new(dev: &CudaDevice) -> Result<Self> {
-        use cudarc::driver::sys::CUdevice_attribute as Attr;
+    /// `autotune`: time the heuristic's candidate algorithms on each shape's first call and keep the
+    /// fastest; otherwise take the heuristic's first pick.
+    pub fn new(dev: &CudaDevice, autotune: bool) -> Result<Self> {
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
-        let major = stream.context().attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;
-        let minor = stream.context().attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR).w()?;
+        let (major, minor) = device_compute_capability(dev)?;
         if (major, minor) < (8, 9) {
             bail!("FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is {major}.{minor}: run without --fp8");
         }
         let handle = lt::create_handle().map_err(lt_err)?;
         let workspace_size = 32 << 20;
         let workspace = dev.alloc_zeros::<u8>(workspace_size)?;
-        Ok(Self { handle, workspace: Mutex::new(workspace), workspace_size, plans: Mutex::new(HashMap::new()), stream, dev: dev.clone() })
+        Ok(Self {
+            handle,
+            workspace: Mutex::new(workspace),
+            workspace_size,
+            plans: Mutex::new(HashMap::new()),
+            autotune,
+            stream,
+            dev: dev.clone(),
+        })
     }
 
     fn plan(&self, m: usize, n: usize, k: usize) -> Result<Plan> {
@@ -262,10 +305,22 @@ impl Fp8Gemm {
                 std::mem::size_of_val(&ws),
             )
             .map_err(lt_err)?;
-            let heur = lt::get_matmul_algo_heuristic(self.handle, desc, a, b, d, d, pref).map_err(lt_err);
+            let wanted = if self.autotune { AUTOTUNE_CANDIDATES } else { 1 };
+            let mut results: Vec<sys::cublasLtMatmulHeuristicResult_t> = Vec::with_capacity(wanted as usize);
+            let mut found = 0i32;
+            let status = sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, wanted, results.as_mut_ptr(), &mut found);
             lt::destroy_matmul_pref(pref).map_err(lt_err)?;
-            let heur = heur.map_err(|e| candle_core::Error::Msg(format!("no cuBLASLt FP8 algorithm for m={m} n={n} k={k}: {e}")))?;
-            Ok(Plan { desc, a, b, d, algo: heur.algo })
+            if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found <= 0 {
+                bail!("no cuBLASLt FP8 algorithm for m={m} n={n} k={k}: {status:?}");
+            }
+            results.set_len(found as usize);
+            let candidates: Vec<_> = results
+                .iter()
+                .filter(|r| r.state == sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS)
+                .map(|r| r.algo)
+                .collect();
+            let chosen = (candidates.len() == 1).then(|| candidates[0]);
+            Ok(Plan { desc, a, b, d, candidates, chosen })
         }
     }
 
@@ -286,7 +341,8 @@ impl Fp8Gemm {
             let p = self.plan(m, n, k)?;
             plans.insert((m, n, k), p);
         }
-        let plan = &plans[&(m, n, k)];
+        let plan = plans.get_mut(&(m, n, k)).expect("plan inserted above");
+        let (desc, a_layout, b_layout, d_layout) = (plan.desc, plan.a, plan.b, plan.d);
         let mut ws = self.workspace.lock().expect("fp8 workspace poisoned");
         let x_q = x_q.contiguous()?;
         let w_q = w_q.contiguous()?;
@@ -300,41 +356,72 @@ impl Fp8Gemm {
                     let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
                     let alpha = w_scale;
                     let beta = 0f32;
-                    unsafe {
-                        lt::set_matmul_desc_attribute(
-                            plan.desc,
-                            sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                            &s_ptr as *const _ as *const _,
-                            std::mem::size_of_val(&s_ptr),
-                        )
-                        .map_err(lt_err)?;
-                        lt::matmul(
-                            self.handle,
-                            plan.desc,
-                            &alpha as *const f32 as *const _,
-                            &beta as *const f32 as *const _,
-                            w_ptr as *const _,
-                            plan.a,
-                            x_ptr as *const _,
-                            plan.b,
-                            o_ptr as *const _,
-                            plan.d,
-                            o_ptr as *mut _,
-                            plan.d,
-                            &plan.algo,
-                            ws_ptr as *mut _,
-                            self.workspace_size,
-                            self.stream.cu_stream() as *mut _,
-                        )
-                        .map_err(lt_err)?;
+                    let launch = |algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
+                        unsafe {
+                            lt::set_matmul_desc_attribute(
+                                desc,
+                                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                                &s_ptr as *const _ as *const _,
+                                std::mem::size_of_val(&s_ptr),
+                            )
+                            .map_err(lt_err)?;
+                            lt::matmul(
+                                self.handle,
+                                desc,
+                                &alpha as *const f32 as *const _,
+                                &beta as *const f32 as *const _,
+                                w_ptr as *const _,
+                                a_layout,
+                                x_ptr as *const _,
+                                b_layout,
+                                o_ptr as *const _,
+                                d_layout,
+                                o_ptr as *mut _,
+                                d_layout,
+                                algo,
+                                ws_ptr as *mut _,
+                                self.workspace_size,
+                                self.stream.cu_stream() as *mut _,
+                            )
+                            .map_err(lt_err)
+                        }
+                    };
+                    if plan.chosen.is_none() {
+                        plan.chosen = Some(self.fastest(&plan.candidates, &launch)?);
                     }
-                    Ok(())
+                    launch(plan.chosen.as_ref().expect("chosen above"))
                 })
             })
         })?;
         drop(ws);
         drop(plans);
         Ok(wrap(out, &self.dev, &[m, n]))
+    }
+
+    /// The candidate with the lowest time over a few launches (after one warm-up launch each);
+    /// candidates that fail to launch are skipped.
+    fn fastest(
+        &self,
+        candidates: &[sys::cublasLtMatmulAlgo_t],
+        launch: &dyn Fn(&sys::cublasLtMatmulAlgo_t) -> Result<()>,
+    ) -> Result<sys::cublasLtMatmulAlgo_t> {
+        let mut best: Option<(f64, sys::cublasLtMatmulAlgo_t)> = None;
+        for algo in candidates {
+            if launch(algo).is_err() {
+                continue;
+            }
+            self.stream.synchronize().w()?;
+            let t = std::time::Instant::now();
+            for _ in 0..3 {
+                launch(algo)?;
+            }
+            self.stream.synchronize().w()?;
+            let secs = t.elapsed().as_secs_f64();
+            if best.map_or(true, |(b, _)| secs < b) {
+                best = Some((secs, *algo));
+            }
+        }
+        best.map(|(_, a)| a).ok_or_else(|| candle_core::Error::Msg("no cuBLASLt FP8 algorithm could be launched".into()))
     }
 }
 

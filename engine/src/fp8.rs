@@ -21,18 +21,24 @@ pub struct Fp8Context {
 }
 
 impl Fp8Context {
+    /// With cuBLASLt algorithm autotuning (see `crate::cuda::Fp8Gemm::new`).
     pub fn new(device: &Device) -> Result<Self> {
+        Self::with_autotune(device, true)
+    }
+
+    /// `autotune` false takes cuBLASLt's first heuristic pick for every shape (for comparisons).
+    pub fn with_autotune(device: &Device, autotune: bool) -> Result<Self> {
         #[cfg(feature = "cuda")]
         {
             let gemm = match device {
-                Device::Cuda(dev) => Some(Arc::new(crate::cuda::Fp8Gemm::new(dev)?)),
+                Device::Cuda(dev) => Some(Arc::new(crate::cuda::Fp8Gemm::new(dev, autotune)?)),
                 _ => None,
             };
             Ok(Self { gemm })
         }
         #[cfg(not(feature = "cuda"))]
         {
-            let _ = device;
+            let _ = (device, autotune);
             Ok(Self {})
         }
     }

@@ -68,20 +68,29 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
 /// Scaled dot-product attention over (B, L, H, D) tensors (the layout linear layers produce and
 /// flash attention reads), no mask, scale 1/sqrt(D); returns (B, L, H, D). Softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
-    #[cfg(feature = "flash-attn-v3")]
-    {
-        if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
-            let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
-            return candle_flash_attn_v3::flash_attn(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, false, false);
+    #[cfg(any(feature = "flash-attn", feature = "flash-attn-v3"))]
+    if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
+        // Flash attention reads batch, token and head strides: views whose head dim is packed (v
+        // straight out of the fused qkv product) need no copy.
+        let packed = |t: &Tensor| -> Result<Tensor> {
+            if t.stride().last() == Some(&1) { Ok(t.clone()) } else { t.contiguous() }
+        };
+        let (q, k, v) = (packed(q)?, packed(k)?, packed(v)?);
+        let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
+        // FlashAttention-3 is built for Hopper (sm_90) only; other cards take FlashAttention-2.
+        #[cfg(feature = "flash-attn-v3")]
+        if crate::cuda::compute_capability(&q)?.0 == 9 {
+            return candle_flash_attn_v3::flash_attn(&q, &k, &v, scale, false, false);
         }
+        #[cfg(feature = "flash-attn")]
+        return candle_flash_attn::flash_attn(&q, &k, &v, scale, false);
     }
-    #[cfg(feature = "flash-attn")]
-    {
-        if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
-            let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
-            return candle_flash_attn::flash_attn(&q.contiguous()?, &k.contiguous()?, &v.contiguous()?, scale, false);
-        }
-    }
+    attention_composed(q, k, v)
+}
+
+/// `attention` from candle ops: softmax(q kᵀ / sqrt(d)) v with the softmax in f32 (the CPU path,
+/// and the reference the flash kernels are checked against).
+pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
     let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
@@ -147,6 +156,17 @@ impl Linear {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
         Ok(Self { weight: LinearWeight::Dense(weight), bias })
+    }
+    /// One layer computing several layers' outputs side by side (their weights concatenated along
+    /// the output dim), e.g. q, k and v from one input: one matmul instead of several. Loaded in
+    /// `vb`'s dtype and device, as `new` does.
+    pub fn fused(in_dim: usize, out_dims: &[usize], vbs: &[candle_nn::VarBuilder]) -> Result<Self> {
+        let weights = out_dims
+            .iter()
+            .zip(vbs)
+            .map(|(&out, vb)| vb.get((out, in_dim), "weight"))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None })
     }
     pub fn is_fp8(&self) -> bool {
         matches!(self.weight, LinearWeight::Fp8(_))

@@ -46,41 +46,39 @@ impl TimestepEmbedder {
     }
 }
 
+/// SwiGLU feed-forward: w2(silu(w1 x) * w3 x), with w1 and w3 as one fused layer (gate then up).
 struct FeedForward {
-    w1: Linear,
+    w13: Linear,
     w2: Linear,
-    w3: Linear,
+    hidden: usize,
 }
 
 impl FeedForward {
     fn new(dim: usize, hidden: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
-            w1: Linear::new(dim, hidden, false, vb.pp("w1"))?,
+            w13: Linear::fused(dim, &[hidden, hidden], &[vb.pp("w1"), vb.pp("w3")])?,
             w2: Linear::new(hidden, dim, false, vb.pp("w2"))?,
-            w3: Linear::new(dim, hidden, false, vb.pp("w3"))?,
+            hidden,
         })
     }
     fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
-        for l in [&mut self.w1, &mut self.w2, &mut self.w3] {
-            l.quantize_fp8(ctx)?;
-        }
-        Ok(())
+        self.w13.quantize_fp8(ctx)?;
+        self.w2.quantize_fp8(ctx)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let input = self.w1.prepare(x)?;
-        let (gate, up) = (self.w1.forward_input(&input)?, self.w3.forward_input(&input)?);
+        let gate_up = self.w13.forward(x)?;
         #[cfg(feature = "cuda")]
-        if self.w2.is_fp8() && gate.device().is_cuda() && gate.dtype() == DType::BF16 {
+        if self.w2.is_fp8() && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 {
             // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2.
-            let dims = gate.dims().to_vec();
-            let rows: usize = dims[..dims.len() - 1].iter().product();
-            let hidden = dims[dims.len() - 1];
-            let (gate2, up2) = (gate.reshape((rows, hidden))?, up.reshape((rows, hidden))?);
-            let (h, q, scale) = crate::cuda::swiglu_quantized(&gate2, &up2)?;
+            let dims = gate_up.dims().to_vec();
+            let lead = dims[..dims.len() - 1].to_vec();
+            let rows: usize = lead.iter().product();
+            let (h, q, scale) = crate::cuda::swiglu_quantized(&gate_up.reshape((rows, 2 * self.hidden))?)?;
             let q = crate::fp8::QuantizedActivation { q, scale };
-            let input = crate::ops::LinearInput::from_parts(dims[..dims.len() - 1].to_vec(), h, Some(q));
-            return self.w2.forward_input(&input);
+            return self.w2.forward_input(&crate::ops::LinearInput::from_parts(lead, h, Some(q)));
         }
+        let gate = gate_up.narrow(D::Minus1, 0, self.hidden)?;
+        let up = gate_up.narrow(D::Minus1, self.hidden, self.hidden)?;
         self.w2.forward(&(gate.silu()? * up)?)
     }
 }
@@ -131,14 +129,16 @@ impl Rope {
     }
 }
 
+/// Self-attention with q, k and v from one fused layer (its output holds the q heads, then the k
+/// heads, then the v heads of each token).
 struct Attention {
-    to_q: Linear,
-    to_k: Linear,
-    to_v: Linear,
+    to_qkv: Linear,
     to_out: Linear,
     norm_q: Option<RmsNorm>,
     norm_k: Option<RmsNorm>,
     n_heads: usize,
+    n_kv_heads: usize,
+    head_dim: usize,
 }
 
 impl Attention {
@@ -149,35 +149,30 @@ impl Attention {
         } else {
             (None, None)
         };
+        let (q_out, kv_out) = (cfg.n_heads * hd, cfg.n_kv_heads * hd);
         Ok(Self {
-            to_q: Linear::new(dim, cfg.n_heads * hd, false, vb.pp("to_q"))?,
-            to_k: Linear::new(dim, cfg.n_kv_heads * hd, false, vb.pp("to_k"))?,
-            to_v: Linear::new(dim, cfg.n_kv_heads * hd, false, vb.pp("to_v"))?,
+            to_qkv: Linear::fused(dim, &[q_out, kv_out, kv_out], &[vb.pp("to_q"), vb.pp("to_k"), vb.pp("to_v")])?,
             to_out: Linear::new(cfg.n_heads * hd, dim, false, vb.pp("to_out.0"))?,
             norm_q,
             norm_k,
             n_heads: cfg.n_heads,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: hd,
         })
     }
     fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
-        for l in [&mut self.to_q, &mut self.to_k, &mut self.to_v, &mut self.to_out] {
-            l.quantize_fp8(ctx)?;
-        }
-        Ok(())
+        self.to_qkv.quantize_fp8(ctx)?;
+        self.to_out.quantize_fp8(ctx)
     }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         let (b, l, _) = x.dims3()?;
-        let split = |t: Tensor| -> Result<Tensor> {
-            let hd = t.dim(D::Minus1)? / self.n_heads;
-            t.reshape((b, l, self.n_heads, hd))
-        };
-        // One flattening (and for FP8, one quantization) of x serves q, k and v.
-        let input = self.to_q.prepare(x)?;
-        let q = split(self.to_q.forward_input(&input)?)?;
-        let k = split(self.to_k.forward_input(&input)?)?;
-        let v = split(self.to_v.forward_input(&input)?)?;
-        let q = rope.apply(&q, self.norm_q.as_ref())?;
-        let k = rope.apply(&k, self.norm_k.as_ref())?;
+        let (h, kv) = (self.n_heads, self.n_kv_heads);
+        // (B, L, H + 2 KV, D); q, k and v are head-range views of it, read in place by the fused
+        // norm + RoPE kernel and by flash attention.
+        let qkv = self.to_qkv.forward(x)?.reshape((b, l, h + 2 * kv, self.head_dim))?;
+        let q = rope.apply(&qkv.narrow(2, 0, h)?, self.norm_q.as_ref())?;
+        let k = rope.apply(&qkv.narrow(2, h, kv)?, self.norm_k.as_ref())?;
+        let v = qkv.narrow(2, h + kv, kv)?;
         let out = attention(&q, &k, &v)?; // (B, L, H, D)
         self.to_out.forward(&out.reshape((b, l, ()))?)
     }

@@ -4,6 +4,9 @@
 #                               # then zimage bench on those weights from local disk (load time, memory)
 #   scripts/gpu/run.sh baseline # zimage bench --model random (FP8, bf16) then diffusers eager / compile, same call
 #   scripts/gpu/run.sh engine   # zimage only: kernel checks + FP8 quality, bf16 and FP8 benches, op profile
+#   scripts/gpu/run.sh attention # FlashAttention-2 build (dist/zimage.xz) against FlashAttention-3 build
+#                               # (dist/zimage-fa3.xz), same call: checks, op profiles, FP8 benches
+# BIN=dist/other.xz picks another binary for the single-binary modes.
 set -euo pipefail
 MODE=${1:?parity or baseline}
 OUT=${OUT:-/tmp/out}
@@ -15,7 +18,7 @@ export LD_LIBRARY_PATH=$NV/cu13/lib${CUDNN_DIR:+:$CUDNN_DIR}${LD_LIBRARY_PATH:+:
 export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
-xz -dc dist/zimage.xz > /tmp/zimage && chmod +x /tmp/zimage
+xz -dc "${BIN:-dist/zimage.xz}" > /tmp/zimage && chmod +x /tmp/zimage
 # Few files come back from the device: per-run JSON, and one summary.txt (card, peak memory).
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
@@ -57,6 +60,20 @@ memory)
   timeout "${FP8_LIMIT:-300}" python3 scripts/gpu/full_size.py bench --modes compile_fp8 --sizes 1024 \
       --json "$OUT/diffusers_compile_fp8.json" 2>&1 | grep -v "it/s]" | tail -12 || echo "compile_fp8: stopped after ${FP8_LIMIT:-300} s"
   ;;
+attention)
+  xz -dc dist/zimage-fa3.xz > /tmp/zimage-fa3 && chmod +x /tmp/zimage-fa3
+  /tmp/zimage-fa3 bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/zimage_fa3_check.json" 2>&1 | grep -v '^ '
+  for b in zimage zimage-fa3; do
+    echo "== $b op profile"; /tmp/$b bench --ops --device cuda 2>&1 | grep -v '^ ' | grep -v '^vae\|^candle conv\|^\[\|^\]' | head -40
+  done
+  for b in zimage zimage-fa3; do
+    w=$(mem_watch "/tmp/mem_$b.log")
+    /tmp/$b bench --device cuda --steps 8 --runs 3 --model random --fp8 --sizes 1024x1024,2048x2048 \
+        --out "$OUT/${b}_random_fp8.json" 2>&1 | grep -v '^ '
+    kill "$w"; echo "$b FP8 peak GPU memory (MiB, nvidia-smi, whole process): $(peak "/tmp/mem_$b.log")" | tee -a "$OUT/summary.txt"
+  done
+  ;;
 baseline)
   bench_mem random_fp8_1024 --model random --fp8 --sizes 1024x1024
   bench_mem random_bf16_1024 --model random --sizes 1024x1024
@@ -64,6 +81,6 @@ baseline)
       --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | tail -40
   ;;
 *)
-  echo "unknown mode $MODE (engine, parity, memory or baseline)"; exit 2
+  echo "unknown mode $MODE (engine, attention, parity, memory or baseline)"; exit 2
   ;;
 esac

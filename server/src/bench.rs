@@ -267,16 +267,38 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
         ("transpose (B, L, H, D) <-> (B, H, L, D) copy", 2, time_op(device, || q4.transpose(1, 2)?.contiguous())?),
     ];
     rows.push(("attention (1, 4224, 30, 128)", 1, time_op(device, || engine::ops::attention(&q4, &q4, &q4))?));
+    let qkv = r(&[1, l, 3 * h, hd])?;
+    let (qv, kv, vv) = (qkv.narrow(2, 0, h)?, qkv.narrow(2, h, h)?, qkv.narrow(2, 2 * h, h)?);
+    rows.push(("attention on qkv views (x0: shown, not summed)", 0, time_op(device, || engine::ops::attention(&qv, &kv, &vv))?));
     rows.push(("fused qk norm + rope (1, 4224, 30, 128)", 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
     {
         use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
-        let ctx = Fp8Context::new(device)?;
-        let (f_dd, f_fd, f_df) = (Fp8Weight::quantize(&w_dd, &ctx)?, Fp8Weight::quantize(&w_fd, &ctx)?, Fp8Weight::quantize(&w_df, &ctx)?);
+        // The block's FP8 products as the model runs them (q|k|v fused, w1|w3 fused, out, w2),
+        // with cuBLASLt's first heuristic pick (x0: shown, not summed) and autotuned.
+        let w_qkv = r(&[3 * d, d])?;
+        let w_13 = r(&[2 * f, d])?;
         let (xq, hq) = (QuantizedActivation::new(&x2)?, QuantizedActivation::new(&hidden.reshape((l, f))?)?);
         rows.push(("fp8 quantize activation (L, 3840)", 2, time_op(device, || QuantizedActivation::new(&x2).map(|q| q.q))?));
-        rows.push(("fp8 matmul L x 3840 x 3840", 4, time_op(device, || f_dd.matmul(&xq, dtype))?));
-        rows.push(("fp8 matmul L x 3840 -> 10240", 2, time_op(device, || f_fd.matmul(&xq, dtype))?));
-        rows.push(("fp8 matmul L x 10240 -> 3840", 1, time_op(device, || f_df.matmul(&hq, dtype))?));
+        for autotune in [false, true] {
+            let ctx = Fp8Context::with_autotune(device, autotune)?;
+            let q = |w: &Tensor| Fp8Weight::quantize(w, &ctx);
+            let (f_qkv, f_13, f_dd, f_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
+            let n = autotune as usize;
+            let label = |s: &'static str, t: &'static str| if autotune { t } else { s };
+            rows.push((label("fp8 matmul L x 3840 -> 11520 (qkv), heuristic", "fp8 matmul L x 3840 -> 11520 (qkv), tuned"), n, time_op(device, || f_qkv.matmul(&xq, dtype))?));
+            rows.push((label("fp8 matmul L x 3840 -> 20480 (w1|w3), heuristic", "fp8 matmul L x 3840 -> 20480 (w1|w3), tuned"), n, time_op(device, || f_13.matmul(&xq, dtype))?));
+            rows.push((label("fp8 matmul L x 3840 x 3840 (out), heuristic", "fp8 matmul L x 3840 x 3840 (out), tuned"), n, time_op(device, || f_dd.matmul(&xq, dtype))?));
+            rows.push((label("fp8 matmul L x 10240 -> 3840 (w2), heuristic", "fp8 matmul L x 10240 -> 3840 (w2), tuned"), n, time_op(device, || f_df.matmul(&hq, dtype))?));
+        }
+        let gate_up = r(&[l, 2 * f])?;
+        rows.push(("fused swiglu + amax + quantize (L, 2 x 10240)", 1, time_op(device, || {
+            #[cfg(feature = "cuda")]
+            if device.is_cuda() {
+                return engine::cuda::swiglu_quantized(&gate_up).map(|t| t.0);
+            }
+            let g = gate_up.narrow(1, 0, f)?;
+            g.silu()? * gate_up.narrow(1, f, f)?
+        })?));
     }
     vae_profile(device, dtype)?;
     let mut total = 0.0;
@@ -338,6 +360,30 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     let fused = engine::ops::qk_norm_rope(&q4, Some(&norm), &cos, &sin)?;
     let composed = engine::ops::qk_norm_rope_composed(&q4, Some(&norm), &cos, &sin)?;
     kernels.push(KernelCheck { name: "qk_norm_rope fused vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
+    // The same on a head-range view of a fused qkv product (read in place by the kernel), and
+    // attention (flash kernels on CUDA) on such views against the composed softmax.
+    let qkv = (r(&[1, l, 3 * h, hd])? * 3.0)?;
+    let k_view = qkv.narrow(2, h, h)?;
+    let fused = engine::ops::qk_norm_rope(&k_view, Some(&norm), &cos, &sin)?;
+    let composed = engine::ops::qk_norm_rope_composed(&k_view.contiguous()?, Some(&norm), &cos, &sin)?;
+    kernels.push(KernelCheck { name: "qk_norm_rope fused on a qkv view vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
+    let (qa, ka, va) = (
+        engine::ops::qk_norm_rope(&qkv.narrow(2, 0, h)?, Some(&norm), &cos, &sin)?,
+        engine::ops::qk_norm_rope(&k_view, Some(&norm), &cos, &sin)?,
+        qkv.narrow(2, 2 * h, h)?,
+    );
+    let got = engine::ops::attention(&qa, &ka, &va)?;
+    let want = engine::ops::attention_composed(&qa, &ka, &va.contiguous()?)?;
+    kernels.push(KernelCheck { name: "attention (1, 4224, 30, 128) on qkv views vs composed softmax".into(), relative_l2: relative_l2(&got, &want)? });
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() {
+        let gate_up = (r(&[l, 2 * f])? * 2.0)?;
+        let composed = (gate_up.narrow(1, 0, f)?.silu()? * gate_up.narrow(1, f, f)?)?;
+        let (h_fused, q_fused, s_fused) = engine::cuda::swiglu_quantized(&gate_up)?;
+        kernels.push(KernelCheck { name: "swiglu fused (gate|up rows) vs candle ops".into(), relative_l2: relative_l2(&h_fused, &composed)? });
+        let back = engine::fp8::e4m3_to_f32(&q_fused)?.broadcast_mul(&s_fused)?;
+        kernels.push(KernelCheck { name: "swiglu fused: its E4M3 output vs its bf16 output".into(), relative_l2: relative_l2(&back, &h_fused)? });
+    }
     let res_vb = candle_nn::VarBuilder::from_tensors(
         [("weight".to_string(), (r(&[d])?.abs()? + 0.5)?)].into_iter().collect(),
         dtype,
