@@ -55,6 +55,16 @@ impl Module for RmsNorm {
     }
 }
 
+/// a · b, batched like `Tensor::matmul`. candle's CPU backend has no bf16 matmul: there bf16
+/// operands are multiplied in f32 and the product rounded once to bf16, which is what bf16 GEMMs
+/// on GPUs (and torch's on CPU) compute, accumulating in f32.
+pub fn matmul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    if a.device().is_cpu() && a.dtype() == DType::BF16 {
+        return a.to_dtype(DType::F32)?.matmul(&b.to_dtype(DType::F32)?)?.to_dtype(DType::BF16);
+    }
+    a.matmul(b)
+}
+
 /// LayerNorm without affine parameters (statistics in f32).
 pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
@@ -88,16 +98,20 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     attention_composed(q, k, v)
 }
 
-/// `attention` from candle ops: softmax(q kᵀ / sqrt(d)) v with the softmax in f32 (the CPU path,
-/// and the reference the flash kernels are checked against).
+/// `attention` from candle ops, computed as flash attention does (the CPU path, and the reference
+/// the flash kernels are checked against): scores and softmax statistics in f32, the unnormalized
+/// probabilities rounded to the input dtype for the product with v (accumulated in f32), then
+/// divided by their f32 row sums and rounded once.
 pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
     let dtype = q.dtype();
     let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
-    let (q, k, v) = (q.transpose(1, 2)?, k.transpose(1, 2)?, v.transpose(1, 2)?);
-    let q = (q.contiguous()? * scale)?;
-    let scores = q.matmul(&k.t()?.contiguous()?)?;
-    let probs = candle_nn::ops::softmax_last_dim(&scores.to_dtype(DType::F32)?)?.to_dtype(dtype)?;
-    probs.matmul(&v.contiguous()?)?.transpose(1, 2)
+    let f32_heads = |t: &Tensor| t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous();
+    let (q, k, v) = (f32_heads(q)?, f32_heads(k)?, f32_heads(v)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let p = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+    let row_sum = p.sum_keepdim(D::Minus1)?;
+    let p = p.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    p.matmul(&v)?.broadcast_div(&row_sum)?.to_dtype(dtype)?.transpose(1, 2)
 }
 
 /// Per-head RMSNorm (when `norm` is given) then interleaved RoPE, on (B, L, H, D) queries or keys;
@@ -197,7 +211,7 @@ impl Linear {
     }
     pub fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
         let mut y = match &self.weight {
-            LinearWeight::Dense(w) => x.dense.matmul(&w.t()?)?,
+            LinearWeight::Dense(w) => matmul(&x.dense, &w.t()?)?,
             LinearWeight::Fp8(w) => match &x.fp8 {
                 Some(q) => w.matmul(q, x.dense.dtype())?,
                 None => w.matmul(&QuantizedActivation::new(&x.dense)?, x.dense.dtype())?,
@@ -209,6 +223,13 @@ impl Linear {
         let mut out_dims = x.lead_dims.clone();
         out_dims.push(self.out_dim());
         y.reshape(out_dims)
+    }
+}
+
+impl std::fmt::Debug for Linear {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kind = if self.is_fp8() { "fp8" } else { "dense" };
+        write!(f, "Linear({kind}, out {}, bias {})", self.out_dim(), self.bias.is_some())
     }
 }
 

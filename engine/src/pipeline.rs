@@ -722,6 +722,24 @@ mod tests {
     }
 
     #[test]
+    fn bf16_pipeline_runs_on_cpu_close_to_f32() {
+        // The GPU compute dtype on the CPU (matmuls and convolutions in f32 with bf16 rounding):
+        // bf16 rounding gives about 5e-3 (0.35 levels); a wrong cast or layout gives O(1).
+        let p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::BF16, LoadOptions::default()).unwrap();
+        assert_eq!(p.dtype(), DType::BF16);
+        let e = expected();
+        let req = request(&expected_json()["t2i"], &e["t2i.noise"]);
+        let got = p.generate(&req, &mut |_| Control::Continue).unwrap();
+        let want = fixture_pipeline().generate(&req, &mut |_| Control::Continue).unwrap();
+        let rel = crate::fp8::relative_l2(&got.latents, &want.latents).unwrap();
+        assert!(rel > 1e-5 && rel < 2.5e-2, "bf16 latents relative L2 {rel}");
+        let img = |o: &GenerateOutput| o.images[0].as_raw().iter().map(|&v| v as f32).collect::<Vec<_>>();
+        let (g, w) = (img(&got), img(&want));
+        let mean_abs = g.iter().zip(&w).map(|(a, b)| (a - b).abs()).sum::<f32>() / g.len() as f32;
+        assert!(mean_abs < 1.5, "bf16 image differs by {mean_abs} levels on average");
+    }
+
+    #[test]
     fn freed_text_encoder_gives_the_same_image() {
         let opts = LoadOptions { fp8: false, free_text_encoder: true };
         let p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, opts).unwrap();

@@ -67,7 +67,7 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// `x @ w^T` for x of shape (L, in) and a (out, in) weight.
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
-    Ok(x.matmul(&w.t()?)?)
+    Ok(crate::ops::matmul(x, &w.t()?)?)
 }
 
 struct Attention {
@@ -137,13 +137,13 @@ impl Attention {
         // of one kv head are stacked along the sequence axis.
         let q = q.reshape((nkv, rep * l, hd))?;
         let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (q.matmul(&k.t()?)? * scale)?; // (nkv, rep*L, L)
+        let scores = (crate::ops::matmul(&q, &k.t()?)? * scale)?; // (nkv, rep*L, L)
         let scores = scores
             .to_dtype(DType::F32)?
             .reshape((nh, l, l))?
             .broadcast_add(mask)?;
         let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = probs.reshape((nkv, rep * l, l))?.matmul(&v)?; // (nkv, rep*L, hd)
+        let out = crate::ops::matmul(&probs.reshape((nkv, rep * l, l))?, &v)?; // (nkv, rep*L, hd)
         let out = out
             .reshape((nh, l, hd))?
             .transpose(0, 1)?

@@ -6,9 +6,10 @@
 //! computed in f32 whatever that dtype is.
 
 use candle_core::{DType, Module, Tensor};
-use candle_nn::{Linear, VarBuilder};
+use candle_nn::VarBuilder;
 
 use crate::config::VaeConfig;
+use crate::ops::Linear;
 use crate::error::{Error, Result};
 
 /// diffusers builds every VAE GroupNorm (ResNet blocks, attention, conv_norm_out) with eps 1e-6.
@@ -190,6 +191,13 @@ impl Conv2d {
         if let (Some(cudnn), DType::BF16) = (&self.ctx.cudnn, x.dtype()) {
             return Ok(cudnn.conv2d(x, &self.weight, Some(&self.bias), self.padding, self.stride)?);
         }
+        if x.device().is_cpu() && x.dtype() == DType::BF16 {
+            // candle's CPU convolution has no bf16 kernel: f32 products rounded once to bf16, as a
+            // bf16 convolution with f32 accumulation on a GPU computes them.
+            let y = x.to_dtype(DType::F32)?.conv2d(&self.weight.to_dtype(DType::F32)?, self.padding, self.stride, 1, 1)?;
+            let bias = self.bias.to_dtype(DType::F32)?.reshape((1, (), 1, 1))?;
+            return Ok(y.broadcast_add(&bias)?.to_dtype(DType::BF16)?);
+        }
         // The CPU backend already tiles its im2col and cuDNN (the `cudnn` feature) builds none;
         // only candle's CUDA im2col path materializes the full matrix.
         let budget = if x.device().is_cpu() || cfg!(feature = "cudnn") {
@@ -291,10 +299,10 @@ impl MidAttention {
     fn new(channels: usize, groups: usize, vb: VarBuilder) -> Result<Self> {
         Ok(Self {
             group_norm: GroupNorm::new(channels, groups, vb.pp("group_norm"))?,
-            to_q: candle_nn::linear(channels, channels, vb.pp("to_q"))?,
-            to_k: candle_nn::linear(channels, channels, vb.pp("to_k"))?,
-            to_v: candle_nn::linear(channels, channels, vb.pp("to_v"))?,
-            to_out: candle_nn::linear(channels, channels, vb.pp("to_out.0"))?,
+            to_q: Linear::new(channels, channels, true, vb.pp("to_q"))?,
+            to_k: Linear::new(channels, channels, true, vb.pp("to_k"))?,
+            to_v: Linear::new(channels, channels, true, vb.pp("to_v"))?,
+            to_out: Linear::new(channels, channels, true, vb.pp("to_out.0"))?,
         })
     }
 

@@ -7,6 +7,9 @@
   compare:    relative L2 error of each stage between the reference and `zimage parity`'s output.
   bench:      diffusers' own speed on the same card (eager bf16, torch.compile, compile + torchao
               FP8), from prompt embeddings to image, the baseline beside `zimage bench`.
+  sensitivity: how far diffusers' own bf16 transformer output moves at each step when its caption
+              embeddings are perturbed below bf16's resolution: the floor under any per-step
+              comparison of two bf16 implementations that do not round bit for bit alike.
 
 Needs torch, transformers (already on the GPU machine) and diffusers==0.42.1 (+ torchao for the
 FP8 baseline) carried as wheels. The tokenizer is the byte-level one of scripts/make_fixtures.py
@@ -32,10 +35,11 @@ from transformers import Qwen3Config, Qwen3Model  # noqa: E402
 
 from make_fixtures import build_tokenizer  # noqa: E402
 
-# ZIMAGE_SMOKE=1: tiny shapes on the CPU in f32, to check this script before spending GPU time.
+# ZIMAGE_SMOKE=1: tiny shapes on the CPU in f32, to check this script before spending GPU time;
+# with ZIMAGE_SMOKE_DTYPE=bf16 the tiny run is in bf16 (CPU bf16 parity: `zimage parity --dtype bf16`).
 SMOKE = os.environ.get("ZIMAGE_SMOKE") == "1"
 DEV = "cpu" if SMOKE else "cuda"
-DT = torch.float32 if SMOKE else torch.bfloat16
+DT = torch.bfloat16 if not SMOKE or os.environ.get("ZIMAGE_SMOKE_DTYPE") == "bf16" else torch.float32
 PROMPT = "a red fox in fresh snow at golden hour, 85mm photo, shallow depth of field"
 
 TRANSFORMER = dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=16, dim=3840, n_layers=30,
@@ -51,8 +55,12 @@ VAE = dict(in_channels=3, out_channels=3, latent_channels=16, block_out_channels
            down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4, sample_size=1024)
 
 
-if SMOKE:
+if SMOKE and DT == torch.bfloat16:
+    # Head dim 128 and a few layers, so bf16 rounding compounds somewhat as at full size.
+    TRANSFORMER.update(dim=256, n_layers=6, n_heads=2, n_kv_heads=2, cap_feat_dim=64)
+elif SMOKE:
     TRANSFORMER.update(dim=64, n_layers=2, n_heads=2, n_kv_heads=2, cap_feat_dim=64, axes_dims=[8, 12, 12])
+if SMOKE:
     TEXT.update(vocab_size=300, hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
                 num_key_value_heads=2, head_dim=16)
     VAE.update(block_out_channels=[32, 32, 32, 32], layers_per_block=1)
@@ -128,6 +136,7 @@ def make_model(a):
     for i, (x, v) in enumerate(zip(ins, outs)):
         tensors[f"x.{i}"] = x.squeeze(1).unsqueeze(0)  # (16,1,h,w) -> (1,16,h,w)
         tensors[f"v.{i}"] = v.squeeze(1).unsqueeze(0)
+        tensors[f"t.{i}"] = times[i]
     # The same stages in float32 (upcast weights): the truth both bf16 implementations are judged by.
     pipe.transformer.float()
     pipe.text_encoder.float()
@@ -178,6 +187,29 @@ def compare(a):
             "transformer_per_step": [rel(ref[f"v.{i}"], ref[f"v32.{i}"]) for i in steps],
             "vae_decode_image": rel(ref["image"], ref["image_f32"]),
         }
+    print(json.dumps(rep, indent=1))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump(rep, f, indent=1)
+
+
+def sensitivity(a):
+    from safetensors.torch import load_file
+    ref = load_file(a.ref)
+    transformer = ZImageTransformer2DModel.from_pretrained(os.path.join(a.model_dir, "transformer"), torch_dtype=DT)
+    transformer = transformer.to(DEV).eval()
+    emb = ref["te_embeds"].to(DEV, DT)
+    gen = torch.Generator("cpu").manual_seed(5)
+    noise = torch.randn(emb.shape, generator=gen).to(DEV)
+    perturbed = (emb.float() * (1 + a.eps * noise)).to(DT)
+    steps = sorted(int(k.split(".")[1]) for k in ref if k.startswith("t."))
+    rep = {"eps": a.eps, "embeds_changed_relative_l2": rel(perturbed.cpu(), emb.cpu()), "steps": []}
+    for i in steps:
+        x, t = ref[f"x.{i}"][0].unsqueeze(1).to(DEV, DT), ref[f"t.{i}"].to(DEV)
+        base = transformer([x], t, [emb], return_dict=False)[0][0].float().cpu()
+        moved = transformer([x], t, [perturbed], return_dict=False)[0][0].float().cpu()
+        rep["steps"].append({"reproduces_reference": rel(base, ref[f"v.{i}"][0].unsqueeze(1)),
+                             "perturbed_vs_unperturbed": rel(moved, base)})
     print(json.dumps(rep, indent=1))
     if a.json:
         with open(a.json, "w") as f:
@@ -246,8 +278,13 @@ def main():
     b.add_argument("--steps", type=int, default=8)
     b.add_argument("--runs", type=int, default=3)
     b.add_argument("--json", required=True)
+    e = sub.add_parser("sensitivity")
+    e.add_argument("--model-dir", required=True)
+    e.add_argument("--ref", required=True)
+    e.add_argument("--eps", type=float, default=1e-3)
+    e.add_argument("--json")
     a = p.parse_args()
-    {"make-model": make_model, "compare": compare, "bench": bench}[a.cmd](a)
+    {"make-model": make_model, "compare": compare, "bench": bench, "sensitivity": sensitivity}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -45,6 +45,8 @@ parity)
   /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \
       --out /tmp/ours.safetensors --device cuda 2>&1 | tee "$OUT/parity_run.log"
   python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json"
+  python3 scripts/gpu/full_size.py sensitivity --model-dir /tmp/zfull --ref /tmp/ref.safetensors \
+      --json "$OUT/sensitivity.json" 2>&1 | tail -3
   sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || true
   bench_mem disk_fp8_1024 --model /tmp/zfull --fp8 --sizes 1024x1024
   bench_mem disk_fp8_free_te_1024 --model /tmp/zfull --fp8 --free-text-encoder --sizes 1024x1024

@@ -25,11 +25,21 @@ pub struct ParityArgs {
     out: std::path::PathBuf,
     #[arg(long, default_value = "auto")]
     device: String,
+    /// Compute dtype: auto (f32 on CPU, bf16 on GPUs), f32 or bf16.
+    #[arg(long, default_value = "auto")]
+    dtype: String,
 }
 
 pub fn run(a: ParityArgs) -> Result<()> {
     let device = crate::pick_device(&a.device)?;
-    let pipe = Pipeline::load(&engine::loader::ModelSource::parse(&a.model), &device)?;
+    let dtype = match a.dtype.as_str() {
+        "auto" => engine::pipeline::default_dtype(&device),
+        "f32" => DType::F32,
+        "bf16" => DType::BF16,
+        other => anyhow::bail!("--dtype must be auto, f32 or bf16, not {other}"),
+    };
+    let source = engine::loader::ModelSource::parse(&a.model);
+    let pipe = Pipeline::load_with_options(&source, &device, dtype, Default::default())?;
     let refs = candle_core::safetensors::load(&a.inputs, &candle_core::Device::Cpu)
         .with_context(|| format!("cannot read {}", a.inputs.display()))?;
     let get = |k: &str| refs.get(k).cloned().with_context(|| format!("{} has no `{k}`", a.inputs.display()));
