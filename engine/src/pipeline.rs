@@ -502,6 +502,19 @@ impl Pipeline {
 
     /// Runs one request. `on_step` is called after every step; returning `Control::Cancel` stops
     /// the run with `Error::Cancelled`.
+    /// One small text-to-image and image-to-image run (256x256, two steps, previews on), so that a
+    /// server's first real request does not pay the one-time costs: on CUDA the driver compiles
+    /// every kernel module (PTX) on its first launch, 15-20 s on a machine that never ran them.
+    pub fn warm_up(&self) -> Result<std::time::Duration> {
+        let t = std::time::Instant::now();
+        let req = GenerateRequest { prompt: "warm-up".into(), width: 256, height: 256, steps: 2, preview: true, ..Default::default() };
+        let out = self.generate(&req, &mut |_| Control::Continue)?;
+        let init = out.images.into_iter().next().expect("one image was asked for");
+        let i2i = GenerateRequest { init_image: Some(init), strength: 0.6, ..req };
+        self.generate(&i2i, &mut |_| Control::Continue)?;
+        Ok(t.elapsed())
+    }
+
     pub fn generate(
         &self,
         req: &GenerateRequest,
@@ -719,6 +732,12 @@ mod tests {
         let want = fixture_pipeline().generate(&req, &mut |_| Control::Continue).unwrap();
         let rel = crate::fp8::relative_l2(&got.latents, &want.latents).unwrap();
         assert!(rel > 1e-5 && rel < 0.1, "FP8 latents relative L2 {rel}");
+    }
+
+    #[test]
+    fn warm_up_runs_both_modes() {
+        let p = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
+        assert!(p.warm_up().unwrap() > std::time::Duration::ZERO);
     }
 
     #[test]

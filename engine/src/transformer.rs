@@ -68,11 +68,13 @@ impl FeedForward {
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let gate_up = self.w13.forward(x)?;
         #[cfg(feature = "cuda")]
-        if self.w2.is_fp8() && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 {
-            // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2.
+        let rows = gate_up.elem_count() / (2 * self.hidden);
+        #[cfg(feature = "cuda")]
+        if self.w2.is_fp8() && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 && (rows * self.hidden) % 8 == 0 && self.hidden % 2 == 0 {
+            // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2 (the kernel
+            // works in pairs and quantizes 8 values at a time; other widths take the ops below).
             let dims = gate_up.dims().to_vec();
             let lead = dims[..dims.len() - 1].to_vec();
-            let rows: usize = lead.iter().product();
             let (h, q, scale) = crate::cuda::swiglu_quantized(&gate_up.reshape((rows, 2 * self.hidden))?)?;
             let q = crate::fp8::QuantizedActivation { q, scale };
             return self.w2.forward_input(&crate::ops::LinearInput::from_parts(lead, h, Some(q)));

@@ -97,6 +97,22 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
                 .context("model loading thread")?
                 .with_context(|| format!("loading the model on {label}"))?;
         eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
+        // On GPUs the first run compiles the kernels (once per process): do it before serving.
+        let pipeline = if pipeline.device().is_cpu() {
+            pipeline
+        } else {
+            let (pipeline, warm) = tokio::task::spawn_blocking(move || {
+                let r = pipeline.warm_up();
+                (pipeline, r)
+            })
+            .await
+            .context("warm-up thread")?;
+            match warm {
+                Ok(d) => eprintln!("warmed up on {label} in {d:.1?}"),
+                Err(e) => eprintln!("warning: the warm-up generation on {label} failed: {e}"),
+            }
+            pipeline
+        };
         if generators.is_empty() && pipeline.is_tiny() {
             eprintln!(
                 "note: this is the built-in tiny model with random weights; images will look like noise."
