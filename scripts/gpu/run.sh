@@ -64,15 +64,17 @@ memory)
   ;;
 attention)
   xz -dc dist/zimage-fa3.xz > /tmp/zimage-fa3 && chmod +x /tmp/zimage-fa3
-  /tmp/zimage-fa3 bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
-      --out "$OUT/zimage_fa3_check.json" 2>&1 | grep -v '^ '
   for b in zimage zimage-fa3; do
-    echo "== $b op profile"; /tmp/$b bench --ops --device cuda 2>&1 | grep -v '^ ' | grep -v '^vae\|^candle conv\|^\[\|^\]' | head -40
+    echo "== $b checks"; /tmp/$b bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+        --out "$OUT/${b}_check.json" 2>&1 | grep -v '^ ' || echo "$b: checks failed"
+  done
+  for b in zimage zimage-fa3; do
+    echo "== $b op profile"; /tmp/$b bench --ops --device cuda 2>&1 | grep -v '^ ' | grep -v '^vae\|^candle conv\|^\[\|^\]' | head -40 || echo "$b: op profile failed"
   done
   for b in zimage zimage-fa3; do
     w=$(mem_watch "/tmp/mem_$b.log")
     /tmp/$b bench --device cuda --steps 8 --runs 3 --model random --fp8 --sizes 1024x1024,2048x2048 \
-        --out "$OUT/${b}_random_fp8.json" 2>&1 | grep -v '^ '
+        --out "$OUT/${b}_random_fp8.json" 2>&1 | grep -v '^ ' || echo "$b: bench failed"
     kill "$w"; echo "$b FP8 peak GPU memory (MiB, nvidia-smi, whole process): $(peak "/tmp/mem_$b.log")" | tee -a "$OUT/summary.txt"
   done
   ;;
