@@ -18,6 +18,8 @@ pub enum ErrorKind {
     UnsupportedMedia,
     /// The job queue is full: 503.
     QueueFull,
+    /// The job was cancelled (by a `cancel_job` call) before it finished: 409.
+    Cancelled,
     /// The browser could not reach the server (client side only).
     Network,
     /// Anything else: 500.
@@ -32,6 +34,7 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::UnsupportedMedia => 415,
             ErrorKind::QueueFull => 503,
+            ErrorKind::Cancelled => 409,
             ErrorKind::Network => 502,
             ErrorKind::Internal => 500,
         }

@@ -9,6 +9,7 @@
 //! * `/healthz` — liveness
 //! * everything else — files of the built site (`site_root`), else the 404 page
 
+mod generate_api;
 mod queue;
 mod store;
 mod studio;
@@ -225,6 +226,7 @@ pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) 
     let backend = BackendHandle(studio as Arc<dyn Backend>);
     Router::new()
         .route("/ws", get(ws::ws_handler))
+        .route("/api/generate", axum::routing::post(generate_api::generate))
         .route("/images/{file}", get(image_file))
         .route("/uploads/{file}", get(upload_file))
         .route("/healthz", get(|| async { "ok" }))

@@ -339,6 +339,116 @@ async fn http_errors_are_json_with_status() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_api_answers_with_the_png_or_its_json() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let app = test_router(studio.clone());
+    let body = serde_json::to_value(gen_req("a cat", 4)).unwrap();
+    let png_post = |b: &serde_json::Value| {
+        HttpRequest::builder()
+            .method(Method::POST)
+            .uri("/api/generate")
+            .header("content-type", "application/json")
+            .body(Body::from(b.to_string()))
+            .unwrap()
+    };
+
+    let (s, h, png) = send(&app, png_post(&body)).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&png));
+    assert_eq!(h["content-type"], "image/png");
+    assert_eq!(h["x-seed"], "7");
+    assert_eq!(h["x-size"], "1344x768");
+    assert_eq!(image::load_from_memory(&png).unwrap().dimensions_wh(), (1344, 768));
+    // the same bytes are kept for the share link
+    let id = h["x-image-id"].to_str().unwrap().to_string();
+    assert_eq!(h["content-location"].to_str().unwrap(), format!("/images/{id}.png"));
+    assert_eq!(h["x-share-url"].to_str().unwrap(), format!("/share/{id}"));
+    let (s, _, stored) = send(&app, HttpRequest::builder().uri(format!("/images/{id}.png")).body(Body::empty()).unwrap()).await;
+    assert_eq!((s, stored == png), (StatusCode::OK, true));
+
+    // Accept: application/json -> the JobResult
+    let (s, h, b) = send(&app, json_post("/api/generate", body.clone())).await;
+    assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    assert!(h["content-type"].to_str().unwrap().starts_with("application/json"));
+    let r: app::types::JobResult = serde_json::from_slice(&b).unwrap();
+    assert_eq!((r.width, r.height, r.seed, r.steps), (1344, 768, 7, 4));
+    assert_ne!(r.image_id, id);
+
+    // bad input and unreadable bodies -> 400 {kind, reason}
+    let mut bad = body.clone();
+    bad["steps"] = 99.into();
+    let (s, _, b) = send(&app, png_post(&bad)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert!(e.reason.contains("Steps must be between 4 and 16"), "{}", e.reason);
+    let (s, _, b) = send(&app, png_post(&serde_json::json!({ "prompt": "no kind" }))).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST);
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert_eq!(e.kind, ErrorKind::InvalidInput);
+    assert!(e.reason.contains("not a generation request"), "{}", e.reason);
+
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The id of the next job a worker starts.
+async fn next_started(rx: &mut tokio::sync::broadcast::Receiver<JobEvent>) -> String {
+    loop {
+        if let JobEvent::Started { job_id, .. } = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap() {
+            return job_id;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn generate_api_cancels_the_job_of_a_client_that_left_and_reports_cancels() {
+    let fake = Fake::new(1, true);
+    let (studio, dir) = studio_with(fake.clone(), 4);
+    let app = test_router(studio.clone());
+    let body = serde_json::to_value(gen_req("a cat", 4)).unwrap();
+    let mut rx = studio.queue.subscribe();
+
+    // a client that goes away while its job runs: the job is cancelled, not finished for nobody
+    let call = tokio::spawn({
+        let app = app.clone();
+        let body = body.clone();
+        async move { send(&app, json_post("/api/generate", body)).await }
+    });
+    let job_id = next_started(&mut rx).await;
+    call.abort();
+    let _ = call.await;
+    fake.open();
+    let end = loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), rx.recv()).await.unwrap().unwrap();
+        if ev.is_terminal() && ev.job_id() == job_id {
+            break ev;
+        }
+    };
+    assert!(matches!(end, JobEvent::Cancelled { .. }), "{end:?}");
+
+    // a job cancelled through cancel_job answers its waiting client with 409
+    let fake2 = Fake::new(1, true);
+    let (studio2, dir2) = studio_with(fake2.clone(), 4);
+    let app2 = test_router(studio2.clone());
+    let mut rx2 = studio2.queue.subscribe();
+    let call = tokio::spawn({
+        let app2 = app2.clone();
+        async move { send(&app2, json_post("/api/generate", body)).await }
+    });
+    let job_id = next_started(&mut rx2).await;
+    studio2.cancel(&job_id).unwrap();
+    fake2.open();
+    let (s, _, b) = call.await.unwrap();
+    assert_eq!(s, StatusCode::CONFLICT, "{}", String::from_utf8_lossy(&b));
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert_eq!(e.kind, ErrorKind::Cancelled);
+
+    studio.shutdown();
+    studio2.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+    std::fs::remove_dir_all(dir2).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pages_render_with_frame_headers() {
     let (studio, dir) = studio_with(Fake::new(1, false), 4);
     let app = test_router(studio.clone());
