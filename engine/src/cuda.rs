@@ -179,8 +179,10 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
     if x.dtype() != DType::BF16 || d % 2 != 0 || cos.dims() != [l, d / 2] || sin.dims() != [l, d / 2] {
         bail!("qk_norm_rope: bf16 (B, L, H, D) with f32 tables (L, D/2)");
     }
-    let x = if token_stride(x).is_some() { x.clone() } else { x.contiguous()? };
-    let ts = token_stride(&x).expect("a contiguous tensor has a token stride") as u64;
+    let (x, ts) = match token_stride(x) {
+        Some(ts) => (x.clone(), ts as u64),
+        None => (x.contiguous()?, (h * d) as u64),
+    };
     let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
     let w = match weight {
         Some(w) => w.to_dtype(DType::F32)?.contiguous()?,

@@ -500,8 +500,6 @@ impl Pipeline {
         Ok(Tensor::from_vec(all, (req.n, c, h, w), &Device::Cpu)?.to_device(&self.device)?)
     }
 
-    /// Runs one request. `on_step` is called after every step; returning `Control::Cancel` stops
-    /// the run with `Error::Cancelled`.
     /// One small text-to-image and image-to-image run (256x256, two steps, previews on), so that a
     /// server's first real request does not pay the one-time costs: on CUDA the driver compiles
     /// every kernel module (PTX) on its first launch, 15-20 s on a machine that never ran them.
@@ -515,6 +513,8 @@ impl Pipeline {
         Ok(t.elapsed())
     }
 
+    /// Runs one request. `on_step` is called after every step; returning `Control::Cancel` stops
+    /// the run with `Error::Cancelled`.
     pub fn generate(
         &self,
         req: &GenerateRequest,

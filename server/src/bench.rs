@@ -250,7 +250,7 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
     let cos = Tensor::randn(0f32, 1.0, (l, hd / 2), device)?;
     let sin = Tensor::randn(0f32, 1.0, (l, hd / 2), device)?;
     let x2 = x.reshape((l, d))?;
-    let mut rows: Vec<(&str, usize, f64)> = vec![
+    let mut rows: Vec<(std::borrow::Cow<str>, usize, f64)> = [
         ("matmul L x 3840 x 3840 (q, k, v, out)", 4, time_op(device, || x2.matmul(&w_dd.t()?))?),
         ("matmul L x 3840 -> 10240 (w1, w3)", 2, time_op(device, || x2.matmul(&w_fd.t()?))?),
         ("matmul L x 10240 -> 3840 (w2)", 1, time_op(device, || hidden.reshape((l, f))?.matmul(&w_df.t()?))?),
@@ -265,12 +265,15 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
             candle_nn::rotary_emb::rope_i(&t, &cos, &sin)?.to_dtype(dtype)
         })?),
         ("transpose (B, L, H, D) <-> (B, H, L, D) copy", 2, time_op(device, || q4.transpose(1, 2)?.contiguous())?),
-    ];
-    rows.push(("attention (1, 4224, 30, 128)", 1, time_op(device, || engine::ops::attention(&q4, &q4, &q4))?));
+    ]
+    .into_iter()
+    .map(|(name, n, t): (&'static str, usize, f64)| (name.into(), n, t))
+    .collect();
+    rows.push(("attention (1, 4224, 30, 128)".into(), 1, time_op(device, || engine::ops::attention(&q4, &q4, &q4))?));
     let qkv = r(&[1, l, 3 * h, hd])?;
     let (qv, kv, vv) = (qkv.narrow(2, 0, h)?, qkv.narrow(2, h, h)?, qkv.narrow(2, 2 * h, h)?);
-    rows.push(("attention on qkv views (x0: shown, not summed)", 0, time_op(device, || engine::ops::attention(&qv, &kv, &vv))?));
-    rows.push(("fused qk norm + rope (1, 4224, 30, 128)", 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
+    rows.push(("attention on qkv views (x0: shown, not summed)".into(), 0, time_op(device, || engine::ops::attention(&qv, &kv, &vv))?));
+    rows.push(("fused qk norm + rope (1, 4224, 30, 128)".into(), 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
     {
         use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
         // The block's FP8 products as the model runs them (q|k|v fused, w1|w3 fused, out, w2),
@@ -278,20 +281,23 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
         let w_qkv = r(&[3 * d, d])?;
         let w_13 = r(&[2 * f, d])?;
         let (xq, hq) = (QuantizedActivation::new(&x2)?, QuantizedActivation::new(&hidden.reshape((l, f))?)?);
-        rows.push(("fp8 quantize activation (L, 3840)", 2, time_op(device, || QuantizedActivation::new(&x2).map(|q| q.q))?));
+        rows.push(("fp8 quantize activation (L, 3840)".into(), 2, time_op(device, || QuantizedActivation::new(&x2).map(|q| q.q))?));
         for autotune in [false, true] {
             let ctx = Fp8Context::with_autotune(device, autotune)?;
             let q = |w: &Tensor| Fp8Weight::quantize(w, &ctx);
             let (f_qkv, f_13, f_dd, f_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
-            let n = autotune as usize;
-            let label = |s: &'static str, t: &'static str| if autotune { t } else { s };
-            rows.push((label("fp8 matmul L x 3840 -> 11520 (qkv), heuristic", "fp8 matmul L x 3840 -> 11520 (qkv), tuned"), n, time_op(device, || f_qkv.matmul(&xq, dtype))?));
-            rows.push((label("fp8 matmul L x 3840 -> 20480 (w1|w3), heuristic", "fp8 matmul L x 3840 -> 20480 (w1|w3), tuned"), n, time_op(device, || f_13.matmul(&xq, dtype))?));
-            rows.push((label("fp8 matmul L x 3840 x 3840 (out), heuristic", "fp8 matmul L x 3840 x 3840 (out), tuned"), n, time_op(device, || f_dd.matmul(&xq, dtype))?));
-            rows.push((label("fp8 matmul L x 10240 -> 3840 (w2), heuristic", "fp8 matmul L x 10240 -> 3840 (w2), tuned"), n, time_op(device, || f_df.matmul(&hq, dtype))?));
+            let (n, pick) = if autotune { (1, "tuned") } else { (0, "heuristic") };
+            for (name, w, x) in [
+                ("fp8 matmul L x 3840 -> 11520 (qkv)", &f_qkv, &xq),
+                ("fp8 matmul L x 3840 -> 20480 (w1|w3)", &f_13, &xq),
+                ("fp8 matmul L x 3840 x 3840 (out)", &f_dd, &xq),
+                ("fp8 matmul L x 10240 -> 3840 (w2)", &f_df, &hq),
+            ] {
+                rows.push((format!("{name}, {pick}").into(), n, time_op(device, || w.matmul(x, dtype))?));
+            }
         }
         let gate_up = r(&[l, 2 * f])?;
-        rows.push(("fused swiglu + amax + quantize (L, 2 x 10240)", 1, time_op(device, || {
+        rows.push(("fused swiglu + amax + quantize (L, 2 x 10240)".into(), 1, time_op(device, || {
             #[cfg(feature = "cuda")]
             if device.is_cuda() {
                 return engine::cuda::swiglu_quantized(&gate_up).map(|t| t.0);

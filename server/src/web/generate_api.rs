@@ -74,24 +74,16 @@ pub async fn generate(
 }
 
 async fn png_response(studio: &Studio, result: &JobResult) -> Response {
-    let bytes = match studio.store.image_path(&result.image_id) {
-        Some(path) => tokio::fs::read(path).await.ok(),
-        None => None,
-    };
-    let Some(bytes) = bytes else {
+    let mut res = super::png_file(studio.store.image_path(&result.image_id), "no-store").await;
+    if !res.status().is_success() {
         return StudioError::internal("The finished image could not be read back from the image store.").into_response();
-    };
-    let header = |v: String| HeaderValue::from_str(&v).expect("ids, numbers and paths are valid header values");
-    (
-        [
-            (header::CONTENT_TYPE, HeaderValue::from_static("image/png")),
-            (header::CONTENT_LOCATION, header(result.image_url.clone())),
-            (header::HeaderName::from_static("x-image-id"), header(result.image_id.clone())),
-            (header::HeaderName::from_static("x-share-url"), header(result.share_url.clone())),
-            (header::HeaderName::from_static("x-seed"), header(result.seed.to_string())),
-            (header::HeaderName::from_static("x-size"), header(format!("{}x{}", result.width, result.height))),
-        ],
-        bytes,
-    )
-        .into_response()
+    }
+    let value = |v: String| HeaderValue::from_str(&v).expect("ids, numbers and paths are valid header values");
+    let headers = res.headers_mut();
+    headers.insert(header::CONTENT_LOCATION, value(result.image_url.clone()));
+    headers.insert("x-image-id", value(result.image_id.clone()));
+    headers.insert("x-share-url", value(result.share_url.clone()));
+    headers.insert("x-seed", value(result.seed.to_string()));
+    headers.insert("x-size", value(format!("{}x{}", result.width, result.height)));
+    res
 }

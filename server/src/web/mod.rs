@@ -243,6 +243,7 @@ pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) 
         .with_state(state)
 }
 
+/// A stored PNG with the given Cache-Control, or 404 JSON.
 async fn png_file(path: Option<std::path::PathBuf>, cache: &'static str) -> Response {
     let missing = || StudioError::not_found("No such image.").into_response();
     let Some(path) = path else { return missing() };
