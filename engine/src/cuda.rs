@@ -30,7 +30,7 @@ pub fn compute_capability(t: &Tensor) -> Result<(i32, i32)> {
     device_compute_capability(&cuda_device(t)?)
 }
 
-fn device_compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
+pub fn device_compute_capability(dev: &CudaDevice) -> Result<(i32, i32)> {
     use cudarc::driver::sys::CUdevice_attribute as Attr;
     let ctx = dev.cuda_stream().context().clone();
     let major = ctx.attribute(Attr::CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR).w()?;

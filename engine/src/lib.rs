@@ -9,6 +9,7 @@ pub mod config;
 pub mod cuda;
 pub mod error;
 pub mod fp8;
+pub mod graph;
 pub mod loader;
 pub mod ops;
 pub mod pipeline;

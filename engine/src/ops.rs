@@ -25,26 +25,46 @@ impl RmsNorm {
     fn scaled_weight(&self, dtype: DType, scale: Option<&Tensor>) -> Result<Tensor> {
         let w = self.weight.to_dtype(dtype)?;
         match scale {
-            Some(s) => w.mul(&s.to_dtype(dtype)?),
+            // A scale row (dim) or one row per step (S, dim).
+            Some(s) => w.broadcast_mul(&s.to_dtype(dtype)?),
             None => Ok(w),
         }
     }
 
     /// rms_norm(x) * weight * scale in one fused pass.
     pub fn forward_scaled(&self, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
-        let w = self.scaled_weight(x.dtype(), Some(scale))?;
-        candle_nn::ops::rms_norm(&x.contiguous()?, &w, self.eps as f32)
+        rms_norm_weighted(x, &self.scaled_weight(x.dtype(), Some(scale))?, self.eps)
     }
 
     /// x + rms_norm(y) * weight [* scale]: a block's (gated) residual. One fused pass on CUDA bf16.
     pub fn add_to(&self, x: &Tensor, y: &Tensor, scale: Option<&Tensor>) -> Result<Tensor> {
-        let w = self.scaled_weight(y.dtype(), scale)?;
-        #[cfg(feature = "cuda")]
-        if y.device().is_cuda() && y.dtype() == DType::BF16 && x.dtype() == DType::BF16 {
-            return crate::cuda::add_rms_norm(x, y, &w, self.eps as f32);
-        }
-        x + candle_nn::ops::rms_norm(&y.contiguous()?, &w, self.eps as f32)?
+        add_rms_norm_weighted(x, y, &self.scaled_weight(y.dtype(), scale)?, self.eps)
     }
+
+    /// The weight times `scale` (both rounded to `dtype` first, the product in `dtype`), as
+    /// `forward_scaled` and `add_to` fold it; for precomputing a step's folded weights.
+    pub fn fold(&self, dtype: DType, scale: &Tensor) -> Result<Tensor> {
+        self.scaled_weight(dtype, Some(scale))
+    }
+
+    pub fn eps(&self) -> f64 {
+        self.eps
+    }
+}
+
+/// rms_norm(x) * w with a given (already folded) weight w (dim): candle's fused kernel, statistics
+/// in f32.
+pub fn rms_norm_weighted(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32)
+}
+
+/// x + rms_norm(y) * w with a given (already folded) weight w (dim). One fused pass on CUDA bf16.
+pub fn add_rms_norm_weighted(x: &Tensor, y: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if y.device().is_cuda() && y.dtype() == DType::BF16 && x.dtype() == DType::BF16 {
+        return crate::cuda::add_rms_norm(x, y, w, eps as f32);
+    }
+    x + candle_nn::ops::rms_norm(&y.contiguous()?, &w.to_dtype(y.dtype())?, eps as f32)?
 }
 
 impl Module for RmsNorm {
@@ -75,11 +95,57 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
+/// Which attention kernel `attention` runs: the best one built in for the card unless the
+/// `ZIMAGE_ATTENTION` environment variable names another (`fa3`, `fa2` or `composed`), so that one
+/// binary can measure them side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AttentionKernel {
+    FlashAttention3,
+    FlashAttention2,
+    Composed,
+}
+
+impl AttentionKernel {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::FlashAttention3 => "FlashAttention-3",
+            Self::FlashAttention2 => "FlashAttention-2",
+            Self::Composed => "composed (candle ops)",
+        }
+    }
+
+    /// The kernel `attention` takes for bf16, head-dim-128 inputs on `device`.
+    pub fn for_device(device: &candle_core::Device) -> Self {
+        let wanted = std::env::var("ZIMAGE_ATTENTION").unwrap_or_default();
+        #[cfg(any(feature = "flash-attn", feature = "flash-attn-v3"))]
+        if let candle_core::Device::Cuda(_dev) = device {
+            if wanted == "composed" {
+                return Self::Composed;
+            }
+            // FlashAttention-3 is built for Hopper (sm_90) only; other cards take FlashAttention-2.
+            #[cfg(feature = "flash-attn-v3")]
+            if wanted != "fa2" && crate::cuda::device_compute_capability(_dev).map(|c| c.0 == 9).unwrap_or(false) {
+                return Self::FlashAttention3;
+            }
+            #[cfg(feature = "flash-attn")]
+            return Self::FlashAttention2;
+        }
+        let _ = (device, wanted);
+        Self::Composed
+    }
+}
+
 /// Scaled dot-product attention over (B, L, H, D) tensors (the layout linear layers produce and
 /// flash attention reads), no mask, scale 1/sqrt(D); returns (B, L, H, D). Softmax in f32.
 pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    attention_with(AttentionKernel::for_device(q.device()), q, k, v, false)
+}
+
+/// `attention` with the kernel chosen by the caller, optionally causal (query i sees keys <= i;
+/// q and k of one length).
+pub fn attention_with(kernel: AttentionKernel, q: &Tensor, k: &Tensor, v: &Tensor, causal: bool) -> Result<Tensor> {
     #[cfg(any(feature = "flash-attn", feature = "flash-attn-v3"))]
-    if q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
+    if kernel != AttentionKernel::Composed && q.device().is_cuda() && q.dtype() == DType::BF16 && q.dim(D::Minus1)? == 128 {
         // Flash attention reads batch, token and head strides: views whose head dim is packed (v
         // straight out of the fused qkv product) need no copy.
         let packed = |t: &Tensor| -> Result<Tensor> {
@@ -87,15 +153,21 @@ pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
         };
         let (q, k, v) = (packed(q)?, packed(k)?, packed(v)?);
         let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
-        // FlashAttention-3 is built for Hopper (sm_90) only; other cards take FlashAttention-2.
         #[cfg(feature = "flash-attn-v3")]
-        if crate::cuda::compute_capability(&q)?.0 == 9 {
-            return candle_flash_attn_v3::flash_attn(&q, &k, &v, scale, false, false);
+        if kernel == AttentionKernel::FlashAttention3 {
+            return candle_flash_attn_v3::flash_attn(&q, &k, &v, scale, causal, false);
         }
         #[cfg(feature = "flash-attn")]
-        return candle_flash_attn::flash_attn(&q, &k, &v, scale, false);
+        if kernel == AttentionKernel::FlashAttention2 {
+            return candle_flash_attn::flash_attn(&q, &k, &v, scale, causal);
+        }
     }
-    attention_composed(q, k, v)
+    let _ = kernel;
+    if causal {
+        attention_composed_causal(q, k, v)
+    } else {
+        attention_composed(q, k, v)
+    }
 }
 
 /// `attention` from candle ops, computed as flash attention does (the CPU path, and the reference
@@ -108,6 +180,35 @@ pub fn attention_composed(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> 
     let f32_heads = |t: &Tensor| t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous();
     let (q, k, v) = (f32_heads(q)?, f32_heads(k)?, f32_heads(v)?);
     let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let p = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+    let row_sum = p.sum_keepdim(D::Minus1)?;
+    let p = p.to_dtype(dtype)?.to_dtype(DType::F32)?;
+    p.matmul(&v)?.broadcast_div(&row_sum)?.to_dtype(dtype)?.transpose(1, 2)
+}
+
+/// `attention_composed` with a causal mask (query i sees keys 0..=i), grouped-query heads allowed
+/// (k and v may have fewer heads than q, a divisor of them).
+pub fn attention_composed_causal(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let (_, l, h, _) = q.dims4()?;
+    let kv = k.dim(2)?;
+    let rep = h / kv;
+    let (k, v) = if rep > 1 {
+        // (B, L, KV, D) -> (B, L, KV * rep, D): query head j reads kv head j / rep.
+        let expand = |t: &Tensor| -> Result<Tensor> {
+            let (b, l, kv, d) = t.dims4()?;
+            t.unsqueeze(3)?.broadcast_as((b, l, kv, rep, d))?.reshape((b, l, kv * rep, d))
+        };
+        (expand(k)?, expand(v)?)
+    } else {
+        (k.clone(), v.clone())
+    };
+    let dtype = q.dtype();
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let f32_heads = |t: &Tensor| t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous();
+    let (q, k, v) = (f32_heads(q)?, f32_heads(&k)?, f32_heads(&v)?);
+    let mask: Vec<f32> = (0..l * l).map(|i| if i % l > i / l { f32::NEG_INFINITY } else { 0.0 }).collect();
+    let mask = Tensor::from_vec(mask, (l, l), q.device())?;
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?.broadcast_add(&mask)?;
     let p = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
     let row_sum = p.sum_keepdim(D::Minus1)?;
     let p = p.to_dtype(dtype)?.to_dtype(DType::F32)?;

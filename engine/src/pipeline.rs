@@ -11,11 +11,12 @@ use candle_nn::VarBuilder;
 
 use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
 use crate::error::{Error, Result};
+use crate::graph::GraphCache;
 use crate::loader::{read_config, resolve_hub_model, ModelFiles, ModelSource};
 use crate::scheduler::{img2img_start_step, Schedule, MAX_STEPS};
 use crate::text_encoder::TextEncoder;
 use crate::tokenizer::PromptTokenizer;
-use crate::transformer::ZImageTransformer;
+use crate::transformer::{Conditioning, ZImageTransformer};
 use crate::vae::{AutoencoderKl, TilingOptions};
 use crate::weights::{checked_var_builder, ensure_no_problems};
 
@@ -174,7 +175,7 @@ pub struct GenerateOutput {
 }
 
 /// How to hold the model on its device.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadOptions {
     /// Quantize the transformer blocks' linear layers to FP8 E4M3 while loading (half their
     /// memory; on CUDA the products run as cuBLASLt FP8 matmuls).
@@ -182,7 +183,39 @@ pub struct LoadOptions {
     /// Do not keep the text encoder resident: load it for each prompt and free it after encoding
     /// (saves its memory on small cards, costs a load per request).
     pub free_text_encoder: bool,
+    /// Replay denoiser steps (and text encodings) as CUDA graphs on CUDA devices (see `graph`).
+    pub cuda_graphs: bool,
 }
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self { fp8: false, free_text_encoder: false, cuda_graphs: crate::graph::enabled_by_env() }
+    }
+}
+
+/// Whether `device` runs FP8 matmuls: CUDA with compute capability 8.9 (Ada) or newer.
+pub fn fp8_supported(device: &Device) -> bool {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => crate::cuda::device_compute_capability(dev).map(|c| c >= (8, 9)).unwrap_or(false),
+        _ => false,
+    }
+}
+
+/// Opens CUDA device `ordinal` for the engine: its own stream, which every thread uses (loading
+/// and generating may happen on different threads), and no per-buffer event tracking (one stream
+/// needs none; it costs two events per allocation and would break CUDA graph capture).
+#[cfg(feature = "cuda")]
+pub fn open_cuda(ordinal: usize) -> Result<Device> {
+    let dev = candle_core::cuda_backend::CudaDevice::new_with_stream(ordinal)?;
+    // SAFETY: the engine uses only this device's one stream.
+    unsafe { dev.disable_event_tracking() };
+    Ok(Device::Cuda(dev))
+}
+
+/// What fixes the shapes of one denoiser call: the conditioning's (batch, padded caption length,
+/// latent f, h, w) and the latent channels.
+type DenoiseKey = ([usize; 5], usize);
 
 type TextEncoderLoader = Box<dyn Fn() -> Result<TextEncoder> + Send + Sync>;
 
@@ -205,6 +238,7 @@ pub struct Pipeline {
     dtype: DType,
     model_name: String,
     is_tiny: bool,
+    denoise_graphs: GraphCache<DenoiseKey>,
 }
 
 /// Device memory in use (whole device, MiB) where the backend can tell (CUDA), for reports.
@@ -278,7 +312,9 @@ impl Pipeline {
             let (vb, problems) = checked_var_builder(&te_weights, dtype, &te_device)?;
             let text_encoder = TextEncoder::new(&te_cfg, vb);
             ensure_no_problems("text_encoder", &problems)?;
-            text_encoder
+            let mut text_encoder = text_encoder?;
+            text_encoder.set_cuda_graphs(opts.cuda_graphs);
+            Ok(text_encoder)
         });
         let text_encoder = Self::text_encoder_slot(load_te, hidden, opts)?;
 
@@ -287,7 +323,7 @@ impl Pipeline {
         ensure_no_problems("vae", &problems)?;
         let vae = vae?;
 
-        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny)
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny, opts)
     }
 
     fn text_encoder_slot(load: TextEncoderLoader, hidden: usize, opts: LoadOptions) -> Result<TextEncoderSlot> {
@@ -339,9 +375,17 @@ impl Pipeline {
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
         let text_encoder =
-            Self::text_encoder_slot(Box::new(move || Ok(TextEncoder::new(&te_cfg, te_vb.clone())?)), hidden, opts)?;
+            Self::text_encoder_slot(
+            Box::new(move || {
+                let mut te = TextEncoder::new(&te_cfg, te_vb.clone())?;
+                te.set_cuda_graphs(opts.cuda_graphs);
+                Ok(te)
+            }),
+            hidden,
+            opts,
+        )?;
         let vae = AutoencoderKl::new(vae_cfg, vae_vb)?;
-        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny)
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny, opts)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -355,6 +399,7 @@ impl Pipeline {
         dtype: DType,
         name: &str,
         is_tiny: bool,
+        opts: LoadOptions,
     ) -> Result<Self> {
         let hidden = match &text_encoder {
             TextEncoderSlot::Resident(te) => te.hidden_size(),
@@ -388,6 +433,7 @@ impl Pipeline {
             dtype,
             model_name: name.to_string(),
             is_tiny,
+            denoise_graphs: GraphCache::new(opts.cuda_graphs, crate::graph::DEFAULT_CAPACITY),
         })
     }
 
@@ -418,6 +464,14 @@ impl Pipeline {
     }
     pub fn is_fp8(&self) -> bool {
         self.transformer.is_fp8()
+    }
+    /// Whether denoiser steps replay as CUDA graphs (CUDA devices only).
+    pub fn uses_cuda_graphs(&self) -> bool {
+        self.denoise_graphs.enabled() && self.device.is_cuda()
+    }
+    /// The attention kernel the transformer runs on this device.
+    pub fn attention_kernel(&self) -> crate::ops::AttentionKernel {
+        crate::ops::AttentionKernel::for_device(&self.device)
     }
     /// Quantizes the loaded transformer's block linears to FP8 in place (see `LoadOptions::fp8`).
     pub fn quantize_fp8(&mut self) -> Result<()> {
@@ -513,6 +567,14 @@ impl Pipeline {
         Ok(t.elapsed())
     }
 
+    /// One denoiser call: x (B, C, 1, H, W) in the model dtype, one step's modulation, the
+    /// request's conditioning. On CUDA it is a CUDA graph replay after the first call of a shape.
+    fn denoise(&self, x: &Tensor, modulation: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let key = (cond.shape_key(), x.dim(1)?);
+        let f = |ins: &[Tensor]| self.transformer.forward_prepared(&ins[0], &ins[1], &cond.with_captions(ins[2].clone())?);
+        Ok(self.denoise_graphs.run(&key, &[x, modulation, cond.captions()], &cond.tables(), &f)?)
+    }
+
     /// Runs one request. `on_step` is called after every step; returning `Control::Cancel` stops
     /// the run with `Error::Cancelled`.
     pub fn generate(
@@ -552,27 +614,28 @@ impl Pipeline {
             None => noise,
         };
 
-        // Denoising.
+        // Denoising. The caption side and every step's modulation are computed once, up front.
         let t_loop = Instant::now();
         let n = req.n;
-        let pos_caps = vec![pos; n];
-        let neg_caps = neg.map(|neg| vec![neg; n]);
+        let latent = (1, h, w);
+        let cond_pos = self.transformer.condition(&Tensor::stack(&vec![pos; n], 0)?, latent)?;
+        let cond_neg = neg.map(|neg| self.transformer.condition(&Tensor::stack(&vec![neg; n], 0)?, latent)).transpose()?;
+        let times: Vec<f32> = (first_step..req.steps).map(|i| schedule.model_time(i)).collect();
+        let modulations = self.transformer.modulations(&times)?;
         let total = req.steps - first_step;
-        for i in first_step..req.steps {
+        for (k, i) in (first_step..req.steps).enumerate() {
             let sigma = schedule.sigmas[i];
-            let model_t = schedule.model_time(i);
-            let t_in = Tensor::full(model_t, n, &self.device)?;
+            let model_t = times[k];
             let x_in = x.unsqueeze(2)?.to_dtype(self.dtype)?;
-            let out_pos = self.transformer.forward(&x_in, &t_in, &pos_caps)?.squeeze(2)?.to_dtype(DType::F32)?;
-            let guidance_now = match &neg_caps {
+            let out_pos = self.denoise(&x_in, &modulations[k], &cond_pos)?.squeeze(2)?.to_dtype(DType::F32)?;
+            let guidance_now = match &cond_neg {
                 Some(_) if req.cfg_truncation <= 1.0 && model_t > req.cfg_truncation => 0.0,
                 Some(_) => req.guidance_scale,
                 None => 0.0,
             };
-            let pred = match (&neg_caps, guidance_now > 0.0) {
-                (Some(neg_caps), true) => {
-                    let out_neg =
-                        self.transformer.forward(&x_in, &t_in, neg_caps)?.squeeze(2)?.to_dtype(DType::F32)?;
+            let pred = match (&cond_neg, guidance_now > 0.0) {
+                (Some(cond_neg), true) => {
+                    let out_neg = self.denoise(&x_in, &modulations[k], cond_neg)?.squeeze(2)?.to_dtype(DType::F32)?;
                     guide(&out_pos, &out_neg, guidance_now, req.cfg_normalization)?
                 }
                 _ => out_pos,
@@ -723,7 +786,7 @@ mod tests {
         // Same fixture weights and noise: FP8 block linears against the f32 pipeline (itself checked
         // against diffusers above). E4M3 rounding gives a few percent; a broken scale or layout
         // gives O(1).
-        let opts = LoadOptions { fp8: true, free_text_encoder: false };
+        let opts = LoadOptions { fp8: true, ..Default::default() };
         let p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, opts).unwrap();
         assert!(p.is_fp8());
         let e = expected();
@@ -760,7 +823,7 @@ mod tests {
 
     #[test]
     fn freed_text_encoder_gives_the_same_image() {
-        let opts = LoadOptions { fp8: false, free_text_encoder: true };
+        let opts = LoadOptions { free_text_encoder: true, ..Default::default() };
         let p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, opts).unwrap();
         assert!(!p.text_encoder_resident());
         let e = expected();

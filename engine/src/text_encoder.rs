@@ -9,12 +9,23 @@
 //! the tables computed in f32; grouped-query attention; causal softmax (in f32) with scale
 //! `1/sqrt(head_dim)`; SwiGLU MLP. Batch size is one and only real tokens are fed: causal
 //! attention makes the pipeline's right padding irrelevant to them.
+//!
+//! On CUDA (bf16) the same math runs as fewer, larger kernels: q|k|v and gate|up as one product
+//! each, candle's fused RMSNorm, RoPE on the (token, head, dim) layout and causal flash attention;
+//! the whole encoder is replayed as a CUDA graph per token-count bucket (multiples of 64: the
+//! padded tail tokens come after every real token, so causal attention keeps them out of the real
+//! tokens' outputs).
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::TextEncoderConfig;
 use crate::error::{Error, Result};
+use crate::graph::GraphCache;
+use crate::ops::AttentionKernel;
+
+/// Token counts are padded up to a multiple of this for CUDA graph replays.
+const GRAPH_BUCKET: usize = 64;
 
 /// Collects every missing or misshapen weight so that one error names them all.
 struct Loader<'a> {
@@ -65,15 +76,23 @@ fn rms_norm(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
     Ok(normed.broadcast_mul(weight)?)
 }
 
+/// `rms_norm` as one fused kernel (statistics in f32, the weight applied before the one rounding to
+/// bf16), used on CUDA where the composed version is nine launches.
+fn rms_norm_fast(x: &Tensor, weight: &Tensor, eps: f64) -> Result<Tensor> {
+    if x.device().is_cuda() {
+        return Ok(candle_nn::ops::rms_norm(&x.contiguous()?, &weight.to_dtype(x.dtype())?, eps as f32)?);
+    }
+    rms_norm(x, weight, eps)
+}
+
 /// `x @ w^T` for x of shape (L, in) and a (out, in) weight.
 fn linear(x: &Tensor, w: &Tensor) -> Result<Tensor> {
     Ok(crate::ops::matmul(x, &w.t()?)?)
 }
 
 struct Attention {
-    q_proj: Tensor,
-    k_proj: Tensor,
-    v_proj: Tensor,
+    /// q, k and v projections stacked along the output dim: one product.
+    qkv_proj: Tensor,
     o_proj: Tensor,
     q_norm: Tensor,
     k_norm: Tensor,
@@ -97,10 +116,15 @@ impl Attention {
         let o_proj = ld.get(&[h, nh * hd], "o_proj.weight");
         let q_norm = ld.get(&[hd], "q_norm.weight");
         let k_norm = ld.get(&[hd], "k_norm.weight");
+        let qkv_proj = match Tensor::cat(&[q_proj?, k_proj?, v_proj?], 0) {
+            Ok(t) => t,
+            Err(e) => {
+                ld.problems.push(format!("{}: stacking q/k/v: {e}", ld.vb.prefix()));
+                return None;
+            }
+        };
         Some(Self {
-            q_proj: q_proj?,
-            k_proj: k_proj?,
-            v_proj: v_proj?,
+            qkv_proj,
             o_proj: o_proj?,
             q_norm: q_norm?,
             k_norm: k_norm?,
@@ -111,15 +135,24 @@ impl Attention {
         })
     }
 
-    /// x: (L, hidden); cos/sin: (L, head_dim/2) in x's dtype; mask: (L, L) f32 additive.
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// x: (L, hidden); cos/sin: (L, head_dim/2) in x's dtype; `mask`: (L, L) f32 additive causal
+    /// mask for the composed attention, `None` with a flash `kernel` (causal by construction).
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kernel: AttentionKernel) -> Result<Tensor> {
         let l = x.dim(0)?;
         let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
         let rep = nh / nkv;
 
-        let q = linear(x, &self.q_proj)?.reshape((l, nh, hd))?;
-        let k = linear(x, &self.k_proj)?.reshape((l, nkv, hd))?;
-        let v = linear(x, &self.v_proj)?.reshape((l, nkv, hd))?;
+        let qkv = linear(x, &self.qkv_proj)?.reshape((l, nh + 2 * nkv, hd))?;
+        let (q, k, v) = (qkv.narrow(1, 0, nh)?, qkv.narrow(1, nh, nkv)?, qkv.narrow(1, nh + nkv, nkv)?);
+        let Some(mask) = mask else {
+            // Flash: (1, L, heads, hd) throughout, GQA handled by the kernel.
+            let q = rms_norm_fast(&q, &self.q_norm, self.eps)?.unsqueeze(0)?;
+            let k = rms_norm_fast(&k, &self.k_norm, self.eps)?.unsqueeze(0)?;
+            let q = candle_nn::rotary_emb::rope_thd(&q, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope_thd(&k, cos, sin)?;
+            let out = crate::ops::attention_with(kernel, &q, &k, &v.unsqueeze(0)?, true)?;
+            return linear(&out.reshape((l, nh * hd))?, &self.o_proj);
+        };
         // Per-head norms before RoPE, then heads first: (1, heads, L, hd).
         let q = rms_norm(&q, &self.q_norm, self.eps)?
             .transpose(0, 1)?
@@ -153,9 +186,10 @@ impl Attention {
 }
 
 struct Mlp {
-    gate_proj: Tensor,
-    up_proj: Tensor,
+    /// gate and up projections stacked along the output dim: one product.
+    gate_up_proj: Tensor,
     down_proj: Tensor,
+    intermediate: usize,
 }
 
 impl Mlp {
@@ -164,16 +198,20 @@ impl Mlp {
         let gate_proj = ld.get(&[i, h], "gate_proj.weight");
         let up_proj = ld.get(&[i, h], "up_proj.weight");
         let down_proj = ld.get(&[h, i], "down_proj.weight");
-        Some(Self {
-            gate_proj: gate_proj?,
-            up_proj: up_proj?,
-            down_proj: down_proj?,
-        })
+        let gate_up_proj = match Tensor::cat(&[gate_proj?, up_proj?], 0) {
+            Ok(t) => t,
+            Err(e) => {
+                ld.problems.push(format!("{}: stacking gate/up: {e}", ld.vb.prefix()));
+                return None;
+            }
+        };
+        Some(Self { gate_up_proj, down_proj: down_proj?, intermediate: i })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate = candle_nn::ops::silu(&linear(x, &self.gate_proj)?)?;
-        let up = linear(x, &self.up_proj)?;
+        let gate_up = linear(x, &self.gate_up_proj)?;
+        let gate = candle_nn::ops::silu(&gate_up.narrow(1, 0, self.intermediate)?)?;
+        let up = gate_up.narrow(1, self.intermediate, self.intermediate)?;
         linear(&(gate * up)?, &self.down_proj)
     }
 }
@@ -206,17 +244,12 @@ impl DecoderLayer {
         })
     }
 
-    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let h = self.attn.forward(
-            &rms_norm(x, &self.input_layernorm, self.eps)?,
-            cos,
-            sin,
-            mask,
-        )?;
+    fn forward(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: Option<&Tensor>, kernel: AttentionKernel) -> Result<Tensor> {
+        let h = self.attn.forward(&rms_norm_fast(x, &self.input_layernorm, self.eps)?, cos, sin, mask, kernel)?;
         let x = (x + h)?;
         let h = self
             .mlp
-            .forward(&rms_norm(&x, &self.post_attention_layernorm, self.eps)?)?;
+            .forward(&rms_norm_fast(&x, &self.post_attention_layernorm, self.eps)?)?;
         Ok((x + h)?)
     }
 }
@@ -228,6 +261,7 @@ pub struct TextEncoder {
     cfg: TextEncoderConfig,
     device: Device,
     dtype: DType,
+    graphs: GraphCache<usize>,
 }
 
 impl TextEncoder {
@@ -292,7 +326,14 @@ impl TextEncoder {
             cfg: cfg.clone(),
             device,
             dtype,
+            graphs: GraphCache::new(crate::graph::enabled_by_env(), 512 / GRAPH_BUCKET),
         })
+    }
+
+    /// Turns CUDA graph replays of the encoder on or off (on by default unless
+    /// `ZIMAGE_CUDA_GRAPHS=0`); they apply on CUDA devices only.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs = GraphCache::new(on, 512 / GRAPH_BUCKET);
     }
 
     pub fn config(&self) -> &TextEncoderConfig {
@@ -380,14 +421,28 @@ impl TextEncoder {
                 self.cfg.vocab_size
             )));
         }
-        let ids = Tensor::from_slice(ids, l, self.embed_tokens.device())?;
-        let mut x = self.embed_tokens.index_select(&ids, 0)?.to_device(&self.device)?; // (L, hidden)
-        let (cos, sin) = self.rope_tables(l)?;
-        let mask = self.causal_mask(l)?;
-        for layer in &self.layers {
-            x = layer.forward(&x, &cos, &sin, &mask)?;
-        }
-        Ok(x)
+        let kernel = AttentionKernel::for_device(&self.device);
+        let flash = kernel != AttentionKernel::Composed && self.dtype == DType::BF16 && self.cfg.head_dim() == 128;
+        let kernel = if flash { kernel } else { AttentionKernel::Composed };
+        // Padded to a bucket for graph replays (the pad ids' rows come after every real row).
+        let padded = if self.graphs.enabled() && self.device.is_cuda() { l.div_ceil(GRAPH_BUCKET) * GRAPH_BUCKET } else { l };
+        let mut all_ids = ids.to_vec();
+        all_ids.resize(padded, 0);
+        let ids = Tensor::from_vec(all_ids, padded, self.embed_tokens.device())?;
+        let x = self.embed_tokens.index_select(&ids, 0)?.to_device(&self.device)?; // (L, hidden)
+        let (cos, sin) = self.rope_tables(padded)?;
+        let mask = if flash { None } else { Some(self.causal_mask(padded)?) };
+        let mut constants = vec![cos.clone(), sin.clone()];
+        constants.extend(mask.clone());
+        let f = |ins: &[Tensor]| -> candle_core::Result<Tensor> {
+            let mut x = ins[0].clone();
+            for layer in &self.layers {
+                x = layer.forward(&x, &cos, &sin, mask.as_ref(), kernel).map_err(candle_core::Error::wrap)?;
+            }
+            Ok(x)
+        };
+        let out = self.graphs.run(&padded, &[&x], &constants, &f)?;
+        Ok(if padded == l { out } else { out.narrow(0, 0, l)? })
     }
 }
 

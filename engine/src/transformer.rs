@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
 use crate::fp8::Fp8Context;
-use crate::ops::{attention, layer_norm_plain, qk_norm_rope, Linear, RmsNorm};
+use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, rms_norm_weighted, Linear, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -215,32 +215,44 @@ impl Block {
         self.feed_forward.quantize_fp8(ctx)
     }
 
-    /// x: (B, L, dim); adaln: (B, adaln_dim) for modulated blocks, the same row for every item
-    /// (`ZImageTransformer::forward` batches only items sharing a timestep). The per-channel scales
-    /// and gates are folded into the RMSNorm weights: rms_norm(x) * w * s == rms_norm(x, w * s),
-    /// one fused pass instead of a norm plus a broadcast multiply.
-    fn forward(&self, x: &Tensor, rope: &Rope, adaln: Option<&Tensor>) -> Result<Tensor> {
-        match (&self.ada_ln, adaln) {
-            (Some(ada), Some(c)) => {
-                let m = ada.forward(&c.narrow(0, 0, 1)?)?.squeeze(0)?; // (4*dim)
-                let chunks = m.chunk(4, 0)?;
-                let scale_msa = (&chunks[0] + 1.0)?;
-                let gate_msa = chunks[1].tanh()?;
-                let scale_mlp = (&chunks[2] + 1.0)?;
-                let gate_mlp = chunks[3].tanh()?;
-                let attn_out = self.attention.forward(&self.attention_norm1.forward_scaled(x, &scale_msa)?, rope)?;
-                let x = self.attention_norm2.add_to(x, &attn_out, Some(&gate_msa))?;
-                let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward_scaled(&x, &scale_mlp)?)?;
-                self.ffn_norm2.add_to(&x, &ffn_out, Some(&gate_mlp))
-            }
-            (None, _) => {
-                let attn_out = self.attention.forward(&self.attention_norm1.forward(x)?, rope)?;
-                let x = self.attention_norm2.add_to(x, &attn_out, None)?;
-                let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
-                self.ffn_norm2.add_to(&x, &ffn_out, None)
-            }
-            (Some(_), None) => candle_core::bail!("modulated block called without a timestep embedding"),
+    /// The four norm weights of a modulated block with its adaLN scales and tanh gates folded in,
+    /// for each row of `adaln` (S, adaln_dim): (S, 4, dim), in the order attention_norm1 * (1 +
+    /// scale_msa), attention_norm2 * tanh(gate_msa), ffn_norm1 * (1 + scale_mlp), ffn_norm2 *
+    /// tanh(gate_mlp). rms_norm(x) * w * s == rms_norm(x, w * s): one fused pass per norm instead
+    /// of a norm plus a broadcast multiply, and none of this work inside the denoising steps.
+    fn folded_modulation(&self, adaln: &Tensor, dtype: DType) -> Result<Tensor> {
+        let Some(ada) = &self.ada_ln else { candle_core::bail!("folded_modulation on an unmodulated block") };
+        let s = adaln.dim(0)?;
+        let m = ada.forward(adaln)?; // (S, 4 * dim)
+        let dim = m.dim(1)? / 4;
+        let chunk = |i: usize| m.narrow(1, i * dim, dim);
+        let parts = [
+            self.attention_norm1.fold(dtype, &(chunk(0)? + 1.0)?)?,
+            self.attention_norm2.fold(dtype, &chunk(1)?.tanh()?)?,
+            self.ffn_norm1.fold(dtype, &(chunk(2)? + 1.0)?)?,
+            self.ffn_norm2.fold(dtype, &chunk(3)?.tanh()?)?,
+        ];
+        Tensor::stack(&parts, 1)?.reshape((s, 4, dim))
+    }
+
+    /// A modulated block with its folded weights `w` (4, dim) from `folded_modulation`.
+    fn forward_folded(&self, x: &Tensor, rope: &Rope, w: &Tensor) -> Result<Tensor> {
+        let eps = self.attention_norm1.eps();
+        let attn_out = self.attention.forward(&rms_norm_weighted(x, &w.get(0)?, eps)?, rope)?;
+        let x = add_rms_norm_weighted(x, &attn_out, &w.get(1)?, self.attention_norm2.eps())?;
+        let ffn_out = self.feed_forward.forward(&rms_norm_weighted(&x, &w.get(2)?, self.ffn_norm1.eps())?)?;
+        add_rms_norm_weighted(&x, &ffn_out, &w.get(3)?, self.ffn_norm2.eps())
+    }
+
+    /// An unmodulated block (the context refiner).
+    fn forward_plain(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
+        if self.ada_ln.is_some() {
+            candle_core::bail!("modulated block called without its modulation");
         }
+        let attn_out = self.attention.forward(&self.attention_norm1.forward(x)?, rope)?;
+        let x = self.attention_norm2.add_to(x, &attn_out, None)?;
+        let ffn_out = self.feed_forward.forward(&self.ffn_norm1.forward(&x)?)?;
+        self.ffn_norm2.add_to(&x, &ffn_out, None)
     }
 }
 
@@ -256,9 +268,50 @@ impl FinalLayer {
             ada_ln: Linear::new(cfg.adaln_dim(), cfg.dim, true, vb.pp("adaLN_modulation.1"))?,
         })
     }
-    fn forward(&self, x: &Tensor, c: &Tensor) -> Result<Tensor> {
-        let scale = (self.ada_ln.forward(&c.silu()?)? + 1.0)?.unsqueeze(1)?;
-        self.linear.forward(&layer_norm_plain(x, 1e-6)?.broadcast_mul(&scale)?)
+    /// 1 + scale for each row of `adaln` (S, adaln_dim): (S, dim).
+    fn scale(&self, adaln: &Tensor) -> Result<Tensor> {
+        self.ada_ln.forward(&adaln.silu()?)? + 1.0
+    }
+    /// x (B, T, dim), scale (dim).
+    fn forward(&self, x: &Tensor, scale: &Tensor) -> Result<Tensor> {
+        self.linear.forward(&layer_norm_plain(x, 1e-6)?.broadcast_mul(scale)?)
+    }
+}
+
+/// The caption side of a request for the denoiser, computed once and used at every step: the
+/// caption tokens after the embedder, the learned padding and the context refiner (they depend on
+/// neither the latents nor the time), and the RoPE tables for one latent size.
+pub struct Conditioning {
+    /// (B, cap_pad, dim), refined.
+    cap: Tensor,
+    img_rope: Rope,
+    joint_rope: Rope,
+    /// (f, h, w) of the latents this was made for.
+    latent: (usize, usize, usize),
+}
+
+impl Conditioning {
+    /// The refined caption tokens (B, cap_pad, dim).
+    pub fn captions(&self) -> &Tensor {
+        &self.cap
+    }
+    /// Tensors a captured forward reads besides its inputs (kept alive with the capture).
+    pub fn tables(&self) -> Vec<Tensor> {
+        vec![self.img_rope.cos.clone(), self.img_rope.sin.clone(), self.joint_rope.cos.clone(), self.joint_rope.sin.clone()]
+    }
+    /// What fixes the shapes of a forward with this conditioning: (batch, padded caption
+    /// length, latent f, h, w).
+    pub fn shape_key(&self) -> [usize; 5] {
+        let (b, l, _) = self.cap.dims3().unwrap_or((0, 0, 0));
+        [b, l, self.latent.0, self.latent.1, self.latent.2]
+    }
+    /// The same tables and shapes with other caption tokens of the same shape (the caption of a
+    /// replayed forward is one of its inputs).
+    pub fn with_captions(&self, cap: Tensor) -> Result<Self> {
+        if cap.dims() != self.cap.dims() {
+            candle_core::bail!("captions {:?} where {:?} were prepared", cap.dims(), self.cap.dims());
+        }
+        Ok(Self { cap, img_rope: self.img_rope.clone(), joint_rope: self.joint_rope.clone(), latent: self.latent })
     }
 }
 
@@ -335,53 +388,49 @@ impl ZImageTransformer {
     /// Runs the denoiser. Items whose caption lengths and timesteps agree run as one batch (always
     /// the case in our pipeline); otherwise each item runs alone, which equals the reference's
     /// masked batch (masked keys contribute nothing) and lets every block share one modulation.
+    /// (The pipeline prepares conditioning and modulation once per request instead: `condition`,
+    /// `modulations`, `forward_prepared`.)
     pub fn forward(&self, x: &Tensor, t: &Tensor, caps: &[Tensor]) -> Result<Tensor> {
         let b = x.dim(0)?;
         if caps.len() != b || t.dim(0)? != b {
             candle_core::bail!("transformer: {b} latents, {} captions, {} timesteps", caps.len(), t.dim(0)?);
         }
+        let (_, _, f, h, w) = x.dims5()?;
         let l0 = caps[0].dim(0)?;
         let t_host: Vec<f32> = t.to_dtype(DType::F32)?.to_vec1()?;
         let same_t = t_host.iter().all(|v| *v == t_host[0]);
+        let x = x.to_dtype(self.dtype)?;
         if same_t && caps.iter().all(|c| c.dim(0).map(|l| l == l0).unwrap_or(false)) {
-            let caps = Tensor::stack(caps, 0)?;
-            return self.forward_uniform(x, t, &caps);
+            let cond = self.condition(&Tensor::stack(caps, 0)?, (f, h, w))?;
+            let m = self.modulations(&t_host[..1])?.remove(0);
+            return self.forward_prepared(&x, &m, &cond);
         }
         let outs = (0..b)
             .map(|i| {
-                self.forward_uniform(&x.narrow(0, i, 1)?, &t.narrow(0, i, 1)?, &caps[i].unsqueeze(0)?)
+                let cond = self.condition(&caps[i].unsqueeze(0)?, (f, h, w))?;
+                let m = self.modulations(&t_host[i..i + 1])?.remove(0);
+                self.forward_prepared(&x.narrow(0, i, 1)?, &m, &cond)
             })
             .collect::<Result<Vec<_>>>()?;
         Tensor::cat(&outs, 0)
     }
 
-    /// x (B, C, F, H, W), t (B,), caps (B, L, cap_dim): every item the same shape.
-    fn forward_uniform(&self, x: &Tensor, t: &Tensor, caps: &Tensor) -> Result<Tensor> {
-        let cfg = &self.cfg;
-        let (b, c, f, h, w) = x.dims5()?;
-        let (p, pf) = (cfg.patch_size(), cfg.f_patch_size());
+    fn latent_tokens(&self, (f, h, w): (usize, usize, usize)) -> Result<(usize, usize, usize)> {
+        let (p, pf) = (self.cfg.patch_size(), self.cfg.f_patch_size());
         if h % p != 0 || w % p != 0 || f % pf != 0 {
             candle_core::bail!("latent size {f}x{h}x{w} is not a multiple of the patch size");
         }
-        let (ft, ht, wt) = (f / pf, h / p, w / p);
-        let img_len = ft * ht * wt;
-        let img_pad = padded_len(img_len);
+        Ok((f / pf, h / p, w / p))
+    }
+
+    /// Caption features (B, L, cap_dim), the same length for every item, for latents of (f, h,
+    /// w): the embedded, padded and refined caption tokens and the RoPE tables.
+    pub fn condition(&self, caps: &Tensor, latent: (usize, usize, usize)) -> Result<Conditioning> {
+        let cfg = &self.cfg;
+        let (ft, ht, wt) = self.latent_tokens(latent)?;
+        let img_pad = padded_len(ft * ht * wt);
         let cap_len = caps.dim(1)?;
         let cap_pad = padded_len(cap_len);
-
-        let adaln = self.t_embedder.forward(&(t.to_dtype(DType::F32)? * cfg.t_scale)?, self.dtype)?;
-
-        // Patchify: (B, C, F, H, W) -> (B, T, pf*p*p*C), tokens in (f, h, w) order, features (pf, ph, pw, c).
-        let patches = x
-            .to_dtype(self.dtype)?
-            .reshape(vec![b, c, ft, pf, ht, p, wt, p])?
-            .permute(vec![0, 2, 4, 6, 3, 5, 7, 1])?
-            .reshape((b, img_len, pf * p * p * c))?;
-        let img = self.x_embedder.forward(&patches)?;
-        let img = self.append_pad(&img, &self.x_pad_token, img_pad - img_len)?;
-
-        let cap = self.cap_linear.forward(&self.cap_norm.forward(&caps.to_dtype(self.dtype)?)?)?;
-        let cap = self.append_pad(&cap, &self.cap_pad_token, cap_pad - cap_len)?;
 
         // Position ids: caption j -> (1+j, 0, 0) for pads too; image (f,h,w) -> (cap_pad+1+f, h, w); image pads -> 0.
         let cap_pos: Vec<[usize; 3]> = (0..cap_pad).map(|j| [1 + j, 0, 0]).collect();
@@ -394,25 +443,79 @@ impl ZImageTransformer {
             }
         }
         img_pos.resize(img_pad, [0, 0, 0]);
-        // Tables (f32) are made once per call and shared by every block.
+        // Tables (f32) are made once per request and shared by every block and step.
         let img_rope = Rope::new(cfg, &img_pos, &self.device)?;
         let cap_rope = Rope::new(cfg, &cap_pos, &self.device)?;
 
-        let mut img = img;
-        for blk in &self.noise_refiner {
-            img = blk.forward(&img, &img_rope, Some(&adaln))?;
-        }
-        let mut cap = cap;
+        let cap = self.cap_linear.forward(&self.cap_norm.forward(&caps.to_dtype(self.dtype)?)?)?;
+        let mut cap = self.append_pad(&cap, &self.cap_pad_token, cap_pad - cap_len)?;
         for blk in &self.context_refiner {
-            cap = blk.forward(&cap, &cap_rope, None)?;
+            cap = blk.forward_plain(&cap, &cap_rope)?;
         }
+        let joint_rope = Rope::cat(&[&img_rope, &cap_rope])?;
+        Ok(Conditioning { cap, img_rope, joint_rope, latent })
+    }
 
-        let mut seq = Tensor::cat(&[&img, &cap], 1)?;
-        let rope = Rope::cat(&[&img_rope, &cap_rope])?;
-        for blk in &self.layers {
-            seq = blk.forward(&seq, &rope, Some(&adaln))?;
+    /// Rows of the folded modulation of one step: 4 per modulated block, then the final scale.
+    pub fn modulation_rows(&self) -> usize {
+        4 * (self.noise_refiner.len() + self.layers.len()) + 1
+    }
+
+    /// The folded modulation for each model time in `times` (0 = pure noise): one (rows, dim)
+    /// tensor per time, holding every modulated block's norm weights with its adaLN scales and
+    /// gates folded in (see `Block::folded_modulation`), then the final layer's 1 + scale. All
+    /// steps of a request are computed in one pass before the first.
+    pub fn modulations(&self, times: &[f32]) -> Result<Vec<Tensor>> {
+        let n = times.len();
+        let t = Tensor::from_vec(times.to_vec(), n, &self.device)?;
+        let adaln = self.t_embedder.forward(&(t * self.cfg.t_scale)?, self.dtype)?; // (S, adaln_dim)
+        let mut parts = Vec::with_capacity(self.noise_refiner.len() + self.layers.len() + 1);
+        for blk in self.noise_refiner.iter().chain(&self.layers) {
+            parts.push(blk.folded_modulation(&adaln, self.dtype)?);
         }
-        let out = self.final_layer.forward(&seq.narrow(1, 0, img_len)?, &adaln)?; // (B, T, patch_dim)
+        parts.push(self.final_layer.scale(&adaln)?.to_dtype(self.dtype)?.unsqueeze(1)?);
+        let all = Tensor::cat(&parts, 1)?.contiguous()?; // (S, rows, dim)
+        (0..n).map(|i| all.get(i)).collect()
+    }
+
+    /// One denoiser call with prepared inputs: latents x (B, C, F, H, W) in the model dtype, one
+    /// step's `modulations` row block and the request's `condition`. Returns (B, C, F, H, W) in the
+    /// model dtype. Reads nothing from the host and uploads nothing but cached kernel parameters,
+    /// so it can be captured as a CUDA graph (`crate::graph`).
+    pub fn forward_prepared(&self, x: &Tensor, modulation: &Tensor, cond: &Conditioning) -> Result<Tensor> {
+        let cfg = &self.cfg;
+        let (b, c, f, h, w) = x.dims5()?;
+        if (f, h, w) != cond.latent || cond.cap.dim(0)? != b {
+            candle_core::bail!("latents {:?} do not match the conditioning ({:?}, batch {})", x.dims(), cond.latent, cond.cap.dim(0)?);
+        }
+        if modulation.dims() != [self.modulation_rows(), cfg.dim] {
+            candle_core::bail!("modulation {:?}, expected ({}, {})", modulation.dims(), self.modulation_rows(), cfg.dim);
+        }
+        let (p, pf) = (cfg.patch_size(), cfg.f_patch_size());
+        let (ft, ht, wt) = self.latent_tokens((f, h, w))?;
+        let img_len = ft * ht * wt;
+        let img_pad = padded_len(img_len);
+
+        // Patchify: (B, C, F, H, W) -> (B, T, pf*p*p*C), tokens in (f, h, w) order, features (pf, ph, pw, c).
+        let patches = x
+            .to_dtype(self.dtype)?
+            .reshape(vec![b, c, ft, pf, ht, p, wt, p])?
+            .permute(vec![0, 2, 4, 6, 3, 5, 7, 1])?
+            .reshape((b, img_len, pf * p * p * c))?;
+        let img = self.x_embedder.forward(&patches)?;
+        let mut img = self.append_pad(&img, &self.x_pad_token, img_pad - img_len)?;
+
+        let block_w = |i: usize| modulation.narrow(0, 4 * i, 4);
+        let n_ref = self.noise_refiner.len();
+        for (i, blk) in self.noise_refiner.iter().enumerate() {
+            img = blk.forward_folded(&img, &cond.img_rope, &block_w(i)?)?;
+        }
+        let mut seq = Tensor::cat(&[&img, &cond.cap], 1)?;
+        for (i, blk) in self.layers.iter().enumerate() {
+            seq = blk.forward_folded(&seq, &cond.joint_rope, &block_w(n_ref + i)?)?;
+        }
+        let scale = modulation.get(self.modulation_rows() - 1)?;
+        let out = self.final_layer.forward(&seq.narrow(1, 0, img_len)?, &scale)?; // (B, T, patch_dim)
 
         // Unpatchify back to (B, C, F, H, W).
         out.reshape(vec![b, ft, ht, wt, pf, p, p, c])?
