@@ -645,3 +645,44 @@ pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok((total - free) as f64 / (1024.0 * 1024.0))
 }
+
+/// Has the driver compile (JIT) every kernel module the engine loads from PTX, candle's and ours,
+/// one thread per module, and drops the results. The driver keeps compiled modules in its disk
+/// cache (`CUDA_CACHE_PATH`, `~/.nv/ComputeCache` by default; `CUDA_CACHE_MAXSIZE` must hold them,
+/// `zimage` raises it to the 4 GiB maximum when unset), so the modules candle loads lazily later
+/// come from the cache: on a new machine the compile costs the slowest module instead of the sum,
+/// and it overlaps model loading; on a machine that ran before, it costs nothing. (candle loads
+/// its kernels only as PTX, so they cannot be shipped as machine code without patching it.)
+pub fn precompile_kernels(dev: &CudaDevice) -> Result<std::time::Duration> {
+    use candle_core::cuda_backend::kernels as k;
+    let start = std::time::Instant::now();
+    let ctx = dev.cuda_stream().context().clone();
+    // Every module but the quantized-matmul one (GGUF kernels, 5.8 MB of PTX, never used here).
+    let modules: [(&str, &'static str); 11] = [
+        ("affine", k::AFFINE.ptx()),
+        ("binary", k::BINARY.ptx()),
+        ("cast", k::CAST.ptx()),
+        ("conv", k::CONV.ptx()),
+        ("fill", k::FILL.ptx()),
+        ("indexing", k::INDEXING.ptx()),
+        ("reduce", k::REDUCE.ptx()),
+        ("sort", k::SORT.ptx()),
+        ("ternary", k::TERNARY.ptx()),
+        ("unary", k::UNARY.ptx()),
+        (MODULE, PTX),
+    ];
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let handles: Vec<_> = modules
+            .iter()
+            .map(|(name, ptx)| {
+                let ctx = ctx.clone();
+                s.spawn(move || ctx.load_module(cudarc::nvrtc::Ptx::from_src(*ptx)).map(drop).map_err(|e| format!("{name}: {e:?}")))
+            })
+            .collect();
+        handles.into_iter().filter_map(|h| h.join().unwrap_or_else(|_| Err("a compile thread panicked".into())).err()).collect()
+    });
+    if !failures.is_empty() {
+        bail!("compiling CUDA kernels: {}", failures.join("; "));
+    }
+    Ok(start.elapsed())
+}

@@ -18,13 +18,18 @@ pub enum ModelSource {
     Dir(PathBuf),
     /// A Hugging Face hub repository id.
     Hub(String),
+    /// The real architecture with random weights drawn on the device (`random`): for benchmarks
+    /// and serving tests where the real files are absent. Its images are noise.
+    RandomFullSize,
 }
 
 impl ModelSource {
-    /// `tiny`, an existing folder, or otherwise a hub id.
+    /// `tiny`, `random`, an existing folder, or otherwise a hub id.
     pub fn parse(s: &str) -> ModelSource {
         if s == "tiny" {
             ModelSource::Tiny
+        } else if s == "random" {
+            ModelSource::RandomFullSize
         } else if Path::new(s).is_dir() || s.starts_with('.') || s.starts_with('/') {
             ModelSource::Dir(PathBuf::from(s))
         } else {
@@ -45,6 +50,7 @@ impl ModelSource {
             ModelSource::Tiny => "tiny (random weights)".into(),
             ModelSource::Dir(p) => p.display().to_string(),
             ModelSource::Hub(id) => id.clone(),
+            ModelSource::RandomFullSize => "random full-size weights (benchmark; images are noise)".into(),
         }
     }
 }

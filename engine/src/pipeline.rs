@@ -20,6 +20,9 @@ use crate::transformer::{Conditioning, ZImageTransformer};
 use crate::vae::{AutoencoderKl, TilingOptions};
 use crate::weights::{checked_var_builder, ensure_no_problems};
 
+/// The model name of `Pipeline::random_full_size`.
+pub const RANDOM_FULL_SIZE_NAME: &str = "random-full-size";
+
 /// Pixel sizes must be multiples of this (VAE factor 8 x patch 2).
 pub const SIZE_MULTIPLE: usize = 16;
 pub const MIN_SIZE: usize = 16;
@@ -193,6 +196,41 @@ impl Default for LoadOptions {
     }
 }
 
+/// Precision of the transformer's block linears.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Precision {
+    /// FP8 where the GPU runs FP8 matmuls (compute capability 8.9+), else the compute dtype.
+    #[default]
+    Auto,
+    /// FP8 E4M3 (on devices without FP8 matmuls the products are emulated, slowly).
+    Fp8,
+    /// The compute dtype: bf16 on GPUs, f32 on the CPU.
+    Full,
+}
+
+impl Precision {
+    /// Whether the block linears run in FP8 on `device`.
+    pub fn fp8_on(self, device: &Device) -> bool {
+        match self {
+            Precision::Auto => fp8_supported(device),
+            Precision::Fp8 => true,
+            Precision::Full => false,
+        }
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "auto" => Ok(Precision::Auto),
+            "fp8" => Ok(Precision::Fp8),
+            "bf16" | "full" => Ok(Precision::Full),
+            other => Err(format!("unknown precision `{other}`: use auto, fp8 or bf16")),
+        }
+    }
+}
+
 /// Whether `device` runs FP8 matmuls: CUDA with compute capability 8.9 (Ada) or newer.
 pub fn fp8_supported(device: &Device) -> bool {
     match device {
@@ -214,8 +252,8 @@ pub fn open_cuda(ordinal: usize) -> Result<Device> {
 }
 
 /// What fixes the shapes of one denoiser call: the conditioning's (batch, padded caption length,
-/// latent f, h, w) and the latent channels.
-type DenoiseKey = ([usize; 5], usize);
+/// latent f, h, w), the latent channels and the attention kernel.
+type DenoiseKey = ([usize; 5], usize, crate::ops::AttentionKernel);
 
 type TextEncoderLoader = Box<dyn Fn() -> Result<TextEncoder> + Send + Sync>;
 
@@ -277,6 +315,7 @@ impl Pipeline {
                 opts,
             ),
             ModelSource::Hub(id) => Self::from_files(&resolve_hub_model(id)?, device, dtype, id, false, opts),
+            ModelSource::RandomFullSize => Self::random_full_size(device, dtype, opts),
         }
     }
 
@@ -297,6 +336,12 @@ impl Pipeline {
         let sched: SchedulerConfig = read_config(&files.scheduler_config)?;
         let tokenizer = PromptTokenizer::from_file(&files.tokenizer)?;
 
+        // Each component's files stream into the page cache while the one before loads.
+        crate::weights::prefetch(files.transformer.weights.clone());
+        if !opts.free_text_encoder {
+            crate::weights::prefetch(files.text_encoder.weights.clone());
+        }
+        crate::weights::prefetch(files.vae.weights.clone());
         let (vb, problems) = checked_var_builder(&files.transformer.weights, dtype, device)?;
         let transformer = ZImageTransformer::new(&t_cfg, vb);
         ensure_no_problems("transformer", &problems)?;
@@ -347,7 +392,7 @@ impl Pipeline {
             SchedulerConfig::default(),
             PromptTokenizer::tiny()?,
             [device_random_var_builder(dtype, device), device_random_var_builder(dtype, device), device_random_var_builder(dtype, device)],
-            "random-full-size",
+            RANDOM_FULL_SIZE_NAME,
             false,
             opts,
         )
@@ -443,6 +488,10 @@ impl Pipeline {
     pub fn is_tiny(&self) -> bool {
         self.is_tiny
     }
+    /// The tiny model or the full-size architecture with random weights: images are noise.
+    pub fn has_random_weights(&self) -> bool {
+        self.is_tiny || self.model_name == RANDOM_FULL_SIZE_NAME
+    }
     pub fn device(&self) -> &Device {
         &self.device
     }
@@ -464,6 +513,13 @@ impl Pipeline {
     }
     pub fn is_fp8(&self) -> bool {
         self.transformer.is_fp8()
+    }
+    /// Turns CUDA graph replays on or off (drops the captures held), for comparisons.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.denoise_graphs = GraphCache::new(on, crate::graph::DEFAULT_CAPACITY);
+        if let TextEncoderSlot::Resident(te) = &mut self.text_encoder {
+            te.set_cuda_graphs(on);
+        }
     }
     /// Whether denoiser steps replay as CUDA graphs (CUDA devices only).
     pub fn uses_cuda_graphs(&self) -> bool {
@@ -570,7 +626,7 @@ impl Pipeline {
     /// One denoiser call: x (B, C, 1, H, W) in the model dtype, one step's modulation, the
     /// request's conditioning. On CUDA it is a CUDA graph replay after the first call of a shape.
     fn denoise(&self, x: &Tensor, modulation: &Tensor, cond: &Conditioning) -> Result<Tensor> {
-        let key = (cond.shape_key(), x.dim(1)?);
+        let key = (cond.shape_key(), x.dim(1)?, crate::ops::AttentionKernel::for_device(x.device()));
         let f = |ins: &[Tensor]| self.transformer.forward_prepared(&ins[0], &ins[1], &cond.with_captions(ins[2].clone())?);
         Ok(self.denoise_graphs.run(&key, &[x, modulation, cond.captions()], &cond.tables(), &f)?)
     }
@@ -698,14 +754,15 @@ fn guide(pos: &Tensor, neg: &Tensor, g: f32, normalization: f32) -> Result<Tenso
 fn to_rgb_image(img: &Tensor) -> Result<image::RgbImage> {
     let (_, h, w) = img.dims3()?;
     let v = ((img.to_dtype(DType::F32)? * 0.5)? + 0.5)?.clamp(0f32, 1f32)?;
+    // Rounded to integers in [0, 255] and cast to u8 on the device: a quarter of the bytes to
+    // copy back, and no per-pixel conversion on the host.
     let data: Vec<u8> = (v * 255.0)?
         .round()?
         .permute((1, 2, 0))?
+        .contiguous()?
+        .to_dtype(DType::U8)?
         .flatten_all()?
-        .to_vec1::<f32>()?
-        .into_iter()
-        .map(|p| p as u8)
-        .collect();
+        .to_vec1::<u8>()?;
     image::RgbImage::from_raw(w as u32, h as u32, data).ok_or_else(|| Error::Image("decoded image has the wrong size".into()))
 }
 

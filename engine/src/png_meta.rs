@@ -46,6 +46,8 @@ pub fn encode_png(img: &image::RgbImage, params: &Parameters) -> Result<Vec<u8>>
         let mut enc = png::Encoder::new(&mut out, img.width(), img.height());
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
+        // fdeflate: about ten times faster than the default zlib level, files ~15% larger.
+        enc.set_compression(png::Compression::Fast);
         let latin1 = text.chars().all(|c| (c as u32) < 256);
         let r = if latin1 {
             enc.add_text_chunk("parameters".into(), text)

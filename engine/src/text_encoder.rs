@@ -261,7 +261,7 @@ pub struct TextEncoder {
     cfg: TextEncoderConfig,
     device: Device,
     dtype: DType,
-    graphs: GraphCache<usize>,
+    graphs: GraphCache<(usize, AttentionKernel)>,
 }
 
 impl TextEncoder {
@@ -441,7 +441,7 @@ impl TextEncoder {
             }
             Ok(x)
         };
-        let out = self.graphs.run(&padded, &[&x], &constants, &f)?;
+        let out = self.graphs.run(&(padded, kernel), &[&x], &constants, &f)?;
         Ok(if padded == l { out } else { out.narrow(0, 0, l)? })
     }
 }

@@ -71,6 +71,23 @@ impl SimpleBackend for CheckedSafetensors {
     }
 }
 
+/// Reads `files` once, in order, on a background thread, so that they sit in the page cache when
+/// the loader's memory-mapped reads (page faults, one tensor after another) reach them: the disk
+/// streams at full speed while the loader converts and uploads. Errors are ignored (the loader
+/// reports missing or unreadable files itself).
+pub fn prefetch(files: Vec<std::path::PathBuf>) {
+    let spawned = std::thread::Builder::new().name("zimage-prefetch".into()).spawn(move || {
+        use std::io::Read;
+        let mut buf = vec![0u8; 16 << 20];
+        for f in files {
+            if let Ok(mut file) = std::fs::File::open(&f) {
+                while matches!(file.read(&mut buf), Ok(n) if n > 0) {}
+            }
+        }
+    });
+    drop(spawned); // detached; without a thread the loader just reads the files itself
+}
+
 /// A `VarBuilder` over safetensors files whose problems are collected in the returned log.
 pub fn checked_var_builder(
     files: &[impl AsRef<Path>],

@@ -6,6 +6,10 @@
 #   scripts/gpu/run.sh engine   # zimage only: kernel checks + FP8 quality, bf16 and FP8 benches, op profile
 #   scripts/gpu/run.sh attention # FlashAttention-2 build (dist/zimage.xz) against FlashAttention-3 build
 #                               # (dist/zimage-fa3.xz), same call: checks, op profiles, FP8 benches
+#   scripts/gpu/run.sh engine2  # one binary with FA2+FA3 (scripts/gpu/build.sh): kernel/graph checks,
+#                               # FP8 FA3 vs FA2 vs no CUDA graphs, bf16, 2048, an ncu kernel trace,
+#                               # then `zimage serve --model random` under 1/4/16 HTTP clients + ws
+#   scripts/gpu/run.sh final    # diffusers eager/compile/compile+FP8 and ours in one call
 # BIN=dist/other.xz picks another binary for the single-binary modes.
 set -euo pipefail
 MODE=${1:?parity or baseline}
@@ -28,11 +32,66 @@ peak() { sort -n "$1" | tail -1; }
 bench_mem() {
   local name=$1; shift
   local w; w=$(mem_watch "/tmp/mem_$name.log")
-  /tmp/zimage bench --device cuda --steps 8 --runs 3 "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ '
+  /tmp/zimage bench --device cuda --steps 8 --runs "${RUNS:-3}" "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ '
   kill "$w"; echo "zimage $name peak GPU memory (MiB, nvidia-smi, whole process): $(peak "/tmp/mem_$name.log")" | tee -a "$OUT/summary.txt"
 }
 
+# engine2/final: results go to /tmp/res and come back as one archive (the device returns 8 files).
+pack() { (cd /tmp/res && tar -czf "$OUT/results.tgz" .) ; cp /tmp/res/summary.txt "$OUT/" 2>/dev/null || true; }
+summarize() {
+  python3 - "$@" <<'PY'
+import json, sys, glob, os
+for f in sorted(glob.glob("/tmp/res/zimage_*.json")):
+    r = json.load(open(f))
+    for s in r["sizes"]:
+        runs = s["runs"]; png = sorted(x["png_encode_ms"] for x in runs)[len(runs)//2]
+        print(f"{os.path.basename(f)[7:-5]:28} {s['width']}x{s['height']} {r['attention'][:16]:16} graphs={r['cuda_graphs']!s:5} fp8={r['fp8']!s:5} "
+              f"total {s['median_total_ms']:7.1f} ms  step {s['median_step_ms']:6.1f}  text {s['median_text_encoding_ms']:5.1f}  "
+              f"vae {s['median_vae_decode_ms']:6.1f}  png {png:5.1f}  load {r['load_ms']/1e3:5.1f} s")
+PY
+}
+
 case "$MODE" in
+engine2)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 --out "$OUT/check.json" 2>&1 \
+      | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  export RUNS=5
+  bench_mem fp8_fa3_graphs --model random --sizes 1024x1024 || echo "FAILED: bench_mem fp8_fa3_graphs --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024 || echo "FAILED: ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+  bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs || echo "FAILED: bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs" | tee -a "$OUT/summary.txt"
+  bench_mem bf16_fa3_graphs --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bench_mem bf16_fa3_graphs --model random --precision bf16 --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_fa3_graphs_2048 --model random --sizes 2048x2048 || echo "FAILED: RUNS=2 bench_mem fp8_fa3_graphs_2048 --model random --sizes 2048x2048" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  if [ -n "$NCU" ]; then
+    timeout 240 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+        /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 1 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
+        || echo "ncu: failed or timed out" | tee -a "$OUT/summary.txt"
+  fi
+  mkdir -p /tmp/data
+  /tmp/zimage serve --model random --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
+  srv=$!
+  for i in $(seq 1 180); do grep -q "listening on" "$OUT/serve.log" && break; sleep 1; done
+  grep "loaded\|compiled\|warmed\|listening" "$OUT/serve.log" | tee -a "$OUT/summary.txt"
+  w=$(mem_watch /tmp/mem_serve.log)
+  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  kill "$w"; echo "serve peak GPU memory (MiB): $(peak /tmp/mem_serve.log)" | tee -a "$OUT/summary.txt"
+  kill $srv; wait $srv 2>/dev/null || true
+  ;;
+final)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  export RUNS=5
+  bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: bench_mem fp8_1024 --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+  bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  timeout "${DIFFUSERS_LIMIT:-420}" python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16,compile_fp8}" \
+      --sizes "${SIZES:-1024,2048}" --runs 3 --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | grep "ms$\|Error\|error" | tee -a "$OUT/summary.txt" \
+      || echo "diffusers bench stopped (limit ${DIFFUSERS_LIMIT:-420} s)" | tee -a "$OUT/summary.txt"
+  ;;
 engine)
   /tmp/zimage bench --check --model random --device cuda --sizes "${CHECK_SIZES:-1024x1024}" --steps 8 \
       --out "$OUT/zimage_check.json" 2>&1 | grep -v '^ ' 

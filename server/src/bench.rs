@@ -33,9 +33,15 @@ pub struct BenchArgs {
     /// the real 1024x1024 shapes (4224 tokens, dim 3840), to see where a step's time goes.
     #[arg(long)]
     ops: bool,
-    /// Quantize the transformer's block linears to FP8 E4M3 (cuBLASLt FP8 matmuls on CUDA).
-    #[arg(long)]
+    /// Precision of the transformer's block linears: auto (FP8 on GPUs with FP8 matmuls), fp8, bf16.
+    #[arg(long, default_value = "auto")]
+    precision: engine::pipeline::Precision,
+    /// Same as `--precision fp8`.
+    #[arg(long, conflicts_with = "precision")]
     fp8: bool,
+    /// Run steps as kernel launches instead of CUDA graph replays.
+    #[arg(long)]
+    no_cuda_graphs: bool,
     /// Load the text encoder per request and free it after encoding.
     #[arg(long)]
     free_text_encoder: bool,
@@ -77,6 +83,10 @@ struct Report {
     device: String,
     dtype: String,
     fp8: bool,
+    /// The attention kernel the transformer ran.
+    attention: String,
+    /// Whether denoiser steps and text encodings replayed as CUDA graphs.
+    cuda_graphs: bool,
     text_encoder_resident: bool,
     load_ms: f64,
     /// Device memory in use after loading (CUDA only, whole device).
@@ -114,7 +124,12 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.ops {
         return op_profile(&device, dtype);
     }
-    let opts = LoadOptions { fp8: a.fp8 && !a.check, free_text_encoder: a.free_text_encoder };
+    let precision = if a.fp8 { engine::pipeline::Precision::Fp8 } else { a.precision };
+    let opts = LoadOptions {
+        fp8: precision.fp8_on(&device) && !a.check,
+        free_text_encoder: a.free_text_encoder,
+        cuda_graphs: LoadOptions::default().cuda_graphs && !a.no_cuda_graphs,
+    };
     let t = Instant::now();
     let mut pipe = if a.model == "random" {
         Pipeline::random_full_size(&device, dtype, opts)?
@@ -155,6 +170,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         fp8: pipe.is_fp8(),
+        attention: pipe.attention_kernel().name().into(),
+        cuda_graphs: pipe.uses_cuda_graphs(),
         text_encoder_resident: pipe.text_encoder_resident(),
         load_ms,
         memory_after_load_mib,
@@ -439,6 +456,38 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
                 relative_l2: relative_l2(&out_dev.latents.to_device(&cpu)?, &out_cpu.latents)?,
             });
         }
+    }
+    // Causal attention with grouped kv heads (the text encoder's): flash vs the composed softmax.
+    {
+        let (tl, th, tkv) = (77usize, 32usize, 8usize);
+        let (q, k, v) = (r(&[1, tl, th, hd])?, r(&[1, tl, tkv, hd])?, r(&[1, tl, tkv, hd])?);
+        let kernel = engine::ops::AttentionKernel::for_device(device);
+        let got = engine::ops::attention_with(kernel, &q, &k, &v, true)?;
+        let want = engine::ops::attention_composed_causal(&q, &k, &v)?;
+        kernels.push(KernelCheck { name: format!("causal GQA attention (1, 77, 32/8, 128), {} vs composed", kernel.name()), relative_l2: relative_l2(&got, &want)? });
+    }
+    // CUDA graph replays against the same steps run as kernel launches (same weights, seed and
+    // kernels: they should agree to the last bit), and the text encoder's flash path against its
+    // composed attention.
+    if device.is_cuda() {
+        let req = GenerateRequest { prompt: a.prompt.clone(), width: 512, height: 512, steps: 4, seed: 5, ..Default::default() };
+        pipe.set_cuda_graphs(true);
+        let graphed = pipe.generate(&req, &mut |_| Control::Continue)?;
+        let graphed_again = pipe.generate(&req, &mut |_| Control::Continue)?;
+        pipe.set_cuda_graphs(false);
+        let eager = pipe.generate(&req, &mut |_| Control::Continue)?;
+        kernels.push(KernelCheck { name: "512x512 latents: CUDA graph replays vs kernel launches".into(), relative_l2: relative_l2(&graphed.latents, &eager.latents)? });
+        kernels.push(KernelCheck { name: "512x512 latents: a second request replaying the same graphs vs launches".into(), relative_l2: relative_l2(&graphed_again.latents, &eager.latents)? });
+        let (emb_eager, _) = pipe.encode_prompt(&a.prompt)?;
+        pipe.set_cuda_graphs(true);
+        let (emb_graph, _) = pipe.encode_prompt(&a.prompt)?;
+        kernels.push(KernelCheck { name: "text encoder: graph replay (padded to 64 tokens) vs launches".into(), relative_l2: relative_l2(&emb_graph, &emb_eager)? });
+        pipe.set_cuda_graphs(false);
+        std::env::set_var("ZIMAGE_ATTENTION", "composed");
+        let composed = pipe.encode_prompt(&a.prompt);
+        std::env::remove_var("ZIMAGE_ATTENTION");
+        let (emb_composed, _) = composed?;
+        kernels.push(KernelCheck { name: "text encoder: flash causal vs composed attention".into(), relative_l2: relative_l2(&emb_graph, &emb_composed)? });
     }
     for k in &kernels {
         eprintln!("{:60} relative L2 {:.3e}", k.name, k.relative_l2);

@@ -54,17 +54,37 @@ pub struct ModelArgs {
     /// cpu, cuda or cuda:N. Default: cuda when built with it and a GPU is present, else cpu.
     #[arg(long, default_value = "auto")]
     pub device: String,
-    /// Quantize the transformer's block linears to FP8 E4M3 (half the memory; on CUDA, FP8 matmuls).
-    #[arg(long, env = "ZIMAGE_FP8")]
+    /// Precision of the transformer's block linears: `auto` (FP8 E4M3 on GPUs that run FP8
+    /// matmuls, compute capability 8.9+; bf16 on other GPUs; f32 on the CPU), `fp8`, or `bf16`.
+    #[arg(long, default_value = "auto", env = "ZIMAGE_PRECISION")]
+    pub precision: engine::pipeline::Precision,
+    /// Same as `--precision fp8`.
+    #[arg(long, env = "ZIMAGE_FP8", conflicts_with = "precision")]
     pub fp8: bool,
     /// Load the text encoder for each prompt and free it after encoding (for small cards).
     #[arg(long, env = "ZIMAGE_FREE_TEXT_ENCODER")]
     pub free_text_encoder: bool,
+    /// Run every step as kernel launches instead of replaying a CUDA graph (for comparisons).
+    #[arg(long)]
+    pub no_cuda_graphs: bool,
 }
 
 impl ModelArgs {
-    pub fn load_options(&self) -> engine::pipeline::LoadOptions {
-        engine::pipeline::LoadOptions { fp8: self.fp8, free_text_encoder: self.free_text_encoder }
+    pub fn precision(&self) -> engine::pipeline::Precision {
+        if self.fp8 {
+            engine::pipeline::Precision::Fp8
+        } else {
+            self.precision
+        }
+    }
+    /// How to load on `device` (FP8 depends on the device under `auto`).
+    pub fn load_options(&self, device: &candle_core::Device) -> engine::pipeline::LoadOptions {
+        let base = engine::pipeline::LoadOptions::default();
+        engine::pipeline::LoadOptions {
+            fp8: self.precision().fp8_on(device),
+            free_text_encoder: self.free_text_encoder,
+            cuda_graphs: base.cuda_graphs && !self.no_cuda_graphs,
+        }
     }
     pub fn source(&self) -> ModelSource {
         match &self.model {
@@ -74,14 +94,32 @@ impl ModelArgs {
     }
 }
 
+/// Opens CUDA device `i` the way the engine wants it (see `engine::pipeline::open_cuda`).
+pub fn open_cuda(i: usize) -> Result<candle_core::Device> {
+    #[cfg(feature = "cuda")]
+    {
+        engine::pipeline::open_cuda(i).with_context(|| format!("cannot open CUDA device {i}"))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        bail!("cannot open CUDA device {i}: this binary was built without `--features cuda`")
+    }
+}
+
 pub fn pick_device(spec: &str) -> Result<candle_core::Device> {
     use candle_core::Device;
     Ok(match spec {
         "cpu" => Device::Cpu,
-        "auto" => Device::cuda_if_available(0).unwrap_or(Device::Cpu),
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                open_cuda(0).unwrap_or(Device::Cpu)
+            } else {
+                Device::Cpu
+            }
+        }
         s if s == "cuda" || s.starts_with("cuda:") => {
             let idx: usize = s.strip_prefix("cuda:").map(|i| i.parse()).transpose().context("cuda:N")?.unwrap_or(0);
-            Device::new_cuda(idx).with_context(|| {
+            open_cuda(idx).with_context(|| {
                 format!("cannot open {s}: is this binary built with `--features cuda` and a GPU present?")
             })?
         }
@@ -150,6 +188,10 @@ struct ServeArgs {
     /// The built site (wasm, JS, CSS, public files).
     #[arg(long, env = "LEPTOS_SITE_ROOT", default_value = "target/site")]
     site_root: PathBuf,
+    /// Devices to run workers on, one worker each: `auto` (every CUDA GPU, else the CPU), `cpu`,
+    /// or a list such as `cuda:0,cuda:1`.
+    #[arg(long, default_value = "auto", env = "ZIMAGE_DEVICES")]
+    devices: String,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -232,7 +274,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     let device = pick_device(&args.model.device)?;
     eprintln!("model: {} on {:?}", source.display_name(), device);
     let t = Instant::now();
-    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options())?;
+    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options(&device))?;
     eprintln!("loaded in {:.2?}{}", t.elapsed(), if pipe.is_fp8() { " (transformer in FP8)" } else { "" });
     if pipe.is_tiny() {
         eprintln!("note: the tiny model has random weights; its images are patterns, not pictures");
@@ -303,6 +345,12 @@ fn rand_seed() -> u64 {
 }
 
 fn main() {
+    // The driver caches the kernels it compiles from PTX on disk; its default cap (256 MiB) is
+    // below what candle's and our modules take for one card, which would recompile them at every
+    // start. Set before any CUDA call, while the process is single-threaded.
+    if std::env::var_os("CUDA_CACHE_MAXSIZE").is_none() {
+        std::env::set_var("CUDA_CACHE_MAXSIZE", "4294967296");
+    }
     let cli = Cli::parse();
     let r = match cli.command {
         Command::Generate(a) => generate(a),
@@ -332,13 +380,50 @@ fn info(file: &Path) -> Result<()> {
 }
 
 fn serve(a: ServeArgs) -> Result<()> {
+    let devices = serve_devices(&a.devices)?;
+    let model = a.model.clone();
     web::serve(web::ServeOptions {
         addr: a.addr,
         model: a.model.source(),
-        load_options: a.model.load_options(),
+        devices,
+        load_options: Box::new(move |d| model.load_options(d)),
         data_dir: a.data_dir,
         frame_ancestors: a.frame_ancestors,
         queue_capacity: a.queue_capacity,
         site_root: a.site_root,
     })
+}
+
+/// `auto`, `cpu` or `cuda:0,cuda:1,...` -> the devices with their labels for the studio.
+fn serve_devices(spec: &str) -> Result<Vec<(candle_core::Device, String)>> {
+    let mut out = Vec::new();
+    match spec.trim() {
+        "auto" => {
+            if candle_core::utils::cuda_is_available() {
+                for i in 0..64 {
+                    match open_cuda(i) {
+                        Ok(d) => out.push((d, format!("CUDA GPU {i}"))),
+                        Err(_) => break,
+                    }
+                }
+            }
+            if out.is_empty() {
+                out.push((candle_core::Device::Cpu, "CPU".to_string()));
+            }
+        }
+        list => {
+            for item in list.split(',').map(str::trim) {
+                let device = pick_device(item).with_context(|| format!("--devices: `{item}`"))?;
+                let label = match item {
+                    "cpu" => "CPU".to_string(),
+                    s => format!("CUDA GPU {}", s.strip_prefix("cuda:").unwrap_or("0")),
+                };
+                if out.iter().any(|(_, l)| *l == label) {
+                    bail!("--devices names {label} twice");
+                }
+                out.push((device, label));
+            }
+        }
+    }
+    Ok(out)
 }

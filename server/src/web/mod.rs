@@ -41,7 +41,10 @@ pub use studio::Studio;
 pub struct ServeOptions {
     pub addr: std::net::SocketAddr,
     pub model: engine::loader::ModelSource,
-    pub load_options: engine::pipeline::LoadOptions,
+    /// One worker per device, with its label for the studio's model line.
+    pub devices: Vec<(candle_core::Device, String)>,
+    /// How to load on each device (FP8 depends on the card).
+    pub load_options: Box<dyn Fn(&candle_core::Device) -> engine::pipeline::LoadOptions + Send + Sync>,
     /// Generated images and uploads are kept here.
     pub data_dir: std::path::PathBuf,
     /// Origins allowed to frame `/embed` (CSP frame-ancestors), e.g. `https://blog.example`;
@@ -66,6 +69,7 @@ pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
 }
 
 async fn run(opts: ServeOptions) -> anyhow::Result<()> {
+    let started = std::time::Instant::now();
     let frames = FramePolicy::new(&opts.frame_ancestors)?;
     let site_root = opts.site_root.clone();
     let wasm = site_root.join("pkg").join(format!("{}.wasm", app::OUTPUT_NAME));
@@ -84,11 +88,21 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
 
     // one worker per device: every CUDA GPU (when built with CUDA), else the CPU
     let mut generators: Vec<(String, Arc<dyn Generator>)> = Vec::new();
-    for (device, label) in devices() {
+    for (device, label) in opts.devices.clone() {
         let source = opts.model.clone();
-        let load_options = opts.load_options;
+        let load_options = (opts.load_options)(&device);
         eprintln!("loading model {} on {label}…", source.display_name());
         let t = std::time::Instant::now();
+        // The driver's one-time kernel compilation runs beside the loading (see
+        // engine::cuda::precompile_kernels).
+        #[cfg(feature = "cuda")]
+        let precompile = match &device {
+            candle_core::Device::Cuda(dev) => {
+                let dev = dev.clone();
+                Some(std::thread::spawn(move || engine::cuda::precompile_kernels(&dev)))
+            }
+            _ => None,
+        };
         let pipeline =
             tokio::task::spawn_blocking(move || {
                 let dtype = engine::pipeline::default_dtype(&device);
@@ -98,6 +112,14 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
                 .context("model loading thread")?
                 .with_context(|| format!("loading the model on {label}"))?;
         eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
+        #[cfg(feature = "cuda")]
+        if let Some(h) = precompile {
+            match h.join() {
+                Ok(Ok(d)) => eprintln!("CUDA kernels compiled (or found in the driver's cache) in {d:.1?}, beside the loading"),
+                Ok(Err(e)) => eprintln!("warning: {e}"),
+                Err(_) => eprintln!("warning: the kernel compile thread panicked"),
+            }
+        }
         // On GPUs the first run compiles the kernels (once per process): do it before serving.
         let pipeline = if pipeline.device().is_cpu() {
             pipeline
@@ -120,12 +142,14 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
             );
         }
         // Say how the model is held, next to the device, in the studio's model line.
-        let label = match (pipeline.is_fp8(), pipeline.text_encoder_resident()) {
-            (false, true) => label,
-            (true, true) => format!("{label} (FP8 transformer)"),
-            (false, false) => format!("{label} (text encoder loaded per prompt)"),
-            (true, false) => format!("{label} (FP8 transformer, text encoder loaded per prompt)"),
+        let precision = match (pipeline.is_fp8(), pipeline.dtype()) {
+            (true, _) => "FP8 transformer",
+            (false, candle_core::DType::BF16) => "bf16",
+            (false, candle_core::DType::F32) => "f32",
+            (false, _) => "other precision",
         };
+        let te = if pipeline.text_encoder_resident() { "" } else { ", text encoder loaded per prompt" };
+        let label = format!("{label} ({precision}{te})");
         generators.push((label, Arc::new(pipeline)));
     }
     let studio = Studio::start(generators, store.clone(), opts.queue_capacity);
@@ -146,30 +170,17 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
         .with_context(|| format!("binding {}", opts.addr))?;
-    eprintln!("Z-Image Turbo Studio listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "Z-Image Turbo Studio listening on http://{} (ready {:.1?} after start)",
+        listener.local_addr()?,
+        started.elapsed()
+    );
     tokio::select! {
         r = axum::serve(listener, app) => r.context("serving")?,
         _ = shutdown_signal() => eprintln!("shutting down"),
     }
     studio.shutdown();
     Ok(())
-}
-
-/// Every CUDA device that opens (when built with CUDA and a GPU is present), else the CPU.
-fn devices() -> Vec<(candle_core::Device, String)> {
-    let mut out = Vec::new();
-    if candle_core::utils::cuda_is_available() {
-        for i in 0..64 {
-            match candle_core::Device::new_cuda(i) {
-                Ok(d) => out.push((d, format!("CUDA GPU {i}"))),
-                Err(_) => break,
-            }
-        }
-    }
-    if out.is_empty() {
-        out.push((candle_core::Device::Cpu, "CPU".to_string()));
-    }
-    out
 }
 
 async fn shutdown_signal() {

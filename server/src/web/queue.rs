@@ -249,31 +249,89 @@ impl JobQueue {
     }
 }
 
-/// Starts one worker thread running jobs from `queue` on `generator` (one per device).
+/// Work a worker hands to its publisher thread, in order: step previews (JPEG, base64) and the
+/// end of each job (PNG encoding, storing, the final event). The worker goes straight on to the
+/// next step or the next job, so that this CPU work overlaps the GPU's.
+enum Post {
+    Step { job_id: String, step: u32, total: u32, elapsed_ms: u64, eta_ms: u64, preview: Option<image::RgbImage> },
+    Finished { job: Arc<Job>, outcome: Result<Generated, JobEvent> },
+}
+
+/// A finished generation on its way to the store.
+struct Generated {
+    out: GenerateOutput,
+    strength: Option<f32>,
+    queued: Duration,
+    model: String,
+    tiny: bool,
+}
+
+/// Starts one worker thread running jobs from `queue` on `generator` (one per device), and its
+/// publisher thread.
 pub fn spawn_worker(
     name: String,
     queue: Arc<JobQueue>,
     generator: Arc<dyn Generator>,
     store: Arc<ImageStore>,
 ) -> std::thread::JoinHandle<()> {
+    let (posts, inbox) = std::sync::mpsc::channel::<Post>();
+    let publisher_queue = queue.clone();
+    let publisher_store = store.clone();
+    std::thread::Builder::new()
+        .name(format!("{name}-publish"))
+        .spawn(move || {
+            for post in inbox {
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(&publisher_queue, &publisher_store, post)));
+                if let Err(job_id) = outcome.unwrap_or_else(|_| Err(None)) {
+                    if let Some(job_id) = job_id {
+                        publisher_queue.finish(JobEvent::Error {
+                            job_id,
+                            reason: "Storing the image crashed; the error was logged on the server.".into(),
+                        });
+                    }
+                }
+            }
+        })
+        .expect("spawning a publisher thread");
     std::thread::Builder::new()
         .name(name)
         .spawn(move || {
             while let Some(job) = queue.next_job() {
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-                    run_job(&queue, &*generator, &store, &job)
+                    run_job(&queue, &*generator, &store, &job, &posts)
                 }));
-                let final_event = match outcome {
-                    Ok(ev) => ev,
-                    Err(_) => JobEvent::Error {
+                let outcome = outcome.unwrap_or_else(|_| {
+                    Err(JobEvent::Error {
                         job_id: job.id.clone(),
                         reason: "The generation crashed; the error was logged on the server.".into(),
-                    },
-                };
-                queue.finish(final_event);
+                    })
+                });
+                if posts.send(Post::Finished { job: job.clone(), outcome }).is_err() {
+                    queue.finish(JobEvent::Error { job_id: job.id.clone(), reason: "The server is shutting down.".into() });
+                }
             }
         })
         .expect("spawning a worker thread")
+}
+
+/// Publishes one post; on a panic inside, `Err(Some(job id))` names the job to fail.
+fn publish(queue: &JobQueue, store: &ImageStore, post: Post) -> Result<(), Option<String>> {
+    match post {
+        Post::Step { job_id, step, total, elapsed_ms, eta_ms, preview } => {
+            let preview = preview.as_ref().and_then(preview_data_url);
+            queue.publish(JobEvent::Step { job_id, step, total, elapsed_ms, eta_ms, preview });
+        }
+        Post::Finished { job, outcome } => {
+            let job_id = job.id.clone();
+            let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match outcome {
+                Ok(generated) => store_result(store, &job, generated),
+                Err(ev) => ev,
+            }))
+            .map_err(|_| Some(job_id))?;
+            queue.finish(event);
+        }
+    }
+    Ok(())
 }
 
 fn ms(d: Duration) -> u64 {
@@ -294,12 +352,19 @@ fn preview_data_url(img: &image::RgbImage) -> Option<String> {
     Some(format!("data:image/jpeg;base64,{}", base64::engine::general_purpose::STANDARD.encode(jpg)))
 }
 
-/// Runs one job and returns its final event (done / error / cancelled).
-fn run_job(queue: &JobQueue, generator: &dyn Generator, store: &ImageStore, job: &Job) -> JobEvent {
+/// Runs one job's generation on the worker; the publisher stores the result
+/// (`store_result`). Errors come back as the job's final event.
+fn run_job(
+    queue: &JobQueue,
+    generator: &dyn Generator,
+    store: &ImageStore,
+    job: &Job,
+    posts: &std::sync::mpsc::Sender<Post>,
+) -> Result<Generated, JobEvent> {
     let job_id = job.id.clone();
     let queued = job.submitted.elapsed();
     if job.cancelled() {
-        return JobEvent::Cancelled { job_id };
+        return Err(JobEvent::Cancelled { job_id });
     }
     queue.publish(JobEvent::Started {
         job_id: job_id.clone(),
@@ -312,7 +377,7 @@ fn run_job(queue: &JobQueue, generator: &dyn Generator, store: &ImageStore, job:
         JobKind::Generate { .. } => (None, None),
         JobKind::Transform { upload_id, strength } => match store.load_upload(upload_id) {
             Ok(img) => (Some(img), Some(*strength)),
-            Err(e) => return JobEvent::Error { job_id, reason: e.reason },
+            Err(e) => return Err(JobEvent::Error { job_id, reason: e.reason }),
         },
     };
     let req = GenerateRequest {
@@ -342,13 +407,13 @@ fn run_job(queue: &JobQueue, generator: &dyn Generator, store: &ImageStore, job:
             first_step_at = Some(ev.elapsed);
         }
         let eta = per_step * total.saturating_sub(step) as u32;
-        queue.publish(JobEvent::Step {
+        let _ = posts.send(Post::Step {
             job_id: job.id.clone(),
             step: ev.step as u32,
             total: ev.total as u32,
             elapsed_ms: ms(ev.elapsed),
             eta_ms: ms(eta),
-            preview: ev.preview.and_then(preview_data_url),
+            preview: ev.preview.cloned(),
         });
         if job.cancelled() {
             Control::Cancel
@@ -358,18 +423,24 @@ fn run_job(queue: &JobQueue, generator: &dyn Generator, store: &ImageStore, job:
     };
     let out = match generator.generate(&req, &mut on_step) {
         Ok(out) => out,
-        Err(engine::Error::Cancelled) => return JobEvent::Cancelled { job_id },
-        Err(engine::Error::InvalidRequest(m)) => return JobEvent::Error { job_id, reason: m },
+        Err(engine::Error::Cancelled) => return Err(JobEvent::Cancelled { job_id }),
+        Err(engine::Error::InvalidRequest(m)) => return Err(JobEvent::Error { job_id, reason: m }),
         Err(e) => {
             eprintln!("[web] job {job_id} failed: {e}");
-            return JobEvent::Error { job_id, reason: format!("Generation failed: {e}") };
+            return Err(JobEvent::Error { job_id, reason: format!("Generation failed: {e}") });
         }
     };
+    Ok(Generated { out, strength, queued, model: generator.model_name(), tiny: generator.is_tiny() })
+}
+
+/// PNG-encodes and stores a finished generation; returns the job's final event.
+fn store_result(store: &ImageStore, job: &Job, generated: Generated) -> JobEvent {
+    let job_id = job.id.clone();
+    let Generated { out, strength, queued, model, tiny } = generated;
     let Some(img) = out.images.first() else {
         return JobEvent::Error { job_id, reason: "The model returned no image.".into() };
     };
     let seed = out.seeds.first().copied().unwrap_or(job.seed);
-    let model = generator.model_name();
     let params = engine::png_meta::Parameters {
         prompt: job.full_prompt.clone(),
         negative_prompt: String::new(),
@@ -399,7 +470,7 @@ fn run_job(queue: &JobQueue, generator: &dyn Generator, store: &ImageStore, job:
         height: img.height(),
         strength,
         model,
-        tiny_model: generator.is_tiny(),
+        tiny_model: tiny,
         timings: TimingsMs {
             queued_ms: ms(queued),
             text_encoding_ms: ms(t.text_encoding),
