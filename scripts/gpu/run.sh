@@ -23,6 +23,10 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site
 xz -dc "${BIN:-dist/zimage.xz}" > /tmp/zimage && chmod +x /tmp/zimage
+# Stop at once (not after minutes of failing runs) when the binary cannot use the GPU.
+if ! /tmp/zimage bench --device cuda --model tiny --sizes 64x64 --steps 1 --runs 0 >/tmp/smoke.log 2>&1; then
+  echo "the binary does not run on this GPU:"; tail -5 /tmp/smoke.log; exit 3
+fi
 # Few files come back from the device: per-run JSON, and one summary.txt (card, peak memory).
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/summary.txt"
 mem_watch() { nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 50 > "$1" & echo $!; }
@@ -66,12 +70,12 @@ engine2)
   summarize | tee -a "$OUT/summary.txt"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
-    timeout 240 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+    timeout 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
         /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 1 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
         || echo "ncu: failed or timed out" | tee -a "$OUT/summary.txt"
   fi
   mkdir -p /tmp/data
-  /tmp/zimage serve --model random --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
   srv=$!
   for i in $(seq 1 180); do grep -q "listening on" "$OUT/serve.log" && break; sleep 1; done
   grep "loaded\|compiled\|warmed\|listening" "$OUT/serve.log" | tee -a "$OUT/summary.txt"
