@@ -543,6 +543,9 @@ pub struct ServerInfo {
     pub model: String,
     /// The built-in tiny model with random weights: images look like noise.
     pub tiny_model: bool,
+    /// Random weights of any size (the tiny model, or `--model random` for benchmarks).
+    #[serde(default)]
+    pub random_weights: bool,
     pub device: String,
     pub queue_capacity: usize,
     pub version: String,

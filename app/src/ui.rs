@@ -207,7 +207,14 @@ fn ModelBanner() -> impl IntoView {
 #[component]
 fn ModelInfo(info: ServerInfo) -> impl IntoView {
     let tiny = info.tiny_model;
+    let random_full_size = info.random_weights && !info.tiny_model;
     view! {
+        <Show when=move || random_full_size>
+            <div class="banner tiny" role="alert" data-testid="random-banner">
+                <strong>"Benchmark mode: the full-size model with random weights. "</strong>
+                "Images will look like noise; the speed is the real model's."
+            </div>
+        </Show>
         <Show when=move || tiny>
             <div class="banner tiny" role="alert" data-testid="tiny-banner">
                 <strong>"Demo mode: tiny model with random weights. "</strong>

@@ -25,6 +25,20 @@ pub fn enabled_by_env() -> bool {
     !matches!(std::env::var("ZIMAGE_CUDA_GRAPHS").as_deref(), Ok("0") | Ok("off") | Ok("false"))
 }
 
+/// Returns the device memory that captured graphs hold for their intermediates while none of them
+/// runs (CUDA keeps it mapped between launches) to the device, so that work outside the graphs
+/// (the VAE decode after the denoising loop) can use it; the next replay maps it again.
+pub fn trim_graph_memory(device: &candle_core::Device) {
+    #[cfg(feature = "cuda")]
+    if let candle_core::Device::Cuda(dev) = device {
+        let cu_device = dev.cuda_stream().context().cu_device();
+        // SAFETY: a plain driver call on a valid device; memory of running graphs is kept.
+        let _ = unsafe { candle_core::cuda_backend::cudarc::driver::sys::cuDeviceGraphMemTrim(cu_device) };
+    }
+    #[cfg(not(feature = "cuda"))]
+    let _ = device;
+}
+
 /// Captured calls keyed by `K` (whatever fixes the shapes).
 #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
 pub struct GraphCache<K> {

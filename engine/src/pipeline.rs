@@ -516,10 +516,15 @@ impl Pipeline {
     }
     /// Turns CUDA graph replays on or off (drops the captures held), for comparisons.
     pub fn set_cuda_graphs(&mut self, on: bool) {
-        self.denoise_graphs = GraphCache::new(on, crate::graph::DEFAULT_CAPACITY);
+        self.set_denoise_graphs(on);
         if let TextEncoderSlot::Resident(te) = &mut self.text_encoder {
             te.set_cuda_graphs(on);
         }
+    }
+    /// Turns CUDA graph replays of the denoiser steps alone on or off (the text encoder keeps its
+    /// setting), so that a comparison sees only the steps' difference.
+    pub fn set_denoise_graphs(&mut self, on: bool) {
+        self.denoise_graphs = GraphCache::new(on, crate::graph::DEFAULT_CAPACITY);
     }
     /// Whether denoiser steps replay as CUDA graphs (CUDA devices only).
     pub fn uses_cuda_graphs(&self) -> bool {
@@ -717,6 +722,7 @@ impl Pipeline {
         // Make the loop's time real on asynchronous devices before reading the clock.
         self.device.synchronize()?;
         timings.denoising = t_loop.elapsed();
+        crate::graph::trim_graph_memory(&self.device);
 
         let t = Instant::now();
         let images = self.decode_latents(&x)?;
@@ -852,6 +858,36 @@ mod tests {
         let want = fixture_pipeline().generate(&req, &mut |_| Control::Continue).unwrap();
         let rel = crate::fp8::relative_l2(&got.latents, &want.latents).unwrap();
         assert!(rel > 1e-5 && rel < 0.1, "FP8 latents relative L2 {rel}");
+    }
+
+    #[test]
+    fn precision_parses_and_auto_keeps_the_cpu_in_full_precision() {
+        assert_eq!("auto".parse::<Precision>().unwrap(), Precision::Auto);
+        assert_eq!("fp8".parse::<Precision>().unwrap(), Precision::Fp8);
+        assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Full);
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("auto, fp8 or bf16"));
+        assert!(!Precision::Auto.fp8_on(&Device::Cpu));
+        assert!(Precision::Fp8.fp8_on(&Device::Cpu));
+        assert!(!fp8_supported(&Device::Cpu));
+    }
+
+    #[test]
+    fn prepared_conditioning_is_reused_across_steps() {
+        // The pipeline's path (caption side and modulations once, then forward_prepared per step)
+        // against the one-call forward, step by step on the fixture model.
+        let p = fixture_pipeline();
+        let t = p.transformer();
+        let cap = Tensor::randn(0f32, 1.0, (1, 9, t.config().cap_feat_dim), &Device::Cpu).unwrap();
+        let x = Tensor::randn(0f32, 1.0, (1, t.config().in_channels, 1, 8, 8), &Device::Cpu).unwrap();
+        let times = [0.1f32, 0.5, 0.9];
+        let cond = t.condition(&cap, (1, 8, 8)).unwrap();
+        let mods = t.modulations(&times).unwrap();
+        for (i, &time) in times.iter().enumerate() {
+            let prepared = t.forward_prepared(&x, &mods[i], &cond).unwrap();
+            let direct = t.forward(&x, &Tensor::new(&[time], &Device::Cpu).unwrap(), &[cap.squeeze(0).unwrap()]).unwrap();
+            let err = (prepared - direct).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(err < 1e-5, "step {i}: {err}");
+        }
     }
 
     #[test]

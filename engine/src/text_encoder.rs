@@ -421,11 +421,18 @@ impl TextEncoder {
                 self.cfg.vocab_size
             )));
         }
+        // Padded to a bucket for graph replays (the pad ids' rows come after every real row).
+        let padded = if self.graphs.enabled() && self.device.is_cuda() { l.div_ceil(GRAPH_BUCKET) * GRAPH_BUCKET } else { l };
+        self.encode_padded(ids, padded)
+    }
+
+    /// `encode_ids` run on the ids followed by pad ids up to `padded` tokens, returning the real
+    /// tokens' rows: under causal attention they equal the unpadded run's.
+    fn encode_padded(&self, ids: &[u32], padded: usize) -> Result<Tensor> {
+        let l = ids.len();
         let kernel = AttentionKernel::for_device(&self.device);
         let flash = kernel != AttentionKernel::Composed && self.dtype == DType::BF16 && self.cfg.head_dim() == 128;
         let kernel = if flash { kernel } else { AttentionKernel::Composed };
-        // Padded to a bucket for graph replays (the pad ids' rows come after every real row).
-        let padded = if self.graphs.enabled() && self.device.is_cuda() { l.div_ceil(GRAPH_BUCKET) * GRAPH_BUCKET } else { l };
         let mut all_ids = ids.to_vec();
         all_ids.resize(padded, 0);
         let ids = Tensor::from_vec(all_ids, padded, self.embed_tokens.device())?;
@@ -547,6 +554,18 @@ mod tests {
         let part = enc.forward(&ids.narrow(0, 0, 20).unwrap()).unwrap();
         let (err, _) = compare(&part, &full.narrow(0, 0, 20).unwrap());
         assert!(err < 1e-5, "prefix err {err}");
+    }
+
+    #[test]
+    fn padding_to_a_bucket_leaves_the_real_tokens_unchanged() {
+        // What the CUDA graph replays rely on: pad ids after the prompt do not reach its rows.
+        let enc = load_tiny();
+        let ids: Vec<u32> = expected()["te.input_ids"].to_dtype(DType::U32).unwrap().to_vec1().unwrap();
+        let plain = enc.encode_ids(&ids).unwrap();
+        let padded = enc.encode_padded(&ids, ids.len().div_ceil(GRAPH_BUCKET) * GRAPH_BUCKET + GRAPH_BUCKET).unwrap();
+        assert_eq!(padded.dims(), plain.dims());
+        let (err, _) = compare(&padded, &plain);
+        assert!(err < 1e-5, "padded vs plain {err}");
     }
 
     #[test]

@@ -84,6 +84,19 @@ engine2)
   kill "$w"; echo "serve peak GPU memory (MiB): $(peak /tmp/mem_serve.log)" | tee -a "$OUT/summary.txt"
   kill $srv; wait $srv 2>/dev/null || true
   ;;
+profile)
+  # FP8 1024 bench (memory), then every kernel of one request under ncu (launched, not replayed:
+  # the kernels are the same; graphs only close the gaps between them).
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  export RUNS=3
+  bench_mem fp8_1024_trim --model random --sizes 1024x1024 || echo "FAILED: fp8 bench" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
+  ZIMAGE_CUDA_GRAPHS=0 timeout 200 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+      /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 0 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
+      || echo "ncu: failed or timed out" | tee -a "$OUT/summary.txt"
+  ;;
 final)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT

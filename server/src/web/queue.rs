@@ -23,6 +23,10 @@ const PREVIEW_MAX_SIDE: u32 = 256;
 pub trait Generator: Send + Sync + 'static {
     fn model_name(&self) -> String;
     fn is_tiny(&self) -> bool;
+    /// Random weights (the tiny model, or the full-size architecture for benchmarks).
+    fn has_random_weights(&self) -> bool {
+        self.is_tiny()
+    }
     fn generate(
         &self,
         req: &GenerateRequest,
@@ -36,6 +40,9 @@ impl Generator for Pipeline {
     }
     fn is_tiny(&self) -> bool {
         Pipeline::is_tiny(self)
+    }
+    fn has_random_weights(&self) -> bool {
+        Pipeline::has_random_weights(self)
     }
     fn generate(
         &self,

@@ -28,6 +28,7 @@ impl Studio {
         let info = ServerInfo {
             model: first.model_name(),
             tiny_model: first.is_tiny(),
+            random_weights: first.has_random_weights(),
             device: generators.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", "),
             queue_capacity: queue.capacity(),
             version: env!("CARGO_PKG_VERSION").to_string(),
