@@ -19,3 +19,5 @@ if [ -f end2end/package.json ] && [ -x scripts/e2e.sh ]; then
   echo "== end2end (Playwright + Chromium)"
   scripts/e2e.sh
 fi
+echo "== script APIs with their own clients (openai, webuiapi)"
+scripts/api-clients.sh

@@ -2,7 +2,7 @@
 //! Errors are [`StudioError`]s, sent as JSON with the HTTP status of their kind.
 
 use crate::error::StudioError;
-use crate::types::{JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
 use leptos::prelude::*;
 use server_fn::codec::{Json, MultipartData, MultipartFormData};
 
@@ -122,6 +122,35 @@ pub async fn upload_image(data: MultipartData) -> Result<UploadInfo, StudioError
                 .map_err(|e| StudioError::internal(format!("upload task failed: {e}")))?;
         }
         Err(StudioError::invalid("No image in the upload (expected a form field named `image`)."))
+    }
+    .await;
+    ssr::respond(r)
+}
+
+/// One page of the history (newest first), filtered by a prompt search when not empty.
+#[server(endpoint = "history", input = Json)]
+pub async fn list_history(search: String, page: u32) -> Result<HistoryPage, StudioError> {
+    let r = async {
+        if search.chars().count() > 200 {
+            return Err(StudioError::invalid("The search is too long (at most 200 characters)."));
+        }
+        let backend = ssr::backend().await?;
+        tokio::task::spawn_blocking(move || backend.history(&search, page))
+            .await
+            .map_err(|e| StudioError::internal(e.to_string()))?
+    }
+    .await;
+    ssr::respond(r)
+}
+
+/// Deletes a finished image (history row, files, share page).
+#[server(endpoint = "delete_image", input = Json)]
+pub async fn delete_image(image_id: String) -> Result<(), StudioError> {
+    let r = async {
+        let backend = ssr::backend().await?;
+        tokio::task::spawn_blocking(move || backend.delete_image(&image_id))
+            .await
+            .map_err(|e| StudioError::internal(e.to_string()))?
     }
     .await;
     ssr::respond(r)

@@ -2,7 +2,7 @@
 //! store), reached from a server function through an axum extractor on the request's extensions.
 
 use crate::error::StudioError;
-use crate::types::{JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use std::sync::Arc;
@@ -17,6 +17,11 @@ pub trait Backend: Send + Sync + 'static {
     fn image(&self, image_id: &str) -> Result<JobResult, StudioError>;
     /// Decodes, resizes and stores an uploaded Transform input. Blocking: call off the runtime.
     fn store_upload(&self, bytes: Vec<u8>, content_type: Option<String>) -> Result<UploadInfo, StudioError>;
+    /// One page (0-based) of finished images, newest first, those whose prompt matches `search`
+    /// (every word, as a prefix) when it is not empty. Blocking.
+    fn history(&self, search: &str, page: u32) -> Result<HistoryPage, StudioError>;
+    /// Deletes a finished image: its history row, files and share page. Blocking.
+    fn delete_image(&self, image_id: &str) -> Result<(), StudioError>;
 }
 
 /// The backend, put into every request's extensions by the server (`axum::Extension` layer) and

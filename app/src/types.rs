@@ -238,6 +238,10 @@ pub struct JobRequest {
     #[serde(default)]
     pub seed: Option<u64>,
     pub kind: JobKind,
+    /// What the image should not show (stored with it; Turbo runs without guidance, where it has
+    /// no effect on the image).
+    #[serde(default)]
+    pub negative_prompt: String,
 }
 
 impl JobRequest {
@@ -257,6 +261,16 @@ impl JobRequest {
         }
         if prompt.chars().any(|c| c == '\0') {
             return Err(StudioError::invalid("The prompt contains a NUL character."));
+        }
+        let neg_chars = self.negative_prompt.chars().count();
+        if neg_chars > limits::MAX_PROMPT_CHARS {
+            return Err(StudioError::invalid(format!(
+                "The negative prompt is too long ({neg_chars} characters; at most {}).",
+                limits::MAX_PROMPT_CHARS
+            )));
+        }
+        if self.negative_prompt.contains('\0') {
+            return Err(StudioError::invalid("The negative prompt contains a NUL character."));
         }
         if !(limits::MIN_STEPS..=limits::MAX_STEPS).contains(&self.steps) {
             return Err(StudioError::invalid(format!(
@@ -377,6 +391,61 @@ pub struct JobResult {
     pub prompt_truncated: bool,
     /// Seconds since the Unix epoch.
     pub created_unix: u64,
+    #[serde(default)]
+    pub negative_prompt: String,
+    /// Which door the request came in by.
+    #[serde(default)]
+    pub source: JobSource,
+}
+
+/// Where a job was submitted: the studio page, `/api/generate`, the OpenAI or the A1111 API.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum JobSource {
+    #[default]
+    Studio,
+    HttpApi,
+    #[serde(rename = "openai")]
+    OpenAi,
+    A1111,
+}
+
+impl JobSource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JobSource::Studio => "studio",
+            JobSource::HttpApi => "http_api",
+            JobSource::OpenAi => "openai",
+            JobSource::A1111 => "a1111",
+        }
+    }
+    pub fn label(self) -> &'static str {
+        match self {
+            JobSource::Studio => "Studio",
+            JobSource::HttpApi => "HTTP API",
+            JobSource::OpenAi => "OpenAI API",
+            JobSource::A1111 => "A1111 API",
+        }
+    }
+}
+
+/// One image of the history, with its thumbnail.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryItem {
+    pub result: JobResult,
+    /// A small JPEG, e.g. `/thumbs/<id>.jpg`.
+    pub thumb_url: String,
+}
+
+/// One page of the history, newest first.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HistoryPage {
+    pub items: Vec<HistoryItem>,
+    /// Matching images in all pages.
+    pub total: u64,
+    /// 0-based.
+    pub page: u32,
+    pub page_size: u32,
 }
 
 /// Progress events of one job, pushed over the `/ws` websocket as JSON (`{"type": "...", ...}`).
@@ -566,6 +635,7 @@ mod tests {
 
     fn gen_req() -> JobRequest {
         JobRequest {
+            negative_prompt: String::new(),
             prompt: "a cat".into(),
             style: Style::None,
             steps: 8,

@@ -696,6 +696,7 @@ fn GenerateTab() -> impl IntoView {
         };
         let r = ratio.get_untracked();
         slot.submit(JobRequest {
+            negative_prompt: String::new(),
             prompt: prompt.get_untracked(),
             style: style.get_untracked(),
             steps: steps.get_untracked(),
@@ -829,6 +830,7 @@ fn TransformTab(active: Signal<bool>) -> impl IntoView {
             Err(e) => return slot.error.set(Some(e)),
         };
         slot.submit(JobRequest {
+            negative_prompt: String::new(),
             prompt: prompt.get_untracked(),
             style: style.get_untracked(),
             steps: steps.get_untracked(),
@@ -989,6 +991,7 @@ pub fn EmbedPage() -> impl IntoView {
         }
         let r = ratio.get_untracked();
         slot.submit(JobRequest {
+            negative_prompt: String::new(),
             prompt: prompt.get_untracked(),
             style: Style::None,
             steps: limits::DEFAULT_STEPS,

@@ -146,7 +146,7 @@ struct GenerateArgs {
     height: Option<usize>,
     #[arg(long, default_value_t = 8)]
     steps: usize,
-    /// Default: random (printed).
+    /// 0 to 4294967295 (the range the studio and the APIs use). Default: random (printed).
     #[arg(long)]
     seed: Option<u64>,
     /// Number of images; image i uses seed + i.
@@ -188,6 +188,10 @@ struct ServeArgs {
     /// The built site (wasm, JS, CSS, public files).
     #[arg(long, env = "LEPTOS_SITE_ROOT", default_value = "target/site")]
     site_root: PathBuf,
+    /// Require `Authorization: Bearer KEY` on the script APIs (OpenAI `/v1/*`, A1111 `/sdapi/*`);
+    /// the studio's own pages and API stay open.
+    #[arg(long, env = "ZIMAGE_API_KEY")]
+    api_key: Option<String>,
     /// Devices to run workers on, one worker each: `auto` (every CUDA GPU, else the CPU), `cpu`,
     /// or a list such as `cuda:0,cuda:1`.
     #[arg(long, default_value = "auto", env = "ZIMAGE_DEVICES")]
@@ -252,7 +256,16 @@ fn generate(args: GenerateArgs) -> Result<()> {
         Some(img) => ((img.width() as usize / 16 * 16).max(16), (img.height() as usize / 16 * 16).max(16)),
         None => (1024, 1024),
     };
-    let seed = args.seed.unwrap_or_else(rand_seed);
+    // One seed range for the CLI, the studio and every API: 0..=4294967295 (u32).
+    const MAX_SEED: u64 = u32::MAX as u64;
+    let n = args.n.max(1) as u64;
+    let seed = match args.seed {
+        Some(s) if s > MAX_SEED || s + (n - 1) > MAX_SEED => {
+            bail!("the seed must be between 0 and {} (with --n {n}, at most {})", MAX_SEED, MAX_SEED - (n - 1))
+        }
+        Some(s) => s,
+        None => rand_seed() % (MAX_SEED - n + 2),
+    };
     let req = GenerateRequest {
         prompt: args.prompt.clone(),
         negative_prompt: args.negative_prompt.clone(),
@@ -341,7 +354,7 @@ fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
-    h.finish() >> 11 // keep it in JavaScript's safe-integer range for the web UI
+    h.finish() & u32::MAX as u64 // the seed range the studio and the APIs use
 }
 
 fn main() {
@@ -391,6 +404,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         frame_ancestors: a.frame_ancestors,
         queue_capacity: a.queue_capacity,
         site_root: a.site_root,
+        api_key: a.api_key.filter(|k| !k.is_empty()),
     })
 }
 

@@ -104,6 +104,8 @@ fn bad_input_gets_a_clear_error() {
         (vec!["--image".into(), not_txt.display().to_string()], "is not an image"),
         (vec!["--image".into(), good.display().to_string(), "--strength".into(), "1.5".into()], "strength must be in (0, 1]"),
         (vec!["--n".into(), "100".into()], "n (images per request)"),
+        (vec!["--seed".into(), "4294967296".into()], "the seed must be between 0 and 4294967295"),
+        (vec!["--seed".into(), "4294967295".into(), "--n".into(), "2".into()], "at most 4294967294"),
     ];
     for (extra, needle) in cases {
         let mut args: Vec<String> =

@@ -5,32 +5,16 @@
 //! `application/json`). A client that goes away cancels its job. Errors are the studio's JSON
 //! `{kind, reason}` with the kind's status.
 
-use app::backend::Backend;
-use app::types::{JobEvent, JobRequest, JobResult};
-use app::{ErrorKind, StudioError};
+use app::types::{JobRequest, JobResult};
+use app::StudioError;
 use axum::extract::rejection::JsonRejection;
 use axum::extract::State;
 use axum::http::{header, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use std::sync::Arc;
-use tokio::sync::broadcast::error::RecvError;
 
 use super::studio::Studio;
-
-/// Cancels the job when the request is dropped before the job ended (the client disconnected).
-struct CancelOnDrop {
-    studio: Arc<Studio>,
-    job_id: Option<String>,
-}
-
-impl Drop for CancelOnDrop {
-    fn drop(&mut self) {
-        if let Some(id) = self.job_id.take() {
-            let _ = self.studio.cancel(&id);
-        }
-    }
-}
 
 pub async fn generate(
     State(studio): State<Arc<Studio>>,
@@ -45,31 +29,16 @@ pub async fn generate(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json") && !a.contains("image/png"));
-    // Subscribe before submitting, so no event of the job can be missed.
-    let mut events = studio.queue.subscribe();
-    let ticket = match studio.submit(req) {
-        Ok(t) => t,
-        Err(e) => return e.into_response(),
-    };
-    let mut guard = CancelOnDrop { studio: studio.clone(), job_id: Some(ticket.job_id.clone()) };
-    let outcome = loop {
-        match events.recv().await {
-            Ok(ev) if ev.is_terminal() && ev.job_id() == ticket.job_id => break ev,
-            Ok(_) => {}
-            Err(RecvError::Lagged(_)) => {
-                if let Some(ev) = studio.queue.snapshot(&ticket.job_id).filter(JobEvent::is_terminal) {
-                    break ev;
-                }
+    match super::jobs::run_jobs(&studio, app::types::JobSource::HttpApi, vec![req], |_| {}).await {
+        Ok(mut results) => {
+            let result = results.remove(0);
+            if wants_json {
+                Json(result).into_response()
+            } else {
+                png_response(&studio, &result).await
             }
-            Err(RecvError::Closed) => return StudioError::internal("The studio is shutting down.").into_response(),
         }
-    };
-    guard.job_id = None;
-    match outcome {
-        JobEvent::Done { result, .. } if wants_json => Json(result).into_response(),
-        JobEvent::Done { result, .. } => png_response(&studio, &result).await,
-        JobEvent::Error { reason, .. } => StudioError::internal(reason).into_response(),
-        _ => StudioError::new(ErrorKind::Cancelled, "The job was cancelled before it finished.").into_response(),
+        Err(e) => e.into_response(),
     }
 }
 

@@ -10,6 +10,10 @@
 //! * everything else — files of the built site (`site_root`), else the 404 page
 
 mod generate_api;
+mod history;
+mod a1111_api;
+mod jobs;
+mod openai_api;
 mod queue;
 mod store;
 mod studio;
@@ -54,6 +58,8 @@ pub struct ServeOptions {
     pub queue_capacity: usize,
     /// The built site (`scripts/build-site.sh` writes `target/site`).
     pub site_root: std::path::PathBuf,
+    /// When set, the script APIs (`/v1/*`, `/sdapi/*`) need `Authorization: Bearer <key>`.
+    pub api_key: Option<String>,
 }
 
 /// Builds its own tokio runtime, loads the model (on a blocking thread), serves until killed.
@@ -152,10 +158,11 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         let label = format!("{label} ({precision}{te})");
         generators.push((label, Arc::new(pipeline)));
     }
-    let studio = Studio::start(generators, store.clone(), opts.queue_capacity);
+    let studio = Studio::start(generators, store.clone(), opts.queue_capacity)
+        .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?;
 
     let options = leptos_options(opts.addr, &site_root);
-    let app = router(studio.clone(), options, frames);
+    let app = router_with_key(studio.clone(), options, frames, opts.api_key.clone());
 
     // prune old uploads hourly
     tokio::spawn(async move {
@@ -230,16 +237,76 @@ impl FromRef<AppState> for Arc<Studio> {
     }
 }
 
-/// The whole app as an axum router (used by `serve` and the tests).
+/// The whole app as an axum router, the script APIs open (used by the tests).
 pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) -> Router {
+    router_with_key(studio, options, frames, None)
+}
+
+/// The key the script APIs ask for (none: open).
+#[derive(Clone)]
+pub struct ApiKey(Option<Arc<str>>);
+
+impl ApiKey {
+    /// Whether the request carries `Authorization: Bearer <key>` (always true without a key).
+    fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
+        let Some(key) = &self.0 else { return true };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .unwrap_or("");
+        // same time whatever prefix matches
+        given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
+    }
+}
+
+async fn a1111_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
+    if key.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    a1111_api::ApiError::unauthorized().into_response()
+}
+
+async fn openai_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
+    if key.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    openai_api::ApiError::unauthorized("Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).").into_response()
+}
+
+/// The whole app as an axum router (used by `serve`).
+pub fn router_with_key(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy, api_key: Option<String>) -> Router {
     let state = AppState { leptos_options: options.clone(), studio: studio.clone() };
     let routes = generate_route_list(App);
+    let studio_for_apis = studio.clone();
     let backend = BackendHandle(studio as Arc<dyn Backend>);
+    let key = ApiKey(api_key.map(Arc::from));
+    let openai = Router::new()
+        .route("/v1/images/generations", axum::routing::post(openai_api::generations))
+        .route("/v1/images/edits", axum::routing::post(openai_api::edits))
+        .route("/v1/models", get(openai_api::models))
+        .route("/v1/models/{id}", get(openai_api::model))
+        .route_layer(axum::middleware::from_fn_with_state(key.clone(), openai_auth));
+    let a1111 = a1111_api::A1111 { studio: studio_for_apis.clone(), state: Default::default() };
+    let sdapi = Router::new()
+        .route("/sdapi/v1/txt2img", axum::routing::post(a1111_api::txt2img))
+        .route("/sdapi/v1/img2img", axum::routing::post(a1111_api::img2img))
+        .route("/sdapi/v1/progress", get(a1111_api::progress))
+        .route("/sdapi/v1/interrupt", axum::routing::post(a1111_api::interrupt))
+        .route("/sdapi/v1/sd-models", get(a1111_api::sd_models))
+        .route("/sdapi/v1/samplers", get(a1111_api::samplers))
+        .route("/sdapi/v1/scripts", get(a1111_api::scripts))
+        .route("/sdapi/v1/options", get(a1111_api::get_options).post(a1111_api::set_options))
+        .route_layer(axum::middleware::from_fn_with_state(key.clone(), a1111_auth))
+        .with_state(a1111);
     Router::new()
+        .merge(openai)
+        .merge(sdapi)
         .route("/ws", get(ws::ws_handler))
         .route("/api/generate", axum::routing::post(generate_api::generate))
         .route("/images/{file}", get(image_file))
         .route("/uploads/{file}", get(upload_file))
+        .route("/thumbs/{file}", get(thumb_file))
         .route("/healthz", get(|| async { "ok" }))
         .leptos_routes(&state, routes, {
             let options = options.clone();
@@ -274,6 +341,22 @@ async fn png_file(path: Option<std::path::PathBuf>, cache: &'static str) -> Resp
 async fn image_file(State(studio): State<Arc<Studio>>, Path(file): Path<String>) -> Response {
     let path = file.strip_suffix(".png").and_then(|id| studio.store.image_path(id));
     png_file(path, "public, max-age=31536000, immutable").await
+}
+
+async fn thumb_file(State(studio): State<Arc<Studio>>, Path(file): Path<String>) -> Response {
+    let path = file.strip_suffix(".jpg").and_then(|id| studio.history.thumb_path(id));
+    let Some(path) = path else { return StudioError::not_found("No such thumbnail.").into_response() };
+    match tokio::fs::read(&path).await {
+        Ok(bytes) => (
+            [
+                (header::CONTENT_TYPE, HeaderValue::from_static("image/jpeg")),
+                (header::CACHE_CONTROL, HeaderValue::from_static("public, max-age=31536000, immutable")),
+            ],
+            bytes,
+        )
+            .into_response(),
+        Err(_) => StudioError::not_found("No such thumbnail.").into_response(),
+    }
 }
 
 async fn upload_file(State(studio): State<Arc<Studio>>, Path(file): Path<String>) -> Response {

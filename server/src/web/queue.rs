@@ -2,7 +2,7 @@
 //! a [`JobEvent`] on a broadcast channel (the websocket sessions filter it by job id) and kept as
 //! the job's latest snapshot, so a client that (re)connects gets the current state at once.
 
-use app::types::{JobEvent, JobKind, JobRequest, JobResult, TimingsMs};
+use app::types::{JobEvent, JobKind, JobRequest, JobResult, JobSource, TimingsMs};
 use app::{ErrorKind, StudioError};
 use engine::pipeline::{Control, GenerateOutput, GenerateRequest, Pipeline, StepEvent};
 use std::collections::{HashMap, VecDeque};
@@ -11,6 +11,7 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::broadcast;
 
+use super::history::History;
 use super::store::{new_id, ImageStore};
 
 /// Finished jobs' last events are kept this long for reconnecting clients.
@@ -56,6 +57,8 @@ impl Generator for Pipeline {
 /// A validated job.
 pub struct Job {
     pub id: String,
+    /// Which door the request came in by (kept in the history).
+    pub source: JobSource,
     pub request: JobRequest,
     /// Prompt with the style suffix.
     pub full_prompt: String,
@@ -67,9 +70,10 @@ pub struct Job {
 }
 
 impl Job {
-    pub fn new(request: JobRequest, seed: u64, width: u32, height: u32) -> Job {
+    pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource) -> Job {
         Job {
             id: new_id(),
+            source,
             full_prompt: request.full_prompt(),
             request,
             seed,
@@ -280,6 +284,7 @@ pub fn spawn_worker(
     queue: Arc<JobQueue>,
     generator: Arc<dyn Generator>,
     store: Arc<ImageStore>,
+    history: Arc<History>,
 ) -> std::thread::JoinHandle<()> {
     let (posts, inbox) = std::sync::mpsc::channel::<Post>();
     let publisher_queue = queue.clone();
@@ -288,7 +293,7 @@ pub fn spawn_worker(
         .name(format!("{name}-publish"))
         .spawn(move || {
             for post in inbox {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(&publisher_queue, &publisher_store, post)));
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(&publisher_queue, &publisher_store, &history, post)));
                 if let Err(job_id) = outcome.unwrap_or_else(|_| Err(None)) {
                     if let Some(job_id) = job_id {
                         publisher_queue.finish(JobEvent::Error {
@@ -322,7 +327,7 @@ pub fn spawn_worker(
 }
 
 /// Publishes one post; on a panic inside, `Err(Some(job id))` names the job to fail.
-fn publish(queue: &JobQueue, store: &ImageStore, post: Post) -> Result<(), Option<String>> {
+fn publish(queue: &JobQueue, store: &ImageStore, history: &History, post: Post) -> Result<(), Option<String>> {
     match post {
         Post::Step { job_id, step, total, elapsed_ms, eta_ms, preview } => {
             let preview = preview.as_ref().and_then(preview_data_url);
@@ -331,7 +336,7 @@ fn publish(queue: &JobQueue, store: &ImageStore, post: Post) -> Result<(), Optio
         Post::Finished { job, outcome } => {
             let job_id = job.id.clone();
             let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match outcome {
-                Ok(generated) => store_result(store, &job, generated),
+                Ok(generated) => store_result(store, history, &job, generated),
                 Err(ev) => ev,
             }))
             .map_err(|_| Some(job_id))?;
@@ -389,6 +394,7 @@ fn run_job(
     };
     let req = GenerateRequest {
         prompt: job.full_prompt.clone(),
+        negative_prompt: job.request.negative_prompt.clone(),
         width: job.width as usize,
         height: job.height as usize,
         steps: job.request.steps as usize,
@@ -441,7 +447,7 @@ fn run_job(
 }
 
 /// PNG-encodes and stores a finished generation; returns the job's final event.
-fn store_result(store: &ImageStore, job: &Job, generated: Generated) -> JobEvent {
+fn store_result(store: &ImageStore, history: &History, job: &Job, generated: Generated) -> JobEvent {
     let job_id = job.id.clone();
     let Generated { out, strength, queued, model, tiny } = generated;
     let Some(img) = out.images.first() else {
@@ -450,7 +456,7 @@ fn store_result(store: &ImageStore, job: &Job, generated: Generated) -> JobEvent
     let seed = out.seeds.first().copied().unwrap_or(job.seed);
     let params = engine::png_meta::Parameters {
         prompt: job.full_prompt.clone(),
-        negative_prompt: String::new(),
+        negative_prompt: job.request.negative_prompt.clone(),
         steps: job.request.steps as usize,
         seed,
         width: img.width(),
@@ -491,9 +497,15 @@ fn store_result(store: &ImageStore, job: &Job, generated: Generated) -> JobEvent
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
+        negative_prompt: job.request.negative_prompt.clone(),
+        source: job.source,
     };
     if let Err(e) = store.save_image(&png, &result) {
         return JobEvent::Error { job_id, reason: e.reason };
+    }
+    // The image is stored and shareable either way; a history failure is logged, not fatal.
+    if let Err(e) = history.add(&result, &png) {
+        eprintln!("[web] job {job_id}: adding it to the history failed: {}", e.reason);
     }
     JobEvent::Done { job_id, result }
 }

@@ -26,6 +26,7 @@ pub fn random_seed() -> u64 {
 }
 
 pub struct ImageStore {
+    root: PathBuf,
     images: PathBuf,
     uploads: PathBuf,
 }
@@ -51,7 +52,26 @@ impl ImageStore {
         let uploads = data_dir.join("uploads");
         std::fs::create_dir_all(&images)?;
         std::fs::create_dir_all(&uploads)?;
-        Ok(ImageStore { images, uploads })
+        Ok(ImageStore { root: data_dir.to_path_buf(), images, uploads })
+    }
+
+    /// The data folder (images/, uploads/, the history database, thumbs/).
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Deletes a finished image's PNG and metadata; `false` when there was none.
+    pub fn delete_image(&self, id: &str) -> Result<bool, StudioError> {
+        let Some(png) = self.image_path(id) else { return Ok(false) };
+        let existed = png.exists();
+        for p in [png.with_extension("json"), png] {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(internal("deleting the image", e)),
+            }
+        }
+        Ok(existed)
     }
 
     pub fn image_path(&self, id: &str) -> Option<PathBuf> {
@@ -83,6 +103,11 @@ impl ImageStore {
     /// Decodes an upload (PNG, JPEG or WebP; size-limited), flattens alpha onto white, resizes it
     /// to the Transform size and stores it as PNG.
     pub fn save_upload(&self, bytes: &[u8]) -> Result<UploadInfo, StudioError> {
+        self.save_upload_at(bytes, None)
+    }
+
+    /// `save_upload`, resized to `size` when given instead of the nearest Transform size.
+    pub fn save_upload_at(&self, bytes: &[u8], size: Option<(u32, u32)>) -> Result<UploadInfo, StudioError> {
         let unsupported = || {
             StudioError::new(
                 ErrorKind::UnsupportedMedia,
@@ -114,7 +139,7 @@ impl ImageStore {
             return Err(StudioError::invalid("The image is empty."));
         }
         let rgb = flatten_on_white(img);
-        let (w, h) = transform_size(ow, oh);
+        let (w, h) = size.unwrap_or_else(|| transform_size(ow, oh));
         let resized = if (w, h) == (ow, oh) {
             rgb
         } else {

@@ -1,28 +1,32 @@
 //! The studio backend: validates requests, feeds the queue, answers the server functions.
 
 use app::backend::Backend;
-use app::types::{is_valid_id, JobKind, JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use app::types::{is_valid_id, HistoryPage, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
 use app::StudioError;
 use engine::pipeline::GenerateRequest;
 use std::sync::Arc;
 
+use super::history::History;
 use super::queue::{spawn_worker, Generator, Job, JobQueue};
 use super::store::{random_seed, ImageStore};
 
 pub struct Studio {
     pub queue: Arc<JobQueue>,
     pub store: Arc<ImageStore>,
+    pub history: Arc<History>,
     info: ServerInfo,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Studio {
-    /// Starts one worker per `(device label, generator)`.
+    /// Opens the history in the store's folder and starts one worker per `(device label,
+    /// generator)`.
     pub fn start(
         generators: Vec<(String, Arc<dyn Generator>)>,
         store: Arc<ImageStore>,
         queue_capacity: usize,
-    ) -> Arc<Studio> {
+    ) -> Result<Arc<Studio>, StudioError> {
+        let history = Arc::new(History::open(store.root())?);
         let queue = JobQueue::new(queue_capacity);
         let first = &generators.first().expect("at least one device").1;
         let info = ServerInfo {
@@ -36,25 +40,13 @@ impl Studio {
         let workers = generators
             .into_iter()
             .enumerate()
-            .map(|(i, (_, g))| spawn_worker(format!("zimage-worker-{i}"), queue.clone(), g, store.clone()))
+            .map(|(i, (_, g))| spawn_worker(format!("zimage-worker-{i}"), queue.clone(), g, store.clone(), history.clone()))
             .collect();
-        Arc::new(Studio { queue, store, info, workers: std::sync::Mutex::new(workers) })
+        Ok(Arc::new(Studio { queue, store, history, info, workers: std::sync::Mutex::new(workers) }))
     }
 
-    /// Stops the workers after their current job.
-    pub fn shutdown(&self) {
-        self.queue.shutdown();
-        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        drop(workers); // detached: a running generation may take a while; the process is exiting
-    }
-}
-
-impl Backend for Studio {
-    fn info(&self) -> ServerInfo {
-        self.info.clone()
-    }
-
-    fn submit(&self, req: JobRequest) -> Result<JobTicket, StudioError> {
+    /// `submit` for a request that came in by `source` (the scripts' APIs).
+    pub fn submit_from(&self, req: JobRequest, source: JobSource) -> Result<JobTicket, StudioError> {
         req.validate()?;
         let (width, height, strength) = match &req.kind {
             JobKind::Generate { width, height } => (*width, *height, None),
@@ -79,10 +71,27 @@ impl Backend for Studio {
         if let Some(s) = strength {
             engine::scheduler::img2img_start_step(req.steps as usize, s).map_err(engine_reason)?;
         }
-        let job = Job::new(req, seed, width, height);
+        let job = Job::new(req, seed, width, height, source);
         let job_id = job.id.clone();
         let position = self.queue.submit(job)?;
         Ok(JobTicket { job_id, position, seed, width, height })
+    }
+
+    /// Stops the workers after their current job.
+    pub fn shutdown(&self) {
+        self.queue.shutdown();
+        let workers = std::mem::take(&mut *self.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        drop(workers); // detached: a running generation may take a while; the process is exiting
+    }
+}
+
+impl Backend for Studio {
+    fn info(&self) -> ServerInfo {
+        self.info.clone()
+    }
+
+    fn submit(&self, req: JobRequest) -> Result<JobTicket, StudioError> {
+        self.submit_from(req, JobSource::Studio)
     }
 
     fn cancel(&self, job_id: &str) -> Result<(), StudioError> {
@@ -99,6 +108,26 @@ impl Backend for Studio {
     fn store_upload(&self, bytes: Vec<u8>, _content_type: Option<String>) -> Result<UploadInfo, StudioError> {
         // the bytes decide the type (a browser may send a wrong or missing content type)
         self.store.save_upload(&bytes)
+    }
+
+    fn history(&self, search: &str, page: u32) -> Result<HistoryPage, StudioError> {
+        if page > 100_000 {
+            return Err(StudioError::invalid("That page is past the end of the history."));
+        }
+        self.history.page(search, page)
+    }
+
+    fn delete_image(&self, image_id: &str) -> Result<(), StudioError> {
+        if !is_valid_id(image_id) {
+            return Err(StudioError::invalid("That is not an image id."));
+        }
+        let listed = self.history.remove(image_id)?;
+        let stored = self.store.delete_image(image_id)?;
+        if listed || stored {
+            Ok(())
+        } else {
+            Err(StudioError::not_found("This image does not exist (or was already deleted)."))
+        }
     }
 }
 

@@ -86,11 +86,12 @@ fn tmp_dir() -> std::path::PathBuf {
 fn studio_with(generator: Arc<dyn Generator>, capacity: usize) -> (Arc<Studio>, std::path::PathBuf) {
     let dir = tmp_dir();
     let store = Arc::new(ImageStore::open(&dir).unwrap());
-    (Studio::start(vec![("CPU".into(), generator)], store, capacity), dir)
+    (Studio::start(vec![("CPU".into(), generator)], store, capacity).unwrap(), dir)
 }
 
 fn gen_req(prompt: &str, steps: u32) -> JobRequest {
     JobRequest {
+            negative_prompt: String::new(),
         prompt: prompt.into(),
         style: Style::Cinematic,
         steps,
