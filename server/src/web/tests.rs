@@ -102,7 +102,8 @@ fn gen_req(prompt: &str, steps: u32) -> JobRequest {
 
 /// Collects events until `n` jobs finished (or a timeout).
 fn collect_until_done(rx: &mut tokio::sync::broadcast::Receiver<JobEvent>, n: usize) -> Vec<JobEvent> {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    // a liveness guard, generous for a loaded 2-core machine (the tiny model takes ~10 s unloaded)
+    let deadline = Instant::now() + Duration::from_secs(180);
     let mut out = Vec::new();
     let mut done = 0;
     while done < n && Instant::now() < deadline {
@@ -387,6 +388,65 @@ async fn generate_api_answers_with_the_png_or_its_json() {
     assert_eq!(e.kind, ErrorKind::InvalidInput);
     assert!(e.reason.contains("not a generation request"), "{}", e.reason);
 
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn history_keeps_every_image_across_a_restart_with_parallel_writers() {
+    // Two workers write history rows at the same time; the server restarts; everything is there:
+    // rows (searchable, newest first, with their source), files, thumbnails and share pages.
+    let dir = tmp_dir();
+    let gens: Vec<(String, Arc<dyn Generator>)> = vec![("A".into(), Fake::new(1, false)), ("B".into(), Fake::new(1, false))];
+    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), 16).unwrap();
+    let app = test_router(studio.clone());
+    let mut handles = Vec::new();
+    for i in 0..8u64 {
+        let app = app.clone();
+        let mut req = gen_req(if i % 2 == 0 { "red fox" } else { "blue whale" }, 4);
+        req.seed = Some(100 + i);
+        let body = serde_json::to_value(req).unwrap();
+        handles.push(tokio::spawn(async move { send(&app, json_post("/api/generate", body)).await }));
+    }
+    let mut ids = Vec::new();
+    for h in handles {
+        let (s, _, b) = h.await.unwrap();
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+        ids.push(serde_json::from_slice::<app::types::JobResult>(&b).unwrap().image_id);
+    }
+    // a studio-page job too
+    let ticket = studio.submit(gen_req("studio fox", 4)).unwrap();
+    let mut rx = studio.queue.subscribe();
+    while studio.queue.snapshot(&ticket.job_id).is_none_or(|e| !e.is_terminal()) {
+        let _ = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
+    }
+    studio.shutdown();
+    drop(app);
+    drop(studio);
+
+    let studio = Studio::start(vec![("CPU".into(), Fake::new(1, false) as Arc<dyn Generator>)], Arc::new(ImageStore::open(&dir).unwrap()), 4).unwrap();
+    let app = test_router(studio.clone());
+    let all = studio.history("", 0).unwrap();
+    assert_eq!(all.total, 9, "every image is listed after the restart");
+    let foxes = studio.history("fox", 0).unwrap();
+    assert_eq!(foxes.total, 5);
+    assert_eq!(foxes.items[0].result.source, app::types::JobSource::Studio, "newest first: the studio job");
+    assert!(foxes.items[1..].iter().all(|i| i.result.source == app::types::JobSource::HttpApi));
+    for id in &ids {
+        for path in [format!("/images/{id}.png"), format!("/thumbs/{id}.jpg")] {
+            let (s, _, _) = send(&app, HttpRequest::builder().uri(&path).body(Body::empty()).unwrap()).await;
+            assert_eq!(s, StatusCode::OK, "{path}");
+        }
+        assert_eq!(&studio.image(id).unwrap().image_id, id, "share page metadata");
+    }
+    // delete: row, files, thumbnail and share page go; a second delete is a 404
+    studio.delete_image(&ids[0]).unwrap();
+    assert_eq!(studio.history("", 0).unwrap().total, 8);
+    let (s, _, _) = send(&app, HttpRequest::builder().uri(format!("/images/{}.png", ids[0])).body(Body::empty()).unwrap()).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_eq!(studio.image(&ids[0]).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(studio.delete_image(&ids[0]).unwrap_err().kind, ErrorKind::NotFound);
+    assert_eq!(studio.delete_image("../etc").unwrap_err().kind, ErrorKind::InvalidInput);
     studio.shutdown();
     std::fs::remove_dir_all(dir).ok();
 }
