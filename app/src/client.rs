@@ -224,6 +224,11 @@ mod imp {
         }
     }
 
+    pub fn local_time(unix_secs: u64) -> String {
+        let d = js_sys::Date::new(&wasm_bindgen::JsValue::from_f64(unix_secs as f64 * 1000.0));
+        d.to_locale_string("default", &wasm_bindgen::JsValue::UNDEFINED).into()
+    }
+
     pub fn post_to_parent(json: &str) {
         let Some(w) = web_sys::window() else { return };
         let Ok(Some(parent)) = w.parent() else { return };
@@ -247,6 +252,9 @@ mod imp {
         String::new()
     }
     pub fn post_to_parent(_json: &str) {}
+    pub fn local_time(unix_secs: u64) -> String {
+        format!("{unix_secs} (Unix time)")
+    }
     pub fn session_get(_key: &str) -> Option<String> {
         None
     }
@@ -282,4 +290,9 @@ pub fn session_set(key: &str, value: &str) {
 /// Posts a JSON message to the parent window when the page is framed.
 pub fn post_to_parent(json: &str) {
     imp::post_to_parent(json)
+}
+
+/// A Unix time in the browser's locale and time zone.
+pub fn local_time(unix_secs: u64) -> String {
+    imp::local_time(unix_secs)
 }

@@ -17,6 +17,8 @@ pub mod limits {
     pub const MIN_STEPS: u32 = 4;
     pub const MAX_STEPS: u32 = 16;
     pub const DEFAULT_STEPS: u32 = 8;
+    /// Images one submission of the studio makes at most (seeds seed..seed+n-1).
+    pub const MAX_BATCH: u32 = 4;
     /// Seeds are 32-bit like the seed Space's; the server picks one when the request has none.
     pub const MAX_SEED: u64 = u32::MAX as u64;
     /// Characters of prompt the user may type (the style suffix is added on top).
