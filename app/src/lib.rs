@@ -10,6 +10,7 @@ pub mod api;
 pub mod backend;
 pub mod client;
 pub mod error;
+pub mod restore;
 pub mod types;
 mod ui;
 

@@ -1,4 +1,7 @@
 import { test, expect, Page } from "@playwright/test";
+import * as fs from "node:fs";
+import * as path from "node:path";
+import * as zlib from "node:zlib";
 import { gotoHydrated, pngText, shot, watchConsole } from "./helpers";
 
 /** Sets a range input's value the way a user's drag does (an input event). */
@@ -92,4 +95,50 @@ test("history: search, open an image, use its settings, delete it", async ({ pag
   await expect(page.getByTestId("history-count")).toHaveText("1 image");
   expect((await request.get(src!)).status()).toBe(404);
   expect(errors.filter((e) => !/404/.test(e))).toEqual([]);
+});
+
+/** The fixture photo with a `parameters` tEXt chunk inserted after IHDR. */
+function pngWithParameters(text: string): Buffer {
+  const src = fs.readFileSync(path.resolve(__dirname, "..", "fixtures", "photo-640x480.png"));
+  const data = Buffer.concat([Buffer.from("parameters\0", "latin1"), Buffer.from(text, "latin1")]);
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(data.length);
+  const type = Buffer.from("tEXt", "latin1");
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32BE(zlib.crc32(Buffer.concat([type, data])) >>> 0);
+  const ihdrEnd = 8 + 12 + 13;
+  return Buffer.concat([src.subarray(0, ihdrEnd), len, type, data, crc, src.subarray(ihdrEnd)]);
+}
+
+test("restore settings from a PNG: ours fill the form, A1111's say what was not restored", async ({ page }) => {
+  const errors = watchConsole(page);
+  await gotoHydrated(page, "/");
+  const ours =
+    "a castle on a hill, oil painting on canvas, visible brushstrokes, rich impasto texture, classical fine art\n" +
+    "Negative prompt: lowres\n" +
+    "Steps: 6, Sampler: Euler, Schedule type: Simple, CFG scale: 0, Seed: 777, Size: 1344x768, Model: Tongyi-MAI/Z-Image-Turbo";
+  await page.locator("#gen-restore").setInputFiles({ name: "castle.png", mimeType: "image/png", buffer: pngWithParameters(ours) });
+  await expect(page.getByTestId("restore-note")).toHaveText("Restored: prompt, style, negative prompt, steps, seed, size.");
+  await expect(page.locator("#gen-prompt")).toHaveValue("a castle on a hill");
+  await expect(page.locator("#gen-negative")).toHaveValue("lowres");
+  await expect(page.locator("#gen-style")).toHaveValue("oil_painting");
+  await expect(page.locator("#gen-ratio")).toHaveValue("1344x768");
+  await expect(page.locator("#gen-steps")).toHaveValue("6");
+  await expect(page.locator("#gen-seed")).toHaveValue("777");
+  await expect(page.locator("#gen-seed-random")).not.toBeChecked();
+  await page.screenshot({ path: shot("png-restore"), fullPage: true });
+
+  const a1111 = "a red bike\nSteps: 30, Sampler: DPM++ 2M, CFG scale: 7, Seed: 42, Size: 512x512, Model hash: abc";
+  await page.locator("#gen-restore").setInputFiles({ name: "bike.png", mimeType: "image/png", buffer: pngWithParameters(a1111) });
+  const note = page.getByTestId("restore-note");
+  await expect(note).toContainText("Restored: prompt, seed.");
+  await expect(note).toContainText("size 512x512 (not one of the studio's 18 sizes)");
+  await expect(note).toContainText("steps 30");
+  await expect(page.locator("#gen-prompt")).toHaveValue("a red bike");
+  await expect(page.locator("#gen-ratio")).toHaveValue("1344x768"); // kept
+  await expect(page.locator("#gen-seed")).toHaveValue("42");
+
+  await page.locator("#gen-restore").setInputFiles({ name: "plain.png", mimeType: "image/png", buffer: fs.readFileSync(path.resolve(__dirname, "..", "fixtures", "photo-640x480.png")) });
+  await expect(note).toContainText("holds no generation settings");
+  expect(errors).toEqual([]);
 });

@@ -2,11 +2,37 @@
 
 use super::*;
 
+/// Reads a picked or dropped PNG and fills the form from its `parameters` text; `note` says what
+/// was restored and what was not.
+#[cfg(feature = "hydrate")]
+fn restore_from_png(file: web_sys::File, form: FormState, note: RwSignal<Option<String>>) {
+    spawn_local(async move {
+        let bytes = match wasm_bindgen_futures::JsFuture::from(file.array_buffer()).await {
+            Ok(buf) => js_sys::Uint8Array::new(&buf).to_vec(),
+            Err(_) => return note.set(Some("The file could not be read.".into())),
+        };
+        let msg = match crate::restore::png_text(&bytes, "parameters") {
+            None => "This file holds no generation settings (a PNG with a “parameters” text, as this studio and AUTOMATIC1111 write).".to_string(),
+            Some(text) => {
+                let r = crate::restore::parse_parameters(&text);
+                form.apply_restored(&r);
+                let mut m = if r.restored.is_empty() { "Nothing could be restored.".to_string() } else { format!("Restored: {}.", r.restored.join(", ")) };
+                if !r.not_restored.is_empty() {
+                    m.push_str(&format!(" Not restored: {}.", r.not_restored.join("; ")));
+                }
+                m
+            }
+        };
+        note.set(Some(msg));
+    });
+}
+
 #[component]
 pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
     let FormState { prompt, negative_prompt, style, ratio, steps, seed, count, .. } = form;
     let batch = Batch::new(["generate", "generate-2", "generate-3", "generate-4"]);
     let slot = batch.slots[0];
+    let restore_note: RwSignal<Option<String>> = RwSignal::new(None);
 
     // show the seed that was used, so unticking "Random" reproduces the image
     browser_effect(move |_| {
@@ -41,9 +67,50 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
 
     view! {
         <div class="columns">
-            <section class="card controls" aria-label="Generate settings">
+            <section
+                class="card controls"
+                aria-label="Generate settings"
+                on:dragover=move |ev| ev.prevent_default()
+                on:drop=move |ev| {
+                    ev.prevent_default();
+                    #[cfg(feature = "hydrate")]
+                    if let Some(file) = super::transform::first_file(ev.data_transfer()) {
+                        restore_from_png(file, form, restore_note);
+                    }
+                    #[cfg(not(feature = "hydrate"))]
+                    let _ = ev;
+                }
+            >
                 <PromptBox prompt on_submit=submit id="gen-prompt" />
                 <NegativePrompt text=negative_prompt id="gen-negative" />
+                <div class="restore">
+                    <label class="btn small">
+                        "Restore settings from a PNG…"
+                        <input
+                            id="gen-restore"
+                            type="file"
+                            class="visually-hidden"
+                            accept="image/png"
+                            on:change=move |ev| {
+                                #[cfg(feature = "hydrate")]
+                                {
+                                    use wasm_bindgen::JsCast;
+                                    let input: web_sys::HtmlInputElement = ev.target().unwrap().unchecked_into();
+                                    if let Some(file) = input.files().and_then(|f| f.get(0)) {
+                                        restore_from_png(file, form, restore_note);
+                                    }
+                                    input.set_value("");
+                                }
+                                #[cfg(not(feature = "hydrate"))]
+                                let _ = ev;
+                            }
+                        />
+                    </label>
+                    <span class="hint">"or drop a PNG made here or with AUTOMATIC1111 on this panel"</span>
+                    <Show when=move || restore_note.get().is_some()>
+                        <p class="alert info" data-testid="restore-note">{move || restore_note.get().unwrap_or_default()}</p>
+                    </Show>
+                </div>
                 <div class="examples">
                     <span class="label">"Examples"</span>
                     <div class="chips">

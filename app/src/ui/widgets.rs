@@ -218,6 +218,29 @@ impl FormState {
         }
     }
 
+    /// Fills the form with what a PNG's parameters gave (the rest stays as it was).
+    #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
+    pub(crate) fn apply_restored(&self, r: &crate::restore::Restored) {
+        if !r.prompt.is_empty() {
+            self.prompt.set(r.prompt.clone());
+        }
+        self.negative_prompt.set(r.negative_prompt.clone());
+        self.style.set(r.style);
+        if let Some(ar) = r.ratio {
+            self.ratio.set(ar);
+        }
+        if let Some(s) = r.steps {
+            self.steps.set(s);
+        }
+        if let Some(s) = r.strength {
+            self.strength.set(s);
+        }
+        if let Some(s) = r.seed {
+            self.seed.text.set(s.to_string());
+            self.seed.random.set(false);
+        }
+    }
+
     /// Fills the form with a finished image's settings (its seed fixed, not random).
     pub(crate) fn apply(&self, r: &JobResult) {
         self.prompt.set(r.prompt.clone());
