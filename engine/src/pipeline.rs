@@ -251,6 +251,18 @@ pub fn open_cuda(ordinal: usize) -> Result<Device> {
     Ok(Device::Cuda(dev))
 }
 
+/// A device fault a test makes the next generations fail with (`Pipeline::inject_fault`), at
+/// their first denoising step, as the real fault would surface from the device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InjectedFault {
+    /// As CUDA reports an allocation failure.
+    OutOfMemory,
+    /// As a device error (e.g. an illegal address, a lost device) surfaces from a kernel launch.
+    DeviceError,
+    /// A panic inside the generation (a bug).
+    Panic,
+}
+
 /// What fixes the shapes of one denoiser call: the conditioning's (batch, padded caption length,
 /// latent f, h, w), the latent channels and the attention kernel.
 type DenoiseKey = ([usize; 5], usize, crate::ops::AttentionKernel);
@@ -277,6 +289,8 @@ pub struct Pipeline {
     model_name: String,
     is_tiny: bool,
     denoise_graphs: GraphCache<DenoiseKey>,
+    /// Test hook: faults to raise in the next generations (fault, how many more).
+    injected: std::sync::Mutex<Option<(InjectedFault, usize)>>,
 }
 
 /// Device memory in use (whole device, MiB) where the backend can tell (CUDA), for reports.
@@ -479,6 +493,7 @@ impl Pipeline {
             model_name: name.to_string(),
             is_tiny,
             denoise_graphs: GraphCache::new(opts.cuda_graphs, crate::graph::DEFAULT_CAPACITY),
+            injected: std::sync::Mutex::new(None),
         })
     }
 
@@ -514,6 +529,23 @@ impl Pipeline {
     pub fn is_fp8(&self) -> bool {
         self.transformer.is_fp8()
     }
+    /// Test hook: the next `count` generations fail at their first step with `fault`.
+    pub fn inject_fault(&self, fault: InjectedFault, count: usize) {
+        *self.injected.lock().unwrap_or_else(|p| p.into_inner()) = (count > 0).then_some((fault, count));
+    }
+
+    /// How many injected faults are still to fire.
+    pub fn pending_faults(&self) -> usize {
+        self.injected.lock().unwrap_or_else(|p| p.into_inner()).map(|(_, n)| n).unwrap_or(0)
+    }
+
+    fn take_injected_fault(&self) -> Option<InjectedFault> {
+        let mut g = self.injected.lock().unwrap_or_else(|p| p.into_inner());
+        let (fault, n) = (*g)?;
+        *g = (n > 1).then_some((fault, n - 1));
+        Some(fault)
+    }
+
     /// Turns CUDA graph replays on or off (drops the captures held), for comparisons.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.set_denoise_graphs(on);
@@ -685,6 +717,18 @@ impl Pipeline {
         let modulations = self.transformer.modulations(&times)?;
         let total = req.steps - first_step;
         for (k, i) in (first_step..req.steps).enumerate() {
+            if k == 0 {
+                match self.take_injected_fault() {
+                    Some(InjectedFault::OutOfMemory) => {
+                        return Err(Error::Candle(candle_core::Error::Msg("DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\") (injected)".into())))
+                    }
+                    Some(InjectedFault::DeviceError) => {
+                        return Err(Error::Candle(candle_core::Error::Msg("DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access was encountered\") (injected)".into())))
+                    }
+                    Some(InjectedFault::Panic) => panic!("injected panic inside the generation"),
+                    None => {}
+                }
+            }
             let sigma = schedule.sigmas[i];
             let model_t = times[k];
             let x_in = x.unsqueeze(2)?.to_dtype(self.dtype)?;

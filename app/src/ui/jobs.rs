@@ -183,10 +183,8 @@ pub(crate) fn batch_seeds(seed: Option<u64>, n: u32) -> Result<Vec<u64>, String>
     let n = n.clamp(1, limits::MAX_BATCH) as u64;
     let first = match seed {
         Some(s) if s + (n - 1) > limits::MAX_SEED => {
-            return Err(format!(
-                "With {n} images the seed must be at most {} (image i uses seed + i).",
-                limits::MAX_SEED - (n - 1)
-            ))
+            let batch = if n > 1 { format!(" with {n} images (image i uses seed + i)") } else { String::new() };
+            return Err(format!("The seed must be between 0 and {}{batch} (got {s}).", limits::MAX_SEED - (n - 1)));
         }
         Some(s) => s,
         None => (js_random() * (limits::MAX_SEED - n + 2) as f64) as u64,

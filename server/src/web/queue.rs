@@ -440,7 +440,13 @@ fn run_job(
         Err(engine::Error::InvalidRequest(m)) => return Err(JobEvent::Error { job_id, reason: m }),
         Err(e) => {
             eprintln!("[web] job {job_id} failed: {e}");
-            return Err(JobEvent::Error { job_id, reason: format!("Generation failed: {e}") });
+            let text = e.to_string();
+            let reason = if text.contains("OUT_OF_MEMORY") || text.contains("out of memory") {
+                format!("The GPU ran out of memory for this job (try a smaller size); other jobs go on. ({text})")
+            } else {
+                format!("Generation failed: {text}")
+            };
+            return Err(JobEvent::Error { job_id, reason });
         }
     };
     Ok(Generated { out, strength, queued, model: generator.model_name(), tiny: generator.is_tiny() })

@@ -451,6 +451,42 @@ async fn history_keeps_every_image_across_a_restart_with_parallel_writers() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+#[test]
+fn a_device_fault_fails_that_job_alone_and_both_workers_go_on() {
+    // Two workers (as two GPUs would be), each on the real engine (the tiny model on the CPU), with
+    // a fault injected through the engine's test hook: an out-of-memory error on one, a panic
+    // inside the generation on the other. Each fails its own job with a clear reason; every other
+    // job finishes, and both workers keep taking jobs.
+    use engine::pipeline::{InjectedFault, Pipeline};
+    let a = Arc::new(Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap());
+    let b = Arc::new(Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap());
+    a.inject_fault(InjectedFault::OutOfMemory, 1);
+    b.inject_fault(InjectedFault::Panic, 1);
+    let dir = tmp_dir();
+    let gens: Vec<(String, Arc<dyn Generator>)> = vec![("GPU 0".into(), a.clone()), ("GPU 1".into(), b.clone())];
+    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), 16).unwrap();
+    let mut rx = studio.queue.subscribe();
+    let mut finals = Vec::new();
+    for round in 0..2 {
+        for i in 0..4u64 {
+            let mut r = gen_req("a lighthouse", 4);
+            r.seed = Some(round * 10 + i);
+            r.kind = JobKind::Generate { width: 1024, height: 1024 };
+            studio.submit(r).unwrap();
+        }
+        finals.extend(collect_until_done(&mut rx, 4).into_iter().filter(|e| e.is_terminal()));
+    }
+    let reasons: Vec<String> = finals.iter().filter_map(|e| match e { JobEvent::Error { reason, .. } => Some(reason.clone()), _ => None }).collect();
+    let done = finals.iter().filter(|e| matches!(e, JobEvent::Done { .. })).count();
+    assert_eq!((a.pending_faults(), b.pending_faults()), (0, 0), "both faults fired");
+    assert_eq!(reasons.len(), 2, "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("ran out of memory")), "{reasons:?}");
+    assert!(reasons.iter().any(|r| r.contains("crashed")), "{reasons:?}");
+    assert_eq!(done, 6, "every other job finished");
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
 /// The id of the next job a worker starts.
 async fn next_started(rx: &mut tokio::sync::broadcast::Receiver<JobEvent>) -> String {
     loop {
