@@ -50,19 +50,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
             Err(e) => return batch.fail(e),
         };
         let r = ratio.get_untracked();
-        batch.submit(
-            seeds
-                .into_iter()
-                .map(|seed| JobRequest {
-                    negative_prompt: negative_prompt.get_untracked(),
-                    prompt: prompt.get_untracked(),
-                    style: style.get_untracked(),
-                    steps: steps.get_untracked(),
-                    seed: Some(seed),
-                    kind: JobKind::Generate { width: r.width, height: r.height },
-                })
-                .collect(),
-        );
+        batch.submit(form.requests(seeds, || JobKind::Generate { width: r.width, height: r.height }));
     });
 
     view! {

@@ -54,35 +54,17 @@ pub fn StudioPage() -> impl IntoView {
             <Header />
             <ModelBanner />
             <nav class="tabs" role="tablist">
-                <button
-                    role="tab"
-                    id="tab-generate"
-                    class:active=move || tab.get() == Tab::Generate
-                    aria-selected=move || (tab.get() == Tab::Generate).to_string()
-                    on:click=move |_| tab.set(Tab::Generate)
-                >
+                <TabButton tab this=Tab::Generate id="tab-generate">
                     <PaletteIcon />
                     "Generate"
-                </button>
-                <button
-                    role="tab"
-                    id="tab-transform"
-                    class:active=move || tab.get() == Tab::Transform
-                    aria-selected=move || (tab.get() == Tab::Transform).to_string()
-                    on:click=move |_| tab.set(Tab::Transform)
-                >
+                </TabButton>
+                <TabButton tab this=Tab::Transform id="tab-transform">
                     <SparkleIcon />
                     "Transform"
-                </button>
-                <button
-                    role="tab"
-                    id="tab-history"
-                    class:active=move || tab.get() == Tab::History
-                    aria-selected=move || (tab.get() == Tab::History).to_string()
-                    on:click=move |_| tab.set(Tab::History)
-                >
+                </TabButton>
+                <TabButton tab this=Tab::History id="tab-history">
                     "History"
-                </button>
+                </TabButton>
             </nav>
             <div class="tab-panel" class:hidden=move || tab.get() != Tab::Generate>
                 <GenerateTab form=gen_form />
@@ -98,5 +80,21 @@ pub fn StudioPage() -> impl IntoView {
                 <a href="/embed">"embed"</a>
             </footer>
         </main>
+    }
+}
+
+/// One of the studio's tab buttons.
+#[component]
+fn TabButton(tab: RwSignal<Tab>, this: Tab, #[prop(into)] id: String, children: Children) -> impl IntoView {
+    view! {
+        <button
+            role="tab"
+            id=id
+            class:active=move || tab.get() == this
+            aria-selected=move || (tab.get() == this).to_string()
+            on:click=move |_| tab.set(this)
+        >
+            {children()}
+        </button>
     }
 }

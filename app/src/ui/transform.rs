@@ -75,19 +75,8 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
             Ok(s) => s,
             Err(e) => return batch.fail(e),
         };
-        batch.submit(
-            seeds
-                .into_iter()
-                .map(|seed| JobRequest {
-                    negative_prompt: negative_prompt.get_untracked(),
-                    prompt: prompt.get_untracked(),
-                    style: style.get_untracked(),
-                    steps: steps.get_untracked(),
-                    seed: Some(seed),
-                    kind: JobKind::Transform { upload_id: info.upload_id.clone(), strength: strength.get_untracked() },
-                })
-                .collect(),
-        );
+        let strength = strength.get_untracked();
+        batch.submit(form.requests(seeds, || JobKind::Transform { upload_id: info.upload_id.clone(), strength }));
     });
 
     view! {

@@ -218,6 +218,21 @@ impl FormState {
         }
     }
 
+    /// One request per seed from the form's settings, each of `kind`.
+    pub(crate) fn requests(&self, seeds: Vec<u64>, kind: impl Fn() -> JobKind) -> Vec<JobRequest> {
+        seeds
+            .into_iter()
+            .map(|seed| JobRequest {
+                negative_prompt: self.negative_prompt.get_untracked(),
+                prompt: self.prompt.get_untracked(),
+                style: self.style.get_untracked(),
+                steps: self.steps.get_untracked(),
+                seed: Some(seed),
+                kind: kind(),
+            })
+            .collect()
+    }
+
     /// Fills the form with what a PNG's parameters gave (the rest stays as it was).
     #[cfg_attr(not(feature = "hydrate"), allow(dead_code))]
     pub(crate) fn apply_restored(&self, r: &crate::restore::Restored) {
