@@ -5,7 +5,7 @@
 //! once at start. One connection behind a mutex: writers from several workers and readers from the
 //! web handlers are serialized, and WAL keeps a reader from waiting on the disk.
 
-use app::types::{is_valid_id, HistoryItem, HistoryPage, JobResult, JobSource};
+use app::types::{is_valid_id, HistoryItem, HistoryPage, JobResult};
 use app::StudioError;
 use rusqlite::{params, Connection, OptionalExtension};
 use std::path::{Path, PathBuf};
@@ -218,6 +218,7 @@ impl History {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use app::types::JobSource;
 
     #[test]
     fn search_words_become_quoted_prefix_terms() {

@@ -238,6 +238,7 @@ impl FromRef<AppState> for Arc<Studio> {
 }
 
 /// The whole app as an axum router, the script APIs open (used by the tests).
+#[cfg(test)]
 pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) -> Router {
     router_with_key(studio, options, frames, None)
 }
