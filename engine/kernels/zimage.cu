@@ -320,3 +320,273 @@ extern "C" __global__ void zimage_add_rms_norm_bf16(const bf16_bits* __restrict_
         outr[i] = f32_to_bf16(bf16_to_f32(xr[i]) + n);
     }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Vectorized kernels: 8 bf16 values (one 16-byte load) per thread step and 32-bit index math.
+// The memory-bound passes of a step and of the VAE decode; the launchers check that the rows
+// are whole multiples of 8 values and that the pointers are 16-byte aligned.
+
+__device__ __forceinline__ void unpack8(uint4 v, float* f) {
+    unsigned int w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        f[2 * j] = __uint_as_float(w[j] << 16);
+        f[2 * j + 1] = __uint_as_float(w[j] & 0xffff0000u);
+    }
+}
+
+__device__ __forceinline__ unsigned int pack2(float a, float b) {
+    return (unsigned int)f32_to_bf16(a) | ((unsigned int)f32_to_bf16(b) << 16);
+}
+
+__device__ __forceinline__ uint4 pack8(const float* f) {
+    return make_uint4(pack2(f[0], f[1]), pack2(f[2], f[3]), pack2(f[4], f[5]), pack2(f[6], f[7]));
+}
+
+// The sum of v over the block, returned to every thread.
+__device__ __forceinline__ float block_sum(float v) {
+    __shared__ float partial[32];
+    __shared__ float total;
+    v = warp_sum(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? partial[lane] : 0.0f;
+        v = warp_sum(v);
+        if (lane == 0) total = v;
+    }
+    __syncthreads();
+    return total;
+}
+
+// out = bf16(x * rsqrt(mean(x^2) + eps) * w) per row of `dim` values (dim % 8 == 0), w bf16 (dim).
+// One block per row. When amax_bits is not null it receives max |out| over all rows (zeroed before
+// launch), so the FP8 quantization of out needs no separate amax pass.
+extern "C" __global__ void zimage_rms_norm_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ w,
+                                                   uint4* __restrict__ out, unsigned int dim, float eps,
+                                                   unsigned int* __restrict__ amax_bits) {
+    unsigned int n8 = dim / 8;
+    const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
+    uint4* outr = out + (unsigned long long)blockIdx.x * n8;
+    float f[8], g[8];
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float m = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        unpack8(w[i], g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+            m = fmaxf(m, fabsf(f[j]));
+        }
+        outr[i] = pack8(f);
+    }
+    if (amax_bits != 0) block_amax(m, amax_bits);
+}
+
+// out = x + bf16(rms_norm(y) * w) (the gated residual), per row of `dim` values (dim % 8 == 0),
+// w bf16 (dim); one block per row; the same rounding as zimage_add_rms_norm_bf16.
+extern "C" __global__ void zimage_add_rms_norm_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ y,
+                                                       const uint4* __restrict__ w, uint4* __restrict__ out,
+                                                       unsigned int dim, float eps) {
+    unsigned int n8 = dim / 8;
+    unsigned long long base = (unsigned long long)blockIdx.x * n8;
+    float f[8], g[8], h[8];
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(y[base + i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(y[base + i], f);
+        unpack8(w[i], g);
+        unpack8(x[base + i], h);
+#pragma unroll
+        for (int j = 0; j < 8; j++) h[j] = h[j] + bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        out[base + i] = pack8(h);
+    }
+}
+
+// silu(gate) * up with its running amax, as zimage_swiglu_amax_bf16, 8 values per step: gate_up
+// rows hold row_vecs vectors of gate then row_vecs of up; out is rows x row_vecs vectors.
+extern "C" __global__ void zimage_swiglu_amax_v8_bf16(const uint4* __restrict__ gate_up, uint4* __restrict__ out,
+                                                      unsigned int n_vecs, unsigned int row_vecs,
+                                                      unsigned int* __restrict__ amax_bits) {
+    float m = 0.0f;
+    float g[8], u[8];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vecs; i += gridDim.x * blockDim.x) {
+        unsigned int row = i / row_vecs, p = i - row * row_vecs;
+        const uint4* gr = gate_up + (unsigned long long)row * 2 * row_vecs;
+        unpack8(gr[p], g);
+        unpack8(gr[row_vecs + p], u);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float s = bf16_to_f32(f32_to_bf16(g[j] / (1.0f + __expf(-g[j]))));
+            g[j] = bf16_to_f32(f32_to_bf16(s * u[j]));
+            m = fmaxf(m, fabsf(g[j]));
+        }
+        out[i] = pack8(g);
+    }
+    block_amax(m, amax_bits);
+}
+
+// Per-head RMSNorm + interleaved RoPE for head dim 128 (as zimage_qk_norm_rope_bf16): one warp per
+// (token, head) row, 4 values per lane, the row read once; weight bf16 (128) or null.
+extern "C" __global__ void zimage_qk_norm_rope_d128_bf16(const bf16_bits* __restrict__ x, const bf16_bits* __restrict__ weight,
+                                                        const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                                        bf16_bits* __restrict__ out, unsigned int rows,
+                                                        unsigned int seq_len, unsigned int heads,
+                                                        unsigned long long token_stride, float eps) {
+    unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    unsigned int lane = threadIdx.x & 31;
+    if (row >= rows) return;
+    unsigned int token = row / heads, head = row - token * heads;
+    const uint2* xr = reinterpret_cast<const uint2*>(x + (unsigned long long)token * token_stride + head * 128u);
+    uint2 v = xr[lane];
+    float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                  __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
+    if (weight != 0) {
+        float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
+        float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
+        uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
+        a[0] *= inv * __uint_as_float(wv.x << 16);
+        a[1] *= inv * __uint_as_float(wv.x & 0xffff0000u);
+        a[2] *= inv * __uint_as_float(wv.y << 16);
+        a[3] *= inv * __uint_as_float(wv.y & 0xffff0000u);
+    }
+    unsigned int l = token % seq_len;
+    float2 c = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
+    float2 s = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
+    uint2 o;
+    o.x = pack2(a[0] * c.x - a[1] * s.x, a[0] * s.x + a[1] * c.x);
+    o.y = pack2(a[2] * c.y - a[3] * s.y, a[2] * s.y + a[3] * c.y);
+    reinterpret_cast<uint2*>(out + (unsigned long long)row * 128u)[lane] = o;
+}
+
+// GroupNorm pass 1, 8 values per step: block (chunk, group) reduces chunk_vecs vectors of its
+// group (group_vecs vectors, contiguous in NCHW) to (count, mean, M2) partials.
+extern "C" __global__ void zimage_group_stats_v8_bf16(const uint4* __restrict__ x, unsigned int group_vecs,
+                                                      unsigned int chunk_vecs, float* __restrict__ partial) {
+    unsigned int group = blockIdx.y;
+    unsigned int start = blockIdx.x * chunk_vecs;
+    unsigned int end = min(start + chunk_vecs, group_vecs);
+    const uint4* xg = x + (unsigned long long)group * group_vecs;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    float f[8];
+    for (unsigned int i = start + threadIdx.x; i < end; i += blockDim.x) {
+        unpack8(xg[i], f);
+        float s = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += f[j];
+        float lm = s * 0.125f, lm2 = 0.0f;
+#pragma unroll
+        for (int j = 0; j < 8; j++) lm2 += (f[j] - lm) * (f[j] - lm);
+        chan_merge(n, mean, m2, 8.0f, lm, lm2);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        float nb = __shfl_xor_sync(0xffffffffu, n, o);
+        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+        chan_merge(n, mean, m2, nb, mb, m2b);
+    }
+    __shared__ float sn[32], sm[32], sm2[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
+        float* p = partial + ((unsigned long long)group * gridDim.x + blockIdx.x) * 3;
+        p[0] = tn; p[1] = tm; p[2] = tm2;
+    }
+}
+
+// GroupNorm pass 2, 8 values per step: the block merges its group's partials in parallel, then
+// y = (x - mean) * rsqrt(var + eps) * gamma[c] + beta[c], optionally SiLU. hw_vecs = H*W/8.
+extern "C" __global__ void zimage_group_norm_apply_v8_bf16(const uint4* __restrict__ x, const float* __restrict__ partial,
+                                                           const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                           uint4* __restrict__ y, unsigned int group_vecs,
+                                                           unsigned int chunk_vecs, unsigned int partial_chunks,
+                                                           unsigned int hw_vecs, unsigned int channels_per_group,
+                                                           unsigned int groups, float eps, int apply_silu) {
+    unsigned int group = blockIdx.y;
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    const float* p = partial + (unsigned long long)group * partial_chunks * 3;
+    for (unsigned int k = threadIdx.x; k < partial_chunks; k += blockDim.x) chan_merge(n, mean, m2, p[3 * k], p[3 * k + 1], p[3 * k + 2]);
+    for (int o = 16; o > 0; o >>= 1) {
+        float nb = __shfl_xor_sync(0xffffffffu, n, o);
+        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+        chan_merge(n, mean, m2, nb, mb, m2b);
+    }
+    __shared__ float sn[32], sm[32], sm2[32];
+    __shared__ float s_mean, s_inv;
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
+        s_mean = tm;
+        s_inv = rsqrtf(tm2 / tn + eps);
+    }
+    __syncthreads();
+    mean = s_mean;
+    float inv = s_inv;
+    unsigned int g = group % groups;
+    unsigned int start = blockIdx.x * chunk_vecs;
+    unsigned int end = min(start + chunk_vecs, group_vecs);
+    const uint4* xg = x + (unsigned long long)group * group_vecs;
+    uint4* yg = y + (unsigned long long)group * group_vecs;
+    float f[8];
+    for (unsigned int i = start + threadIdx.x; i < end; i += blockDim.x) {
+        unsigned int c = g * channels_per_group + i / hw_vecs;
+        float ga = gamma[c], be = beta[c];
+        unpack8(xg[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            float v = (f[j] - mean) * inv * ga + be;
+            if (apply_silu) v = v / (1.0f + __expf(-v));
+            f[j] = v;
+        }
+        yg[i] = pack8(f);
+    }
+}
+
+// y += bias[channel] in place, NCHW bf16 with H*W % 8 == 0 (hw_vecs = H*W/8), bias f32 (C).
+extern "C" __global__ void zimage_add_channel_bias_v8_bf16(uint4* __restrict__ y, const float* __restrict__ bias,
+                                                           unsigned int n_vecs, unsigned int hw_vecs, unsigned int c) {
+    float f[8];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vecs; i += gridDim.x * blockDim.x) {
+        float b = bias[(i / hw_vecs) % c];
+        unpack8(y[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] += b;
+        y[i] = pack8(f);
+    }
+}
+
+// Nearest 2x upsampling of NCHW bf16 with W % 4 == 0: each thread reads 4 values of an input row
+// and writes them doubled to the two output rows (row r of the N*C*H input rows becomes output
+// rows 2r and 2r + 1). w_quads = W / 4, which is also the output row's length in 8-value vectors.
+extern "C" __global__ void zimage_upsample_nearest2x_bf16(const uint2* __restrict__ x, uint4* __restrict__ y,
+                                                          unsigned int n_quads, unsigned int w_quads) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_quads; i += gridDim.x * blockDim.x) {
+        unsigned int row = i / w_quads, q = i - row * w_quads;
+        uint2 v = x[i];
+        unsigned int a = v.x & 0xffffu, b = v.x >> 16, c = v.y & 0xffffu, d = v.y >> 16;
+        uint4 o = make_uint4(a | (a << 16), b | (b << 16), c | (c << 16), d | (d << 16));
+        unsigned long long out_row = 2ull * row;
+        y[out_row * w_quads + q] = o;
+        y[(out_row + 1) * w_quads + q] = o;
+    }
+}

@@ -64,6 +64,104 @@ fn launch_cfg(blocks: u32) -> LaunchConfig {
     LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 }
 }
 
+/// Whether a contiguous tensor's data starts on a `bytes` boundary (allocations are 256-byte
+/// aligned, so this is its start offset): the vectorized kernels load 8 or 16 bytes at a time.
+fn starts_aligned(t: &Tensor, bytes: usize) -> bool {
+    (t.layout().start_offset() * t.dtype().size_in_bytes()) % bytes == 0
+}
+
+/// Threads for a one-block-per-row kernel over `vecs` 8-value vectors: about 4 vectors a thread.
+fn row_threads(vecs: usize) -> u32 {
+    (vecs.div_ceil(4).next_multiple_of(32)).clamp(32, 256) as u32
+}
+
+/// rms_norm(x) * w over the last dim of a bf16 tensor (w: dim values, any float dtype, used
+/// rounded to bf16 as candle's kernel uses it), in one pass of a vectorized kernel; with
+/// `quantize`, also the per-tensor E4M3 quantization of the result (q, scale), its amax taken in
+/// that same pass. None when the shape or alignment does not suit the kernel (dim % 8 != 0).
+#[allow(clippy::type_complexity)]
+pub fn rms_norm_v8(x: &Tensor, w: &Tensor, eps: f32, quantize: bool) -> Result<Option<(Tensor, Option<(Tensor, Tensor)>)>> {
+    let dev = cuda_device(x)?;
+    let dim = *x.dims().last().unwrap_or(&0);
+    if x.dtype() != DType::BF16 || dim == 0 || dim % 8 != 0 || w.elem_count() != dim {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let w = w.to_dtype(DType::BF16)?.contiguous()?;
+    if !starts_aligned(&x, 16) || !starts_aligned(&w, 16) {
+        return Ok(None);
+    }
+    let n = x.elem_count();
+    let rows = n / dim;
+    let mut out = unsafe { dev.alloc::<bf16>(n)? };
+    let amax = if quantize { Some(dev.alloc_zeros::<u32>(1)?) } else { None };
+    let (dim32, null) = (dim as u32, 0u64);
+    with_slice::<bf16, _>(&x, |xs| {
+        with_slice::<bf16, _>(&w, |ws| {
+            let f = dev.get_or_load_custom_func("zimage_rms_norm_v8_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&ws);
+            b.arg(&mut out);
+            b.arg(&dim32);
+            b.arg(&eps);
+            match &amax {
+                Some(a) => b.arg(a),
+                None => b.arg(&null),
+            };
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(dim / 8), 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    let fp8 = match amax {
+        Some(amax) => {
+            let mut q = unsafe { dev.alloc::<F8E4M3>(n)? };
+            let mut scale = unsafe { dev.alloc::<f32>(1)? };
+            let n64 = n as u64;
+            let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&out);
+            b.arg(&n64);
+            b.arg(&amax);
+            b.arg(&mut q);
+            b.arg(&mut scale);
+            unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
+            Some((wrap(q, &dev, x.dims()), wrap(scale, &dev, &[1])))
+        }
+        None => None,
+    };
+    Ok(Some((wrap(out, &dev, x.dims()), fp8)))
+}
+
+/// Nearest-neighbour 2x upsampling of NCHW bf16 with W % 4 == 0 (one read, two row writes per
+/// 4 values); None when the shape or alignment does not suit the kernel.
+pub fn upsample_nearest2x(x: &Tensor) -> Result<Option<Tensor>> {
+    let dev = cuda_device(x)?;
+    let (b, c, h, w) = x.dims4()?;
+    if x.dtype() != DType::BF16 || w % 4 != 0 || x.elem_count() / 4 > u32::MAX as usize {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if !starts_aligned(&x, 8) {
+        return Ok(None);
+    }
+    let n_quads = x.elem_count() / 4;
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count() * 4)? };
+    let (nq, wq) = (n_quads as u32, (w / 4) as u32);
+    with_slice::<bf16, _>(&x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_upsample_nearest2x_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        b.arg(&mut out);
+        b.arg(&nq);
+        b.arg(&wq);
+        unsafe { b.launch(launch_cfg(grid_for(n_quads))) }.w()?;
+        Ok(())
+    })?;
+    Ok(Some(wrap(out, &dev, &[b, c, 2 * h, 2 * w])))
+}
+
 /// Per-tensor E4M3 quantization of a contiguous bf16 tensor whose size is a multiple of 8:
 /// an amax kernel then a quantize kernel, the scale staying on the device.
 pub fn quantize_e4m3(x: &Tensor) -> Result<(Tensor, Tensor)> {
@@ -134,7 +232,20 @@ pub fn swiglu_quantized(gate_up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     let amax = dev.alloc_zeros::<u32>(1)?;
     let mut out = unsafe { dev.alloc::<bf16>(n)? };
     let (pairs, row_pairs) = ((n / 2) as u64, (hidden / 2) as u64);
+    let vectorized = hidden % 8 == 0 && n / 8 <= u32::MAX as usize && starts_aligned(&gate_up, 16);
     with_slice::<bf16, _>(&gate_up, |gs| {
+        if vectorized {
+            let (n_vecs, row_vecs) = ((n / 8) as u32, (hidden / 8) as u32);
+            let f = dev.get_or_load_custom_func("zimage_swiglu_amax_v8_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&gs);
+            b.arg(&mut out);
+            b.arg(&n_vecs);
+            b.arg(&row_vecs);
+            b.arg(&amax);
+            unsafe { b.launch(launch_cfg(grid_for(n / 8))) }.w()?;
+            return Ok(());
+        }
         let f = dev.get_or_load_custom_func("zimage_swiglu_amax_bf16", MODULE, PTX)?;
         let mut b = f.builder();
         b.arg(&gs);
@@ -184,6 +295,9 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
         None => (x.contiguous()?, (h * d) as u64),
     };
     let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    if d == 128 && ts % 4 == 0 && starts_aligned(&x, 8) && starts_aligned(&cos, 8) && starts_aligned(&sin, 8) {
+        return qk_norm_rope_d128(&dev, &x, ts, weight, eps, &cos, &sin);
+    }
     let w = match weight {
         Some(w) => w.to_dtype(DType::F32)?.contiguous()?,
         None => Tensor::ones(d, DType::F32, x.device())?,
@@ -221,6 +335,58 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
     })?;
     drop(st);
     Ok(wrap(out, &dev, &[b, l, h, d]))
+}
+
+/// `qk_norm_rope` for head dim 128: one warp per row, each lane's 4 values loaded once; the norm
+/// weight used in bf16 (as the composed path uses it), so no per-call cast.
+fn qk_norm_rope_d128(dev: &CudaDevice, x: &Tensor, ts: u64, weight: Option<&Tensor>, eps: f32, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, l, h, d) = x.dims4()?;
+    let w = match weight {
+        Some(w) => {
+            let w = w.to_dtype(DType::BF16)?.contiguous()?;
+            if !starts_aligned(&w, 8) {
+                bail!("qk_norm_rope: norm weight not 8-byte aligned");
+            }
+            Some(w)
+        }
+        None => None,
+    };
+    let rows = b * l * h;
+    let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
+    let (rows32, l32, h32, null) = (rows as u32, l as u32, h as u32, 0u64);
+    let (st, layout) = x.storage_and_layout();
+    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
+    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let launch = |ws: Option<cudarc::driver::CudaView<'_, bf16>>, out: &mut CudaSlice<bf16>| -> Result<()> {
+        with_slice::<f32, _>(cos, |cs| {
+            with_slice::<f32, _>(sin, |ss| {
+                let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_d128_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                match &ws {
+                    Some(ws) => bld.arg(ws),
+                    None => bld.arg(&null),
+                };
+                bld.arg(&cs);
+                bld.arg(&ss);
+                bld.arg(out);
+                bld.arg(&rows32);
+                bld.arg(&l32);
+                bld.arg(&h32);
+                bld.arg(&ts);
+                bld.arg(&eps);
+                let warps_per_block = THREADS / 32;
+                unsafe { bld.launch(launch_cfg(rows32.div_ceil(warps_per_block))) }.w()?;
+                Ok(())
+            })
+        })
+    };
+    match &w {
+        Some(w) => with_slice::<bf16, _>(w, |ws| launch(Some(ws), &mut out))?,
+        None => launch(None, &mut out)?,
+    }
+    drop(st);
+    Ok(wrap(out, dev, &[b, l, h, d]))
 }
 
 /// One cached cuBLASLt plan for an (m, n, k) shape: descriptors, the heuristic's candidate
@@ -453,6 +619,9 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
     }
     let x = x.contiguous()?;
     let (gamma, beta) = (gamma.to_dtype(DType::F32)?.contiguous()?, beta.to_dtype(DType::F32)?.contiguous()?);
+    if (h * w) % 8 == 0 && (c / groups * h * w) / 8 <= u32::MAX as usize && starts_aligned(&x, 16) {
+        return group_norm_v8(&dev, &x, &gamma, &beta, groups, eps, silu);
+    }
     let hw = (h * w) as u64;
     let cpg = (c / groups) as u32;
     let group_len = (c / groups * h * w) as u64;
@@ -494,6 +663,51 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
         })
     })?;
     Ok(wrap(out, &dev, &[b, c, h, w]))
+}
+
+/// `group_norm` when H*W is a multiple of 8: both passes 8 values a step, the partials of a group
+/// merged by the whole block.
+fn group_norm_v8(dev: &CudaDevice, x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f32, silu: bool) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let group_vecs = (c / groups * h * w / 8) as u32;
+    let chunk_vecs: u32 = 2048;
+    let chunks = group_vecs.div_ceil(chunk_vecs);
+    let total_groups = (b * groups) as u32;
+    let mut partial = unsafe { dev.alloc::<f32>(total_groups as usize * chunks as usize * 3)? };
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
+    let cfg = LaunchConfig { grid_dim: (chunks, total_groups, 1), block_dim: (THREADS, 1, 1), shared_mem_bytes: 0 };
+    let (hw_vecs, cpg, groups32, silu32) = ((h * w / 8) as u32, (c / groups) as u32, groups as u32, silu as i32);
+    with_slice::<bf16, _>(x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_group_stats_v8_bf16", MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xs);
+        bld.arg(&group_vecs);
+        bld.arg(&chunk_vecs);
+        bld.arg(&mut partial);
+        unsafe { bld.launch(cfg) }.w()?;
+        with_slice::<f32, _>(gamma, |gs| {
+            with_slice::<f32, _>(beta, |bs| {
+                let f = dev.get_or_load_custom_func("zimage_group_norm_apply_v8_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&partial);
+                bld.arg(&gs);
+                bld.arg(&bs);
+                bld.arg(&mut out);
+                bld.arg(&group_vecs);
+                bld.arg(&chunk_vecs);
+                bld.arg(&chunks);
+                bld.arg(&hw_vecs);
+                bld.arg(&cpg);
+                bld.arg(&groups32);
+                bld.arg(&eps);
+                bld.arg(&silu32);
+                unsafe { bld.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(wrap(out, dev, &[b, c, h, w]))
 }
 
 #[cfg(feature = "cudnn")]
@@ -593,6 +807,18 @@ mod conv {
                 let hw = (oh * ow) as u64;
                 let k32 = k as u32;
                 with_slice::<f32, _>(&bias, |bs| {
+                    if hw % 8 == 0 && n / 8 <= u32::MAX as u64 {
+                        let (n_vecs, hw_vecs) = ((n / 8) as u32, (hw / 8) as u32);
+                        let f = self.dev.get_or_load_custom_func("zimage_add_channel_bias_v8_bf16", MODULE, PTX)?;
+                        let mut bld = f.builder();
+                        bld.arg(&mut y);
+                        bld.arg(&bs);
+                        bld.arg(&n_vecs);
+                        bld.arg(&hw_vecs);
+                        bld.arg(&k32);
+                        unsafe { bld.launch(launch_cfg(grid_for(n_vecs as usize))) }.w()?;
+                        return Ok(());
+                    }
                     let f = self.dev.get_or_load_custom_func("zimage_add_channel_bias_bf16", MODULE, PTX)?;
                     let mut bld = f.builder();
                     bld.arg(&mut y);
@@ -617,8 +843,33 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
         bail!("add_rms_norm: x {:?}, y {:?}, w {:?}", x.dims(), y.dims(), w.dims());
     }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
-    let w = w.to_dtype(DType::F32)?.contiguous()?;
     let rows = x.elem_count() / dim;
+    if dim % 8 == 0 && starts_aligned(&x, 16) && starts_aligned(&y, 16) {
+        let w = w.to_dtype(DType::BF16)?.contiguous()?;
+        if starts_aligned(&w, 16) {
+            let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
+            let dim32 = dim as u32;
+            with_slice::<bf16, _>(&x, |xs| {
+                with_slice::<bf16, _>(&y, |ys| {
+                    with_slice::<bf16, _>(&w, |ws| {
+                        let f = dev.get_or_load_custom_func("zimage_add_rms_norm_v8_bf16", MODULE, PTX)?;
+                        let mut bld = f.builder();
+                        bld.arg(&xs);
+                        bld.arg(&ys);
+                        bld.arg(&ws);
+                        bld.arg(&mut out);
+                        bld.arg(&dim32);
+                        bld.arg(&eps);
+                        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(dim / 8), 1, 1), shared_mem_bytes: 0 };
+                        unsafe { bld.launch(cfg) }.w()?;
+                        Ok(())
+                    })
+                })
+            })?;
+            return Ok(wrap(out, &dev, x.dims()));
+        }
+    }
+    let w = w.to_dtype(DType::F32)?.contiguous()?;
     let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
     let dim32 = dim as u32;
     with_slice::<bf16, _>(&x, |xs| {

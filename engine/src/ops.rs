@@ -55,6 +55,12 @@ impl RmsNorm {
 /// rms_norm(x) * w with a given (already folded) weight w (dim): candle's fused kernel, statistics
 /// in f32.
 pub fn rms_norm_weighted(x: &Tensor, w: &Tensor, eps: f64) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && x.dtype() == DType::BF16 {
+        if let Some((y, _)) = crate::cuda::rms_norm_v8(x, w, eps as f32, false)? {
+            return Ok(y);
+        }
+    }
     candle_nn::ops::rms_norm(&x.contiguous()?, &w.to_dtype(x.dtype())?, eps as f32)
 }
 
@@ -260,6 +266,13 @@ pub struct LinearInput {
 }
 
 impl LinearInput {
+    /// The two leading dims of a (B, L, dim) input.
+    pub fn lead_dims2(&self) -> Result<(usize, usize)> {
+        match self.lead_dims[..] {
+            [b, l] => Ok((b, l)),
+            _ => candle_core::bail!("expected a (B, L, dim) input, got leading dims {:?}", self.lead_dims),
+        }
+    }
     /// An input already quantized (e.g. by a fused kernel), with its dense form for dense layers.
     pub fn from_parts(lead_dims: Vec<usize>, dense: Tensor, fp8: Option<QuantizedActivation>) -> Self {
         Self { lead_dims, dense, fp8 }
@@ -309,6 +322,22 @@ impl Linear {
         let dense = x.reshape((rows, in_dim))?;
         let fp8 = if self.is_fp8() { Some(QuantizedActivation::new(&dense)?) } else { None };
         Ok(LinearInput { lead_dims, dense, fp8 })
+    }
+    /// `prepare(&rms_norm_weighted(x, w, eps))`; on CUDA bf16 one kernel writes the normed
+    /// activation and takes its amax, so an FP8 layer's quantization needs no extra pass.
+    pub fn prepare_rms_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<LinearInput> {
+        #[cfg(feature = "cuda")]
+        if x.device().is_cuda() && x.dtype() == DType::BF16 {
+            let dims = x.dims();
+            let in_dim = *dims.last().expect("linear input has a last dim");
+            let lead_dims = dims[..dims.len() - 1].to_vec();
+            let rows: usize = lead_dims.iter().product();
+            if let Some((dense, fp8)) = crate::cuda::rms_norm_v8(&x.reshape((rows, in_dim))?, w, eps as f32, self.is_fp8())? {
+                let fp8 = fp8.map(|(q, scale)| QuantizedActivation { q, scale });
+                return Ok(LinearInput { lead_dims, dense, fp8 });
+            }
+        }
+        self.prepare(&rms_norm_weighted(x, w, eps)?)
     }
     pub fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
         let mut y = match &self.weight {

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
 use crate::fp8::Fp8Context;
-use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, rms_norm_weighted, Linear, RmsNorm};
+use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, Linear, LinearInput, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -66,7 +66,11 @@ impl FeedForward {
         self.w2.quantize_fp8(ctx)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let gate_up = self.w13.forward(x)?;
+        self.forward_input(&self.w13.prepare(x)?)
+    }
+    /// The feed-forward of an input already prepared for w1|w3 (see `Linear::prepare_rms_normed`).
+    fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
+        let gate_up = self.w13.forward_input(x)?;
         #[cfg(feature = "cuda")]
         let rows = gate_up.elem_count() / (2 * self.hidden);
         #[cfg(feature = "cuda")]
@@ -77,7 +81,7 @@ impl FeedForward {
             let lead = dims[..dims.len() - 1].to_vec();
             let (h, q, scale) = crate::cuda::swiglu_quantized(&gate_up.reshape((rows, 2 * self.hidden))?)?;
             let q = crate::fp8::QuantizedActivation { q, scale };
-            return self.w2.forward_input(&crate::ops::LinearInput::from_parts(lead, h, Some(q)));
+            return self.w2.forward_input(&LinearInput::from_parts(lead, h, Some(q)));
         }
         let gate = gate_up.narrow(D::Minus1, 0, self.hidden)?;
         let up = gate_up.narrow(D::Minus1, self.hidden, self.hidden)?;
@@ -167,11 +171,15 @@ impl Attention {
         self.to_out.quantize_fp8(ctx)
     }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
-        let (b, l, _) = x.dims3()?;
+        self.forward_input(&self.to_qkv.prepare(x)?, rope)
+    }
+    /// Attention over an input (B, L, dim) already prepared for the qkv product.
+    fn forward_input(&self, x: &LinearInput, rope: &Rope) -> Result<Tensor> {
+        let (b, l) = x.lead_dims2()?;
         let (h, kv) = (self.n_heads, self.n_kv_heads);
         // (B, L, H + 2 KV, D); q, k and v are head-range views of it, read in place by the fused
         // norm + RoPE kernel and by flash attention.
-        let qkv = self.to_qkv.forward(x)?.reshape((b, l, h + 2 * kv, self.head_dim))?;
+        let qkv = self.to_qkv.forward_input(x)?.reshape((b, l, h + 2 * kv, self.head_dim))?;
         let q = rope.apply(&qkv.narrow(2, 0, h)?, self.norm_q.as_ref())?;
         let k = rope.apply(&qkv.narrow(2, h, kv)?, self.norm_k.as_ref())?;
         let v = qkv.narrow(2, h + kv, kv)?;
@@ -238,9 +246,11 @@ impl Block {
     /// A modulated block with its folded weights `w` (4, dim) from `folded_modulation`.
     fn forward_folded(&self, x: &Tensor, rope: &Rope, w: &Tensor) -> Result<Tensor> {
         let eps = self.attention_norm1.eps();
-        let attn_out = self.attention.forward(&rms_norm_weighted(x, &w.get(0)?, eps)?, rope)?;
+        let attn_in = self.attention.to_qkv.prepare_rms_normed(x, &w.get(0)?, eps)?;
+        let attn_out = self.attention.forward_input(&attn_in, rope)?;
         let x = add_rms_norm_weighted(x, &attn_out, &w.get(1)?, self.attention_norm2.eps())?;
-        let ffn_out = self.feed_forward.forward(&rms_norm_weighted(&x, &w.get(2)?, self.ffn_norm1.eps())?)?;
+        let ffn_in = self.feed_forward.w13.prepare_rms_normed(&x, &w.get(2)?, self.ffn_norm1.eps())?;
+        let ffn_out = self.feed_forward.forward_input(&ffn_in)?;
         add_rms_norm_weighted(&x, &ffn_out, &w.get(3)?, self.ffn_norm2.eps())
     }
 

@@ -9,6 +9,7 @@
 #   scripts/gpu/run.sh engine2  # one binary with FA2+FA3 (scripts/gpu/build.sh): kernel/graph checks,
 #                               # FP8 FA3 vs FA2 vs no CUDA graphs, bf16, 2048, an ncu kernel trace,
 #                               # then `zimage serve --model random` under 1/4/16 HTTP clients + ws
+#                               # (COMPARE=0: without the FA2 and no-graph runs)
 #   scripts/gpu/run.sh final    # diffusers eager/compile/compile+FP8 and ours in one call
 # BIN=dist/other.xz picks another binary for the single-binary modes.
 set -euo pipefail
@@ -63,16 +64,20 @@ engine2)
       | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
   export RUNS=5
   bench_mem fp8_fa3_graphs --model random --sizes 1024x1024 || echo "FAILED: bench_mem fp8_fa3_graphs --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
-  ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024 || echo "FAILED: ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
-  bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs || echo "FAILED: bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs" | tee -a "$OUT/summary.txt"
+  if [ "${COMPARE:-1}" = 1 ]; then  # COMPARE=0 skips the FA2 and no-graph comparisons
+    ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024 || echo "FAILED: ZIMAGE_ATTENTION=fa2 bench_mem fp8_fa2_graphs --model random --sizes 1024x1024" | tee -a "$OUT/summary.txt"
+    bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs || echo "FAILED: bench_mem fp8_fa3_launches --model random --sizes 1024x1024 --no-cuda-graphs" | tee -a "$OUT/summary.txt"
+  fi
   bench_mem bf16_fa3_graphs --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bench_mem bf16_fa3_graphs --model random --precision bf16 --sizes 1024x1024" | tee -a "$OUT/summary.txt"
   RUNS=2 bench_mem fp8_fa3_graphs_2048 --model random --sizes 2048x2048 || echo "FAILED: RUNS=2 bench_mem fp8_fa3_graphs_2048 --model random --sizes 2048x2048" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   NCU=$(command -v ncu || ls /opt/nvidia/nsight-compute/*/ncu 2>/dev/null | head -1)
   if [ -n "$NCU" ]; then
-    timeout 150 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
-        /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 1 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
+    ZIMAGE_CUDA_GRAPHS=0 timeout 200 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
+        /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 0 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
         || echo "ncu: failed or timed out" | tee -a "$OUT/summary.txt"
+    python3 scripts/gpu/ncu_summary.py "$OUT/ncu_fp8_1024.csv" > "$OUT/ncu_summary.txt" 2>&1 || true
+    head -40 "$OUT/ncu_summary.txt"
   fi
   mkdir -p /tmp/data
   /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &

@@ -407,6 +407,37 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let back = engine::fp8::e4m3_to_f32(&q_fused)?.broadcast_mul(&s_fused)?;
         kernels.push(KernelCheck { name: "swiglu fused: its E4M3 output vs its bf16 output".into(), relative_l2: relative_l2(&back, &h_fused)? });
     }
+    // The vectorized memory-bound kernels against candle ops at the model's shapes.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        let x = (r(&[1, l, d])? * 2.0)?;
+        let w = (r(&[d])?.abs()? + 0.5)?;
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
+        let Some((got, Some((q, s)))) = engine::cuda::rms_norm_v8(&x, &w, 1e-6, true)? else {
+            anyhow::bail!("the vectorized rms_norm refused a (1, {l}, {d}) bf16 input");
+        };
+        kernels.push(KernelCheck { name: "rms_norm vectorized (+amax) vs candle's rms_norm".into(), relative_l2: relative_l2(&got, &want)? });
+        let back = engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s)?;
+        kernels.push(KernelCheck { name: "rms_norm vectorized: its E4M3 output vs its bf16 output".into(), relative_l2: relative_l2(&back, &got)? });
+        let (gc, gs, groups) = (128usize, 256usize, 32usize);
+        let gx = ((r(&[1, gc, gs, gs])? * 2.0)? + 0.5)?;
+        let (gamma, beta) = (r(&[gc])?, r(&[gc])?);
+        let got = engine::cuda::group_norm(&gx, &gamma, &beta, groups, 1e-6, true)?;
+        let xf = gx.to_dtype(DType::F32)?.reshape((1, groups, gc / groups * gs * gs))?;
+        let mean = xf.mean_keepdim(2)?;
+        let centered = xf.broadcast_sub(&mean)?;
+        let var = centered.sqr()?.mean_keepdim(2)?;
+        let normed = centered.broadcast_div(&(var + 1e-6)?.sqrt()?)?.reshape((1, gc, gs, gs))?;
+        let affine = normed
+            .broadcast_mul(&gamma.to_dtype(DType::F32)?.reshape((1, gc, 1, 1))?)?
+            .broadcast_add(&beta.to_dtype(DType::F32)?.reshape((1, gc, 1, 1))?)?;
+        let want = candle_nn::ops::silu(&affine)?;
+        kernels.push(KernelCheck { name: format!("group_norm+silu vectorized (1, {gc}, {gs}, {gs}) vs f32 candle ops"), relative_l2: relative_l2(&got, &want)? });
+        let ux = r(&[1, 64, 128, 128])?;
+        let Some(got) = engine::cuda::upsample_nearest2x(&ux)? else { anyhow::bail!("upsample_nearest2x refused (1, 64, 128, 128)") };
+        let want = ux.upsample_nearest2d(256, 256)?;
+        kernels.push(KernelCheck { name: "nearest 2x upsampling vs candle's".into(), relative_l2: relative_l2(&got, &want)? });
+    }
     let res_vb = candle_nn::VarBuilder::from_tensors(
         [("weight".to_string(), (r(&[d])?.abs()? + 0.5)?)].into_iter().collect(),
         dtype,
