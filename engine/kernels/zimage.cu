@@ -220,6 +220,26 @@ __device__ __forceinline__ void chan_merge(float& n, float& mean, float& m2, flo
     n = total;
 }
 
+// Merges every thread's (count, mean, M2) over the block (warp shuffles, then the warps in order);
+// the result is valid in thread 0 only.
+__device__ __forceinline__ void block_chan_merge(float& n, float& mean, float& m2) {
+    for (int o = 16; o > 0; o >>= 1) {
+        float nb = __shfl_xor_sync(0xffffffffu, n, o);
+        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
+        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
+        chan_merge(n, mean, m2, nb, mb, m2b);
+    }
+    __shared__ float sn[32], sm[32], sm2[32];
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
+        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
+        n = tn; mean = tm; m2 = tm2;
+    }
+}
+
 extern "C" __global__ void zimage_group_stats_bf16(const bf16_bits* __restrict__ x, unsigned long long group_len,
                                                    unsigned int chunk_len, float* __restrict__ partial) {
     unsigned int chunks = gridDim.x;
@@ -236,21 +256,10 @@ extern "C" __global__ void zimage_group_stats_bf16(const bf16_bits* __restrict__
         mean += d / n;
         m2 += d * (v - mean);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float nb = __shfl_xor_sync(0xffffffffu, n, o);
-        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
-        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
-        chan_merge(n, mean, m2, nb, mb, m2b);
-    }
-    __shared__ float sn[32], sm[32], sm2[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
-    __syncthreads();
+    block_chan_merge(n, mean, m2);
     if (threadIdx.x == 0) {
-        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
         float* p = partial + (group * chunks + blockIdx.x) * 3;
-        p[0] = tn; p[1] = tm; p[2] = tm2;
+        p[0] = n; p[1] = mean; p[2] = m2;
     }
 }
 
@@ -492,21 +501,10 @@ extern "C" __global__ void zimage_group_stats_v8_bf16(const uint4* __restrict__ 
         for (int j = 0; j < 8; j++) lm2 += (f[j] - lm) * (f[j] - lm);
         chan_merge(n, mean, m2, 8.0f, lm, lm2);
     }
-    for (int o = 16; o > 0; o >>= 1) {
-        float nb = __shfl_xor_sync(0xffffffffu, n, o);
-        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
-        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
-        chan_merge(n, mean, m2, nb, mb, m2b);
-    }
-    __shared__ float sn[32], sm[32], sm2[32];
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
-    __syncthreads();
+    block_chan_merge(n, mean, m2);
     if (threadIdx.x == 0) {
-        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
         float* p = partial + ((unsigned long long)group * gridDim.x + blockIdx.x) * 3;
-        p[0] = tn; p[1] = tm; p[2] = tm2;
+        p[0] = n; p[1] = mean; p[2] = m2;
     }
 }
 
@@ -522,22 +520,11 @@ extern "C" __global__ void zimage_group_norm_apply_v8_bf16(const uint4* __restri
     float n = 0.0f, mean = 0.0f, m2 = 0.0f;
     const float* p = partial + (unsigned long long)group * partial_chunks * 3;
     for (unsigned int k = threadIdx.x; k < partial_chunks; k += blockDim.x) chan_merge(n, mean, m2, p[3 * k], p[3 * k + 1], p[3 * k + 2]);
-    for (int o = 16; o > 0; o >>= 1) {
-        float nb = __shfl_xor_sync(0xffffffffu, n, o);
-        float mb = __shfl_xor_sync(0xffffffffu, mean, o);
-        float m2b = __shfl_xor_sync(0xffffffffu, m2, o);
-        chan_merge(n, mean, m2, nb, mb, m2b);
-    }
-    __shared__ float sn[32], sm[32], sm2[32];
+    block_chan_merge(n, mean, m2);
     __shared__ float s_mean, s_inv;
-    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) { sn[warp] = n; sm[warp] = mean; sm2[warp] = m2; }
-    __syncthreads();
     if (threadIdx.x == 0) {
-        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
-        for (int w = 0; w < (int)(blockDim.x >> 5); w++) chan_merge(tn, tm, tm2, sn[w], sm[w], sm2[w]);
-        s_mean = tm;
-        s_inv = rsqrtf(tm2 / tn + eps);
+        s_mean = mean;
+        s_inv = rsqrtf(m2 / n + eps);
     }
     __syncthreads();
     mean = s_mean;

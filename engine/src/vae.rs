@@ -398,13 +398,13 @@ impl Upsample {
     fn forward(&self, x: Tensor) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         #[cfg(feature = "cuda")]
-        if x.device().is_cuda() && x.dtype() == DType::BF16 {
-            if let Some(up) = crate::cuda::upsample_nearest2x(&x)? {
-                drop(x);
-                return self.conv.forward(&up);
-            }
-        }
-        let up = x.upsample_nearest2d(2 * h, 2 * w)?;
+        let fused = if x.device().is_cuda() && x.dtype() == DType::BF16 { crate::cuda::upsample_nearest2x(&x)? } else { None };
+        #[cfg(not(feature = "cuda"))]
+        let fused: Option<Tensor> = None;
+        let up = match fused {
+            Some(up) => up,
+            None => x.upsample_nearest2d(2 * h, 2 * w)?,
+        };
         drop(x);
         self.conv.forward(&up)
     }
