@@ -43,8 +43,12 @@ export default defineConfig({
       command:
         `rm -rf "${DATA}" && "${BIN}" serve --model tiny --addr 127.0.0.1:${PORT} ` +
         `--data-dir "${DATA}" --site-root "${path.join(ROOT, "target/site")}" ` +
-        `--queue-capacity 2 --frame-ancestor ${HOST}`,
-      url: `${STUDIO}/healthz`,
+        `--queue-capacity 2 --frame-ancestor ${HOST} ` +
+        // every test's jobs come from one address (127.0.0.1): lift the limits per client
+        // (30 submissions a minute, 4 queued), which the suite would otherwise run into
+        `--submissions-per-minute 0 --max-queued-per-client 0`,
+      // /readyz answers 503 until the model is loaded (the port opens before)
+      url: `${STUDIO}/readyz`,
       timeout: 180_000,
       reuseExistingServer: false,
       stdout: "pipe",

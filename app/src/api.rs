@@ -38,7 +38,12 @@ pub async fn get_server_info() -> Result<ServerInfo, StudioError> {
 /// Enqueues a Generate or Transform job. Progress comes over `/ws`.
 #[server(endpoint = "submit_job", input = Json)]
 pub async fn submit_job(req: JobRequest) -> Result<JobTicket, StudioError> {
-    let r = async { ssr::backend().await?.submit(req) }.await;
+    let r = async {
+        let client: crate::backend::ClientId =
+            leptos_axum::extract().await.map_err(|e| StudioError::internal(e.to_string()))?;
+        ssr::backend().await?.submit(req, &client)
+    }
+    .await;
     ssr::respond(r)
 }
 

@@ -9,8 +9,9 @@ use std::sync::Arc;
 
 pub trait Backend: Send + Sync + 'static {
     fn info(&self) -> ServerInfo;
-    /// Validates and enqueues; refuses when the queue is full.
-    fn submit(&self, req: JobRequest) -> Result<JobTicket, StudioError>;
+    /// Validates and enqueues for `client`; refuses when the queue is full or the client is over
+    /// its limits.
+    fn submit(&self, req: JobRequest, client: &ClientId) -> Result<JobTicket, StudioError>;
     /// Cancels a queued job at once, or a running one at its next step.
     fn cancel(&self, job_id: &str) -> Result<(), StudioError>;
     /// A stored image's metadata (for share links).
@@ -45,5 +46,32 @@ impl<S: Send + Sync> FromRequestParts<S> for BackendHandle {
             .get::<BackendHandle>()
             .cloned()
             .ok_or_else(|| StudioError::internal("The studio backend is not attached to this request."))
+    }
+}
+
+/// Who sent a request, for the limits per client: the holder of the server's API key when the
+/// request carries it, else the peer's IP address. The server puts it into every request's
+/// extensions; a request without one (never from the server's own listener) counts as one
+/// anonymous client.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ClientId(pub Arc<str>);
+
+impl ClientId {
+    pub fn new(id: impl Into<Arc<str>>) -> Self {
+        ClientId(id.into())
+    }
+}
+
+impl std::fmt::Display for ClientId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl<S: Send + Sync> FromRequestParts<S> for ClientId {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
+        Ok(parts.extensions.get::<ClientId>().cloned().unwrap_or_else(|| ClientId::new("anonymous")))
     }
 }

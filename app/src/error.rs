@@ -18,6 +18,12 @@ pub enum ErrorKind {
     UnsupportedMedia,
     /// The job queue is full: 503.
     QueueFull,
+    /// This client sent too many jobs (per minute, or waiting at once): 429, with `retry_after_secs`.
+    RateLimited,
+    /// The server is starting (model loading) or draining before it stops: 503.
+    Unavailable,
+    /// The request body came too slowly: 408.
+    Timeout,
     /// The job was cancelled (by a `cancel_job` call) before it finished: 409.
     Cancelled,
     /// The browser could not reach the server (client side only).
@@ -34,6 +40,9 @@ impl ErrorKind {
             ErrorKind::PayloadTooLarge => 413,
             ErrorKind::UnsupportedMedia => 415,
             ErrorKind::QueueFull => 503,
+            ErrorKind::RateLimited => 429,
+            ErrorKind::Unavailable => 503,
+            ErrorKind::Timeout => 408,
             ErrorKind::Cancelled => 409,
             ErrorKind::Network => 502,
             ErrorKind::Internal => 500,
@@ -46,11 +55,19 @@ impl ErrorKind {
 pub struct StudioError {
     pub kind: ErrorKind,
     pub reason: String,
+    /// When to try again (the `Retry-After` header), for refusals that pass with time.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 impl StudioError {
     pub fn new(kind: ErrorKind, reason: impl Into<String>) -> Self {
-        StudioError { kind, reason: reason.into() }
+        StudioError { kind, reason: reason.into(), retry_after_secs: None }
+    }
+    /// The same refusal, saying when to try again.
+    pub fn retry_after(mut self, secs: u64) -> Self {
+        self.retry_after_secs = Some(secs.max(1));
+        self
     }
     pub fn invalid(reason: impl Into<String>) -> Self {
         Self::new(ErrorKind::InvalidInput, reason)
@@ -98,15 +115,28 @@ impl From<ServerFnError> for StudioError {
 }
 
 #[cfg(feature = "ssr")]
+pub use ssr::with_retry_after;
+
+#[cfg(feature = "ssr")]
 mod ssr {
     use super::StudioError;
     use axum::response::{IntoResponse, Response};
+
+    /// Adds `Retry-After` when the refusal says when to try again; every API shape (the studio's,
+    /// OpenAI's, A1111's) answers through this.
+    pub fn with_retry_after(mut res: Response, retry_after_secs: Option<u64>) -> Response {
+        if let Some(secs) = retry_after_secs {
+            res.headers_mut().insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        res
+    }
 
     impl IntoResponse for StudioError {
         fn into_response(self) -> Response {
             let status = axum::http::StatusCode::from_u16(self.status())
                 .unwrap_or(axum::http::StatusCode::INTERNAL_SERVER_ERROR);
-            (status, axum::Json(self)).into_response()
+            let retry = self.retry_after_secs;
+            with_retry_after((status, axum::Json(self)).into_response(), retry)
         }
     }
 }
@@ -124,5 +154,13 @@ mod tests {
         );
         assert_eq!(e.status(), 503);
         assert_eq!(e.to_string(), "The queue is full.");
+        let e = StudioError::new(ErrorKind::RateLimited, "Slow down.").retry_after(7);
+        assert_eq!(
+            serde_json::to_string(&e).unwrap(),
+            r#"{"kind":"rate_limited","reason":"Slow down.","retry_after_secs":7}"#
+        );
+        assert_eq!(e.status(), 429);
+        let back: StudioError = serde_json::from_str(r#"{"kind":"unavailable","reason":"x"}"#).unwrap();
+        assert_eq!(back.retry_after_secs, None);
     }
 }

@@ -196,6 +196,28 @@ struct ServeArgs {
     /// or a list such as `cuda:0,cuda:1`.
     #[arg(long, default_value = "auto", env = "ZIMAGE_DEVICES")]
     devices: String,
+    /// Job submissions per minute per client (the API key's holder, else the IP address), with a
+    /// minute's worth allowed at once; 0: unlimited.
+    #[arg(long, default_value_t = 30)]
+    submissions_per_minute: u32,
+    /// Jobs one client may have queued or running at once; 0: no cap.
+    #[arg(long, default_value_t = 4)]
+    max_queued_per_client: usize,
+    /// A job running longer is stopped and fails with a reason; 0: no bound.
+    #[arg(long, default_value_t = 600)]
+    job_timeout_secs: u64,
+    /// A client must send its request headers within this many seconds.
+    #[arg(long, default_value_t = 10)]
+    header_timeout_secs: u64,
+    /// A request body must arrive within this many seconds.
+    #[arg(long, default_value_t = 120)]
+    body_timeout_secs: u64,
+    /// A websocket silent this long (browsers answer the server's pings by themselves) is closed.
+    #[arg(long, default_value_t = 120)]
+    ws_idle_secs: u64,
+    /// On SIGTERM / Ctrl-C, how long the running jobs may take to finish before they are stopped.
+    #[arg(long, default_value_t = 60)]
+    drain_timeout_secs: u64,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -402,10 +424,27 @@ fn serve(a: ServeArgs) -> Result<()> {
         load_options: Box::new(move |d| model.load_options(d)),
         data_dir: a.data_dir,
         frame_ancestors: a.frame_ancestors,
-        queue_capacity: a.queue_capacity,
         site_root: a.site_root,
         api_key: a.api_key.filter(|k| !k.is_empty()),
+        limits: web::StudioLimits {
+            queue: web::QueueLimits {
+                capacity: a.queue_capacity,
+                max_per_client: a.max_queued_per_client,
+                job_timeout: (a.job_timeout_secs > 0).then(|| secs(a.job_timeout_secs)),
+            },
+            submissions_per_minute: a.submissions_per_minute,
+        },
+        timeouts: web::Timeouts {
+            header_read: secs(a.header_timeout_secs.max(1)),
+            body: secs(a.body_timeout_secs.max(1)),
+            ws_idle: secs(a.ws_idle_secs.max(1)),
+            drain: secs(a.drain_timeout_secs),
+        },
     })
+}
+
+fn secs(n: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(n)
 }
 
 /// `auto`, `cpu` or `cuda:0,cuda:1,...` -> the devices with their labels for the studio.

@@ -6,7 +6,7 @@
 //! are not one of the studio's 18 and masks are refused with 422 and a reason: nothing is resized
 //! or dropped silently.
 
-use app::backend::Backend;
+use app::backend::{Backend, ClientId};
 use app::types::{limits, JobEvent, JobKind, JobRequest, JobTicket, ASPECT_RATIOS};
 use app::{ErrorKind, StudioError};
 use axum::body::Bytes;
@@ -47,14 +47,16 @@ pub struct ApiError {
     status: StatusCode,
     error: &'static str,
     detail: String,
+    /// `Retry-After` in seconds, for refusals that pass with time.
+    retry_after: Option<u64>,
 }
 
 impl ApiError {
     fn unprocessable(detail: impl Into<String>) -> Self {
-        Self { status: StatusCode::UNPROCESSABLE_ENTITY, error: "ValidationError", detail: detail.into() }
+        Self { status: StatusCode::UNPROCESSABLE_ENTITY, error: "ValidationError", detail: detail.into(), retry_after: None }
     }
     pub fn unauthorized() -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, error: "Unauthorized", detail: "Not authenticated: send `Authorization: Bearer <key>` (the server's --api-key).".into() }
+        Self { status: StatusCode::UNAUTHORIZED, error: "Unauthorized", detail: "Not authenticated: send `Authorization: Bearer <key>` (the server's --api-key).".into(), retry_after: None }
     }
 }
 
@@ -67,16 +69,20 @@ impl From<StudioError> for ApiError {
             ErrorKind::PayloadTooLarge => "PayloadTooLarge",
             ErrorKind::UnsupportedMedia => "UnsupportedMedia",
             ErrorKind::QueueFull => "QueueFull",
+            ErrorKind::RateLimited => "TooManyRequests",
+            ErrorKind::Unavailable => "ServiceUnavailable",
+            ErrorKind::Timeout => "RequestTimeout",
             ErrorKind::Cancelled => "Interrupted",
             ErrorKind::Network | ErrorKind::Internal => "RuntimeError",
         };
-        Self { status, error, detail: e.reason }
+        Self { status, error, detail: e.reason, retry_after: e.retry_after_secs }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.status, Json(json!({"error": self.error, "detail": self.detail, "body": "", "errors": ""}))).into_response()
+        let res = (self.status, Json(json!({"error": self.error, "detail": self.detail, "body": "", "errors": ""}))).into_response();
+        app::error::with_retry_after(res, self.retry_after)
     }
 }
 
@@ -174,7 +180,7 @@ impl A1111 {
     }
 
     /// Runs the jobs and answers like A1111.
-    async fn run(&self, c: Common, kind_of: impl Fn() -> JobKind, denoising: Option<f32>) -> Result<Response, ApiError> {
+    async fn run(&self, client: &ClientId, c: Common, kind_of: impl Fn() -> JobKind, denoising: Option<f32>) -> Result<Response, ApiError> {
         let reqs: Vec<JobRequest> = c
             .seeds
             .iter()
@@ -188,7 +194,7 @@ impl A1111 {
             })
             .collect();
         let mut first_job = String::new();
-        let result = super::jobs::run_jobs(&self.studio, app::types::JobSource::A1111, reqs, |tickets| {
+        let result = super::jobs::run_jobs(&self.studio, app::types::JobSource::A1111, client, reqs, |tickets| {
             first_job = tickets[0].job_id.clone();
             self.register(tickets);
         })
@@ -260,18 +266,18 @@ fn chrono_like_timestamp() -> String {
 }
 
 /// `POST /sdapi/v1/txt2img`.
-pub async fn txt2img(State(api): State<A1111>, body: Bytes) -> Response {
+pub async fn txt2img(State(api): State<A1111>, client: ClientId, body: Bytes) -> Response {
     let run = async {
         let m = body_object(&body)?;
         let c = common(&m)?;
         let (width, height) = c.size.unwrap_or((1024, 1024));
-        api.run(c, || JobKind::Generate { width, height }, None).await
+        api.run(&client, c, || JobKind::Generate { width, height }, None).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /sdapi/v1/img2img`: the first of `init_images` (base64, with or without a `data:` prefix).
-pub async fn img2img(State(api): State<A1111>, body: Bytes) -> Response {
+pub async fn img2img(State(api): State<A1111>, client: ClientId, body: Bytes) -> Response {
     let run = async {
         let m = body_object(&body)?;
         if !matches!(m.get("mask"), None | Some(Value::Null)) {
@@ -297,7 +303,7 @@ pub async fn img2img(State(api): State<A1111>, body: Bytes) -> Response {
             .await
             .map_err(|e| StudioError::internal(format!("The upload worker failed: {e}")))??;
         let upload_id = upload.upload_id;
-        api.run(c, || JobKind::Transform { upload_id: upload_id.clone(), strength }, Some(strength)).await
+        api.run(&client, c, || JobKind::Transform { upload_id: upload_id.clone(), strength }, Some(strength)).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

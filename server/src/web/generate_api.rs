@@ -5,6 +5,7 @@
 //! `application/json`). A client that goes away cancels its job. Errors are the studio's JSON
 //! `{kind, reason}` with the kind's status.
 
+use app::backend::ClientId;
 use app::types::{JobRequest, JobResult};
 use app::StudioError;
 use axum::extract::rejection::JsonRejection;
@@ -18,6 +19,7 @@ use super::studio::Studio;
 
 pub async fn generate(
     State(studio): State<Arc<Studio>>,
+    client: ClientId,
     headers: HeaderMap,
     body: Result<Json<JobRequest>, JsonRejection>,
 ) -> Response {
@@ -29,7 +31,7 @@ pub async fn generate(
         .get(header::ACCEPT)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|a| a.contains("application/json") && !a.contains("image/png"));
-    match super::jobs::run_jobs(&studio, app::types::JobSource::HttpApi, vec![req], |_| {}).await {
+    match super::jobs::run_jobs(&studio, app::types::JobSource::HttpApi, &client, vec![req], |_| {}).await {
         Ok(mut results) => {
             let result = results.remove(0);
             if wants_json {

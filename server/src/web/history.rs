@@ -85,6 +85,14 @@ impl History {
         self.db.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Moves the write-ahead log into the database file (on shutdown: the next start, or a copy
+    /// of the folder, finds everything in `history.sqlite3`).
+    pub fn checkpoint(&self) -> Result<(), StudioError> {
+        self.conn()
+            .query_row("PRAGMA wal_checkpoint(TRUNCATE)", [], |_| Ok(()))
+            .map_err(|e| internal("flushing the history database", e))
+    }
+
     pub fn thumb_path(&self, id: &str) -> Option<PathBuf> {
         is_valid_id(id).then(|| self.thumbs.join(format!("{id}.jpg")))
     }

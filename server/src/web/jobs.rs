@@ -2,6 +2,7 @@
 //! A1111's): submit through the studio's checks and queue, wait for each job's final event, and
 //! cancel whatever is still queued or running when the request goes away (the client left).
 
+use app::backend::ClientId;
 use app::types::{JobEvent, JobRequest, JobResult, JobSource, JobTicket};
 use app::{ErrorKind, StudioError};
 use std::sync::Arc;
@@ -30,6 +31,7 @@ impl Drop for CancelOnDrop {
 pub async fn run_jobs(
     studio: &Arc<Studio>,
     source: JobSource,
+    client: &ClientId,
     reqs: Vec<JobRequest>,
     on_submitted: impl FnOnce(&[JobTicket]),
 ) -> Result<Vec<JobResult>, StudioError> {
@@ -38,7 +40,7 @@ pub async fn run_jobs(
     let mut guard = CancelOnDrop { studio: studio.clone(), pending: Vec::new() };
     let mut tickets = Vec::with_capacity(reqs.len());
     for req in reqs {
-        let ticket = studio.submit_from(req, source)?; // an error drops the guard: earlier jobs are cancelled
+        let ticket = studio.submit_from(req, source, client)?; // an error drops the guard: earlier jobs are cancelled
         guard.pending.push(ticket.job_id.clone());
         tickets.push(ticket);
     }
@@ -60,6 +62,10 @@ pub async fn run_jobs(
             let i = tickets.iter().position(|t| t.job_id == ev.job_id()).expect("a job of this request");
             match ev {
                 JobEvent::Done { result, .. } => results[i] = Some(result),
+                // a job failed by the server's stop is a 503 to try again, not a server fault
+                JobEvent::Error { reason, .. } if studio.queue.is_draining() => {
+                    return Err(StudioError::new(ErrorKind::Unavailable, reason).retry_after(30))
+                }
                 JobEvent::Error { reason, .. } => return Err(StudioError::internal(reason)),
                 _ => return Err(StudioError::new(ErrorKind::Cancelled, "The job was cancelled before it finished.")),
             }

@@ -6,13 +6,21 @@
 //! * `/api/*` — server functions (`app::api`), errors as JSON `{kind, reason}` with a status
 //! * `/ws` — job events (JSON, `app::types::JobEvent`)
 //! * `/images/{id}.png`, `/uploads/{id}.png` — stored PNGs under unguessable ids
-//! * `/healthz` — liveness
+//! * `/healthz` — liveness; `/readyz` — readiness (503 while the model loads or the server
+//!   drains); `/metrics` — Prometheus text
 //! * everything else — files of the built site (`site_root`), else the 404 page
+//!
+//! Every request body is bounded and read before anything answers (`bodies`); submissions are
+//! limited per client (`limits`, the queue's cap per client); the queue is fair between clients.
 
+mod a1111_api;
+mod bodies;
 mod generate_api;
 mod history;
-mod a1111_api;
 mod jobs;
+mod limits;
+mod listen;
+mod metrics;
 mod openai_api;
 mod queue;
 mod store;
@@ -23,23 +31,24 @@ mod ws;
 
 use anyhow::{bail, Context};
 use app::backend::{Backend, BackendHandle};
-use app::types::limits::MAX_UPLOAD_BYTES;
 use app::{shell, App, StudioError};
-use axum::extract::{FromRef, Path, Request, State};
-use axum::http::{header, HeaderValue};
+use app::ErrorKind;
+use axum::extract::{DefaultBodyLimit, FromRef, Path, Request, State};
+use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
-use axum::{Extension, Router};
+use axum::{Extension, Json, Router};
 use leptos::config::{Env, LeptosOptions};
 use leptos_axum::{generate_route_list, LeptosRoutes};
 use std::sync::Arc;
+use std::time::Duration;
+use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
-use tower_http::limit::RequestBodyLimitLayer;
 
-pub use queue::Generator;
+pub use queue::{Generator, QueueLimits};
 pub use store::ImageStore;
-pub use studio::Studio;
+pub use studio::{Studio, StudioLimits};
 
 /// Everything `zimage serve` passes in.
 pub struct ServeOptions {
@@ -54,12 +63,39 @@ pub struct ServeOptions {
     /// Origins allowed to frame `/embed` (CSP frame-ancestors), e.g. `https://blog.example`;
     /// `*` allows any. Other pages may only be framed by the studio itself.
     pub frame_ancestors: Vec<String>,
-    /// How many jobs may wait before new ones are refused.
-    pub queue_capacity: usize,
     /// The built site (`scripts/build-site.sh` writes `target/site`).
     pub site_root: std::path::PathBuf,
     /// When set, the script APIs (`/v1/*`, `/sdapi/*`) need `Authorization: Bearer <key>`.
     pub api_key: Option<String>,
+    /// Submissions per minute per client (0: unlimited), the cap of a client's queued and
+    /// running jobs (0: none), and the bound on a job's run time.
+    pub limits: StudioLimits,
+    pub timeouts: Timeouts,
+}
+
+/// How long the server waits for slow or idle clients, and for the running job when it stops.
+#[derive(Clone, Debug)]
+pub struct Timeouts {
+    /// From a connection's open (or its previous request) to the end of the request's headers.
+    pub header_read: Duration,
+    /// For a whole request body to arrive.
+    pub body: Duration,
+    /// A websocket with no frame from the client (browsers answer the server's pings) this long
+    /// is closed.
+    pub ws_idle: Duration,
+    /// On SIGTERM / Ctrl-C, how long the running jobs may take to finish.
+    pub drain: Duration,
+}
+
+impl Default for Timeouts {
+    fn default() -> Self {
+        Timeouts {
+            header_read: Duration::from_secs(10),
+            body: Duration::from_secs(120),
+            ws_idle: Duration::from_secs(120),
+            drain: Duration::from_secs(60),
+        }
+    }
 }
 
 /// Builds its own tokio runtime, loads the model (on a blocking thread), serves until killed.
@@ -92,6 +128,62 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     );
     store.prune_uploads();
 
+    // The port opens before the model loads: load balancers see `/readyz` answer 503 until the
+    // full app replaces the starting one.
+    let listener = tokio::net::TcpListener::bind(opts.addr)
+        .await
+        .with_context(|| format!("binding {}", opts.addr))?;
+    let local = listener.local_addr()?;
+    eprintln!("port {local} open; /readyz answers 503 until the model is loaded");
+    let (app_tx, app_rx) = tokio::sync::watch::channel(starting_router(opts.timeouts.body));
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let server = tokio::spawn(listen::serve(listener, app_rx, opts.timeouts.header_read, stop_rx, Duration::from_secs(5)));
+
+    let loading = load_generators(&opts);
+    let generators = tokio::select! {
+        g = loading => g?,
+        _ = shutdown_signal() => {
+            eprintln!("stopped while loading the model");
+            let _ = stop_tx.send(true);
+            let _ = server.await;
+            return Ok(());
+        }
+    };
+    let studio = Studio::start(generators, store.clone(), opts.limits.clone())
+        .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?;
+
+    let options = leptos_options(local, &site_root);
+    let settings = RouterSettings { api_key: opts.api_key.clone(), timeouts: opts.timeouts.clone() };
+    let _ = app_tx.send(router_with(studio.clone(), options, frames, settings));
+    eprintln!("Z-Image Turbo Studio listening on http://{local} (ready {:.1?} after start)", started.elapsed());
+
+    // prune old uploads hourly
+    let pruning = tokio::spawn(async move {
+        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
+        loop {
+            every.tick().await;
+            let s = store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.prune_uploads()).await;
+        }
+    });
+
+    shutdown_signal().await;
+    pruning.abort();
+    drain(&studio, opts.timeouts.drain).await;
+    let _ = stop_tx.send(true);
+    let _ = server.await;
+    studio.shutdown();
+    let history = studio.history.clone();
+    tokio::task::spawn_blocking(move || history.checkpoint())
+        .await
+        .context("history checkpoint thread")?
+        .map_err(|e| anyhow::anyhow!("flushing the history: {}", e.reason))?;
+    eprintln!("stopped cleanly");
+    Ok(())
+}
+
+/// Loads the model on every device (on blocking threads), one generator per device.
+async fn load_generators(opts: &ServeOptions) -> anyhow::Result<Vec<(String, Arc<dyn Generator>)>> {
     // one worker per device: every CUDA GPU (when built with CUDA), else the CPU
     let mut generators: Vec<(String, Arc<dyn Generator>)> = Vec::new();
     for (device, label) in opts.devices.clone() {
@@ -158,36 +250,34 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
         let label = format!("{label} ({precision}{te})");
         generators.push((label, Arc::new(pipeline)));
     }
-    let studio = Studio::start(generators, store.clone(), opts.queue_capacity)
-        .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?;
+    Ok(generators)
+}
 
-    let options = leptos_options(opts.addr, &site_root);
-    let app = router_with_key(studio.clone(), options, frames, opts.api_key.clone());
-
-    // prune old uploads hourly
-    tokio::spawn(async move {
-        let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
-        loop {
-            every.tick().await;
-            let s = store.clone();
-            let _ = tokio::task::spawn_blocking(move || s.prune_uploads()).await;
+/// Stops taking jobs, fails the waiting ones with a reason, lets the running ones finish within
+/// `deadline` (then stops them, each failing with a reason), and closes the websockets once their
+/// clients have the final events.
+async fn drain(studio: &Studio, deadline: Duration) {
+    let failed = studio.queue.drain("The server is shutting down, so this job was not started. Please submit it again in a minute.");
+    let running = studio.queue.running_len();
+    eprintln!("shutting down: {failed} waiting jobs told, waiting up to {deadline:?} for {running} running");
+    let wait_until_idle = |limit: Duration| async move {
+        let end = tokio::time::Instant::now() + limit;
+        while studio.queue.running_len() > 0 && tokio::time::Instant::now() < end {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    });
-
-    let listener = tokio::net::TcpListener::bind(opts.addr)
-        .await
-        .with_context(|| format!("binding {}", opts.addr))?;
-    eprintln!(
-        "Z-Image Turbo Studio listening on http://{} (ready {:.1?} after start)",
-        listener.local_addr()?,
-        started.elapsed()
-    );
-    tokio::select! {
-        r = axum::serve(listener, app) => r.context("serving")?,
-        _ = shutdown_signal() => eprintln!("shutting down"),
+        studio.queue.running_len() == 0
+    };
+    if !wait_until_idle(deadline).await {
+        eprintln!("shutting down: the drain deadline passed; stopping the running jobs");
+        studio.queue.stop_running("The server is shutting down and this job could not finish in time. Please submit it again in a minute.");
+        // a job stops at its next step; the text encoder or the VAE may take a while
+        if !wait_until_idle(Duration::from_secs(30)).await {
+            eprintln!("shutting down: a job did not stop; leaving it");
+        }
     }
-    studio.shutdown();
-    Ok(())
+    // the websocket sessions forward the last events, then close
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    studio.close_sockets();
 }
 
 async fn shutdown_signal() {
@@ -223,6 +313,13 @@ pub fn leptos_options(addr: std::net::SocketAddr, site_root: &std::path::Path) -
 pub struct AppState {
     pub leptos_options: LeptosOptions,
     pub studio: Arc<Studio>,
+    pub ws_idle: ws::IdleTimeout,
+}
+
+impl FromRef<AppState> for ws::IdleTimeout {
+    fn from_ref(s: &AppState) -> Self {
+        s.ws_idle
+    }
 }
 
 impl FromRef<AppState> for LeptosOptions {
@@ -237,10 +334,16 @@ impl FromRef<AppState> for Arc<Studio> {
     }
 }
 
-/// The whole app as an axum router, the script APIs open (used by the tests).
+/// The whole app as an axum router, the script APIs open, default timeouts (used by the tests).
 #[cfg(test)]
 pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) -> Router {
-    router_with_key(studio, options, frames, None)
+    router_with(studio, options, frames, RouterSettings { api_key: None, timeouts: Timeouts::default() })
+}
+
+/// What the router needs beyond the studio.
+pub struct RouterSettings {
+    pub api_key: Option<String>,
+    pub timeouts: Timeouts,
 }
 
 /// The key the script APIs ask for (none: open).
@@ -248,6 +351,10 @@ pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) 
 pub struct ApiKey(Option<Arc<str>>);
 
 impl ApiKey {
+    fn is_set(&self) -> bool {
+        self.0.is_some()
+    }
+
     /// Whether the request carries `Authorization: Bearer <key>` (always true without a key).
     fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
         let Some(key) = &self.0 else { return true };
@@ -276,12 +383,16 @@ async fn openai_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Res
 }
 
 /// The whole app as an axum router (used by `serve`).
-pub fn router_with_key(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy, api_key: Option<String>) -> Router {
-    let state = AppState { leptos_options: options.clone(), studio: studio.clone() };
+pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy, settings: RouterSettings) -> Router {
+    let state = AppState {
+        leptos_options: options.clone(),
+        studio: studio.clone(),
+        ws_idle: ws::IdleTimeout(settings.timeouts.ws_idle),
+    };
     let routes = generate_route_list(App);
     let studio_for_apis = studio.clone();
     let backend = BackendHandle(studio as Arc<dyn Backend>);
-    let key = ApiKey(api_key.map(Arc::from));
+    let key = ApiKey(settings.api_key.map(Arc::from));
     let openai = Router::new()
         .route("/v1/images/generations", axum::routing::post(openai_api::generations))
         .route("/v1/images/edits", axum::routing::post(openai_api::edits))
@@ -309,6 +420,8 @@ pub fn router_with_key(studio: Arc<Studio>, options: LeptosOptions, frames: Fram
         .route("/uploads/{file}", get(upload_file))
         .route("/thumbs/{file}", get(thumb_file))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .leptos_routes(&state, routes, {
             let options = options.clone();
             move || shell(options.clone())
@@ -318,8 +431,54 @@ pub fn router_with_key(studio: Arc<Studio>, options: LeptosOptions, frames: Fram
         .layer(axum::middleware::from_fn(api_error_status))
         .layer(axum::middleware::from_fn_with_state(Arc::new(frames), frame_headers))
         .layer(CompressionLayer::new())
-        .layer(RequestBodyLimitLayer::new(2 * MAX_UPLOAD_BYTES))
+        .layer(CatchPanicLayer::custom(panic_response))
+        .layer(axum::middleware::from_fn_with_state(key, limits::client_identity))
+        // `bodies` bounds every body (per route) and reads it before anything else answers
+        .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(bodies::BodyTimeout(settings.timeouts.body), bodies::limit_bodies))
         .with_state(state)
+}
+
+/// The router while the model loads: alive, not ready, every other request refused with a reason.
+fn starting_router(body_timeout: Duration) -> Router {
+    async fn not_yet(req: Request) -> Response {
+        let e = StudioError::new(ErrorKind::Unavailable, "The server is starting: the model is still loading. Try again in a moment.")
+            .retry_after(5);
+        bodies::refusal(req.uri().path(), e)
+    }
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|| async {
+                let body = serde_json::json!({"ready": false, "state": "loading", "model_loaded": false});
+                (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+            }),
+        )
+        .fallback(not_yet)
+        .layer(axum::middleware::from_fn_with_state(bodies::BodyTimeout(body_timeout), bodies::limit_bodies))
+}
+
+/// `/readyz`: 200 with the model, workers and queue when ready, 503 while draining.
+async fn readyz(State(studio): State<Arc<Studio>>) -> Response {
+    let (ready, body) = studio.readiness();
+    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, Json(body)).into_response()
+}
+
+/// `/metrics`: Prometheus text format.
+async fn metrics(State(studio): State<Arc<Studio>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, HeaderValue::from_static("text/plain; version=0.0.4; charset=utf-8"))],
+        studio.metrics_text(),
+    )
+        .into_response()
+}
+
+/// A handler that panicked answers 500 with a reason instead of dropping the connection.
+fn panic_response(_panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
+    eprintln!("[web] a request handler panicked");
+    StudioError::internal("The server hit an internal error while answering; it was logged.").into_response()
 }
 
 /// A stored PNG with the given Cache-Control, or 404 JSON.
@@ -379,6 +538,8 @@ async fn api_error_status(req: Request, next: Next) -> Response {
             parts.status = code;
         }
         parts.headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
+        let res = Response::from_parts(parts, axum::body::Body::from(bytes));
+        return app::error::with_retry_after(res, e.retry_after_secs);
     }
     Response::from_parts(parts, axum::body::Body::from(bytes))
 }

@@ -6,7 +6,7 @@
 //! `seed`, `steps`, `style`, `negative_prompt`, and `strength` for edits. Every job goes through the
 //! studio's own checks and fair queue; a client that disconnects cancels its jobs.
 
-use app::backend::Backend;
+use app::backend::{Backend, ClientId};
 use app::types::{limits, JobKind, JobRequest, JobResult, Style, ASPECT_RATIOS};
 use app::{ErrorKind, StudioError};
 use axum::body::Bytes;
@@ -32,14 +32,16 @@ pub struct ApiError {
     pub kind: &'static str,
     pub param: Option<String>,
     pub code: Option<&'static str>,
+    /// `Retry-After` in seconds, for refusals that pass with time.
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
     pub fn invalid(param: &str, message: impl Into<String>) -> Self {
-        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None }
+        Self { status: StatusCode::BAD_REQUEST, message: message.into(), kind: "invalid_request_error", param: Some(param.into()), code: None, retry_after: None }
     }
     pub fn unauthorized(message: impl Into<String>) -> Self {
-        Self { status: StatusCode::UNAUTHORIZED, message: message.into(), kind: "invalid_request_error", param: None, code: Some("invalid_api_key") }
+        Self { status: StatusCode::UNAUTHORIZED, message: message.into(), kind: "invalid_request_error", param: None, code: Some("invalid_api_key"), retry_after: None }
     }
 }
 
@@ -51,18 +53,22 @@ impl From<StudioError> for ApiError {
             ErrorKind::PayloadTooLarge => ("invalid_request_error", Some("payload_too_large")),
             ErrorKind::UnsupportedMedia => ("invalid_request_error", Some("unsupported_image")),
             ErrorKind::QueueFull => ("server_error", Some("queue_full")),
+            // OpenAI's own rate-limit answers are 429 with type `requests` and code `rate_limit_exceeded`
+            ErrorKind::RateLimited => ("requests", Some("rate_limit_exceeded")),
+            ErrorKind::Unavailable => ("server_error", Some("unavailable")),
+            ErrorKind::Timeout => ("invalid_request_error", Some("timeout")),
             ErrorKind::Cancelled => ("server_error", Some("cancelled")),
             ErrorKind::Network | ErrorKind::Internal => ("server_error", None),
         };
         let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        Self { status, message: e.reason, kind, param: None, code }
+        Self { status, message: e.reason, kind, param: None, code, retry_after: e.retry_after_secs }
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let body = json!({"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}});
-        (self.status, Json(body)).into_response()
+        app::error::with_retry_after((self.status, Json(body)).into_response(), self.retry_after)
     }
 }
 
@@ -179,7 +185,7 @@ fn base_url(headers: &HeaderMap) -> String {
     format!("{proto}://{host}")
 }
 
-async fn answer(studio: &Arc<Studio>, c: &Common, kind_of: impl Fn() -> JobKind, headers: &HeaderMap) -> Result<Response, ApiError> {
+async fn answer(studio: &Arc<Studio>, client: &ClientId, c: &Common, kind_of: impl Fn() -> JobKind, headers: &HeaderMap) -> Result<Response, ApiError> {
     let reqs: Vec<JobRequest> = seeds(c.seed, c.n)
         .into_iter()
         .map(|seed| JobRequest {
@@ -192,7 +198,7 @@ async fn answer(studio: &Arc<Studio>, c: &Common, kind_of: impl Fn() -> JobKind,
         })
         .collect();
     let revised = reqs[0].full_prompt();
-    let results: Vec<JobResult> = super::jobs::run_jobs(studio, app::types::JobSource::OpenAi, reqs, |_| {}).await?;
+    let results: Vec<JobResult> = super::jobs::run_jobs(studio, app::types::JobSource::OpenAi, client, reqs, |_| {}).await?;
     let base = base_url(headers);
     let mut data = Vec::with_capacity(results.len());
     for r in &results {
@@ -212,21 +218,21 @@ async fn answer(studio: &Arc<Studio>, c: &Common, kind_of: impl Fn() -> JobKind,
 }
 
 /// `POST /v1/images/generations`.
-pub async fn generations(State(studio): State<Arc<Studio>>, headers: HeaderMap, body: Bytes) -> Response {
+pub async fn generations(State(studio): State<Arc<Studio>>, client: ClientId, headers: HeaderMap, body: Bytes) -> Response {
     let run = async {
         let value: Value = serde_json::from_slice(&body).map_err(|e| ApiError::invalid("body", format!("The body is not valid JSON: {e}.")))?;
         let Value::Object(map) = value else { return Err(ApiError::invalid("body", "The body must be a JSON object.")) };
         let f = Fields(map);
         let c = common(&f, &studio)?;
         let (width, height) = c.size.unwrap_or((1024, 1024));
-        answer(&studio, &c, || JobKind::Generate { width, height }, &headers).await
+        answer(&studio, &client, &c, || JobKind::Generate { width, height }, &headers).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }
 
 /// `POST /v1/images/edits` (multipart/form-data: `image`, `prompt`, `n`, `size`, `response_format`,
 /// `strength`, ...): Transform.
-pub async fn edits(State(studio): State<Arc<Studio>>, headers: HeaderMap, multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> Response {
+pub async fn edits(State(studio): State<Arc<Studio>>, client: ClientId, headers: HeaderMap, multipart: Result<Multipart, axum::extract::multipart::MultipartRejection>) -> Response {
     let run = async {
         let mut multipart = multipart.map_err(|e| ApiError::invalid("body", format!("The body must be multipart/form-data: {e}.")))?;
         let mut map = Map::new();
@@ -261,7 +267,7 @@ pub async fn edits(State(studio): State<Arc<Studio>>, headers: HeaderMap, multip
             .await
             .map_err(|e| StudioError::internal(format!("The upload worker failed: {e}")))??;
         let upload_id = upload.upload_id;
-        answer(&studio, &c, || JobKind::Transform { upload_id: upload_id.clone(), strength }, &headers).await
+        answer(&studio, &client, &c, || JobKind::Transform { upload_id: upload_id.clone(), strength }, &headers).await
     };
     run.await.unwrap_or_else(IntoResponse::into_response)
 }

@@ -1,17 +1,20 @@
-//! The job queue: FIFO, bounded, one worker thread per device. Every state change is published as
-//! a [`JobEvent`] on a broadcast channel (the websocket sessions filter it by job id) and kept as
-//! the job's latest snapshot, so a client that (re)connects gets the current state at once.
+//! The job queue: bounded, fair between clients (round-robin: each client's jobs in their order,
+//! the clients taking turns), one worker thread per device. Every state change is published as a
+//! [`JobEvent`] on a broadcast channel (the websocket sessions filter it by job id) and kept as the
+//! job's latest snapshot, so a client that (re)connects gets the current state at once.
 
+use app::backend::ClientId;
 use app::types::{JobEvent, JobKind, JobRequest, JobResult, JobSource, TimingsMs};
 use app::{ErrorKind, StudioError};
 use engine::pipeline::{Control, GenerateOutput, GenerateRequest, Pipeline, StepEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::broadcast;
 
 use super::history::History;
+use super::metrics::Metrics;
 use super::store::{new_id, ImageStore};
 
 /// Finished jobs' last events are kept this long for reconnecting clients.
@@ -19,6 +22,26 @@ const KEEP_FINISHED: Duration = Duration::from_secs(3600);
 const KEEP_FINISHED_MAX: usize = 2000;
 /// Longest side of the live preview sent to browsers.
 const PREVIEW_MAX_SIDE: u32 = 256;
+/// What a client over its cap of queued jobs is told to wait: about one job's time.
+const CLIENT_CAP_RETRY_SECS: u64 = 10;
+
+/// The queue's bounds.
+#[derive(Clone, Debug)]
+pub struct QueueLimits {
+    /// How many jobs may wait (all clients together; running ones not counted).
+    pub capacity: usize,
+    /// How many jobs one client may have waiting or running; 0: no cap.
+    pub max_per_client: usize,
+    /// A job running longer is stopped and fails with a reason; `None`: no bound.
+    pub job_timeout: Option<Duration>,
+}
+
+impl QueueLimits {
+    /// A queue of `capacity` with no cap per client and no job timeout.
+    pub fn capacity(capacity: usize) -> QueueLimits {
+        QueueLimits { capacity, max_per_client: 0, job_timeout: None }
+    }
+}
 
 /// What a worker runs; the engine's [`Pipeline`] in production, a fake in tests.
 pub trait Generator: Send + Sync + 'static {
@@ -27,6 +50,10 @@ pub trait Generator: Send + Sync + 'static {
     /// Random weights (the tiny model, or the full-size architecture for benchmarks).
     fn has_random_weights(&self) -> bool {
         self.is_tiny()
+    }
+    /// Memory in use on the generator's device in bytes, where the device says (CUDA).
+    fn device_memory_used_bytes(&self) -> Option<f64> {
+        None
     }
     fn generate(
         &self,
@@ -45,6 +72,9 @@ impl Generator for Pipeline {
     fn has_random_weights(&self) -> bool {
         Pipeline::has_random_weights(self)
     }
+    fn device_memory_used_bytes(&self) -> Option<f64> {
+        engine::pipeline::device_memory_used_mib(self.device()).map(|mib| mib * 1024.0 * 1024.0)
+    }
     fn generate(
         &self,
         req: &GenerateRequest,
@@ -59,6 +89,8 @@ pub struct Job {
     pub id: String,
     /// Which door the request came in by (kept in the history).
     pub source: JobSource,
+    /// Who submitted it (the fair queue's turns and the cap per client).
+    pub client: ClientId,
     pub request: JobRequest,
     /// Prompt with the style suffix.
     pub full_prompt: String,
@@ -67,13 +99,17 @@ pub struct Job {
     pub height: u32,
     pub submitted: Instant,
     cancel: AtomicBool,
+    /// Set when the server, not the client, stopped the job (timeout, shutdown): the job then
+    /// fails with this reason instead of counting as cancelled.
+    stop_reason: OnceLock<String>,
 }
 
 impl Job {
-    pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource) -> Job {
+    pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource, client: ClientId) -> Job {
         Job {
             id: new_id(),
             source,
+            client,
             full_prompt: request.full_prompt(),
             request,
             seed,
@@ -81,10 +117,100 @@ impl Job {
             height,
             submitted: Instant::now(),
             cancel: AtomicBool::new(false),
+            stop_reason: OnceLock::new(),
         }
     }
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)
+    }
+    /// Stops the job at its next step; it fails with `reason` (the first reason given wins).
+    fn stop(&self, reason: String) {
+        let _ = self.stop_reason.set(reason);
+        self.cancel.store(true, Ordering::SeqCst);
+    }
+    /// The job's final event after the engine stopped on a cancel.
+    fn cancelled_event(&self) -> JobEvent {
+        match self.stop_reason.get() {
+            Some(reason) => JobEvent::Error { job_id: self.id.clone(), reason: reason.clone() },
+            None => JobEvent::Cancelled { job_id: self.id.clone() },
+        }
+    }
+}
+
+/// The waiting jobs, served round-robin between clients: one client's fifty jobs wait behind
+/// another client's one.
+#[derive(Default)]
+struct Waiting {
+    /// Each client's jobs in submission order.
+    by_client: HashMap<ClientId, VecDeque<Arc<Job>>>,
+    /// The clients with waiting jobs, in the order they are served.
+    turns: VecDeque<ClientId>,
+    len: usize,
+}
+
+impl Waiting {
+    fn len(&self) -> usize {
+        self.len
+    }
+
+    fn push(&mut self, job: Arc<Job>) {
+        let jobs = self.by_client.entry(job.client.clone()).or_default();
+        if jobs.is_empty() {
+            self.turns.push_back(job.client.clone());
+        }
+        jobs.push_back(job);
+        self.len += 1;
+    }
+
+    /// The next job to run: the first of the client whose turn it is; that client goes to the back.
+    fn pop(&mut self) -> Option<Arc<Job>> {
+        let client = self.turns.pop_front()?;
+        let jobs = self.by_client.get_mut(&client).expect("a client in turns has jobs");
+        let job = jobs.pop_front().expect("a client in turns has jobs");
+        if jobs.is_empty() {
+            self.by_client.remove(&client);
+        } else {
+            self.turns.push_back(client);
+        }
+        self.len -= 1;
+        Some(job)
+    }
+
+    fn remove(&mut self, job_id: &str) -> Option<Arc<Job>> {
+        let (client, i) = self
+            .by_client
+            .iter()
+            .find_map(|(c, jobs)| jobs.iter().position(|j| j.id == job_id).map(|i| (c.clone(), i)))?;
+        let jobs = self.by_client.get_mut(&client).expect("found above");
+        let job = jobs.remove(i).expect("index from position");
+        if jobs.is_empty() {
+            self.by_client.remove(&client);
+            self.turns.retain(|c| *c != client);
+        }
+        self.len -= 1;
+        Some(job)
+    }
+
+    fn count_for(&self, client: &ClientId) -> usize {
+        self.by_client.get(client).map_or(0, VecDeque::len)
+    }
+
+    /// The waiting jobs in the order they will start: round r takes each client's r-th job,
+    /// the clients in their turn order.
+    fn in_order(&self) -> Vec<Arc<Job>> {
+        let queues: Vec<&VecDeque<Arc<Job>>> = self.turns.iter().map(|c| &self.by_client[c]).collect();
+        let rounds = queues.iter().map(|q| q.len()).max().unwrap_or(0);
+        let mut out = Vec::with_capacity(self.len);
+        for r in 0..rounds {
+            out.extend(queues.iter().filter_map(|q| q.get(r).cloned()));
+        }
+        out
+    }
+
+    fn take_all(&mut self) -> Vec<Arc<Job>> {
+        let all = self.in_order();
+        *self = Waiting::default();
+        all
     }
 }
 
@@ -95,9 +221,11 @@ struct Snapshot {
 
 #[derive(Default)]
 struct Inner {
-    waiting: VecDeque<Arc<Job>>,
+    waiting: Waiting,
     running: HashMap<String, Arc<Job>>,
     snapshots: HashMap<String, Snapshot>,
+    /// No new jobs (the server is stopping); the workers finish what runs.
+    draining: bool,
     shutdown: bool,
 }
 
@@ -105,23 +233,19 @@ pub struct JobQueue {
     inner: Mutex<Inner>,
     cv: Condvar,
     events: broadcast::Sender<JobEvent>,
-    capacity: usize,
+    limits: QueueLimits,
+    pub metrics: Arc<Metrics>,
 }
 
 impl JobQueue {
-    /// `capacity`: how many jobs may wait (running ones not counted).
-    pub fn new(capacity: usize) -> Arc<JobQueue> {
+    pub fn new(limits: QueueLimits, metrics: Arc<Metrics>) -> Arc<JobQueue> {
         let (events, _) = broadcast::channel(1024);
-        Arc::new(JobQueue {
-            inner: Mutex::new(Inner::default()),
-            cv: Condvar::new(),
-            events,
-            capacity: capacity.max(1),
-        })
+        let limits = QueueLimits { capacity: limits.capacity.max(1), ..limits };
+        Arc::new(JobQueue { inner: Mutex::new(Inner::default()), cv: Condvar::new(), events, limits, metrics })
     }
 
     pub fn capacity(&self) -> usize {
-        self.capacity
+        self.limits.capacity
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
@@ -141,9 +265,27 @@ impl JobQueue {
         self.lock().waiting.len()
     }
 
+    pub fn running_len(&self) -> usize {
+        self.lock().running.len()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.lock().draining
+    }
+
     /// Records and broadcasts an event (under the lock, so snapshots and broadcasts agree).
     fn publish_locked(&self, inner: &mut Inner, ev: JobEvent) {
         let finished = ev.is_terminal().then(Instant::now);
+        let outcome = match &ev {
+            JobEvent::Done { .. } => Some("done"),
+            JobEvent::Error { .. } => Some("error"),
+            JobEvent::Cancelled { .. } => Some("cancelled"),
+            _ => None,
+        };
+        // a job ends once: a second terminal event for it (never sent today) is not counted again
+        if let Some(outcome) = outcome.filter(|_| !inner.snapshots.get(ev.job_id()).is_some_and(|s| s.finished.is_some())) {
+            self.metrics.jobs.with_label_values(&[outcome]).inc();
+        }
         inner.snapshots.insert(ev.job_id().to_string(), Snapshot { event: ev.clone(), finished });
         let _ = self.events.send(ev);
     }
@@ -153,17 +295,22 @@ impl JobQueue {
         self.publish_locked(&mut inner, ev);
     }
 
-    /// Re-announces everyone's place in line.
+    /// Announces every place in line that changed (a newcomer from another client may go ahead of
+    /// a flooding client's jobs).
     fn publish_positions(&self, inner: &mut Inner) {
         let updates: Vec<JobEvent> = inner
             .waiting
+            .in_order()
             .iter()
             .enumerate()
             .map(|(i, j)| JobEvent::Queued { job_id: j.id.clone(), position: i + 1 })
+            .filter(|ev| inner.snapshots.get(ev.job_id()).is_none_or(|s| s.event != *ev))
             .collect();
         for ev in updates {
             self.publish_locked(inner, ev);
         }
+        self.metrics.queue_depth.set(inner.waiting.len() as i64);
+        self.metrics.running.set(inner.running.len() as i64);
     }
 
     fn prune(inner: &mut Inner) {
@@ -185,13 +332,16 @@ impl JobQueue {
         }
     }
 
-    /// Enqueues a job; returns its 1-based position. Refuses when `capacity` jobs already wait.
+    /// Enqueues a job; returns its 1-based position. Refuses while draining, when `capacity` jobs
+    /// already wait, or when the job's client has its cap of jobs waiting or running.
     pub fn submit(&self, job: Job) -> Result<usize, StudioError> {
         let mut inner = self.lock();
-        if inner.shutdown {
-            return Err(StudioError::internal("The server is shutting down."));
+        if inner.shutdown || inner.draining {
+            self.metrics.refusals.with_label_values(&["unavailable"]).inc();
+            return Err(shutting_down());
         }
-        if inner.waiting.len() >= self.capacity {
+        if inner.waiting.len() >= self.limits.capacity {
+            self.metrics.refusals.with_label_values(&["queue_full"]).inc();
             return Err(StudioError::new(
                 ErrorKind::QueueFull,
                 format!(
@@ -200,22 +350,59 @@ impl JobQueue {
                 ),
             ));
         }
+        let cap = self.limits.max_per_client;
+        if cap > 0 {
+            let running = inner.running.values().filter(|j| j.client == job.client).count();
+            let mine = inner.waiting.count_for(&job.client) + running;
+            if mine >= cap {
+                self.metrics.refusals.with_label_values(&["client_cap"]).inc();
+                return Err(StudioError::new(
+                    ErrorKind::RateLimited,
+                    format!(
+                        "You already have {mine} jobs queued or running (at most {cap} per client). \
+                         Wait for one to finish, then submit again."
+                    ),
+                )
+                .retry_after(CLIENT_CAP_RETRY_SECS));
+            }
+        }
         Self::prune(&mut inner);
         let job = Arc::new(job);
-        inner.waiting.push_back(job.clone());
-        let position = inner.waiting.len();
-        self.publish_locked(&mut inner, JobEvent::Queued { job_id: job.id.clone(), position });
+        let job_id = job.id.clone();
+        inner.waiting.push(job);
+        self.publish_positions(&mut inner);
+        let position = inner.waiting.in_order().iter().position(|j| j.id == job_id).map_or(inner.waiting.len(), |i| i + 1);
         drop(inner);
         self.cv.notify_one();
         Ok(position)
+    }
+
+    /// Stops taking jobs and fails every waiting one with `reason`; the running ones go on.
+    /// Returns how many waiting jobs were failed.
+    pub fn drain(&self, reason: &str) -> usize {
+        let mut inner = self.lock();
+        inner.draining = true;
+        let waiting = inner.waiting.take_all();
+        for job in &waiting {
+            job.cancel.store(true, Ordering::SeqCst);
+            self.publish_locked(&mut inner, JobEvent::Error { job_id: job.id.clone(), reason: reason.to_string() });
+        }
+        self.metrics.queue_depth.set(0);
+        waiting.len()
+    }
+
+    /// Stops every running job at its next step; each fails with `reason`.
+    pub fn stop_running(&self, reason: &str) {
+        for job in self.lock().running.values() {
+            job.stop(reason.to_string());
+        }
     }
 
     /// Cancels a waiting job at once; a running one stops at its next step.
     /// Cancelling a finished job is a no-op.
     pub fn cancel(&self, job_id: &str) -> Result<(), StudioError> {
         let mut inner = self.lock();
-        if let Some(i) = inner.waiting.iter().position(|j| j.id == job_id) {
-            let job = inner.waiting.remove(i).expect("index from position");
+        if let Some(job) = inner.waiting.remove(job_id) {
             job.cancel.store(true, Ordering::SeqCst);
             self.publish_locked(&mut inner, JobEvent::Cancelled { job_id: job.id.clone() });
             self.publish_positions(&mut inner);
@@ -231,15 +418,17 @@ impl JobQueue {
         Err(StudioError::not_found("No such job."))
     }
 
-    /// Blocks until a job is waiting (FIFO) and marks it running; `None` after [`shutdown`].
+    /// Blocks until a job is waiting (the next in the clients' turns) and marks it running; `None`
+    /// after [`shutdown`].
     pub fn next_job(&self) -> Option<Arc<Job>> {
         let mut inner = self.lock();
         loop {
             if inner.shutdown {
                 return None;
             }
-            if let Some(job) = inner.waiting.pop_front() {
+            if let Some(job) = inner.waiting.pop() {
                 inner.running.insert(job.id.clone(), job.clone());
+                self.metrics.queue_wait_seconds.observe(job.submitted.elapsed().as_secs_f64());
                 self.publish_positions(&mut inner);
                 return Some(job);
             }
@@ -251,6 +440,7 @@ impl JobQueue {
     pub fn finish(&self, ev: JobEvent) {
         let mut inner = self.lock();
         inner.running.remove(ev.job_id());
+        self.metrics.running.set(inner.running.len() as i64);
         self.publish_locked(&mut inner, ev);
     }
 
@@ -258,6 +448,11 @@ impl JobQueue {
         self.lock().shutdown = true;
         self.cv.notify_all();
     }
+}
+
+/// The refusal of a submission while the server stops.
+pub fn shutting_down() -> StudioError {
+    StudioError::new(ErrorKind::Unavailable, "The server is shutting down; please try again in a minute.").retry_after(30)
 }
 
 /// Work a worker hands to its publisher thread, in order: step previews (JPEG, base64) and the
@@ -309,9 +504,11 @@ pub fn spawn_worker(
         .name(name)
         .spawn(move || {
             while let Some(job) = queue.next_job() {
+                let started = Instant::now();
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     run_job(&queue, &*generator, &store, &job, &posts)
                 }));
+                queue.metrics.job_seconds.observe(started.elapsed().as_secs_f64());
                 let outcome = outcome.unwrap_or_else(|_| {
                     Err(JobEvent::Error {
                         job_id: job.id.clone(),
@@ -376,8 +573,10 @@ fn run_job(
     let job_id = job.id.clone();
     let queued = job.submitted.elapsed();
     if job.cancelled() {
-        return Err(JobEvent::Cancelled { job_id });
+        return Err(job.cancelled_event());
     }
+    let started = Instant::now();
+    let mut last_step_elapsed = Duration::ZERO;
     queue.publish(JobEvent::Started {
         job_id: job_id.clone(),
         width: job.width,
@@ -407,6 +606,20 @@ fn run_job(
     };
     let mut first_step_at: Option<Duration> = None;
     let mut on_step = |ev: &StepEvent| -> Control {
+        // the engine's clock runs from the start of the generation (text encoding included), so a
+        // step's time is the difference between two steps' clocks
+        if ev.step > 1 {
+            queue.metrics.step_seconds.observe(ev.elapsed.saturating_sub(last_step_elapsed).as_secs_f64());
+        }
+        last_step_elapsed = ev.elapsed;
+        if let Some(limit) = queue.limits.job_timeout {
+            if started.elapsed() > limit {
+                job.stop(format!(
+                    "The job ran longer than this server's limit of {} s per job and was stopped. Try fewer steps or a smaller size.",
+                    limit.as_secs()
+                ));
+            }
+        }
         if job.cancelled() {
             return Control::Cancel;
         }
@@ -436,7 +649,7 @@ fn run_job(
     };
     let out = match generator.generate(&req, &mut on_step) {
         Ok(out) => out,
-        Err(engine::Error::Cancelled) => return Err(JobEvent::Cancelled { job_id }),
+        Err(engine::Error::Cancelled) => return Err(job.cancelled_event()),
         Err(engine::Error::InvalidRequest(m)) => return Err(JobEvent::Error { job_id, reason: m }),
         Err(e) => {
             eprintln!("[web] job {job_id} failed: {e}");

@@ -1,20 +1,42 @@
 //! The studio backend: validates requests, feeds the queue, answers the server functions.
 
-use app::backend::Backend;
+use app::backend::{Backend, ClientId};
 use app::types::{is_valid_id, HistoryPage, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
 use app::StudioError;
 use engine::pipeline::GenerateRequest;
 use std::sync::Arc;
 
 use super::history::History;
-use super::queue::{spawn_worker, Generator, Job, JobQueue};
+use super::limits::RateLimiter;
+use super::metrics::Metrics;
+use super::queue::{spawn_worker, Generator, Job, JobQueue, QueueLimits};
 use super::store::{random_seed, ImageStore};
+
+/// The limits on submissions: the queue's bounds and the rate per client.
+#[derive(Clone, Debug)]
+pub struct StudioLimits {
+    pub queue: QueueLimits,
+    /// Submissions per minute per client; 0: unlimited.
+    pub submissions_per_minute: u32,
+}
+
+impl StudioLimits {
+    /// A queue of `capacity`, nothing limited per client (the tests' studios).
+    pub fn capacity(capacity: usize) -> StudioLimits {
+        StudioLimits { queue: QueueLimits::capacity(capacity), submissions_per_minute: 0 }
+    }
+}
 
 pub struct Studio {
     pub queue: Arc<JobQueue>,
     pub store: Arc<ImageStore>,
     pub history: Arc<History>,
     info: ServerInfo,
+    rate: RateLimiter,
+    /// Each worker's device and generator (for `/readyz` and the GPU memory in `/metrics`).
+    devices: Vec<(String, Arc<dyn Generator>)>,
+    /// Turns true when the server stops: the websocket sessions close.
+    closing: tokio::sync::watch::Sender<bool>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
@@ -24,10 +46,10 @@ impl Studio {
     pub fn start(
         generators: Vec<(String, Arc<dyn Generator>)>,
         store: Arc<ImageStore>,
-        queue_capacity: usize,
+        limits: StudioLimits,
     ) -> Result<Arc<Studio>, StudioError> {
         let history = Arc::new(History::open(store.root())?);
-        let queue = JobQueue::new(queue_capacity);
+        let queue = JobQueue::new(limits.queue.clone(), Arc::new(Metrics::new()));
         let first = &generators.first().expect("at least one device").1;
         let info = ServerInfo {
             model: first.model_name(),
@@ -38,15 +60,24 @@ impl Studio {
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
         let workers = generators
-            .into_iter()
+            .iter()
             .enumerate()
-            .map(|(i, (_, g))| spawn_worker(format!("zimage-worker-{i}"), queue.clone(), g, store.clone(), history.clone()))
+            .map(|(i, (_, g))| spawn_worker(format!("zimage-worker-{i}"), queue.clone(), g.clone(), store.clone(), history.clone()))
             .collect();
-        Ok(Arc::new(Studio { queue, store, history, info, workers: std::sync::Mutex::new(workers) }))
+        Ok(Arc::new(Studio {
+            queue,
+            store,
+            history,
+            info,
+            rate: RateLimiter::new(limits.submissions_per_minute),
+            devices: generators,
+            closing: tokio::sync::watch::Sender::new(false),
+            workers: std::sync::Mutex::new(workers),
+        }))
     }
 
-    /// `submit` for a request that came in by `source` (the scripts' APIs).
-    pub fn submit_from(&self, req: JobRequest, source: JobSource) -> Result<JobTicket, StudioError> {
+    /// `submit` for a request from `client` that came in by `source`.
+    pub fn submit_from(&self, req: JobRequest, source: JobSource, client: &ClientId) -> Result<JobTicket, StudioError> {
         req.validate()?;
         let (width, height, strength) = match &req.kind {
             JobKind::Generate { width, height } => (*width, *height, None),
@@ -71,10 +102,55 @@ impl Studio {
         if let Some(s) = strength {
             engine::scheduler::img2img_start_step(req.steps as usize, s).map_err(engine_reason)?;
         }
-        let job = Job::new(req, seed, width, height, source);
+        if self.queue.is_draining() {
+            return Err(super::queue::shutting_down());
+        }
+        if let Err(e) = self.rate.take(client) {
+            self.queue.metrics.refusals.with_label_values(&["rate_limited"]).inc();
+            return Err(e);
+        }
+        let job = Job::new(req, seed, width, height, source, client.clone());
         let job_id = job.id.clone();
         let position = self.queue.submit(job)?;
         Ok(JobTicket { job_id, position, seed, width, height })
+    }
+
+    /// `/readyz`'s answer: ready unless draining; the workers idle or busy, the queue's depth.
+    pub fn readiness(&self) -> (bool, serde_json::Value) {
+        let draining = self.queue.is_draining();
+        let running = self.queue.running_len();
+        let workers = self.devices.len();
+        let body = serde_json::json!({
+            "ready": !draining,
+            "state": if draining { "draining" } else { "ready" },
+            "model_loaded": true,
+            "model": self.info.model,
+            "workers": {"total": workers, "busy": running.min(workers), "idle": workers.saturating_sub(running)},
+            "queue": {"waiting": self.queue.waiting_len(), "capacity": self.queue.capacity()},
+        });
+        (!draining, body)
+    }
+
+    /// `/metrics`: the counters and histograms, with the gauges read now.
+    pub fn metrics_text(&self) -> String {
+        let m = &self.queue.metrics;
+        m.queue_depth.set(self.queue.waiting_len() as i64);
+        m.running.set(self.queue.running_len() as i64);
+        for (label, g) in &self.devices {
+            if let Some(bytes) = g.device_memory_used_bytes() {
+                m.gpu_memory_used_bytes.with_label_values(&[label.as_str()]).set(bytes);
+            }
+        }
+        m.render()
+    }
+
+    /// A watch that turns true when the websockets should close (the server stops).
+    pub fn closing(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.closing.subscribe()
+    }
+
+    pub fn close_sockets(&self) {
+        self.closing.send_replace(true);
     }
 
     /// Stops the workers after their current job.
@@ -90,8 +166,8 @@ impl Backend for Studio {
         self.info.clone()
     }
 
-    fn submit(&self, req: JobRequest) -> Result<JobTicket, StudioError> {
-        self.submit_from(req, JobSource::Studio)
+    fn submit(&self, req: JobRequest, client: &ClientId) -> Result<JobTicket, StudioError> {
+        self.submit_from(req, JobSource::Studio, client)
     }
 
     fn cancel(&self, job_id: &str) -> Result<(), StudioError> {

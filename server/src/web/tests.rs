@@ -5,7 +5,7 @@ use super::queue::{Generator, JobQueue};
 use super::store::ImageStore;
 use super::studio::Studio;
 use super::*;
-use app::backend::Backend;
+use app::backend::{Backend, ClientId};
 use app::types::{JobEvent, JobKind, JobRequest, Style};
 use app::ErrorKind;
 use axum::body::Body;
@@ -86,7 +86,12 @@ fn tmp_dir() -> std::path::PathBuf {
 fn studio_with(generator: Arc<dyn Generator>, capacity: usize) -> (Arc<Studio>, std::path::PathBuf) {
     let dir = tmp_dir();
     let store = Arc::new(ImageStore::open(&dir).unwrap());
-    (Studio::start(vec![("CPU".into(), generator)], store, capacity).unwrap(), dir)
+    (Studio::start(vec![("CPU".into(), generator)], store, StudioLimits::capacity(capacity)).unwrap(), dir)
+}
+
+/// The one client of the tests that need only one.
+fn local() -> ClientId {
+    ClientId::new("ip:127.0.0.1")
 }
 
 fn gen_req(prompt: &str, steps: u32) -> JobRequest {
@@ -127,7 +132,7 @@ fn fifo_positions_progress_and_stored_png() {
     let mut rx = studio.queue.subscribe();
     let tickets: Vec<_> = ["one", "two", "three"]
         .iter()
-        .map(|p| studio.submit(gen_req(p, 4)).unwrap())
+        .map(|p| studio.submit(gen_req(p, 4), &local()).unwrap())
         .collect();
     assert_eq!(tickets[0].seed, 7);
     assert_eq!((tickets[0].width, tickets[0].height), (1344, 768));
@@ -180,15 +185,15 @@ fn bounded_queue_refuses_and_cancel_works() {
     let fake = Fake::new(5, true);
     let (studio, dir) = studio_with(fake.clone(), 1);
     let mut rx = studio.queue.subscribe();
-    let running = studio.submit(gen_req("running", 8)).unwrap();
+    let running = studio.submit(gen_req("running", 8), &local()).unwrap();
     // wait until the worker took it
     let t0 = Instant::now();
     while studio.queue.waiting_len() > 0 && t0.elapsed() < Duration::from_secs(5) {
         std::thread::sleep(Duration::from_millis(5));
     }
-    let waiting = studio.submit(gen_req("waiting", 8)).unwrap();
+    let waiting = studio.submit(gen_req("waiting", 8), &local()).unwrap();
     assert_eq!(waiting.position, 1);
-    let full = studio.submit(gen_req("refused", 8)).unwrap_err();
+    let full = studio.submit(gen_req("refused", 8), &local()).unwrap_err();
     assert_eq!(full.kind, ErrorKind::QueueFull);
     assert_eq!(full.status(), 503);
     assert!(full.reason.contains("queue is full"), "{}", full.reason);
@@ -210,7 +215,7 @@ fn bounded_queue_refuses_and_cancel_works() {
     assert_eq!(studio.cancel(&store::new_id()).unwrap_err().kind, ErrorKind::NotFound);
     assert_eq!(studio.cancel("nope").unwrap_err().kind, ErrorKind::InvalidInput);
     // the queue has room again
-    assert!(studio.submit(gen_req("again", 4)).is_ok());
+    assert!(studio.submit(gen_req("again", 4), &local()).is_ok());
     studio.shutdown();
     std::fs::remove_dir_all(dir).ok();
 }
@@ -218,7 +223,7 @@ fn bounded_queue_refuses_and_cancel_works() {
 #[test]
 fn server_side_validation() {
     let (studio, dir) = studio_with(Fake::new(1, false), 4);
-    let bad = |r: JobRequest| studio.submit(r).unwrap_err();
+    let bad = |r: JobRequest| studio.submit(r, &local()).unwrap_err();
     assert_eq!(bad(gen_req("x", 2)).kind, ErrorKind::InvalidInput);
     assert_eq!(bad(gen_req("   ", 8)).kind, ErrorKind::InvalidInput);
     let mut r = gen_req("x", 8);
@@ -240,7 +245,7 @@ fn server_side_validation() {
     assert!(e.reason.contains("Strength must be between 0.1 and 1"), "{}", e.reason);
     let mut r = gen_req("x", 8);
     r.kind = JobKind::Transform { upload_id: up.upload_id, strength: 0.5 };
-    let t = studio.submit(r).unwrap();
+    let t = studio.submit(r, &local()).unwrap();
     assert_eq!((t.width, t.height), (512, 512));
     studio.shutdown();
     std::fs::remove_dir_all(dir).ok();
@@ -398,7 +403,7 @@ async fn history_keeps_every_image_across_a_restart_with_parallel_writers() {
     // rows (searchable, newest first, with their source), files, thumbnails and share pages.
     let dir = tmp_dir();
     let gens: Vec<(String, Arc<dyn Generator>)> = vec![("A".into(), Fake::new(1, false)), ("B".into(), Fake::new(1, false))];
-    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), 16).unwrap();
+    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), StudioLimits::capacity(16)).unwrap();
     let app = test_router(studio.clone());
     let mut handles = Vec::new();
     for i in 0..8u64 {
@@ -415,7 +420,7 @@ async fn history_keeps_every_image_across_a_restart_with_parallel_writers() {
         ids.push(serde_json::from_slice::<app::types::JobResult>(&b).unwrap().image_id);
     }
     // a studio-page job too
-    let ticket = studio.submit(gen_req("studio fox", 4)).unwrap();
+    let ticket = studio.submit(gen_req("studio fox", 4), &local()).unwrap();
     let mut rx = studio.queue.subscribe();
     while studio.queue.snapshot(&ticket.job_id).is_none_or(|e| !e.is_terminal()) {
         let _ = tokio::time::timeout(Duration::from_millis(50), rx.recv()).await;
@@ -424,7 +429,7 @@ async fn history_keeps_every_image_across_a_restart_with_parallel_writers() {
     drop(app);
     drop(studio);
 
-    let studio = Studio::start(vec![("CPU".into(), Fake::new(1, false) as Arc<dyn Generator>)], Arc::new(ImageStore::open(&dir).unwrap()), 4).unwrap();
+    let studio = Studio::start(vec![("CPU".into(), Fake::new(1, false) as Arc<dyn Generator>)], Arc::new(ImageStore::open(&dir).unwrap()), StudioLimits::capacity(4)).unwrap();
     let app = test_router(studio.clone());
     let all = studio.history("", 0).unwrap();
     assert_eq!(all.total, 9, "every image is listed after the restart");
@@ -464,7 +469,7 @@ fn a_device_fault_fails_that_job_alone_and_both_workers_go_on() {
     b.inject_fault(InjectedFault::Panic, 1);
     let dir = tmp_dir();
     let gens: Vec<(String, Arc<dyn Generator>)> = vec![("GPU 0".into(), a.clone()), ("GPU 1".into(), b.clone())];
-    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), 16).unwrap();
+    let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), StudioLimits::capacity(16)).unwrap();
     let mut rx = studio.queue.subscribe();
     let mut finals = Vec::new();
     for round in 0..2 {
@@ -472,7 +477,7 @@ fn a_device_fault_fails_that_job_alone_and_both_workers_go_on() {
             let mut r = gen_req("a lighthouse", 4);
             r.seed = Some(round * 10 + i);
             r.kind = JobKind::Generate { width: 1024, height: 1024 };
-            studio.submit(r).unwrap();
+            studio.submit(r, &local()).unwrap();
         }
         finals.extend(collect_until_done(&mut rx, 4).into_iter().filter(|e| e.is_terminal()));
     }
@@ -594,7 +599,7 @@ fn tiny_model_end_to_end() {
     let (studio, dir) = studio_with(Arc::new(pipeline), 4);
     let mut rx = studio.queue.subscribe();
     let t = Instant::now();
-    let g = studio.submit(gen_req("a lighthouse at dusk", 4)).unwrap();
+    let g = studio.submit(gen_req("a lighthouse at dusk", 4), &local()).unwrap();
     let events = collect_until_done(&mut rx, 1);
     eprintln!("tiny 1344x768, 4 steps: {:.1?}", t.elapsed());
     let Some(JobEvent::Done { result, .. }) = events.last() else { panic!("{events:?}") };
@@ -611,7 +616,7 @@ fn tiny_model_end_to_end() {
     assert_eq!((up.width, up.height), (688, 512));
     let mut r = gen_req("watercolor harbor", 4);
     r.kind = JobKind::Transform { upload_id: up.upload_id, strength: 0.5 };
-    studio.submit(r).unwrap();
+    studio.submit(r, &local()).unwrap();
     let events = collect_until_done(&mut rx, 1);
     let Some(JobEvent::Done { result, .. }) = events.last() else { panic!("{events:?}") };
     assert_eq!((result.width, result.height), (688, 512));
@@ -632,4 +637,388 @@ impl Wh for image::DynamicImage {
 #[allow(dead_code)]
 fn _assert_queue_is_shareable(q: Arc<JobQueue>) -> impl Send + Sync {
     q
+}
+
+// ------------------------------------------------------------------------------------------
+// Limits per client, fair queue, bodies, timeouts, readiness (issue 10)
+
+fn client(ip: &str) -> ClientId {
+    ClientId::new(format!("ip:{ip}"))
+}
+
+fn studio_limited(generator: Arc<dyn Generator>, limits: StudioLimits) -> (Arc<Studio>, std::path::PathBuf) {
+    let dir = tmp_dir();
+    let store = Arc::new(ImageStore::open(&dir).unwrap());
+    (Studio::start(vec![("CPU".into(), generator)], store, limits).unwrap(), dir)
+}
+
+fn wait_until(what: &str, cond: impl Fn() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < Duration::from_secs(20), "timed out waiting until {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn fair_queue_starts_another_clients_job_next_but_one() {
+    let fake = Fake::new(1, true);
+    let (studio, dir) = studio_with(fake.clone(), 64);
+    let mut rx = studio.queue.subscribe();
+    let (flooder, other) = (client("10.0.0.1"), client("10.0.0.2"));
+    let first = studio.submit(gen_req("flood 0", 4), &flooder).unwrap();
+    wait_until("the worker took the first job", || studio.queue.running_len() == 1);
+    let flood: Vec<_> = (1..50).map(|i| studio.submit(gen_req(&format!("flood {i}"), 4), &flooder).unwrap()).collect();
+    assert_eq!(flood.last().unwrap().position, 49);
+    let mine = studio.submit(gen_req("just one", 4), &other).unwrap();
+    assert_eq!(mine.position, 2, "behind the flooder's next job, ahead of its other 48");
+    // the flooder's third job moved back one place, and was told so
+    assert_eq!(studio.queue.snapshot(&flood[1].job_id), Some(JobEvent::Queued { job_id: flood[1].job_id.clone(), position: 3 }));
+    fake.open();
+    let events = collect_until_done(&mut rx, 51);
+    let started: Vec<&str> = events
+        .iter()
+        .filter_map(|e| matches!(e, JobEvent::Started { .. }).then(|| e.job_id()))
+        .collect();
+    assert_eq!(&started[..3], &[first.job_id.as_str(), flood[0].job_id.as_str(), mine.job_id.as_str()]);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn cap_per_client_counts_waiting_and_running_jobs() {
+    let fake = Fake::new(1, true);
+    let limits = StudioLimits { queue: QueueLimits { capacity: 16, max_per_client: 2, job_timeout: None }, submissions_per_minute: 0 };
+    let (studio, dir) = studio_limited(fake.clone(), limits);
+    let (a, b) = (client("10.0.0.1"), client("10.0.0.2"));
+    let running = studio.submit(gen_req("a0", 4), &a).unwrap();
+    wait_until("the worker took the first job", || studio.queue.running_len() == 1);
+    studio.submit(gen_req("a1", 4), &a).unwrap();
+    let e = studio.submit(gen_req("a2", 4), &a).unwrap_err();
+    assert_eq!((e.kind, e.status(), e.retry_after_secs), (ErrorKind::RateLimited, 429, Some(10)));
+    assert!(e.reason.contains("at most 2 per client"), "{}", e.reason);
+    // another client is not held back
+    studio.submit(gen_req("b0", 4), &b).unwrap();
+    // once a job ends, the client may submit again
+    studio.cancel(&running.job_id).unwrap();
+    fake.open();
+    wait_until("the cancelled job ended", || studio.queue.snapshot(&running.job_id).is_some_and(|e| e.is_terminal()));
+    studio.submit(gen_req("a2", 4), &a).unwrap();
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn a_job_past_the_time_limit_fails_with_a_reason() {
+    let limits = StudioLimits {
+        queue: QueueLimits { capacity: 4, max_per_client: 0, job_timeout: Some(Duration::from_millis(100)) },
+        submissions_per_minute: 0,
+    };
+    let (studio, dir) = studio_limited(Fake::new(60, false), limits);
+    let mut rx = studio.queue.subscribe();
+    let slow = studio.submit(gen_req("slow", 16), &local()).unwrap();
+    let events = collect_until_done(&mut rx, 1);
+    let steps = events.iter().filter(|e| matches!(e, JobEvent::Step { .. })).count();
+    assert!(steps < 16, "stopped early ({steps} steps)");
+    match events.last().unwrap() {
+        JobEvent::Error { job_id, reason } => {
+            assert_eq!(job_id, &slow.job_id);
+            assert!(reason.contains("limit of 0 s") || reason.contains("limit of"), "{reason}");
+        }
+        other => panic!("expected an error event, got {other:?}"),
+    }
+    assert!(studio.metrics_text().contains("zimage_jobs_total{outcome=\"error\"} 1"), "{}", studio.metrics_text());
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+fn from(req: HttpRequest<Body>, ip: &str) -> HttpRequest<Body> {
+    let mut req = req;
+    let addr: std::net::SocketAddr = format!("{ip}:40000").parse().unwrap();
+    req.extensions_mut().insert(axum::extract::ConnectInfo(addr));
+    req
+}
+
+/// Every submission door refuses an over-limit client with 429, `Retry-After` and a reason in its
+/// own error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_limit_clients_get_429_with_retry_after_on_every_api() {
+    let fake = Fake::new(1, true);
+    let limits = StudioLimits { queue: QueueLimits { capacity: 16, max_per_client: 0, job_timeout: None }, submissions_per_minute: 2 };
+    let (studio, dir) = studio_limited(fake.clone(), limits);
+    let app = test_router(studio.clone());
+    let req = serde_json::to_value(gen_req("a cat", 4)).unwrap();
+    for _ in 0..2 {
+        let (s, _, b) = send(&app, from(json_post("/api/submit_job", serde_json::json!({ "req": req.clone() })), "10.0.0.1")).await;
+        assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+    }
+    let retry = |h: &axum::http::HeaderMap| h.get("retry-after").and_then(|v| v.to_str().ok()).and_then(|v| v.parse::<u64>().ok());
+
+    let (s, h, b) = send(&app, from(json_post("/api/submit_job", serde_json::json!({ "req": req.clone() })), "10.0.0.1")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry(&h).is_some_and(|r| (1..=30).contains(&r)), "{h:?}");
+    let e: StudioError = serde_json::from_slice(&b).unwrap();
+    assert_eq!(e.kind, ErrorKind::RateLimited);
+    assert!(e.reason.contains("2 per minute"), "{}", e.reason);
+
+    let (s, h, b) = send(&app, from(json_post("/api/generate", req.clone()), "10.0.0.1")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry(&h).is_some());
+    assert_eq!(serde_json::from_slice::<StudioError>(&b).unwrap().kind, ErrorKind::RateLimited);
+
+    let (s, h, b) = send(&app, from(json_post("/v1/images/generations", serde_json::json!({"prompt": "a cat"})), "10.0.0.1")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry(&h).is_some());
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"]["code"], "rate_limit_exceeded", "{v}");
+    assert!(v["error"]["message"].as_str().unwrap().contains("per minute"));
+
+    let (s, h, b) = send(&app, from(json_post("/sdapi/v1/txt2img", serde_json::json!({"prompt": "a cat"})), "10.0.0.1")).await;
+    assert_eq!(s, StatusCode::TOO_MANY_REQUESTS);
+    assert!(retry(&h).is_some());
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!(v["error"], "TooManyRequests", "{v}");
+    assert!(v["detail"].as_str().unwrap().contains("per minute"));
+
+    // another address has its own allowance
+    let (s, _, _) = send(&app, from(json_post("/api/submit_job", serde_json::json!({ "req": req.clone() })), "10.0.0.2")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(studio.metrics_text().contains("zimage_submissions_refused_total{reason=\"rate_limited\"} 4"), "{}", studio.metrics_text());
+    fake.open();
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+/// The API key's holder is one client wherever it connects from; without the key, the address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_api_key_names_the_client() {
+    let fake = Fake::new(1, true);
+    let limits = StudioLimits { queue: QueueLimits { capacity: 16, max_per_client: 1, job_timeout: None }, submissions_per_minute: 0 };
+    let (studio, dir) = studio_limited(fake.clone(), limits);
+    let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
+    let settings = RouterSettings { api_key: Some("sesame".into()), timeouts: Timeouts::default() };
+    let app = router_with(studio.clone(), options, FramePolicy::new(&[]).unwrap(), settings)
+        .layer(axum::extract::connect_info::MockConnectInfo(std::net::SocketAddr::from(([10, 0, 0, 9], 1))));
+    let req = serde_json::to_value(gen_req("a cat", 4)).unwrap();
+    let keyed = |ip: &str| {
+        let mut r = from(json_post("/api/submit_job", serde_json::json!({ "req": req.clone() })), ip);
+        r.headers_mut().insert("authorization", "Bearer sesame".parse().unwrap());
+        r
+    };
+    assert_eq!(send(&app, keyed("10.0.0.1")).await.0, StatusCode::OK);
+    assert_eq!(send(&app, keyed("10.0.0.2")).await.0, StatusCode::TOO_MANY_REQUESTS, "same key, other address: same client");
+    // no key and no ConnectInfo of its own: the MockConnectInfo address, a client of its own
+    let plain = json_post("/api/submit_job", serde_json::json!({ "req": req.clone() }));
+    assert_eq!(send(&app, plain).await.0, StatusCode::OK);
+    fake.open();
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readyz_and_metrics() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let app = test_router(studio.clone());
+    let get = |uri: &str| HttpRequest::builder().uri(uri).body(Body::empty()).unwrap();
+    let (s, _, b) = send(&app, get("/readyz")).await;
+    assert_eq!(s, StatusCode::OK);
+    let v: serde_json::Value = serde_json::from_slice(&b).unwrap();
+    assert_eq!((v["ready"].clone(), v["model_loaded"].clone(), v["workers"]["total"].clone()), (true.into(), true.into(), 1.into()), "{v}");
+    assert_eq!(v["queue"]["waiting"], 0);
+    studio.submit(gen_req("one", 4), &local()).unwrap();
+    let mut rx = studio.queue.subscribe();
+    collect_until_done(&mut rx, 1);
+    let (s, h, b) = send(&app, get("/metrics")).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(h["content-type"].to_str().unwrap().starts_with("text/plain"));
+    let text = String::from_utf8(b).unwrap();
+    for needle in [
+        "zimage_jobs_total{outcome=\"done\"} 1",
+        "zimage_queue_depth 0",
+        "zimage_step_seconds_count 3",
+        "zimage_job_seconds_count 1",
+        "zimage_queue_wait_seconds_count 1",
+    ] {
+        assert!(text.contains(needle), "{needle} in\n{text}");
+    }
+    // draining: not ready, submissions refused with 503 and a reason
+    studio.queue.drain("stopping");
+    let (s, _, b) = send(&app, get("/readyz")).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(String::from_utf8_lossy(&b).contains("draining"));
+    let (s, _, b) = send(&app, json_post("/api/submit_job", serde_json::json!({ "req": gen_req("late", 4) }))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(serde_json::from_slice::<StudioError>(&b).unwrap().reason.contains("shutting down"));
+    // while the model loads: alive, not ready, and everything else refused with a reason
+    let starting = starting_router(Duration::from_secs(5));
+    assert_eq!(send(&starting, get("/healthz")).await.0, StatusCode::OK);
+    assert_eq!(send(&starting, get("/readyz")).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    let (s, h, b) = send(&starting, json_post("/v1/images/generations", serde_json::json!({"prompt": "x"}))).await;
+    assert_eq!(s, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(h.contains_key("retry-after"));
+    assert!(String::from_utf8_lossy(&b).contains("still loading"));
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[test]
+fn drain_fails_waiting_jobs_and_stopped_running_ones_with_a_reason() {
+    let fake = Fake::new(1, true);
+    let (studio, dir) = studio_with(fake.clone(), 8);
+    let mut rx = studio.queue.subscribe();
+    let running = studio.submit(gen_req("running", 4), &local()).unwrap();
+    wait_until("the worker took the first job", || studio.queue.running_len() == 1);
+    let waiting = studio.submit(gen_req("waiting", 4), &local()).unwrap();
+    assert_eq!(studio.queue.drain("The server is shutting down."), 1);
+    assert_eq!(studio.submit(gen_req("late", 4), &local()).unwrap_err().kind, ErrorKind::Unavailable);
+    assert_eq!(studio.queue.snapshot(&waiting.job_id), Some(JobEvent::Error { job_id: waiting.job_id.clone(), reason: "The server is shutting down.".into() }));
+    // past the drain deadline the running job is stopped: it fails with the reason, not as "cancelled"
+    studio.queue.stop_running("Stopped by the shutdown.");
+    fake.open();
+    let events = collect_until_done(&mut rx, 2);
+    assert!(events.contains(&JobEvent::Error { job_id: waiting.job_id.clone(), reason: "The server is shutting down.".into() }));
+    assert!(events.contains(&JobEvent::Error { job_id: running.job_id.clone(), reason: "Stopped by the shutdown.".into() }), "{events:?}");
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+// --- over real sockets: what a client library sees ----------------------------------------
+
+/// Serves `app` on 127.0.0.1:0 with our accept loop; the address, and the switch that stops it.
+async fn serve_on_socket(app: Router, header_timeout: Duration) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (_app_tx, app_rx) = tokio::sync::watch::channel(app);
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        let _keep = _app_tx;
+        listen::serve(listener, app_rx, header_timeout, stop_rx, Duration::from_secs(1)).await
+    });
+    (addr, stop_tx)
+}
+
+/// Sends `head` and then `body` in full (as a client library does, whatever the server
+/// answers meanwhile), then reads the whole answer. A server that answered and closed without
+/// reading makes the write or the read fail with a reset.
+async fn raw_exchange(addr: std::net::SocketAddr, head: String, body: Vec<u8>) -> std::io::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let stream = tokio::net::TcpStream::connect(addr).await?;
+    let (mut rd, mut wr) = stream.into_split();
+    let writer = tokio::spawn(async move {
+        wr.write_all(head.as_bytes()).await?;
+        for chunk in body.chunks(64 * 1024) {
+            wr.write_all(chunk).await?;
+        }
+        wr.flush().await?;
+        Ok::<_, std::io::Error>(wr)
+    });
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), rd.read_to_end(&mut answer)).await.expect("an answer in time");
+    let wrote = writer.await.unwrap();
+    read?;
+    wrote?;
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
+fn post_head(path: &str, content_type: &str, len: usize) -> String {
+    format!("POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: {content_type}\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversize_and_wrong_type_bodies_get_their_reason_not_a_reset() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let (addr, stop) = serve_on_socket(test_router(studio.clone()), Duration::from_secs(5)).await;
+    let three_mb = vec![b'x'; 3 * 1024 * 1024];
+    for (path, shape) in [("/api/submit_job", "\"kind\":\"payload_too_large\""), ("/v1/images/generations", "\"code\":\"payload_too_large\""), ("/sdapi/v1/txt2img", "\"error\":\"PayloadTooLarge\"")] {
+        for _ in 0..5 {
+            let answer = raw_exchange(addr, post_head(path, "application/json", three_mb.len()), three_mb.clone()).await.expect("no reset");
+            assert!(answer.starts_with("HTTP/1.1 413"), "{path}: {}", &answer[..answer.len().min(300)]);
+            assert!(answer.contains("at most 256 KiB") && answer.contains(shape), "{path}: {answer}");
+        }
+    }
+    // a body over the limit without a declared length (chunked)
+    let mut chunked = String::new();
+    for _ in 0..48 {
+        chunked.push_str(&format!("{:x}\r\n{}\r\n", 8192, "y".repeat(8192)));
+    }
+    chunked.push_str("0\r\n\r\n");
+    let head = "POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\n".to_string();
+    let answer = raw_exchange(addr, head, chunked.into_bytes()).await.expect("no reset");
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("256 KiB"), "{answer}");
+    // an upload over 20 MB, and a GIF-sized body that is not a form, to the upload function
+    let thirty_mb = vec![0u8; 30 * 1024 * 1024];
+    let answer = raw_exchange(addr, post_head("/api/upload_image", "multipart/form-data; boundary=XyZ", thirty_mb.len()), thirty_mb).await.expect("no reset");
+    assert!(answer.starts_with("HTTP/1.1 413") && answer.contains("at most 20 MB"), "{}", &answer[..answer.len().min(300)]);
+    let gif = [b"GIF89a".as_slice(), &[0u8; 200_000]].concat();
+    let answer = raw_exchange(addr, post_head("/api/upload_image", "image/gif", gif.len()), gif).await.expect("no reset");
+    assert!(answer.starts_with("HTTP/1.1 415") && answer.contains("multipart/form-data"), "{answer}");
+    // the server is still fine
+    let answer = raw_exchange(addr, "GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".into(), vec![]).await.unwrap();
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    stop.send_replace(true);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_headers_and_slow_bodies_are_cut_off() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
+    let timeouts = Timeouts { body: Duration::from_secs(1), ..Timeouts::default() };
+    let app = router_with(studio.clone(), options, FramePolicy::new(&[]).unwrap(), RouterSettings { api_key: None, timeouts });
+    let (addr, stop) = serve_on_socket(app, Duration::from_secs(1)).await;
+
+    // slowloris: headers that never end are cut off after the header timeout
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ").await.unwrap();
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("closed by the server");
+    assert!(r.is_err() || !String::from_utf8_lossy(&buf).contains("200 OK"), "{}", String::from_utf8_lossy(&buf));
+    assert!(t0.elapsed() < Duration::from_secs(5), "cut off after about 1 s, took {:?}", t0.elapsed());
+
+    // a body that stops coming: 408 with the reason
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(post_head("/api/generate", "application/json", 1000).as_bytes()).await.unwrap();
+    s.write_all(b"{\"prompt\":").await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("answered in time").unwrap();
+    let answer = String::from_utf8_lossy(&buf);
+    assert!(answer.starts_with("HTTP/1.1 408") && answer.contains("within 1 s"), "{answer}");
+    stop.send_replace(true);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
+    let timeouts = Timeouts { ws_idle: Duration::from_secs(1), ..Timeouts::default() };
+    let app = router_with(studio.clone(), options, FramePolicy::new(&[]).unwrap(), RouterSettings { api_key: None, timeouts });
+    let (addr, stop) = serve_on_socket(app, Duration::from_secs(5)).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // a client that never answers (no pong, no message): pings, then a close frame with 1001
+    let t0 = Instant::now();
+    let mut buf = Vec::new();
+    let r = tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("closed by the server");
+    let _ = r;
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 101"), "{text}");
+    let frames = &buf[buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    let close = frames.windows(4).position(|w| w[0] == 0x88 && w[2] == 0x03 && w[3] == 0xE9);
+    assert!(close.is_some(), "a close frame with code 1001 in {frames:?}");
+    assert!(frames.starts_with(&[0x89, 0x00]), "pinged first: {frames:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(900) && t0.elapsed() < Duration::from_secs(5), "{:?}", t0.elapsed());
+    stop.send_replace(true);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
 }

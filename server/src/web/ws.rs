@@ -1,8 +1,10 @@
 //! `/ws`: pushes [`JobEvent`]s of the jobs a browser watches. A `watch` is answered at once with
-//! the job's latest state, so a reconnecting client picks up where it was.
+//! the job's latest state, so a reconnecting client picks up where it was. The server pings; a
+//! socket that sends nothing back (not even the pong browsers send by themselves) for the idle
+//! timeout is closed, and so is every socket when the server stops.
 
 use app::types::{is_valid_id, JobEvent, WsClientMsg};
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::State;
 use axum::response::Response;
 use futures::{SinkExt, StreamExt};
@@ -14,25 +16,39 @@ use tokio::sync::broadcast::error::RecvError;
 use super::studio::Studio;
 
 const MAX_WATCHED: usize = 64;
+/// Longest time between two pings.
+const PING_EVERY: Duration = Duration::from_secs(20);
 
-pub async fn ws_handler(ws: WebSocketUpgrade, State(studio): State<Arc<Studio>>) -> Response {
-    ws.max_message_size(16 * 1024).on_upgrade(move |socket| session(socket, studio))
+/// How long a socket may stay silent before it is closed.
+#[derive(Clone, Copy, Debug)]
+pub struct IdleTimeout(pub Duration);
+
+pub async fn ws_handler(ws: WebSocketUpgrade, State(studio): State<Arc<Studio>>, State(IdleTimeout(idle)): State<IdleTimeout>) -> Response {
+    ws.max_message_size(16 * 1024).on_upgrade(move |socket| session(socket, studio, idle))
+}
+
+fn close(code: u16, reason: &'static str) -> Message {
+    Message::Close(Some(CloseFrame { code, reason: reason.into() }))
 }
 
 fn text(ev: &JobEvent) -> Message {
     Message::Text(serde_json::to_string(ev).expect("events serialize").into())
 }
 
-async fn session(socket: WebSocket, studio: Arc<Studio>) {
+async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
     let (mut sink, mut stream) = socket.split();
     let mut events = studio.queue.subscribe();
+    let mut closing = studio.closing();
     let mut watched: HashSet<String> = HashSet::new();
-    let mut ping = tokio::time::interval(Duration::from_secs(20));
+    // at least two pings within the idle timeout, so a live client always answers in time
+    let mut ping = tokio::time::interval(PING_EVERY.min(idle / 3).max(Duration::from_millis(100)));
     ping.tick().await;
+    let mut last_heard = tokio::time::Instant::now();
     loop {
         tokio::select! {
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break };
+                last_heard = tokio::time::Instant::now();
                 let Message::Text(t) = msg else {
                     if matches!(msg, Message::Close(_)) { break }
                     continue;
@@ -73,7 +89,16 @@ async fn session(socket: WebSocket, studio: Arc<Studio>) {
                 Err(RecvError::Closed) => break,
             },
             _ = ping.tick() => {
+                if last_heard.elapsed() >= idle {
+                    // 1001: going away (an idle client reconnects when it needs to)
+                    let _ = sink.send(close(1001, "idle for too long")).await;
+                    break;
+                }
                 if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break }
+            }
+            _ = closing.wait_for(|c| *c) => {
+                let _ = sink.send(close(1012, "the server is restarting")).await;
+                break;
             }
         }
     }
