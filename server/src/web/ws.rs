@@ -96,7 +96,7 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
                 }
                 if sink.send(Message::Ping(Vec::new().into())).await.is_err() { break }
             }
-            _ = closing.wait_for(|c| *c) => {
+            _ = async { let _ = closing.wait_for(|c| *c).await; } => {
                 let _ = sink.send(close(1012, "the server is restarting")).await;
                 break;
             }
