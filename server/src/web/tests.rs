@@ -561,7 +561,7 @@ fn assert_csp_allows_exactly_the_inline_scripts(headers: &axum::http::HeaderMap,
         if tag.contains(" src=") {
             continue;
         }
-        let text = rest.split_once("</script>").unwrap().0;
+        let text = rest.split_once("</script>").map_or(rest, |(text, _)| text);
         let h = format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text)));
         if !hashes.contains(&h) {
             hashes.push(h);
@@ -629,12 +629,14 @@ async fn a_prompt_full_of_markup_adds_no_script_to_its_share_page() {
         }
     };
     let plain = share_page("a quiet harbour").await;
-    let hostile = share_page("</script><script>alert(1)</script><!--<script>--><img src=x onerror=alert(2)><style>*{}</style>").await;
+    // (the share page's <title> holds the prompt's first 60 characters)
+    let hostile = share_page("</title><script>alert(1)</script><!--<script>--><img src=x onerror=alert(2)><style>*{}</style>").await;
     let plain_scripts = security::inline_scripts(plain.as_bytes()).len();
     let hostile_scripts = security::inline_scripts(hostile.as_bytes());
     assert_eq!(hostile_scripts.len(), plain_scripts, "the prompt made no script of its own");
     assert!(!hostile_scripts.iter().any(|s| s.starts_with(b"alert(")), "the prompt's script is not allowed");
     assert!(!hostile.contains("<img src=x"), "the prompt is escaped in the markup");
+    assert!(hostile.contains("<title>&lt;/title&gt;&lt;script&gt;alert(1)"), "the title too");
     assert!(hostile.contains("class=\"share-prompt\""));
 
     studio.shutdown();
