@@ -1,4 +1,4 @@
-import { test, expect, BrowserContext, Page } from "@playwright/test";
+import { test, expect, BrowserContext, Frame, Page } from "@playwright/test";
 import * as path from "node:path";
 import { gotoHydrated, shot } from "./helpers";
 import { HOST, STUDIO } from "../playwright.config";
@@ -41,6 +41,17 @@ async function watchPolicy(context: BrowserContext) {
   context.pages().forEach(onPage);
   context.on("page", onPage);
   return { violations, errors };
+}
+
+/**
+ * The control: a style attribute set from script is refused by `style-src 'self'`, and the watcher
+ * must hear it (so an empty list above means no violation, not a deaf watcher).
+ */
+async function expectWatcherHearsAViolation(target: Page | Frame, violations: string[]) {
+  const before = violations.length;
+  await target.evaluate(() => document.body.setAttribute("style", "outline: 1px solid red"));
+  await expect.poll(() => violations.slice(before).join("\n")).toContain("style-src-attr");
+  violations.splice(before);
 }
 
 /** Sets a range input's value the way a user's drag does (an input event). */
@@ -114,14 +125,19 @@ test("CSP: studio (generate, transform, history), share page and 404 run without
     await expect(sharePage.getByTestId("share")).toContainText("csp check");
     await sharePage.close();
 
-    // the 404 page
+    expect(violations).toEqual([]);
+    expect(errors).toEqual([]);
+
+    // the 404 page (Chromium logs the document's own 404 as a console error)
     const missing = await page.goto("/no/such/page");
     expect(missing!.status()).toBe(404);
     expectStrictPolicy(missing!.headers()["content-security-policy"], "'self'");
     await expect(page.locator("body[data-hydrated=true]")).toBeAttached({ timeout: 30_000 });
-
+    await expect(page.getByRole("heading", { level: 1 })).toBeVisible();
     expect(violations).toEqual([]);
-    expect(errors).toEqual([]);
+    expect(errors).toEqual(["Failed to load resource: the server responded with a status of 404 (Not Found)"]);
+
+    await expectWatcherHearsAViolation(page, violations);
   } finally {
     await context.close();
   }
@@ -144,6 +160,10 @@ test("CSP: the embed runs framed by the second origin without a violation", asyn
     await expect(page.locator("#messages li[data-type='zimage:done']")).toHaveCount(1);
     expect(violations).toEqual([]);
     expect(errors).toEqual([]);
+
+    // the watcher hears the framed page (another origin, another renderer process)
+    const embedFrame = page.frames().find((f) => f.url() === `${STUDIO}/embed`)!;
+    await expectWatcherHearsAViolation(embedFrame, violations);
   } finally {
     await context.close();
   }
@@ -165,10 +185,11 @@ test("CSP: the service worker's offline shell runs without a violation", async (
     await expect(page.locator("h1")).toContainText("Z-Image Turbo Studio");
     // the cached page keeps its headers: the same policy, and its hashes still match the scripts
     await expect(page.locator("body[data-hydrated=true]")).toBeAttached({ timeout: 30_000 });
-    await context.setOffline(false);
     expect(violations).toEqual([]);
     // offline, the socket and the server functions fail: those errors are expected here
     expect(errors.filter((e) => !/ERR_INTERNET_DISCONNECTED|WebSocket|Failed to fetch|net::/.test(e))).toEqual([]);
+    await expectWatcherHearsAViolation(page, violations);
+    await context.setOffline(false);
   } finally {
     await context.close();
   }
