@@ -194,7 +194,8 @@ mod imp {
         let Ok(el) = doc.create_element("textarea") else { return };
         let area: web_sys::HtmlTextAreaElement = el.unchecked_into();
         area.set_value(text);
-        let _ = area.set_attribute("style", "position:fixed;top:-1000px;opacity:0");
+        // a class, not a style attribute: the page's CSP (style-src 'self') refuses inline styles
+        area.set_class_name("offscreen");
         if body.append_child(&area).is_ok() {
             area.select();
             if let Ok(exec) = js_sys::Reflect::get(&doc, &"execCommand".into()) {

@@ -95,7 +95,7 @@ pub(crate) fn HistoryTab(active: Signal<bool>, tab: RwSignal<Tab>, gen_form: For
                                 "‹ Newer"
                             </button>
                             <span data-testid="history-page">{format!("Page {} of {pages}", current + 1)}</span>
-                            <button type="button" class="btn small" id="history-next" disabled=current + 1 >= pages on:click=move |_| page.update(|p| *p += 1)>
+                            <button type="button" class="btn small" id="history-next" disabled={current + 1 >= pages} on:click=move |_| page.update(|p| *p += 1)>
                                 "Older ›"
                             </button>
                         </div>

@@ -56,7 +56,7 @@ pub(crate) fn JobStateView(st: JobState, job: JobSlot, compact: bool) -> impl In
                         format!("In the queue: position {position}.")
                     }}
                 </p>
-                <div class="bar"><div class="fill" style="width:0%"></div></div>
+                <progress class="bar" max="1" value="0" aria-label="Progress"></progress>
                 {cancel_btn(st.cancel_requested)}
             </div>
         }
@@ -81,15 +81,17 @@ pub(crate) fn JobStateView(st: JobState, job: JobSlot, compact: bool) -> impl In
                             )
                         }}
                     </p>
-                    <div
+                    // a <progress> element, not a width in a style attribute: the page's CSP
+                    // (style-src 'self') refuses inline styles
+                    <progress
                         class="bar"
-                        role="progressbar"
-                        aria-valuemin="0"
-                        aria-valuemax=total.to_string()
-                        aria-valuenow=step.to_string()
+                        max=total.to_string()
+                        value=step.to_string()
+                        aria-label="Progress"
+                        data-testid="progress"
                     >
-                        <div class="fill" style=format!("width:{pct:.1}%")></div>
-                    </div>
+                        {format!("{pct:.0}%")}
+                    </progress>
                     {st
                         .preview
                         .clone()

@@ -39,7 +39,7 @@ pub fn SharePage() -> impl IntoView {
 
 #[component]
 pub(crate) fn ShareView(result: JobResult) -> impl IntoView {
-    let title = format!("{} — Z-Image Turbo", truncate(&result.prompt, 60));
+    let title = title_markup(format!("{} — Z-Image Turbo", truncate(&result.prompt, 60)));
     let details = format!(
         "{}×{} · {} steps · seed {} · {} · {}",
         result.width,
@@ -62,6 +62,16 @@ pub(crate) fn ShareView(result: JobResult) -> impl IntoView {
             </div>
         </div>
     }
+}
+
+/// leptos_meta (0.8.7) copies the `<title>` text into the server's HTML without escaping it, so a
+/// prompt with `</title><script>…` would become markup (and the CSP would hash that script as the
+/// page's own). The server's copy is escaped; in the browser the title is set as text, unescaped.
+fn title_markup(text: String) -> String {
+    if cfg!(target_arch = "wasm32") {
+        return text;
+    }
+    text.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;")
 }
 
 pub(crate) fn truncate(s: &str, n: usize) -> String {

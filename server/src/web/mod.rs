@@ -23,13 +23,14 @@ mod listen;
 mod metrics;
 mod openai_api;
 mod queue;
+mod security;
 mod store;
 mod studio;
 #[cfg(test)]
 mod tests;
 mod ws;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use app::backend::{Backend, BackendHandle};
 use app::{shell, App, StudioError};
 use app::ErrorKind;
@@ -47,6 +48,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 
 pub use queue::{Generator, QueueLimits};
+pub use security::FramePolicy;
 pub use store::ImageStore;
 pub use studio::{Studio, StudioLimits};
 
@@ -429,7 +431,8 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .fallback(leptos_axum::file_and_error_handler::<AppState, _>(shell))
         .layer(Extension(backend))
         .layer(axum::middleware::from_fn(api_error_status))
-        .layer(axum::middleware::from_fn_with_state(Arc::new(frames), frame_headers))
+        // inside the compression: it reads the pages' HTML to hash their inline scripts
+        .layer(axum::middleware::from_fn_with_state(Arc::new(frames), security::security_headers))
         .layer(CompressionLayer::new())
         .layer(CatchPanicLayer::custom(panic_response))
         .layer(axum::middleware::from_fn_with_state(key, limits::client_identity))
@@ -542,57 +545,4 @@ async fn api_error_status(req: Request, next: Next) -> Response {
         return app::error::with_retry_after(res, e.retry_after_secs);
     }
     Response::from_parts(parts, axum::body::Body::from(bytes))
-}
-
-/// Who may frame which page: `/embed` the configured origins, everything else only ourselves.
-pub struct FramePolicy {
-    embed_csp: HeaderValue,
-}
-
-impl FramePolicy {
-    pub fn new(ancestors: &[String]) -> anyhow::Result<FramePolicy> {
-        let mut sources = vec!["'self'".to_string()];
-        for a in ancestors {
-            let a = a.trim().trim_end_matches('/');
-            let ok = a == "*"
-                || a == "'self'"
-                || a == "'none'"
-                || (a.contains("://") || a.ends_with(':'))
-                    && a.chars().all(|c| c.is_ascii_alphanumeric() || "-._:/*[]".contains(c));
-            if !ok {
-                bail!(
-                    "bad frame ancestor `{a}`: use an origin like https://example.com, a scheme like https:, or *"
-                );
-            }
-            if a == "*" {
-                sources = vec!["*".to_string()];
-                break;
-            }
-            if a == "'none'" {
-                sources = vec!["'none'".to_string()];
-                break;
-            }
-            if !sources.iter().any(|s| s == a) {
-                sources.push(a.to_string());
-            }
-        }
-        let csp = format!("frame-ancestors {}", sources.join(" "));
-        Ok(FramePolicy { embed_csp: HeaderValue::from_str(&csp).context("frame ancestors")? })
-    }
-}
-
-async fn frame_headers(State(policy): State<Arc<FramePolicy>>, req: Request, next: Next) -> Response {
-    let path = req.uri().path();
-    let embed = path == "/embed" || path.starts_with("/embed/");
-    let mut res = next.run(req).await;
-    let h = res.headers_mut();
-    if embed {
-        h.insert(header::CONTENT_SECURITY_POLICY, policy.embed_csp.clone());
-    } else {
-        h.insert(header::CONTENT_SECURITY_POLICY, HeaderValue::from_static("frame-ancestors 'self'"));
-        h.insert(header::X_FRAME_OPTIONS, HeaderValue::from_static("SAMEORIGIN"));
-    }
-    h.insert(header::X_CONTENT_TYPE_OPTIONS, HeaderValue::from_static("nosniff"));
-    h.insert(header::REFERRER_POLICY, HeaderValue::from_static("strict-origin-when-cross-origin"));
-    res
 }

@@ -550,46 +550,122 @@ async fn generate_api_cancels_the_job_of_a_client_that_left_and_reports_cancels(
     std::fs::remove_dir_all(dir2).ok();
 }
 
+/// A GET as a browser at 127.0.0.1:3400 sends it.
+fn page_get(uri: &str) -> HttpRequest<Body> {
+    HttpRequest::builder().uri(uri).header("host", "127.0.0.1:3400").body(Body::empty()).unwrap()
+}
+
+/// The page's CSP is the studio's policy with exactly the hashes of the page's inline scripts,
+/// which are found here without the middleware's tokenizer (every `<script>` without `src`).
+fn assert_csp_allows_exactly_the_inline_scripts(headers: &axum::http::HeaderMap, html: &str, ancestors: &str) {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    let mut hashes: Vec<String> = Vec::new();
+    for open in html.split("<script").skip(1) {
+        let (tag, rest) = open.split_once('>').unwrap();
+        if tag.contains(" src=") {
+            continue;
+        }
+        let text = rest.split_once("</script>").map_or(rest, |(text, _)| text);
+        let h = format!("'sha256-{}'", base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(text)));
+        if !hashes.contains(&h) {
+            hashes.push(h);
+        }
+    }
+    assert!(!hashes.is_empty(), "every page has the hydration script");
+    let csp = headers["content-security-policy"].to_str().unwrap();
+    assert_eq!(csp, security::content_security_policy(ancestors, Some("127.0.0.1:3400"), &hashes));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pages_render_with_frame_headers() {
+async fn pages_render_with_security_headers() {
     let (studio, dir) = studio_with(Fake::new(1, false), 4);
     let app = test_router(studio.clone());
-    let get = |uri: &str| HttpRequest::builder().uri(uri).body(Body::empty()).unwrap();
 
-    let (s, h, b) = send(&app, get("/")).await;
+    let (s, h, b) = send(&app, page_get("/")).await;
     assert_eq!(s, StatusCode::OK);
     let html = String::from_utf8_lossy(&b);
     assert!(html.contains("Z-Image Turbo Studio"));
     assert!(html.contains("tiny-banner"), "tiny model banner is rendered on the server");
     assert!(html.contains("/manifest.webmanifest"));
+    assert!(html.contains("/pkg/zimage.js"), "the hydration script loads the bundle");
+    assert!(!html.contains(" style="), "style-src 'self' refuses inline style attributes");
     assert_eq!(h["x-frame-options"], "SAMEORIGIN");
-    assert_eq!(h["content-security-policy"], "frame-ancestors 'self'");
+    assert_eq!(h["x-content-type-options"], "nosniff");
+    assert_csp_allows_exactly_the_inline_scripts(&h, &html, "'self'");
 
-    let (s, h, b) = send(&app, get("/embed")).await;
+    let (s, h, b) = send(&app, page_get("/embed")).await;
     assert_eq!(s, StatusCode::OK);
-    assert!(String::from_utf8_lossy(&b).contains("embed-prompt"));
+    let html = String::from_utf8_lossy(&b);
+    assert!(html.contains("embed-prompt"));
     assert!(h.get("x-frame-options").is_none());
-    assert_eq!(h["content-security-policy"], "frame-ancestors 'self' http://127.0.0.1:3101");
+    assert_csp_allows_exactly_the_inline_scripts(&h, &html, "'self' http://127.0.0.1:3101");
 
-    let (s, _, b) = send(&app, get(&format!("/share/{}", store::new_id()))).await;
+    let (s, h, b) = send(&app, page_get(&format!("/share/{}", store::new_id()))).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
-    assert!(String::from_utf8_lossy(&b).contains("does not exist"));
+    let html = String::from_utf8_lossy(&b);
+    assert!(html.contains("does not exist"));
+    assert_csp_allows_exactly_the_inline_scripts(&h, &html, "'self'");
 
-    let (s, _, _) = send(&app, get("/no/such/page")).await;
+    let (s, h, b) = send(&app, page_get("/no/such/page")).await;
     assert_eq!(s, StatusCode::NOT_FOUND);
+    assert_csp_allows_exactly_the_inline_scripts(&h, &String::from_utf8_lossy(&b), "'self'");
 
     studio.shutdown();
     std::fs::remove_dir_all(dir).ok();
 }
 
-#[test]
-fn frame_policy_validates_origins() {
-    assert!(FramePolicy::new(&["https://blog.example".into(), "http://localhost:8080".into()]).is_ok());
-    assert!(FramePolicy::new(&["*".into()]).is_ok());
-    assert!(FramePolicy::new(&["https://a.example; script-src *".into()]).is_err());
-    assert!(FramePolicy::new(&["evil".into()]).is_err());
-    let p = FramePolicy::new(&["*".into()]).unwrap();
-    assert_eq!(p.embed_csp, "frame-ancestors *");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prompt_full_of_markup_adds_no_script_to_its_share_page() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let app = test_router(studio.clone());
+    let share_page = |prompt: &'static str| {
+        let app = app.clone();
+        async move {
+            let req = serde_json::to_value(gen_req(prompt, 4)).unwrap();
+            let (s, _, b) = send(&app, json_post("/api/generate", req)).await;
+            assert_eq!(s, StatusCode::OK, "{}", String::from_utf8_lossy(&b));
+            let r: app::types::JobResult = serde_json::from_slice(&b).unwrap();
+            let (s, h, b) = send(&app, page_get(&r.share_url)).await;
+            assert_eq!(s, StatusCode::OK);
+            let html = String::from_utf8(b).unwrap();
+            assert_csp_allows_exactly_the_inline_scripts(&h, &html, "'self'");
+            html
+        }
+    };
+    let plain = share_page("a quiet harbour").await;
+    // (the share page's <title> holds the prompt's first 60 characters)
+    let hostile = share_page("</title><script>alert(1)</script><!--<script>--><img src=x onerror=alert(2)><style>*{}</style>").await;
+    let plain_scripts = security::inline_scripts(plain.as_bytes()).len();
+    let hostile_scripts = security::inline_scripts(hostile.as_bytes());
+    assert_eq!(hostile_scripts.len(), plain_scripts, "the prompt made no script of its own");
+    assert!(!hostile_scripts.iter().any(|s| s.starts_with(b"alert(")), "the prompt's script is not allowed");
+    assert!(!hostile.contains("<img src=x"), "the prompt is escaped in the markup");
+    assert!(hostile.contains("<title>&lt;/title&gt;&lt;script&gt;alert(1)"), "the title too");
+    assert!(hostile.contains("class=\"share-prompt\""));
+
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_responses_keep_their_bodies_and_get_the_policy_without_hashes() {
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let app = test_router(studio.clone());
+    let (s, h, b) = send(&app, page_get("/healthz")).await;
+    assert_eq!((s, b.as_slice()), (StatusCode::OK, b"ok".as_slice()));
+    assert_eq!(h["content-security-policy"], security::content_security_policy("'self'", Some("127.0.0.1:3400"), &[]));
+    let (s, h, b) = send(&app, page_get(&format!("/images/{}.png", store::new_id()))).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+    assert!(h["content-type"].to_str().unwrap().starts_with("application/json"));
+    assert!(serde_json::from_slice::<StudioError>(&b).is_ok());
+    assert!(!h["content-security-policy"].to_str().unwrap().contains("sha256-"));
+    // an /embed response keeps the embed's ancestors whatever its type
+    let (_, h, _) = send(&app, page_get("/embed/nothing-here")).await;
+    assert!(h["content-security-policy"].to_str().unwrap().ends_with("frame-ancestors 'self' http://127.0.0.1:3101"));
+
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
 }
 
 /// The real tiny model through the queue: one Generate at a real ratio and one Transform.
