@@ -388,7 +388,7 @@ async def ws_client(i: int, round_no: int, base: str, ws_url: str, http: httpx.A
                     c = await http.post(f"{base}/api/cancel_job", json={"job_id": job_id})
                     if c.status_code != 200:
                         res.bad_events.append(f"cancel_job answered {c.status_code}: {c.text[:200]}")
-    except (OSError, websockets.WebSocketException, asyncio.TimeoutError, ValueError, KeyError) as e:
+    except (OSError, httpx.HTTPError, websockets.WebSocketException, asyncio.TimeoutError, ValueError, KeyError) as e:
         res.error = f"{type(e).__name__}: {e}"
     return res
 
@@ -460,6 +460,11 @@ class Case:
     cancel_if_accepted: bool = False  # a submit_job that went through: cancel its job afterwards
 
 
+def hex_id(rng: random.Random) -> str:
+    """An id in the server's format (32 lowercase hex digits) that names nothing."""
+    return rng.randbytes(16).hex()
+
+
 def valid_job(rng: random.Random) -> dict:
     return job_request(rng.choice(["a red fox", "a castle on a hill", "tea shop at night"]), rng.randrange(1 << 32))
 
@@ -468,10 +473,10 @@ JSON_ROUTES: dict[str, callable] = {
     # server functions: the body is an object of the function's arguments
     "/api/server_info": lambda rng: {},
     "/api/submit_job": lambda rng: {"req": valid_job(rng)},
-    "/api/cancel_job": lambda rng: {"job_id": secrets.token_hex(16)},
-    "/api/image_info": lambda rng: {"image_id": secrets.token_hex(16)},
+    "/api/cancel_job": lambda rng: {"job_id": hex_id(rng)},
+    "/api/image_info": lambda rng: {"image_id": hex_id(rng)},
     "/api/history": lambda rng: {"search": rng.choice(["", "fox", "a"]), "page": rng.randrange(3)},
-    "/api/delete_image": lambda rng: {"image_id": secrets.token_hex(16)},
+    "/api/delete_image": lambda rng: {"image_id": hex_id(rng)},
     # plain JSON routes (these wait for the job when one is accepted)
     "/api/generate": lambda rng: valid_job(rng),
     "/v1/images/generations": lambda rng: {"prompt": "a red fox", "model": "z-image-turbo", "n": 1,
@@ -483,6 +488,8 @@ JSON_ROUTES: dict[str, callable] = {
     "/sdapi/v1/options": lambda rng: {"sd_model_checkpoint": "z-image-turbo", "CLIP_stop_at_last_layers": 2},
     "/sdapi/v1/interrupt": lambda rng: {},
 }
+# /sdapi/v1/interrupt takes no body: a huge one is not read there, so it is no body-limit case
+BODY_READING_JSON_ROUTES = set(JSON_ROUTES) - {"/sdapi/v1/interrupt"}
 # Routes whose request waits for the job: a case that happens to be valid runs one (bounded by the
 # queue), so they get a long timeout.
 WAITING_ROUTES = {"/api/generate", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
@@ -589,7 +596,7 @@ def json_mutation(rng: random.Random, base: dict, waits: bool) -> tuple[str, byt
         return "huge number", json_dumps_raw(base, rng.choice(paths), rng.choice(HUGE_NUMBERS)).encode(), "application/json"
     if kind == "unknown_fields":
         value = json.loads(text)
-        value["zz_unknown_" + secrets.token_hex(2)] = rng.choice(WRONG_VALUES)
+        value["zz_unknown_" + rng.randbytes(2).hex()] = rng.choice(WRONG_VALUES)
         for p in paths:
             if isinstance(p[-1], str) and rng.random() < 0.3:
                 parent = value
@@ -639,7 +646,7 @@ def multipart_body(fields: list[tuple[str, str | None, str | None, bytes]], boun
 
 
 def multipart_mutation(rng: random.Random, route: str) -> tuple[str, bytes, str]:
-    boundary = "----zimage" + secrets.token_hex(8)
+    boundary = "----zimage" + rng.randbytes(8).hex()
     ctype = f"multipart/form-data; boundary={boundary}"
     prompt = [("prompt", None, None, b"a red fox")] if route == "/v1/images/edits" else []
     kind = rng.choice(["no_boundary", "wrong_boundary", "no_image_field", "empty_file", "random_file", "text_as_png",
@@ -686,8 +693,9 @@ class Canaries:
     """Files planted next to the data folder and next to the site root, with a random token each:
     no answer may ever contain a token (or /etc/passwd)."""
 
-    def __init__(self, data_dir: Path, site_root: Path):
-        self.token = "canary-" + secrets.token_hex(12)
+    def __init__(self, data_dir: Path, site_root: Path, seed: int):
+        # from the seed, so that a replayed case asks for the same paths
+        self.token = "canary-" + random.Random(f"{seed}:canary").randbytes(12).hex()
         self.files = [data_dir.resolve().parent / f"{self.token}-data.txt", site_root.resolve().parent / f"{self.token}-site.txt"]
         for f in self.files:
             f.write_text(f"{self.token} must never be served\n")
@@ -740,8 +748,8 @@ def traversal_case(rng: random.Random, canaries: Canaries, host: str) -> Case:
 
 def get_case(rng: random.Random, host: str) -> Case:
     route = rng.choice(GET_ROUTES)
-    name = rng.choice([secrets.token_hex(16), "x" * rng.choice([1, 33, 5000, 60000]), "ZZ" * 16, "%00" * 5, "🦊",
-                       "%ff%fe", secrets.token_hex(16).upper(), "a.b.c", "", "%", "%zz", "con", "...."])
+    name = rng.choice([hex_id(rng), "x" * rng.choice([1, 33, 5000, 60000]), "ZZ" * 16, "%00" * 5, "🦊",
+                       "%ff%fe", hex_id(rng).upper(), "a.b.c", "", "%", "%zz", "con", "...."])
     path = route.replace("{id}", name).replace("{name}", name)
     kind = rng.choice(["bad_id", "bad_id", "query", "method", "huge_header", "many_headers", "bad_header", "ws"])
     if kind == "bad_id":
@@ -799,14 +807,14 @@ def huge_upload_case(host: str, route: str) -> Case:
                 content_type=f"multipart/form-data; boundary={boundary}"), timeout=120, huge_body=True)
 
 
-def malformed_case(seed: int, round_no: int, index: int, total: int, host: str, canaries: Canaries) -> Case:
+def malformed_case(seed: int, round_no: int, index: int, host: str, canaries: Canaries) -> Case:
     """Case `index` of a round: derived from (seed, round, index) alone, so it can be replayed."""
     rng = random.Random(f"{seed}:{round_no}:{index}")
     # a few huge bodies, spread over the round: 1 in 100 a 3 MB JSON, 1 in 1000 a 30 MB upload
     if index % 1000 == 500:
         return huge_upload_case(host, rng.choice(MULTIPART_ROUTES))
     if index % 100 == 50:
-        return huge_json_case(rng, host, rng.choice(sorted(JSON_ROUTES)))
+        return huge_json_case(rng, host, rng.choice(sorted(BODY_READING_JSON_ROUTES)))
     family = rng.choices(["json", "multipart", "get", "traversal", "garbage"], weights=[50, 12, 16, 18, 4])[0]
     if family == "json":
         route = rng.choice(sorted(JSON_ROUTES))
@@ -922,7 +930,7 @@ def part_b(args, round_no: int, verdict: Verdict, pid: int, addr, host, canaries
     t = time.monotonic()
     def make_and_run(i: int) -> CaseResult:
         # made in the worker: a round's requests hold hundreds of MB (the huge bodies)
-        return run_case(args, addr, host, canaries, malformed_case(args.seed, round_no, i, args.malformed, host, canaries), i)
+        return run_case(args, addr, host, canaries, malformed_case(args.seed, round_no, i, host, canaries), i)
 
     with ThreadPoolExecutor(max_workers=args.concurrency) as pool:
         results = list(pool.map(make_and_run, range(args.malformed)))
@@ -948,7 +956,7 @@ def part_b(args, round_no: int, verdict: Verdict, pid: int, addr, host, canaries
         verdict.note(f"({round_no}b) refusals with an empty body, by route: {count_line(no_reason)}")
     for r, problems in broken[: args.show_failures]:
         print(f"   case {round_no}:{r.index} [{r.case.route} | {r.case.mutation}]: {'; '.join(problems)}  "
-              f"(replay: harness.py --url {args.url} --seed {args.seed} --replay {round_no}:{r.index})")
+              f"(replay: --seed {args.seed} --replay {round_no}:{r.index})")
     kinds = collections.Counter(p.split(" ")[0] if not p.startswith("huge body") else "huge body" for _, ps in broken for p in ps)
     verdict.check(not broken, f"({round_no}b) {len(broken)} malformed requests broke a rule ({count_line(kinds)})")
     failed_ws = sum(n for k, n in ws_endings.items() if "failed" in k)
@@ -1047,14 +1055,13 @@ def replay(args) -> int:
     """Sends one malformed case again and prints its request (head) and answer."""
     round_no, index = (int(x) for x in args.replay.split(":"))
     addr, host = address(args.url)
-    canaries = Canaries(Path(args.data_dir), Path(args.site_root)) if args.data_dir else None
+    canaries = Canaries(Path(args.data_dir), Path(args.site_root), args.seed)
     try:
-        fake = canaries or type("NoCanaries", (), {"files": [Path("/tmp/none/canary.txt")], "leaked": lambda self, b: None})()
-        case = malformed_case(args.seed, round_no, index, args.malformed, host, fake)
+        case = malformed_case(args.seed, round_no, index, host, canaries)
         head = case.request.split(b"\r\n\r\n", 1)[0]
         print(f"case {round_no}:{index} [{case.route} | {case.mutation}], {len(case.request)} bytes; head:")
         print(head[:2000].decode("latin-1"))
-        res = run_case(args, addr, host, fake, case, index)
+        res = run_case(args, addr, host, canaries, case, index)
         print(f"-> {res.reply.outcome} {res.reply.status} in {res.reply.seconds * 1000:.0f} ms"
               f"{' (the server stopped reading before the request was sent)' if res.reply.send_failed else ''}")
         print(f"   reason: {res.reason!r}")
@@ -1062,8 +1069,7 @@ def replay(args) -> int:
         print("   rules broken: " + ("; ".join(problems) if problems else "none"))
         return 1 if problems else 0
     finally:
-        if canaries:
-            canaries.remove()
+        canaries.remove()
 
 
 def address(url: str) -> tuple[tuple[str, int], str]:
@@ -1099,14 +1105,16 @@ def main() -> int:
     args.malformed = args.malformed if args.malformed is not None else (10_000 if full else 600)
     args.rounds = args.rounds or (5 if full else 2)
     args.big_legal_upload = full if args.big_legal_upload is None else args.big_legal_upload
+    if not (args.data_dir and args.site_root):
+        p.error("--data-dir and --site-root are needed (canary files are planted next to them)")
     if args.replay:
         return replay(args)
-    if not (args.pid and args.log and args.data_dir and args.site_root):
-        p.error("--pid, --log, --data-dir and --site-root are needed for a run")
+    if not (args.pid and args.log):
+        p.error("--pid and --log are needed for a run")
 
     addr, host = address(args.url)
     verdict = Verdict()
-    canaries = Canaries(Path(args.data_dir), Path(args.site_root))
+    canaries = Canaries(Path(args.data_dir), Path(args.site_root), args.seed)
     sampler = RssSampler(args.pid)
     started = time.monotonic()
     print(f"load harness: {args.url}, server pid {args.pid}, seed {args.seed}, {args.clients} clients, "
