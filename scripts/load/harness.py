@@ -399,14 +399,16 @@ async def run_clients(args, round_no: int) -> list[ClientResult]:
     limits = httpx.Limits(max_connections=args.clients + 8, max_keepalive_connections=args.clients + 8)
     job_deadline = time.monotonic() + args.job_timeout
     async with httpx.AsyncClient(timeout=120, limits=limits) as http:
-        tasks = [ws_client(i, round_no, base, ws_url, http, cancel=(args.cancel_every > 0 and i % args.cancel_every == 0),
+        # which clients cancel: spread over the indexes (golden-ratio steps), whoever gets accepted
+        tasks = [ws_client(i, round_no, base, ws_url, http, cancel=(i * 0.6180339887) % 1 < args.cancel_share,
                            job_deadline=job_deadline, duplicate_grace=args.duplicate_grace)
                  for i in range(args.clients)]
         return await asyncio.gather(*tasks)
 
 
-def part_a(args, round_no: int, verdict: Verdict, pid: int) -> dict:
+def part_a(args, round_no: int, verdict: Verdict, pid: int, sampler: RssSampler) -> dict:
     print(f"== ({round_no}a) {args.clients} websocket clients each submit a job and watch it", flush=True)
+    sampler.reset()
     rss_before = proc_status_kib(pid, "VmRSS")
     t = time.monotonic()
     results = asyncio.run(run_clients(args, round_no))
@@ -434,14 +436,14 @@ def part_a(args, round_no: int, verdict: Verdict, pid: int) -> dict:
     verdict.check(not images_missing, f"({round_no}a) {len(images_missing)} finished jobs' PNGs could not be read back")
     reasons = collections.Counter((r.status, (r.reason or "")[:80]) for r in refused)
     print(f"   accepted {len(accepted)} ({count_line(endings)}), refused {len(refused)} ({count_line(statuses)}), "
-          f"failed {len(failed)}, in {seconds:.1f} s; RSS {mib(rss_before)} -> {mib(rss_after)} MiB", flush=True)
+          f"failed {len(failed)}, in {seconds:.1f} s; RSS {mib(rss_before)} -> {mib(rss_after)} MiB, peak {mib(sampler.peak())} MiB", flush=True)
     for (status, reason), n in reasons.most_common(3):
         print(f"   refusal x{n}: {status} {reason!r}")
     return {"clients": args.clients, "accepted": len(accepted), "endings": dict(endings),
             "refused": len(refused), "refusal_statuses": {str(k): v for k, v in statuses.items()},
             "failed": len(failed), "no_terminal": len(no_end), "several_terminal": len(several),
             "refusals_without_reason": len(bad_refusals), "seconds": round(seconds, 1),
-            "rss_before_kib": rss_before, "rss_after_kib": rss_after}
+            "rss_before_kib": rss_before, "rss_after_kib": rss_after, "peak_rss_kib": sampler.peak()}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -481,8 +483,9 @@ JSON_ROUTES: dict[str, callable] = {
     "/api/generate": lambda rng: valid_job(rng),
     "/v1/images/generations": lambda rng: {"prompt": "a red fox", "model": "z-image-turbo", "n": 1,
                                            "size": "1536x640", "response_format": "url", "steps": 4},
+    # only fields the route checks: an ignored one of a wrong type would leave a request valid
     "/sdapi/v1/txt2img": lambda rng: {"prompt": "a red fox", "steps": 4, "width": 1536, "height": 640,
-                                      "seed": rng.randrange(1000), "cfg_scale": 1, "sampler_name": "Euler"},
+                                      "seed": rng.randrange(1000)},
     "/sdapi/v1/img2img": lambda rng: {"prompt": "a red fox", "steps": 4, "init_images": [TINY_PNG_B64],
                                       "denoising_strength": 0.6, "width": 1536, "height": 640},
     "/sdapi/v1/options": lambda rng: {"sd_model_checkpoint": "z-image-turbo", "CLIP_stop_at_last_layers": 2},
@@ -561,14 +564,14 @@ MAY_STAY_VALID = {"unknown_fields", "duplicate_keys", "wrong_content_type"}
 
 def json_mutation(rng: random.Random, base: dict, waits: bool) -> tuple[str, bytes, str]:
     """(mutation name, body, content type) of one malformed JSON body derived from `base`. On routes
-    that wait for the job (`waits`), mutations that may leave the request valid are drawn a quarter
-    as often: each one that stays valid runs a job or meets a full queue."""
+    that wait for the job (`waits`), mutations that may leave the request valid get an empty
+    prompt: the body is still read whole, then refused, where a valid one would run a job."""
     kinds = ["broken", "broken", "wrong_type", "wrong_type", "huge_number", "huge_number",
              "unknown_fields", "random_bytes", "not_an_object", "deep_nesting", "long_string",
              "invalid_utf8", "empty", "duplicate_keys", "wrong_content_type", "form_encoded"]
     kind = rng.choice(kinds)
-    if waits and kind in MAY_STAY_VALID and rng.random() < 0.75:
-        kind = rng.choice([k for k in kinds if k not in MAY_STAY_VALID])
+    if waits and kind in MAY_STAY_VALID:
+        base = dict(base, prompt="")
     text = json.dumps(base)
     paths = list(leaf_paths(base))
     if not paths and kind in ("wrong_type", "huge_number", "long_string"):
@@ -670,10 +673,11 @@ def multipart_mutation(rng: random.Random, route: str) -> tuple[str, bytes, str]
     if kind == "truncated":
         body = multipart_body(prompt + image, boundary)
         return "truncated multipart", body[: rng.randrange(1, len(body))], ctype
+    # the bulky forms without a prompt: read whole, then refused on edits rather than running a job
     if kind == "many_fields":
-        return "2000 fields", multipart_body(prompt + [(f"f{i}", None, None, b"x") for i in range(2000)] + image, boundary), ctype
+        return "2000 fields", multipart_body([(f"f{i}", None, None, b"x") for i in range(2000)] + image, boundary), ctype
     if kind == "huge_field_name":
-        return "100 KB field name", multipart_body(prompt + [("n" * 100_000, None, None, b"x")] + image, boundary), ctype
+        return "100 KB field name", multipart_body([("n" * 100_000, None, None, b"x")] + image, boundary), ctype
     if kind == "bad_strength":
         return "bad strength", multipart_body(prompt + image + [("strength", None, None, rng.choice([b"NaN", b"-1", b"1e400", b"x", b"5"]))], boundary), ctype
     if kind == "bad_n":
@@ -694,9 +698,12 @@ class Canaries:
     no answer may ever contain a token (or /etc/passwd)."""
 
     def __init__(self, data_dir: Path, site_root: Path, seed: int):
-        # from the seed, so that a replayed case asks for the same paths
-        self.token = "canary-" + random.Random(f"{seed}:canary").randbytes(12).hex()
-        self.files = [data_dir.resolve().parent / f"{self.token}-data.txt", site_root.resolve().parent / f"{self.token}-site.txt"]
+        # the names from the seed, so that a replayed case asks for the same paths; the content a
+        # secret of its own (an error that echoes the path it was asked for names the file, which
+        # is fine: serving the file's content is what must not happen)
+        name = "canary-" + random.Random(f"{seed}:canary").randbytes(12).hex()
+        self.token = "content-" + secrets.token_hex(16)
+        self.files = [data_dir.resolve().parent / f"{name}-data.txt", site_root.resolve().parent / f"{name}-site.txt"]
         for f in self.files:
             f.write_text(f"{self.token} must never be served\n")
         self.data_dir = data_dir.resolve()
@@ -925,8 +932,9 @@ async def run_ws_abuse(args, seed: int, round_no: int, sessions: int) -> collect
     return collections.Counter(await asyncio.gather(*(one(i) for i in range(sessions))))
 
 
-def part_b(args, round_no: int, verdict: Verdict, pid: int, addr, host, canaries: Canaries, log: Path) -> dict:
+def part_b(args, round_no: int, verdict: Verdict, addr, host, canaries: Canaries, sampler: RssSampler) -> dict:
     print(f"== ({round_no}b) {args.malformed} malformed requests across every route", flush=True)
+    sampler.reset()
     t = time.monotonic()
     def make_and_run(i: int) -> CaseResult:
         # made in the worker: a round's requests hold hundreds of MB (the huge bodies)
@@ -951,7 +959,7 @@ def part_b(args, round_no: int, verdict: Verdict, pid: int, addr, host, canaries
           f"answers: {count_line(statuses)}", flush=True)
     print(f"   read the status: {outcomes[ANSWERED]} (of which {send_failed_answered} after the server stopped reading); "
           f"reset: {outcomes[RESET]}; closed unanswered: {outcomes[CLOSED]}; timed out: {outcomes[TIMEOUT]}")
-    print(f"   websocket abuse ({ws_sessions} sessions): {count_line(ws_endings)}")
+    print(f"   websocket abuse ({ws_sessions} sessions): {count_line(ws_endings)}; peak RSS {mib(sampler.peak())} MiB")
     if no_reason:
         verdict.note(f"({round_no}b) refusals with an empty body, by route: {count_line(no_reason)}")
     for r, problems in broken[: args.show_failures]:
@@ -961,7 +969,7 @@ def part_b(args, round_no: int, verdict: Verdict, pid: int, addr, host, canaries
     verdict.check(not broken, f"({round_no}b) {len(broken)} malformed requests broke a rule ({count_line(kinds)})")
     failed_ws = sum(n for k, n in ws_endings.items() if "failed" in k)
     verdict.check(failed_ws == 0, f"({round_no}b) {failed_ws} websocket abuse sessions failed to connect or errored")
-    return {"requests": len(results), "seconds": round(seconds, 1), "statuses": {str(k): v for k, v in statuses.items()},
+    return {"requests": len(results), "seconds": round(seconds, 1), "peak_rss_kib": sampler.peak(), "statuses": {str(k): v for k, v in statuses.items()},
             "answered": outcomes[ANSWERED], "answered_after_send_failed": send_failed_answered, "reset": outcomes[RESET],
             "closed_unanswered": outcomes[CLOSED], "timeout": outcomes[TIMEOUT], "broken": len(broken),
             "broken_by_kind": dict(kinds), "refusals_without_body": dict(no_reason),
@@ -1014,9 +1022,8 @@ def upload_request(route: str, f: UploadFile, host: str) -> bytes:
     return build_request("POST", route, host, body=multipart_body(fields, boundary), content_type=f"multipart/form-data; boundary={boundary}")
 
 
-def part_c(args, round_no: int, verdict: Verdict, pid: int, addr, host, sampler: RssSampler, files: list[UploadFile]) -> dict:
+def part_c(args, round_no: int, verdict: Verdict, addr, host, sampler: RssSampler, files: list[UploadFile]) -> dict:
     print(f"== ({round_no}c) hostile uploads on {', '.join(UPLOAD_ROUTES)}", flush=True)
-    sampler.reset()
     rows = []
     for f in files:
         # a legal upload on the other routes would queue a 2048x2048 Transform: stored only here
@@ -1089,7 +1096,8 @@ def main() -> int:
     p.add_argument("--malformed", type=int, help="malformed requests per round (full: 10000)")
     p.add_argument("--rounds", type=int, help="rounds of (a)-(c) (full: 5)")
     p.add_argument("--concurrency", type=int, default=32, help="malformed requests in flight")
-    p.add_argument("--cancel-every", type=int, default=4, help="every k-th client cancels its job once it is queued (0: none)")
+    p.add_argument("--cancel-share", type=float, help="share of the clients that cancel their job once it is queued "
+                   "(full: 0.25; quick: 0.75, fewer jobs to run)")
     p.add_argument("--job-timeout", type=float, default=900, help="seconds the accepted jobs of a round may take in all")
     p.add_argument("--duplicate-grace", type=float, default=1.0, help="seconds a client listens after its terminal event")
     p.add_argument("--big-legal-upload", action=argparse.BooleanOptionalAction, default=None,
@@ -1104,6 +1112,7 @@ def main() -> int:
     args.clients = args.clients or (200 if full else 40)
     args.malformed = args.malformed if args.malformed is not None else (10_000 if full else 600)
     args.rounds = args.rounds or (5 if full else 2)
+    args.cancel_share = args.cancel_share if args.cancel_share is not None else (0.25 if full else 0.75)
     args.big_legal_upload = full if args.big_legal_upload is None else args.big_legal_upload
     if not (args.data_dir and args.site_root):
         p.error("--data-dir and --site-root are needed (canary files are planted next to them)")
@@ -1126,9 +1135,9 @@ def main() -> int:
         for round_no in range(1, args.rounds + 1):
             t = time.monotonic()
             row = {"round": round_no}
-            row["a"] = part_a(args, round_no, verdict, args.pid)
-            row["b"] = part_b(args, round_no, verdict, args.pid, addr, host, canaries, args.log)
-            row["c"] = part_c(args, round_no, verdict, args.pid, addr, host, sampler, files)
+            row["a"] = part_a(args, round_no, verdict, args.pid, sampler)
+            row["b"] = part_b(args, round_no, verdict, addr, host, canaries, sampler)
+            row["c"] = part_c(args, round_no, verdict, addr, host, sampler, files)
             alive = server_alive(args.pid, addr, host)
             panics = panics_in_log(args.log)
             verdict.check(alive, f"(round {round_no}) the server is not alive (/healthz) after the round")
@@ -1159,7 +1168,8 @@ def main() -> int:
 
     print()
     print("== summary (seed %d, %.0f s)" % (args.seed, time.monotonic() - started))
-    header = f"{'round':>5} | {'(a) accepted/refused':>20} | {'(a) ends':>24} | {'(b) answered/reset/closed/timeout':>33} | {'(b) broken':>10} | {'(c) peak RSS':>12} | {'RSS after':>9}"
+    header = (f"{'round':>5} | {'(a) accepted/refused':>20} | {'(a) ends':>24} | {'(b) answered/reset/closed/timeout':>33} | "
+              f"{'(b) broken':>10} | {'peak RSS (a)/(b)/(c) MiB':>24} | {'RSS after':>9}")
     print(header)
     print("-" * len(header))
     for r in rounds:
@@ -1167,7 +1177,7 @@ def main() -> int:
         ends = " ".join(f"{k}:{v}" for k, v in sorted(a["endings"].items()))
         print(f"{r['round']:>5} | {a['accepted']:>9}/{a['refused']:<10} | {ends:>24} | "
               f"{b['answered']:>8}/{b['reset']}/{b['closed_unanswered']}/{b['timeout']:<14} | {b['broken']:>10} | "
-              f"{mib(r['c']['peak_rss_kib']):>8} MiB | {mib(r['rss_after_kib']):>5} MiB")
+              f"{mib(a['peak_rss_kib']) + '/' + mib(b['peak_rss_kib']) + '/' + mib(r['c']['peak_rss_kib']):>24} | {mib(r['rss_after_kib']):>5} MiB")
     print(f"RSS: start {mib(rss_start)} MiB, per round {' -> '.join(mib(x) for x in rss_seq[1:])} MiB; "
           f"growth per round {[round(g / 1024, 1) for g in growth]} MiB; "
           f"levels off: {'n/a (fewer than 2 rounds)' if levels_off is None else levels_off}"
