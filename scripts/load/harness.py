@@ -557,23 +557,19 @@ def json_dumps_raw(value, raw_at=None, raw_text=None) -> str:
     return json.dumps(copy).replace(json.dumps(marker), raw_text)
 
 
-# Mutations after which a request may still be valid (the routes ignore unknown fields, take the
-# last of duplicate keys, and some read the body whatever its content type).
-MAY_STAY_VALID = {"unknown_fields", "duplicate_keys", "wrong_content_type"}
-
-
 def json_mutation(rng: random.Random, base: dict, waits: bool) -> tuple[str, bytes, str]:
     """(mutation name, body, content type) of one malformed JSON body derived from `base`. On routes
-    that wait for the job (`waits`), mutations that may leave the request valid get an empty
-    prompt: the body is still read whole, then refused, where a valid one would run a job."""
+    that wait for the job (`waits`) the prompt is empty and left alone: every field is still read
+    and checked, then the request is refused for the prompt, where one that stayed valid (a null
+    where a default applies, junk that is only whitespace) would run a job for minutes."""
     kinds = ["broken", "broken", "wrong_type", "wrong_type", "huge_number", "huge_number",
              "unknown_fields", "random_bytes", "not_an_object", "deep_nesting", "long_string",
              "invalid_utf8", "empty", "duplicate_keys", "wrong_content_type", "form_encoded"]
     kind = rng.choice(kinds)
-    if waits and kind in MAY_STAY_VALID:
+    if waits:
         base = dict(base, prompt="")
     text = json.dumps(base)
-    paths = list(leaf_paths(base))
+    paths = [p for p in leaf_paths(base) if not (waits and p == ("prompt",))]
     if not paths and kind in ("wrong_type", "huge_number", "long_string"):
         kind = "unknown_fields"  # an empty argument object has no field to change
     if kind == "broken":
