@@ -8,12 +8,7 @@ cd "$(dirname "$0")/.."
 BIN=${ZIMAGE_BIN:-target/release/zimage}
 [ -x "$BIN" ] || cargo build --release -p server --locked
 VENV=target/api-venv
-if ! "$VENV/bin/python" -c "import openai, webuiapi, PIL" 2>/dev/null; then
-  echo "== making $VENV (openai, webuiapi)"
-  rm -rf "$VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q --disable-pip-version-check -r scripts/requirements-api-clients.txt
-fi
+scripts/python-venv.sh "$VENV" scripts/requirements-api-clients.txt
 PORT=${ZIMAGE_API_PORT:-3200}
 KEY="test-key-$RANDOM$RANDOM"
 DATA=$(mktemp -d)

@@ -21,3 +21,5 @@ if [ -f end2end/package.json ] && [ -x scripts/e2e.sh ]; then
 fi
 echo "== script APIs with their own clients (openai, webuiapi)"
 scripts/api-clients.sh
+echo "== load and abuse harness, CI size (scripts/load/run.sh --quick)"
+scripts/load/run.sh --quick

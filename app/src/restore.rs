@@ -32,7 +32,9 @@ pub fn png_text(bytes: &[u8], keyword: &str) -> Option<String> {
     while off + 12 <= bytes.len() {
         let len = u32::from_be_bytes(bytes[off..off + 4].try_into().ok()?) as usize;
         let kind = &bytes[off + 4..off + 8];
-        let data = bytes.get(off + 8..off.checked_add(8 + len)?)?;
+        // checked: on wasm32 (usize = u32) `8 + len` of a hostile length would wrap
+        let end = off.checked_add(8)?.checked_add(len)?;
+        let data = bytes.get(off + 8..end)?;
         if kind == b"IEND" {
             break;
         }
@@ -57,7 +59,7 @@ pub fn png_text(bytes: &[u8], keyword: &str) -> Option<String> {
                 }
             }
         }
-        off = off.checked_add(12 + len)?;
+        off = end.checked_add(4)?;
     }
     None
 }

@@ -340,10 +340,9 @@ pub fn transform_size(width: u32, height: u32) -> (u32, u32) {
     if w.min(h) * scale < min {
         scale = min / w.min(h);
     }
-    let side = |x: f64| {
-        (((x * scale) / 16.0).round() as u32 * 16)
-            .clamp(limits::MIN_TRANSFORM_SIDE, limits::MAX_TRANSFORM_SIDE)
-    };
+    // clamped before the cast: an extreme aspect ratio scales the long side past u32 (found by
+    // app/tests/properties.rs)
+    let side = |x: f64| ((x * scale / 16.0).round() * 16.0).clamp(min, max) as u32;
     (side(w), side(h))
 }
 
