@@ -384,6 +384,19 @@ async fn openai_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Res
     openai_api::ApiError::unauthorized("Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).").into_response()
 }
 
+/// `/metrics` asks for the API key when the server has one (queue depth and job counts are the
+/// operator's business); Prometheus sends it with `authorization: { credentials: <key> }`.
+async fn metrics_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
+    if key.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    let body = serde_json::json!({
+        "kind": "unauthorized",
+        "reason": "Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).",
+    });
+    (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))], Json(body)).into_response()
+}
+
 /// The whole app as an axum router (used by `serve`).
 pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy, settings: RouterSettings) -> Router {
     let state = AppState {
@@ -423,7 +436,7 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .route("/thumbs/{file}", get(thumb_file))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics))
+        .route("/metrics", get(metrics).route_layer(axum::middleware::from_fn_with_state(key.clone(), metrics_auth)))
         .leptos_routes(&state, routes, {
             let options = options.clone();
             move || shell(options.clone())

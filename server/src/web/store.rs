@@ -9,6 +9,11 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime};
 
 /// How long uploads are kept.
+/// Longest side of an upload we decode.
+pub const MAX_UPLOAD_SIDE: u32 = 16384;
+/// Most memory a decoded upload may take: bounds the server's peak for any legal upload to about
+/// this much plus the small resized copies (a 48-megapixel photo is 144 MB in 8-bit RGB).
+pub const MAX_UPLOAD_DECODED_BYTES: u64 = 256 * 1024 * 1024;
 pub const UPLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// 128 random bits as 32 lowercase hex digits.
@@ -123,14 +128,19 @@ impl ImageStore {
         }
         let mut reader = image::ImageReader::with_format(std::io::Cursor::new(bytes), format);
         let mut lim = image::Limits::default();
-        lim.max_image_width = Some(16384);
-        lim.max_image_height = Some(16384);
-        lim.max_alloc = Some(512 * 1024 * 1024);
+        lim.max_image_width = Some(MAX_UPLOAD_SIDE);
+        lim.max_image_height = Some(MAX_UPLOAD_SIDE);
+        lim.max_alloc = Some(MAX_UPLOAD_DECODED_BYTES);
         reader.limits(lim);
         let img = reader.decode().map_err(|e| match e {
             image::ImageError::Limits(_) => StudioError::new(
                 ErrorKind::PayloadTooLarge,
-                "The image's dimensions are too large (at most 16384 pixels a side).",
+                format!(
+                    "The image is too large to read: at most {MAX_UPLOAD_SIDE} pixels a side and {} MiB once decoded \
+                     (about {} megapixels in colour).",
+                    MAX_UPLOAD_DECODED_BYTES >> 20,
+                    MAX_UPLOAD_DECODED_BYTES / 3 / 1_000_000
+                ),
             ),
             e => StudioError::invalid(format!("The image could not be decoded: {e}")),
         })?;
@@ -138,9 +148,18 @@ impl ImageStore {
         if ow == 0 || oh == 0 {
             return Err(StudioError::invalid("The image is empty."));
         }
-        let rgb = flatten_on_white(img);
         let (w, h) = size.unwrap_or_else(|| transform_size(ow, oh));
-        let resized = if (w, h) == (ow, oh) {
+        // Shrink in the decoded colour type first (an area average straight into a small buffer):
+        // converting a huge grey or 16-bit image to 8-bit RGB at full size, and the resize's float
+        // buffers, would otherwise take several times the decoded size.
+        let img = if u64::from(ow) > 2 * u64::from(w) || u64::from(oh) > 2 * u64::from(h) {
+            img.thumbnail_exact((2 * w).min(ow), (2 * h).min(oh))
+        } else {
+            img
+        };
+        let (ow_now, oh_now) = (img.width(), img.height());
+        let rgb = flatten_on_white(img);
+        let resized = if (w, h) == (ow_now, oh_now) {
             rgb
         } else {
             image::imageops::resize(&rgb, w, h, image::imageops::FilterType::CatmullRom)
@@ -258,6 +277,59 @@ mod tests {
         assert_eq!(store.save_upload(&bad).unwrap_err().kind, ErrorKind::InvalidInput);
         assert_eq!(store.upload_size(&new_id()).unwrap_err().kind, ErrorKind::NotFound);
         assert!(store.upload_path("../../etc/passwd").is_none());
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    /// A PNG that is only its header and the start of its data: enough for the decoder to size
+    /// (and refuse) the image.
+    fn png_header_only(w: u32, h: u32, bit_depth: u8, color_type: u8) -> Vec<u8> {
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut c = !0u32;
+            for &b in bytes {
+                c ^= u32::from(b);
+                for _ in 0..8 {
+                    c = if c & 1 == 1 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+                }
+            }
+            !c
+        }
+        let chunk = |kind: &[u8], data: &[u8]| {
+            let mut c = (data.len() as u32).to_be_bytes().to_vec();
+            let body = [kind, data].concat();
+            c.extend_from_slice(&body);
+            c.extend_from_slice(&crc32(&body).to_be_bytes());
+            c
+        };
+        let mut ihdr = [w.to_be_bytes(), h.to_be_bytes()].concat();
+        ihdr.extend_from_slice(&[bit_depth, color_type, 0, 0, 0]);
+        [b"\x89PNG\r\n\x1a\n".to_vec(), chunk(b"IHDR", &ihdr), chunk(b"IDAT", &[0x78, 0x9c]), chunk(b"IEND", &[])].concat()
+    }
+
+    #[test]
+    fn a_large_upload_is_shrunk_in_its_own_colour_type_and_an_oversized_one_refused() {
+        let (store, dir) = tmp_store();
+        // 8000x6000 grey (48 MB decoded; 144 MB if it were converted to RGB at full size first):
+        // dark left half, bright right half
+        let grey = image::GrayImage::from_fn(8000, 6000, |x, _| image::Luma([if x < 4000 { 20 } else { 230 }]));
+        let mut png = Vec::new();
+        grey.write_to(&mut std::io::Cursor::new(&mut png), image::ImageFormat::Png).unwrap();
+        drop(grey);
+        let info = store.save_upload(&png).unwrap();
+        assert_eq!((info.original_width, info.original_height), (8000, 6000));
+        let (w, h) = (info.width, info.height);
+        assert_eq!((w, h), transform_size(8000, 6000));
+        let img = store.load_upload(&info.upload_id).unwrap();
+        assert_eq!(img.dimensions(), (w, h));
+        assert_eq!(img.get_pixel(w / 8, h / 2).0, [20, 20, 20], "left half dark");
+        assert_eq!(img.get_pixel(w - w / 8, h / 2).0, [230, 230, 230], "right half bright");
+
+        // 16-bit RGBA 6000x6000 takes 288 MB decoded: over the bound, refused before decoding
+        let e = store.save_upload(&png_header_only(6000, 6000, 16, 6)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge, "{e:?}");
+        assert!(e.reason.contains("256 MiB once decoded"), "{}", e.reason);
+        // over the side limit, even if small once decoded
+        let e = store.save_upload(&png_header_only(30000, 2, 8, 0)).unwrap_err();
+        assert_eq!(e.kind, ErrorKind::PayloadTooLarge, "{e:?}");
         std::fs::remove_dir_all(dir).ok();
     }
 }

@@ -1077,6 +1077,59 @@ async fn slow_headers_and_slow_bodies_are_cut_off() {
     std::fs::remove_dir_all(dir).ok();
 }
 
+/// A websocket message over our 16 KiB bound is answered with close code 1009, not a dropped
+/// connection; `/metrics` asks for the API key when the server has one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_websocket_message_gets_1009_and_metrics_need_the_key() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (studio, dir) = studio_with(Fake::new(1, false), 4);
+    let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
+    let settings = RouterSettings { api_key: Some("sesame".into()), timeouts: Timeouts::default() };
+    let app = router_with(studio.clone(), options, FramePolicy::new(&[]).unwrap(), settings);
+
+    let metrics = |auth: Option<&str>| {
+        let mut r = HttpRequest::builder().uri("/metrics");
+        if let Some(a) = auth {
+            r = r.header("authorization", a);
+        }
+        r.body(Body::empty()).unwrap()
+    };
+    let (s, h, b) = send(&app, metrics(None)).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
+    assert_eq!(h["www-authenticate"], "Bearer");
+    assert!(String::from_utf8_lossy(&b).contains("--api-key"));
+    assert_eq!(send(&app, metrics(Some("Bearer wrong"))).await.0, StatusCode::UNAUTHORIZED);
+    let (s, _, b) = send(&app, metrics(Some("Bearer sesame"))).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(String::from_utf8_lossy(&b).contains("zimage_queue_depth"));
+
+    let (addr, stop) = serve_on_socket(app, Duration::from_secs(5)).await;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    // one masked text frame of 20,000 bytes (mask 0: the payload goes as it is)
+    let payload = vec![b'x'; 20_000];
+    let mut frame = vec![0x81, 0x80 | 126];
+    frame.extend_from_slice(&(payload.len() as u16).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&payload);
+    s.write_all(&frame).await.unwrap();
+    let mut buf = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut buf)).await.expect("closed by the server").ok();
+    assert!(buf.starts_with(b"HTTP/1.1 101"), "{}", String::from_utf8_lossy(&buf));
+    let frames = &buf[buf.windows(4).position(|w| w == b"\r\n\r\n").unwrap() + 4..];
+    // 0x88: close; 0x03F1 = 1009
+    let close = frames.windows(4).position(|w| w[0] == 0x88 && w[2] == 0x03 && w[3] == 0xF1);
+    assert!(close.is_some(), "a close frame with code 1009 in {frames:?}");
+    stop.send_replace(true);
+    studio.shutdown();
+    std::fs::remove_dir_all(dir).ok();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};

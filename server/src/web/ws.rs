@@ -16,6 +16,11 @@ use tokio::sync::broadcast::error::RecvError;
 use super::studio::Studio;
 
 const MAX_WATCHED: usize = 64;
+/// Our messages are a few hundred bytes; a longer one is refused with 1009 (message too big).
+const MAX_CLIENT_MESSAGE: usize = 16 * 1024;
+/// The protocol-level bound, above ours so that an oversized message still reaches the check
+/// that answers it with a close code instead of a dropped connection.
+const MAX_FRAME: usize = 1024 * 1024;
 /// Longest time between two pings.
 const PING_EVERY: Duration = Duration::from_secs(20);
 
@@ -24,7 +29,7 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 pub struct IdleTimeout(pub Duration);
 
 pub async fn ws_handler(ws: WebSocketUpgrade, State(studio): State<Arc<Studio>>, State(IdleTimeout(idle)): State<IdleTimeout>) -> Response {
-    ws.max_message_size(16 * 1024).on_upgrade(move |socket| session(socket, studio, idle))
+    ws.max_message_size(MAX_FRAME).max_frame_size(MAX_FRAME).on_upgrade(move |socket| session(socket, studio, idle))
 }
 
 fn close(code: u16, reason: &'static str) -> Message {
@@ -51,8 +56,16 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
                 last_heard = tokio::time::Instant::now();
                 let Message::Text(t) = msg else {
                     if matches!(msg, Message::Close(_)) { break }
+                    if matches!(&msg, Message::Binary(b) if b.len() > MAX_CLIENT_MESSAGE) {
+                        let _ = sink.send(close(1009, "message too big")).await;
+                        break;
+                    }
                     continue;
                 };
+                if t.len() > MAX_CLIENT_MESSAGE {
+                    let _ = sink.send(close(1009, "message too big (at most 16 KiB)")).await;
+                    break;
+                }
                 match serde_json::from_str::<WsClientMsg>(t.as_str()) {
                     Ok(WsClientMsg::Watch { job_id }) => {
                         if !is_valid_id(&job_id) || watched.len() >= MAX_WATCHED {
