@@ -983,6 +983,19 @@ async fn serve_on_socket(app: Router, header_timeout: Duration) -> (std::net::So
     (addr, stop_tx)
 }
 
+/// A raw socket that has asked for `/ws`'s upgrade (the answer is left for the caller to read).
+async fn websocket_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    s
+}
+
 /// Sends `head` and then `body` in full (as a client library does, whatever the server
 /// answers meanwhile), then reads the whole answer. A server that answered and closed without
 /// reading makes the write or the read fail with a reset.
@@ -1104,13 +1117,7 @@ async fn an_oversized_websocket_message_gets_1009_and_metrics_need_the_key() {
     assert!(String::from_utf8_lossy(&b).contains("zimage_queue_depth"));
 
     let (addr, stop) = serve_on_socket(app, Duration::from_secs(5)).await;
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut s = websocket_upgrade(addr).await;
     // one masked text frame of 20,000 bytes (mask 0: the payload goes as it is)
     let payload = vec![b'x'; 20_000];
     let mut frame = vec![0x81, 0x80 | 126];
@@ -1132,19 +1139,13 @@ async fn an_oversized_websocket_message_gets_1009_and_metrics_need_the_key() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_websocket_is_closed_after_the_idle_timeout() {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::io::AsyncReadExt;
     let (studio, dir) = studio_with(Fake::new(1, false), 4);
     let options = leptos_options("127.0.0.1:0".parse().unwrap(), std::path::Path::new("target/site"));
     let timeouts = Timeouts { ws_idle: Duration::from_secs(1), ..Timeouts::default() };
     let app = router_with(studio.clone(), options, FramePolicy::new(&[]).unwrap(), RouterSettings { api_key: None, timeouts });
     let (addr, stop) = serve_on_socket(app, Duration::from_secs(5)).await;
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(
-        b"GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-          Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
-    )
-    .await
-    .unwrap();
+    let mut s = websocket_upgrade(addr).await;
     // a client that never answers (no pong, no message): pings, then a close frame with 1001
     let t0 = Instant::now();
     let mut buf = Vec::new();
