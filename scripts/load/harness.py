@@ -493,6 +493,8 @@ JSON_ROUTES: dict[str, callable] = {
 }
 # /sdapi/v1/interrupt takes no body: a huge one is not read there, so it is no body-limit case
 BODY_READING_JSON_ROUTES = set(JSON_ROUTES) - {"/sdapi/v1/interrupt"}
+# JSON routes whose limit is an upload's (base64 images inside)
+HUGE_JSON_ROUTES = {"/sdapi/v1/img2img"}
 # Routes whose request waits for the job: a case that happens to be valid runs one (bounded by the
 # queue), so they get a long timeout.
 WAITING_ROUTES = {"/api/generate", "/v1/images/generations", "/v1/images/edits", "/sdapi/v1/txt2img", "/sdapi/v1/img2img"}
@@ -790,14 +792,16 @@ def garbage_request_case(rng: random.Random) -> Case:
 
 
 def huge_json_case(rng: random.Random, host: str, route: str) -> Case:
-    """A 3 MB JSON body: larger than any JSON route takes."""
+    """A JSON body larger than the route takes: 3 MB (JSON routes take 256 KiB), 30 MB for
+    A1111's img2img, whose JSON carries base64 images (it takes about 26 MB)."""
     body = JSON_ROUTES[route](rng)
-    filler = "x" * (3 * 1024 * 1024)
+    mb = 30 if route in HUGE_JSON_ROUTES else 3
+    filler = "x" * (mb * 1024 * 1024)
     if route == "/api/submit_job":
         body["req"]["prompt"] = filler
     else:
         body["prompt"] = filler
-    return Case(f"POST {route}", "3 MB JSON body", build_request("POST", route, host, body=json.dumps(body).encode(),
+    return Case(f"POST {route}", f"{mb} MB JSON body", build_request("POST", route, host, body=json.dumps(body).encode(),
                 content_type="application/json"), timeout=60, huge_body=True)
 
 
@@ -813,7 +817,7 @@ def huge_upload_case(host: str, route: str) -> Case:
 def malformed_case(seed: int, round_no: int, index: int, host: str, canaries: Canaries) -> Case:
     """Case `index` of a round: derived from (seed, round, index) alone, so it can be replayed."""
     rng = random.Random(f"{seed}:{round_no}:{index}")
-    # a few huge bodies, spread over the round: 1 in 100 a 3 MB JSON, 1 in 1000 a 30 MB upload
+    # a few huge bodies, spread over the round: 1 in 100 a 3 MB JSON (30 MB to img2img), 1 in 1000 a 30 MB upload
     if index % 1000 == 500:
         return huge_upload_case(host, rng.choice(MULTIPART_ROUTES))
     if index % 100 == 50:

@@ -149,11 +149,12 @@ impl ImageStore {
             return Err(StudioError::invalid("The image is empty."));
         }
         let (w, h) = size.unwrap_or_else(|| transform_size(ow, oh));
-        // Shrink in the decoded colour type first (an area average straight into a small buffer):
-        // converting a huge grey or 16-bit image to 8-bit RGB at full size, and the resize's float
-        // buffers, would otherwise take several times the decoded size.
+        // More than twice the output size: an area average in the decoded colour type, straight
+        // into the output size. Converting a huge grey or 16-bit image to 8-bit RGB at full size,
+        // and the filtered resize's float buffers (16 bytes a pixel), took several times the
+        // decoded size (1.5 GiB for a legal 16000x16000 grey PNG).
         let img = if u64::from(ow) > 2 * u64::from(w) || u64::from(oh) > 2 * u64::from(h) {
-            img.thumbnail_exact((2 * w).min(ow), (2 * h).min(oh))
+            img.thumbnail_exact(w, h)
         } else {
             img
         };
