@@ -414,7 +414,21 @@ fn info(file: &Path) -> Result<()> {
     }
 }
 
+/// glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after which
+/// large request bodies and decoded images come from the heap and leave it fragmented: under the
+/// load harness the server's resident memory grew 20-25 MiB a round without levelling off
+/// (218 -> 307 MiB over 5 rounds). A fixed threshold keeps every block of 1 MiB and more in its
+/// own mapping, returned to the system when freed (68 -> 77 MiB over the same rounds).
+fn bound_heap_fragmentation() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator settings; called before the server's threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
+}
+
 fn serve(a: ServeArgs) -> Result<()> {
+    bound_heap_fragmentation();
     let devices = serve_devices(&a.devices)?;
     let model = a.model.clone();
     web::serve(web::ServeOptions {
