@@ -470,6 +470,9 @@ pub enum JobEvent {
     Done { job_id: String, result: JobResult },
     Error { job_id: String, reason: String },
     Cancelled { job_id: String },
+    /// The job's worker was lost (a Redis deployment: the process died mid-job); another worker
+    /// runs it again from the start. Its steps count again from 0.
+    Restarted { job_id: String, reason: String },
 }
 
 impl JobEvent {
@@ -480,7 +483,8 @@ impl JobEvent {
             | JobEvent::Step { job_id, .. }
             | JobEvent::Done { job_id, .. }
             | JobEvent::Error { job_id, .. }
-            | JobEvent::Cancelled { job_id } => job_id,
+            | JobEvent::Cancelled { job_id }
+            | JobEvent::Restarted { job_id, .. } => job_id,
         }
     }
     pub fn is_terminal(&self) -> bool {
@@ -574,6 +578,13 @@ impl JobState {
             }
             JobEvent::Error { reason, .. } => self.phase = JobPhase::Failed(reason.clone()),
             JobEvent::Cancelled { .. } => self.phase = JobPhase::Cancelled,
+            JobEvent::Restarted { .. } => {
+                let total = match self.phase {
+                    JobPhase::Running { total, .. } => total,
+                    _ => 0,
+                };
+                self.phase = JobPhase::Running { step: 0, total, elapsed_ms: 0, eta_ms: 0 };
+            }
         }
     }
 
