@@ -603,8 +603,11 @@ async fn worker_loop(opts: WorkerOptions, label: String, generator: Arc<dyn Gene
             };
             publish_event(&mut conn, &ev, None).await?;
         }
+        let (job_id, t0) = (job.id.clone(), Instant::now());
+        eprintln!("[worker] running job {job_id}");
         run_one(&mut conn, &local, &mut events, &store, &entry, job, &consumer, opts.claim_idle).await?;
         ack(&mut conn, JOBS, WORKERS, &entry.id).await?;
+        eprintln!("[worker] job {job_id} over in {:.1?}", t0.elapsed());
     }
     eprintln!("worker {consumer} stopped");
     local.shutdown();
