@@ -230,6 +230,10 @@ struct ServeArgs {
     /// milliseconds is stored by this one.
     #[arg(long, default_value_t = 30_000)]
     claim_idle_ms: u64,
+    /// Load no model: one worker whose every job waits this many milliseconds and returns a grey
+    /// image (for measuring the queue's own cost, docs/SCALE.md).
+    #[arg(long)]
+    simulate_job_ms: Option<u64>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -474,6 +478,7 @@ fn serve(a: ServeArgs) -> Result<()> {
             drain: secs(a.drain_timeout_secs),
         },
         queue_url: a.queue,
+        simulate_job: a.simulate_job_ms.map(std::time::Duration::from_millis),
         claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
     })
 }

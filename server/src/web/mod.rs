@@ -79,6 +79,8 @@ pub struct ServeOptions {
     pub timeouts: Timeouts,
     /// `--queue redis://…`: this process is a front end; jobs run on `zimage worker`s.
     pub queue_url: Option<String>,
+    /// Run one simulated worker instead of loading the model (measurements, docs/SCALE.md).
+    pub simulate_job: Option<Duration>,
     /// With a Redis queue: a result a front end took but did not store within this is stored by
     /// another.
     pub claim_idle: Duration,
@@ -156,7 +158,15 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
             .with_context(|| format!("joining the Redis queue {url}"))?;
         return serve_studio(studio, store, opts, local, frames, site_root, app_tx, stop_tx, server, started).await;
     }
-    let loading = load_generators(&opts);
+    let loading = async {
+        match opts.simulate_job {
+            Some(job_time) => {
+                let simulated: Arc<dyn Generator> = Arc::new(simulate::SimulatedGenerator { job_time });
+                Ok(vec![(format!("a simulated device ({} ms per job)", job_time.as_millis()), simulated)])
+            }
+            None => load_generators(&opts).await,
+        }
+    };
     let generators = tokio::select! {
         g = loading => g?,
         _ = shutdown_signal() => {
