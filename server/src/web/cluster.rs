@@ -51,6 +51,8 @@ const TICKETS: &str = "zimage:tickets";
 const TAKEN: &str = "zimage:taken";
 const EVENTS: &str = "zimage:events";
 const CANCEL: &str = "zimage:cancel";
+/// A job that lost its worker this many times (it may be what kills them) is failed, not run again.
+const MAX_RUNS: u64 = 3;
 
 fn state_key(id: &str) -> String {
     format!("zimage:job:{id}")
@@ -63,6 +65,9 @@ fn result_key(id: &str) -> String {
 }
 fn cancel_key(id: &str) -> String {
     format!("zimage:cancel:{id}")
+}
+fn runs_key(id: &str) -> String {
+    format!("zimage:runs:{id}")
 }
 
 /// What goes over `zimage:events`.
@@ -340,6 +345,13 @@ impl RedisFrontEnd {
         Ok(place)
     }
 
+    /// How many jobs wait in Redis (all front ends).
+    pub fn waiting(&self) -> redis::RedisResult<u64> {
+        let mut conn = self.conn.clone();
+        let (tickets, taken): (Option<u64>, Option<u64>) = block_on(redis::pipe().get(TICKETS).get(TAKEN).query_async(&mut conn))?;
+        Ok(tickets.unwrap_or(0).saturating_sub(taken.unwrap_or(0)))
+    }
+
     /// Cancels a job wherever it is: a waiting one ends now, a running one at its worker's next
     /// step.
     pub fn cancel(&self, job_id: &str) -> Result<(), StudioError> {
@@ -592,6 +604,14 @@ async fn worker_loop(opts: WorkerOptions, label: String, generator: Arc<dyn Gene
             if cancelled {
                 publish_event(&mut conn, &JobEvent::Cancelled { job_id: job.id.clone() }, None).await?;
             }
+            ack(&mut conn, JOBS, WORKERS, &entry.id).await?;
+            continue;
+        }
+        let (runs, _): (u64, bool) = redis::pipe().incr(runs_key(&job.id), 1).expire(runs_key(&job.id), KEEP_SECS as i64).query_async(&mut conn).await?;
+        if runs > MAX_RUNS {
+            eprintln!("[redis] job {} lost its worker {MAX_RUNS} times; failing it", job.id);
+            let reason = format!("This job stopped its worker {MAX_RUNS} times, so it was not run again. Try other settings.");
+            publish_event(&mut conn, &JobEvent::Error { job_id: job.id.clone(), reason }, None).await?;
             ack(&mut conn, JOBS, WORKERS, &entry.id).await?;
             continue;
         }

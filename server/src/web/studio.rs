@@ -173,6 +173,19 @@ impl Studio {
     /// `/readyz`'s answer: ready unless draining; the workers idle or busy, the queue's depth.
     pub fn readiness(&self) -> (bool, serde_json::Value) {
         let draining = self.queue.is_draining();
+        if let Some(redis) = &self.redis {
+            // a front end is ready when it can queue jobs: Redis answers
+            let waiting = redis.waiting();
+            let ready = !draining && waiting.is_ok();
+            let body = serde_json::json!({
+                "ready": ready,
+                "state": if draining { "draining" } else if ready { "ready" } else { "redis unreachable" },
+                "model_loaded": true,
+                "model": self.info.model,
+                "queue": {"backend": "redis", "waiting": waiting.ok(), "capacity": self.queue.capacity()},
+            });
+            return (ready, body);
+        }
         let running = self.queue.running_len();
         let workers = self.devices.len();
         let body = serde_json::json!({
