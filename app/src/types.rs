@@ -738,6 +738,18 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_job_counts_its_steps_again() {
+        let t = JobTicket { job_id: "j".into(), position: 1, seed: 1, width: 1024, height: 1024 };
+        let mut st = JobState::from_ticket(&t);
+        st.apply(&JobEvent::Step { job_id: "j".into(), step: 3, total: 8, elapsed_ms: 900, eta_ms: 1500, preview: None });
+        let ev = JobEvent::Restarted { job_id: "j".into(), reason: "lost".into() };
+        assert_eq!(serde_json::to_string(&ev).unwrap(), r#"{"type":"restarted","job_id":"j","reason":"lost"}"#);
+        st.apply(&ev);
+        assert_eq!(st.phase, JobPhase::Running { step: 0, total: 8, elapsed_ms: 0, eta_ms: 0 });
+        assert!(!st.is_terminal());
+    }
+
+    #[test]
     fn job_state_folds_events() {
         let t = JobTicket { job_id: "j".into(), position: 2, seed: 1, width: 1024, height: 1024 };
         let mut st = JobState::from_ticket(&t);
