@@ -10,7 +10,7 @@ BIN=${ZIMAGE_BIN:-target/release/zimage}
 N=${N:-60}
 TMP=$(mktemp -d)
 PIDS=()
-trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; rm -rf "$TMP"' EXIT
+trap 'for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; wait; rm -rf "$TMP"' EXIT
 wait_ready() { for _ in $(seq 1 100); do curl -sf "http://127.0.0.1:$1/readyz" >/dev/null && return; sleep 0.1; done; echo "port $1 not ready"; exit 1; }
 redis-server --port 3311 --bind 127.0.0.1 --save '' --appendonly no --dir "$TMP" >"$TMP/redis.log" 2>&1 & PIDS+=($!)
 COMMON=(--submissions-per-minute 0 --max-queued-per-client 0 --site-root "$TMP/none")

@@ -1,7 +1,8 @@
 //! A generator that only waits (`zimage worker --simulate-job-ms N`): for measuring the queue,
 //! Redis and the front ends at a scale this machine has no GPUs for (docs/SCALE.md). It calls
-//! back after every step like the engine and returns a flat grey image of the asked size, so the
-//! PNG encoding, the transport and the storing of results are real.
+//! back after every step like the engine (with a 256-px preview when asked, as the studio asks,
+//! so the previews' JPEG encoding and transport are real) and returns a flat grey image of the
+//! asked size, so the PNG encoding, the transport and the storing of results are real.
 
 use engine::pipeline::{Control, GenerateOutput, GenerateRequest, StepEvent, Timings};
 use std::time::{Duration, Instant};
@@ -30,6 +31,13 @@ impl Generator for SimulatedGenerator {
         let latents = candle_core::Tensor::zeros((1, 16, 1, 1), candle_core::DType::F32, &candle_core::Device::Cpu)
             .map_err(engine::Error::from)?;
         let steps = req.steps.max(1);
+        // gradients with some texture, not a flat image: the JPEG is about a real preview's size
+        let preview = req.preview.then(|| {
+            image::RgbImage::from_fn(256, 256, |x, y| {
+                let texture = ((x * 7 + y * 13) ^ (x * y)) % 24;
+                image::Rgb([(x / 2 + texture) as u8, (y / 2 + texture) as u8, ((x + y) / 4 + texture) as u8])
+            })
+        });
         for step in 1..=steps {
             std::thread::sleep(self.job_time / steps as u32);
             let ev = StepEvent {
@@ -40,7 +48,7 @@ impl Generator for SimulatedGenerator {
                 elapsed: t0.elapsed(),
                 denoised: &latents,
                 latents: &latents,
-                preview: None,
+                preview: preview.as_ref(),
             };
             if let Control::Cancel = on_step(&ev) {
                 return Err(engine::Error::Cancelled);
