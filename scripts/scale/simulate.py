@@ -3,8 +3,9 @@
 (`zimage serve --queue`), W workers (`zimage worker --simulate-job-ms J`: each job sleeps J ms over
 its steps, then a real PNG is encoded, sent through Redis and stored by a front end), C clients
 looping POST /api/generate spread over the front ends, for D seconds after a warm-up. Prints one
-JSON line: images/s, the ideal W*1000/J, and the CPU seconds per second that Redis, the front ends
-and the workers used (from /proc), so that where each saturates can be read off.
+JSON line: images/s, the ideal W*1000/J, the CPU seconds per second that Redis, the front ends
+and the workers used (from /proc), and Redis's commands and output bytes per image, so that where
+each saturates can be read off.
 
     scripts/scale/simulate.py --workers 100 --front-ends 10 --job-ms 700 --clients 300 --seconds 20
 
@@ -42,6 +43,11 @@ def cpu_seconds(pids):
         except OSError:
             pass
     return total / HZ
+
+
+def redis_stat(name):
+    out = subprocess.run(["redis-cli", "-p", "3320", "info", "stats"], capture_output=True, text=True).stdout
+    return int(next(l.split(":")[1] for l in out.splitlines() if l.startswith(name + ":")))
 
 
 def get(url):
@@ -96,6 +102,7 @@ try:
     time.sleep(a.warmup)
     groups = {"redis": [redis.pid], "front_ends": [f.pid for f in fes], "workers": [w.pid for w in workers]}
     cpu0 = {k: cpu_seconds(v) for k, v in groups.items()}
+    commands0, net0 = redis_stat("total_commands_processed"), redis_stat("total_net_output_bytes")
     with lock:
         done0, lat0 = done[0], len(latencies)
     t0 = time.time()
@@ -103,13 +110,15 @@ try:
     with lock:
         n, lat = done[0] - done0, sorted(latencies[lat0:])
     elapsed = time.time() - t0
+    commands, net = redis_stat("total_commands_processed") - commands0, redis_stat("total_net_output_bytes") - net0
     cpu = {k: round((cpu_seconds(v) - cpu0[k]) / elapsed, 2) for k, v in groups.items()}
     stop.set()
     print(json.dumps({
         "workers": a.workers, "front_ends": a.front_ends, "job_ms": a.job_ms, "steps": a.steps, "clients": clients,
         "images_per_s": round(n / elapsed, 1), "ideal_images_per_s": round(a.workers * 1000 / a.job_ms, 1),
         "latency_p50_s": round(lat[len(lat) // 2], 2) if lat else None,
-        "errors": errors[0], "cpu_cores_used": cpu, "machine_cores": os.cpu_count(),
+        "errors": errors[0], "cpu_cores_used": cpu,
+        "redis_commands_per_image": round(commands / max(n, 1), 1), "redis_out_kb_per_image": round(net / max(n, 1) / 1024, 1), "machine_cores": os.cpu_count(),
     }))
 finally:
     for pr in procs:
