@@ -625,8 +625,15 @@ async fn worker_loop(opts: WorkerOptions, label: String, generator: Arc<dyn Gene
         }
         let (job_id, t0) = (job.id.clone(), Instant::now());
         eprintln!("[worker] running job {job_id}");
+        let upload = match &job.request.kind {
+            JobKind::Transform { upload_id, .. } => store.upload_path(upload_id),
+            JobKind::Generate { .. } => None,
+        };
         run_one(&mut conn, &local, &mut events, &store, &entry, job, &consumer, opts.claim_idle).await?;
         ack(&mut conn, JOBS, WORKERS, &entry.id).await?;
+        if let Some(path) = upload {
+            let _ = std::fs::remove_file(path); // it came with the job; the front end keeps its own
+        }
         eprintln!("[worker] job {job_id} over in {:.1?}", t0.elapsed());
     }
     eprintln!("worker {consumer} stopped");

@@ -94,12 +94,12 @@ impl Studio {
         let history = Arc::new(History::open(store.root()).map_err(|e| anyhow::anyhow!("opening the history: {}", e.reason))?);
         let queue = JobQueue::new(limits.queue.clone(), Arc::new(Metrics::new()));
         let redis = RedisFrontEnd::start(url, queue.capacity(), claim_idle, queue.clone(), store.clone(), history.clone()).await?;
-        let name = model.display_name();
-        let tiny = name == "tiny";
+        use engine::loader::ModelSource;
+        let tiny = matches!(model, ModelSource::Tiny);
         let info = ServerInfo {
-            model: name,
+            model: model.display_name(),
             tiny_model: tiny,
-            random_weights: tiny,
+            random_weights: tiny || matches!(model, ModelSource::RandomFullSize),
             device: "workers on a Redis queue".to_string(),
             queue_capacity: queue.capacity(),
             version: env!("CARGO_PKG_VERSION").to_string(),
