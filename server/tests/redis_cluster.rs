@@ -2,8 +2,9 @@
 //! folder), two `zimage serve --queue` front ends sharing one data folder, two `zimage worker`s on
 //! the tiny model. Checked: jobs submitted through both front ends spread over both workers with
 //! the places in line counted across front ends; a worker killed with SIGKILL mid-job has its job
-//! run again by the other (its client sees `restarted`, one image is kept); a job submitted
-//! through one front end is cancelled through the other while running; a front end restarted
+//! run again by the other (its client sees `restarted`, one image is kept); jobs submitted
+//! through one front end are cancelled through the other, one running, one waiting (it never
+//! runs); a front end restarted
 //! mid-job lets its client reconnect and get the result.
 //!
 //! Needs `redis-server` on PATH, so it is ignored by a plain `cargo test`;
@@ -290,6 +291,16 @@ fn two_front_ends_and_two_workers_share_one_redis_queue() {
     let watch_doomed = Watcher::connect(a2, &[&doomed_id]);
     watch.wait_for(&lost_id, "step", &logs);
     watch_doomed.wait_for(&doomed_id, "started", &logs);
+    // both workers busy: a third job waits; cancelled through the other front end, it ends at once
+    // and is never run
+    let waiting = submit(a2, "cancelled waiting");
+    let waiting_id = waiting["job_id"].as_str().unwrap().to_string();
+    assert_eq!(waiting["position"], 1, "{waiting}");
+    let watch_waiting = Watcher::connect(a2, &[&waiting_id]);
+    watch_waiting.wait_for(&waiting_id, "queued", &logs);
+    let (status, _, body) = http(a1, "POST", "/api/cancel_job", Some(&format!(r#"{{"job_id":"{waiting_id}"}}"#)));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    watch_waiting.wait_for(&waiting_id, "cancelled", &logs);
     let (victim, survivor) = if worker_ran(&workers[0], &lost_id) { (0, 1) } else { (1, 0) };
     assert!(worker_ran(&workers[victim], &lost_id), "{}", logs());
     workers[victim].signal("-KILL");
@@ -320,6 +331,8 @@ fn two_front_ends_and_two_workers_share_one_redis_queue() {
     assert!(png.starts_with(b"\x89PNG"));
     assert_eq!(history_count(a1, "lost worker"), 1, "one image kept for the job run twice");
     assert_eq!(history_count(a1, "cancelled elsewhere"), 0);
+    assert_eq!(history_count(a1, "cancelled waiting"), 0);
+    assert!(!workers.iter().any(|w| worker_ran(w, &waiting_id)), "the cancelled waiting job never ran\n{}", logs());
     drop(fe1_again);
     let _ = std::fs::remove_dir_all(&dir);
 }
