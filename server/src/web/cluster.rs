@@ -5,6 +5,8 @@
 //!   one worker, which acknowledges it only once the job is over. A worker that dies leaves its
 //!   entry pending; after the claim idle time another worker takes it (XAUTOCLAIM) and runs it
 //!   again, the clients seeing a `restarted` event. A live worker renews its claim while it runs.
+//!   A job started more than three times (`zimage:runs:{id}`: it may be what kills its workers)
+//!   is failed instead.
 //! * Progress goes back on the pub/sub channel `zimage:events` (every front end hears every job's
 //!   events and forwards the ones its websockets watch); each job's latest state is also kept in
 //!   `zimage:job:{id}`, so a front end started later answers a reconnecting client at once.
@@ -75,7 +77,7 @@ fn runs_key(id: &str) -> String {
 #[serde(tag = "wire", rename_all = "snake_case")]
 enum Wire {
     /// One of a job's events, as its clients get it.
-    Event { event: JobEvent },
+    Event { event: Box<JobEvent> },
     /// A job entered the line with this ticket.
     Queued { job_id: String, ticket: u64 },
     /// A worker took a job: this many have been taken so far (the places in line move up).
@@ -156,7 +158,7 @@ return {ticket, waiting + 1}";
 async fn publish_event(conn: &mut ConnectionManager, event: &JobEvent, ticket: Option<u64>) -> redis::RedisResult<bool> {
     let id = event.job_id();
     let state = serde_json::to_string(&StoredState { event: event.clone(), ticket }).expect("states serialize");
-    let wire = serde_json::to_string(&Wire::Event { event: event.clone() }).expect("events serialize");
+    let wire = serde_json::to_string(&Wire::Event { event: Box::new(event.clone()) }).expect("events serialize");
     let script = redis::Script::new(if event.is_terminal() { FINISH_SCRIPT } else { PUBLISH_SCRIPT });
     let done: i64 = script
         .key(final_key(id))
@@ -391,12 +393,12 @@ impl RedisFrontEnd {
         let mut line = self.line.lock().unwrap_or_else(|p| p.into_inner());
         match wire {
             Wire::Event { event } => {
-                if !matches!(event, JobEvent::Queued { .. }) {
+                if !matches!(*event, JobEvent::Queued { .. }) {
                     line.tickets.remove(event.job_id());
                 }
                 // a place in line is this front end's own computation (below)
-                if !matches!(event, JobEvent::Queued { .. }) || !line.tickets.contains_key(event.job_id()) {
-                    self.hub.publish(event);
+                if !matches!(*event, JobEvent::Queued { .. }) || !line.tickets.contains_key(event.job_id()) {
+                    self.hub.publish(*event);
                 }
                 return;
             }

@@ -492,8 +492,11 @@ struct Generated {
 /// job's final event.
 pub enum ResultSink {
     Store { history: Arc<History> },
-    Forward(Box<dyn Fn(&Job, Vec<u8>, JobResult) -> JobEvent + Send + Sync>),
+    Forward(ForwardResult),
 }
+
+/// Hands on a finished job's PNG and result; returns the job's final event.
+pub type ForwardResult = Box<dyn Fn(&Job, Vec<u8>, JobResult) -> JobEvent + Send + Sync>;
 
 /// Starts one worker thread running jobs from `queue` on `generator` (one per device), and its
 /// publisher thread.

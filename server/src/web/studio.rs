@@ -1,4 +1,5 @@
-//! The studio backend: validates requests, feeds the queue, answers the server functions.
+//! The studio backend: validates requests, feeds the queue (this process's, or with `--queue
+//! redis://…` the Redis one that `zimage worker`s run), answers the server functions.
 
 use app::backend::{Backend, ClientId};
 use app::types::{is_valid_id, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
