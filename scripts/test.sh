@@ -19,6 +19,8 @@ if [ -f end2end/package.json ] && [ -x scripts/e2e.sh ]; then
   echo "== end2end (Playwright + Chromium)"
   scripts/e2e.sh
 fi
+echo "== Redis queue: two front ends, two workers, a worker killed, a front end restarted"
+scripts/redis-cluster-test.sh
 echo "== script APIs with their own clients (openai, webuiapi)"
 scripts/api-clients.sh
 echo "== load and abuse harness, CI size (scripts/load/run.sh --quick)"

@@ -470,6 +470,9 @@ pub enum JobEvent {
     Done { job_id: String, result: JobResult },
     Error { job_id: String, reason: String },
     Cancelled { job_id: String },
+    /// The job's worker was lost (a Redis deployment: the process died mid-job); another worker
+    /// runs it again from the start. Its steps count again from 0.
+    Restarted { job_id: String, reason: String },
 }
 
 impl JobEvent {
@@ -480,7 +483,8 @@ impl JobEvent {
             | JobEvent::Step { job_id, .. }
             | JobEvent::Done { job_id, .. }
             | JobEvent::Error { job_id, .. }
-            | JobEvent::Cancelled { job_id } => job_id,
+            | JobEvent::Cancelled { job_id }
+            | JobEvent::Restarted { job_id, .. } => job_id,
         }
     }
     pub fn is_terminal(&self) -> bool {
@@ -574,6 +578,13 @@ impl JobState {
             }
             JobEvent::Error { reason, .. } => self.phase = JobPhase::Failed(reason.clone()),
             JobEvent::Cancelled { .. } => self.phase = JobPhase::Cancelled,
+            JobEvent::Restarted { .. } => {
+                let total = match self.phase {
+                    JobPhase::Running { total, .. } => total,
+                    _ => 0,
+                };
+                self.phase = JobPhase::Running { step: 0, total, elapsed_ms: 0, eta_ms: 0 };
+            }
         }
     }
 
@@ -724,6 +735,18 @@ mod tests {
         assert_eq!(back, ev);
         let msg: WsClientMsg = serde_json::from_str(r#"{"type":"watch","job_id":"x"}"#).unwrap();
         assert_eq!(msg, WsClientMsg::Watch { job_id: "x".into() });
+    }
+
+    #[test]
+    fn a_restarted_job_counts_its_steps_again() {
+        let t = JobTicket { job_id: "j".into(), position: 1, seed: 1, width: 1024, height: 1024 };
+        let mut st = JobState::from_ticket(&t);
+        st.apply(&JobEvent::Step { job_id: "j".into(), step: 3, total: 8, elapsed_ms: 900, eta_ms: 1500, preview: None });
+        let ev = JobEvent::Restarted { job_id: "j".into(), reason: "lost".into() };
+        assert_eq!(serde_json::to_string(&ev).unwrap(), r#"{"type":"restarted","job_id":"j","reason":"lost"}"#);
+        st.apply(&ev);
+        assert_eq!(st.phase, JobPhase::Running { step: 0, total: 8, elapsed_ms: 0, eta_ms: 0 });
+        assert!(!st.is_terminal());
     }
 
     #[test]

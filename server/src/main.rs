@@ -1,6 +1,8 @@
 //! `zimage`: the command line of Z-Image Turbo Studio. `generate` runs the engine once and writes
 //! PNGs with their parameters, `tiny` writes the built-in tiny model as a diffusers folder, `info`
-//! reads a PNG's parameters back, `serve` starts the web studio, `bench` times the stages.
+//! reads a PNG's parameters back, `serve` starts the web studio (with its own workers, or as a
+//! front end of a Redis queue), `worker` runs a Redis queue's jobs on one device, `bench` times
+//! the stages.
 //! This binary parses arguments, reports progress and maps errors to messages; the math lives in
 //! `engine`, the web app in `web` and `app`.
 
@@ -38,6 +40,8 @@ enum Command {
     Info { file: PathBuf },
     /// Start the web studio.
     Serve(ServeArgs),
+    /// Run jobs from a Redis queue (`zimage serve --queue redis://…` front ends) on one device.
+    Worker(WorkerArgs),
     /// Time text encoding, each denoising step, VAE decode and whole requests; prints JSON.
     Bench(bench::BenchArgs),
     /// Run the engine stage by stage on a diffusers run's saved inputs (scripts/gpu/parity_full.py).
@@ -218,6 +222,38 @@ struct ServeArgs {
     /// On SIGTERM / Ctrl-C, how long the running jobs may take to finish before they are stopped.
     #[arg(long, default_value_t = 60)]
     drain_timeout_secs: u64,
+    /// Put jobs on this Redis (redis://HOST:PORT[/DB]) for `zimage worker`s instead of running
+    /// them here; no model is loaded by this process.
+    #[arg(long, env = "ZIMAGE_QUEUE")]
+    queue: Option<String>,
+    /// With --queue: a finished image another front end took but did not store within this many
+    /// milliseconds is stored by this one.
+    #[arg(long, default_value_t = 30_000)]
+    claim_idle_ms: u64,
+    /// Load no model: one worker whose every job waits this many milliseconds and returns a grey
+    /// image (for measuring the queue's own cost, docs/SCALE.md).
+    #[arg(long)]
+    simulate_job_ms: Option<u64>,
+    #[command(flatten)]
+    model: ModelArgs,
+}
+
+#[derive(Args)]
+struct WorkerArgs {
+    /// The Redis the front ends queue jobs on: redis://HOST:PORT[/DB].
+    #[arg(long, env = "ZIMAGE_QUEUE")]
+    queue: String,
+    /// A job whose worker has not renewed its claim for this many milliseconds (the process died)
+    /// is run again by another worker; live workers renew every third of it.
+    #[arg(long, default_value_t = 30_000)]
+    claim_idle_ms: u64,
+    /// A job running longer is stopped and fails with a reason; 0: no bound.
+    #[arg(long, default_value_t = 600)]
+    job_timeout_secs: u64,
+    /// Load no model: every job waits this many milliseconds and returns a grey image (for
+    /// measuring the queue at scale, docs/SCALE.md).
+    #[arg(long)]
+    simulate_job_ms: Option<u64>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -394,6 +430,7 @@ fn main() {
             .map_err(Into::into),
         Command::Info { file } => info(&file),
         Command::Serve(a) => serve(a),
+        Command::Worker(a) => worker(a),
         Command::Bench(a) => bench::run(a),
         Command::Parity(a) => parity::run(a),
     };
@@ -454,7 +491,37 @@ fn serve(a: ServeArgs) -> Result<()> {
             ws_idle: secs(a.ws_idle_secs.max(1)),
             drain: secs(a.drain_timeout_secs),
         },
+        queue_url: a.queue,
+        simulate_job: a.simulate_job_ms.map(std::time::Duration::from_millis),
+        claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
     })
+}
+
+fn worker(a: WorkerArgs) -> Result<()> {
+    let opts = web::WorkerOptions {
+        url: a.queue.clone(),
+        claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
+        job_timeout: (a.job_timeout_secs > 0).then(|| secs(a.job_timeout_secs)),
+    };
+    if let Some(ms) = a.simulate_job_ms {
+        let generator = web::SimulatedGenerator { job_time: std::time::Duration::from_millis(ms) };
+        return web::run_worker(opts, format!("a simulated device ({ms} ms per job)"), std::sync::Arc::new(generator));
+    }
+    let source = a.model.source();
+    let device = pick_device(&a.model.device)?;
+    let label = if device.is_cpu() { "CPU".to_string() } else { a.model.device.clone() };
+    eprintln!("loading model {} on {label}…", source.display_name());
+    let t = Instant::now();
+    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), a.model.load_options(&device))?;
+    eprintln!("model {} loaded on {label} in {:.1?}", pipe.model_name(), t.elapsed());
+    if !device.is_cpu() {
+        // the first run compiles the kernels: before the first job, not during it
+        match pipe.warm_up() {
+            Ok(d) => eprintln!("warmed up in {d:.1?}"),
+            Err(e) => eprintln!("warning: the warm-up generation failed: {e}"),
+        }
+    }
+    web::run_worker(opts, label, std::sync::Arc::new(pipe))
 }
 
 fn secs(n: u64) -> std::time::Duration {

@@ -15,6 +15,7 @@
 
 mod a1111_api;
 mod bodies;
+mod cluster;
 mod generate_api;
 mod history;
 mod jobs;
@@ -24,6 +25,7 @@ mod metrics;
 mod openai_api;
 mod queue;
 mod security;
+mod simulate;
 mod store;
 mod studio;
 #[cfg(test)]
@@ -47,7 +49,9 @@ use std::time::Duration;
 use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 
+pub use cluster::{run_worker, WorkerOptions};
 pub use queue::{Generator, QueueLimits};
+pub use simulate::SimulatedGenerator;
 pub use security::FramePolicy;
 pub use store::ImageStore;
 pub use studio::{Studio, StudioLimits};
@@ -73,6 +77,13 @@ pub struct ServeOptions {
     /// running jobs (0: none), and the bound on a job's run time.
     pub limits: StudioLimits,
     pub timeouts: Timeouts,
+    /// `--queue redis://…`: this process is a front end; jobs run on `zimage worker`s.
+    pub queue_url: Option<String>,
+    /// Run one simulated worker instead of loading the model (measurements, docs/SCALE.md).
+    pub simulate_job: Option<Duration>,
+    /// With a Redis queue: a result a front end took but did not store within this is stored by
+    /// another.
+    pub claim_idle: Duration,
 }
 
 /// How long the server waits for slow or idle clients, and for the running job when it stops.
@@ -141,7 +152,21 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::serve(listener, app_rx, opts.timeouts.header_read, stop_rx, Duration::from_secs(5)));
 
-    let loading = load_generators(&opts);
+    if let Some(url) = &opts.queue_url {
+        let studio = Studio::start_redis(url, opts.claim_idle, &opts.model, store.clone(), opts.limits.clone())
+            .await
+            .with_context(|| format!("joining the Redis queue {url}"))?;
+        return serve_studio(studio, store, opts, local, frames, site_root, app_tx, stop_tx, server, started).await;
+    }
+    let loading = async {
+        match opts.simulate_job {
+            Some(job_time) => {
+                let simulated: Arc<dyn Generator> = Arc::new(simulate::SimulatedGenerator { job_time });
+                Ok(vec![(format!("a simulated device ({} ms per job)", job_time.as_millis()), simulated)])
+            }
+            None => load_generators(&opts).await,
+        }
+    };
     let generators = tokio::select! {
         g = loading => g?,
         _ = shutdown_signal() => {
@@ -153,7 +178,23 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     };
     let studio = Studio::start(generators, store.clone(), opts.limits.clone())
         .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?;
+    serve_studio(studio, store, opts, local, frames, site_root, app_tx, stop_tx, server, started).await
+}
 
+/// Serves the full app on the open port until a stop signal, then drains.
+#[allow(clippy::too_many_arguments)]
+async fn serve_studio(
+    studio: Arc<Studio>,
+    store: Arc<ImageStore>,
+    opts: ServeOptions,
+    local: std::net::SocketAddr,
+    frames: FramePolicy,
+    site_root: std::path::PathBuf,
+    app_tx: tokio::sync::watch::Sender<Router>,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+    started: std::time::Instant,
+) -> anyhow::Result<()> {
     let options = leptos_options(local, &site_root);
     let settings = RouterSettings { api_key: opts.api_key.clone(), timeouts: opts.timeouts.clone() };
     let _ = app_tx.send(router_with(studio.clone(), options, frames, settings));
@@ -282,7 +323,7 @@ async fn drain(studio: &Studio, deadline: Duration) {
     studio.close_sockets();
 }
 
-async fn shutdown_signal() {
+pub(crate) async fn shutdown_signal() {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     {

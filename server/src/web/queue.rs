@@ -106,8 +106,23 @@ pub struct Job {
 
 impl Job {
     pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource, client: ClientId) -> Job {
+        Job::with_id(new_id(), request, seed, width, height, source, client, Instant::now())
+    }
+    /// A job that already has its id and submission time (a Redis worker running a job a front
+    /// end accepted).
+    #[allow(clippy::too_many_arguments)]
+    pub fn with_id(
+        id: String,
+        request: JobRequest,
+        seed: u64,
+        width: u32,
+        height: u32,
+        source: JobSource,
+        client: ClientId,
+        submitted: Instant,
+    ) -> Job {
         Job {
-            id: new_id(),
+            id,
             source,
             client,
             full_prompt: request.full_prompt(),
@@ -115,7 +130,7 @@ impl Job {
             seed,
             width,
             height,
-            submitted: Instant::now(),
+            submitted,
             cancel: AtomicBool::new(false),
             stop_reason: OnceLock::new(),
         }
@@ -472,6 +487,17 @@ struct Generated {
     tiny: bool,
 }
 
+/// Where a finished job's PNG goes: into this process's data folder and history (`zimage serve`),
+/// or handed on (a Redis worker sends it to the front ends, which store it); the answer is the
+/// job's final event.
+pub enum ResultSink {
+    Store { history: Arc<History> },
+    Forward(ForwardResult),
+}
+
+/// Hands on a finished job's PNG and result; returns the job's final event.
+pub type ForwardResult = Box<dyn Fn(&Job, Vec<u8>, JobResult) -> JobEvent + Send + Sync>;
+
 /// Starts one worker thread running jobs from `queue` on `generator` (one per device), and its
 /// publisher thread.
 pub fn spawn_worker(
@@ -481,6 +507,17 @@ pub fn spawn_worker(
     store: Arc<ImageStore>,
     history: Arc<History>,
 ) -> std::thread::JoinHandle<()> {
+    spawn_worker_with(name, queue, generator, store, ResultSink::Store { history })
+}
+
+/// [`spawn_worker`] with the finished PNGs going to `sink`.
+pub fn spawn_worker_with(
+    name: String,
+    queue: Arc<JobQueue>,
+    generator: Arc<dyn Generator>,
+    store: Arc<ImageStore>,
+    sink: ResultSink,
+) -> std::thread::JoinHandle<()> {
     let (posts, inbox) = std::sync::mpsc::channel::<Post>();
     let publisher_queue = queue.clone();
     let publisher_store = store.clone();
@@ -488,7 +525,7 @@ pub fn spawn_worker(
         .name(format!("{name}-publish"))
         .spawn(move || {
             for post in inbox {
-                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(&publisher_queue, &publisher_store, &history, post)));
+                let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| publish(&publisher_queue, &publisher_store, &sink, post)));
                 if let Err(job_id) = outcome.unwrap_or_else(|_| Err(None)) {
                     if let Some(job_id) = job_id {
                         publisher_queue.finish(JobEvent::Error {
@@ -524,7 +561,7 @@ pub fn spawn_worker(
 }
 
 /// Publishes one post; on a panic inside, `Err(Some(job id))` names the job to fail.
-fn publish(queue: &JobQueue, store: &ImageStore, history: &History, post: Post) -> Result<(), Option<String>> {
+fn publish(queue: &JobQueue, store: &ImageStore, sink: &ResultSink, post: Post) -> Result<(), Option<String>> {
     match post {
         Post::Step { job_id, step, total, elapsed_ms, eta_ms, preview } => {
             let preview = preview.as_ref().and_then(preview_data_url);
@@ -533,7 +570,7 @@ fn publish(queue: &JobQueue, store: &ImageStore, history: &History, post: Post) 
         Post::Finished { job, outcome } => {
             let job_id = job.id.clone();
             let event = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| match outcome {
-                Ok(generated) => store_result(store, history, &job, generated),
+                Ok(generated) => store_result(store, sink, &job, generated),
                 Err(ev) => ev,
             }))
             .map_err(|_| Some(job_id))?;
@@ -666,7 +703,7 @@ fn run_job(
 }
 
 /// PNG-encodes and stores a finished generation; returns the job's final event.
-fn store_result(store: &ImageStore, history: &History, job: &Job, generated: Generated) -> JobEvent {
+fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Generated) -> JobEvent {
     let job_id = job.id.clone();
     let Generated { out, strength, queued, model, tiny } = generated;
     let Some(img) = out.images.first() else {
@@ -719,11 +756,20 @@ fn store_result(store: &ImageStore, history: &History, job: &Job, generated: Gen
         negative_prompt: job.request.negative_prompt.clone(),
         source: job.source,
     };
-    if let Err(e) = store.save_image(&png, &result) {
+    match sink {
+        ResultSink::Store { history } => save_result(store, history, job_id, &png, result),
+        ResultSink::Forward(forward) => forward(job, png, result),
+    }
+}
+
+/// Writes a finished job's PNG and metadata into the data folder and its history; the job's final
+/// event.
+pub fn save_result(store: &ImageStore, history: &History, job_id: String, png: &[u8], result: JobResult) -> JobEvent {
+    if let Err(e) = store.save_image(png, &result) {
         return JobEvent::Error { job_id, reason: e.reason };
     }
     // The image is stored and shareable either way; a history failure is logged, not fatal.
-    if let Err(e) = history.add(&result, &png) {
+    if let Err(e) = history.add(&result, png) {
         eprintln!("[web] job {job_id}: adding it to the history failed: {}", e.reason);
     }
     JobEvent::Done { job_id, result }

@@ -1,11 +1,13 @@
-//! The studio backend: validates requests, feeds the queue, answers the server functions.
+//! The studio backend: validates requests, feeds the queue (this process's, or with `--queue
+//! redis://…` the Redis one that `zimage worker`s run), answers the server functions.
 
 use app::backend::{Backend, ClientId};
-use app::types::{is_valid_id, HistoryPage, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
+use app::types::{is_valid_id, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
 use app::StudioError;
 use engine::pipeline::GenerateRequest;
 use std::sync::Arc;
 
+use super::cluster::RedisFrontEnd;
 use super::history::History;
 use super::limits::RateLimiter;
 use super::metrics::Metrics;
@@ -28,7 +30,11 @@ impl StudioLimits {
 }
 
 pub struct Studio {
+    /// The jobs' events and latest states as this process knows them (the websockets and the
+    /// HTTP APIs read them here); with no `redis`, also the queue the local workers run.
     pub queue: Arc<JobQueue>,
+    /// With `--queue redis://…`: jobs go to Redis and run on `zimage worker`s.
+    redis: Option<Arc<RedisFrontEnd>>,
     pub store: Arc<ImageStore>,
     pub history: Arc<History>,
     info: ServerInfo,
@@ -66,6 +72,7 @@ impl Studio {
             .collect();
         Ok(Arc::new(Studio {
             queue,
+            redis: None,
             store,
             history,
             info,
@@ -74,6 +81,52 @@ impl Studio {
             closing: tokio::sync::watch::Sender::new(false),
             workers: std::sync::Mutex::new(workers),
         }))
+    }
+
+    /// A front end of a Redis deployment: no local workers; jobs go to `zimage worker`s through
+    /// the Redis at `url`. `model` is what the workers are told to load (the studio's model line).
+    pub async fn start_redis(
+        url: &str,
+        claim_idle: std::time::Duration,
+        model: &engine::loader::ModelSource,
+        store: Arc<ImageStore>,
+        limits: StudioLimits,
+    ) -> anyhow::Result<Arc<Studio>> {
+        let history = Arc::new(History::open(store.root()).map_err(|e| anyhow::anyhow!("opening the history: {}", e.reason))?);
+        let queue = JobQueue::new(limits.queue.clone(), Arc::new(Metrics::new()));
+        let redis = RedisFrontEnd::start(url, queue.capacity(), claim_idle, queue.clone(), store.clone(), history.clone()).await?;
+        use engine::loader::ModelSource;
+        let tiny = matches!(model, ModelSource::Tiny);
+        let info = ServerInfo {
+            model: model.display_name(),
+            tiny_model: tiny,
+            random_weights: tiny || matches!(model, ModelSource::RandomFullSize),
+            device: "workers on a Redis queue".to_string(),
+            queue_capacity: queue.capacity(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        Ok(Arc::new(Studio {
+            queue,
+            redis: Some(redis),
+            store,
+            history,
+            info,
+            rate: RateLimiter::new(limits.submissions_per_minute),
+            devices: Vec::new(),
+            closing: tokio::sync::watch::Sender::new(false),
+            workers: std::sync::Mutex::new(Vec::new()),
+        }))
+    }
+
+    /// A job's latest event: this process's, else (a Redis front end) the shared one.
+    pub async fn snapshot(&self, job_id: &str) -> Option<JobEvent> {
+        if let Some(ev) = self.queue.snapshot(job_id) {
+            return Some(ev);
+        }
+        match &self.redis {
+            Some(redis) => redis.snapshot(job_id).await,
+            None => None,
+        }
     }
 
     /// `submit` for a request from `client` that came in by `source`.
@@ -111,13 +164,29 @@ impl Studio {
         }
         let job = Job::new(req, seed, width, height, source, client.clone());
         let job_id = job.id.clone();
-        let position = self.queue.submit(job)?;
+        let position = match &self.redis {
+            Some(redis) => redis.submit(job)?,
+            None => self.queue.submit(job)?,
+        };
         Ok(JobTicket { job_id, position, seed, width, height })
     }
 
     /// `/readyz`'s answer: ready unless draining; the workers idle or busy, the queue's depth.
     pub fn readiness(&self) -> (bool, serde_json::Value) {
         let draining = self.queue.is_draining();
+        if let Some(redis) = &self.redis {
+            // a front end is ready when it can queue jobs: Redis answers
+            let waiting = redis.waiting();
+            let ready = !draining && waiting.is_ok();
+            let body = serde_json::json!({
+                "ready": ready,
+                "state": if draining { "draining" } else if ready { "ready" } else { "redis unreachable" },
+                "model_loaded": true,
+                "model": self.info.model,
+                "queue": {"backend": "redis", "waiting": waiting.ok(), "capacity": self.queue.capacity()},
+            });
+            return (ready, body);
+        }
         let running = self.queue.running_len();
         let workers = self.devices.len();
         let body = serde_json::json!({
@@ -174,7 +243,10 @@ impl Backend for Studio {
         if !is_valid_id(job_id) {
             return Err(StudioError::invalid("That is not a job id."));
         }
-        self.queue.cancel(job_id)
+        match &self.redis {
+            Some(redis) => redis.cancel(job_id),
+            None => self.queue.cancel(job_id),
+        }
     }
 
     fn image(&self, image_id: &str) -> Result<JobResult, StudioError> {

@@ -71,7 +71,7 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
                         if !is_valid_id(&job_id) || watched.len() >= MAX_WATCHED {
                             continue;
                         }
-                        let ev = studio.queue.snapshot(&job_id).unwrap_or_else(|| JobEvent::Error {
+                        let ev = studio.snapshot(&job_id).await.unwrap_or_else(|| JobEvent::Error {
                             job_id: job_id.clone(),
                             reason: "This job is unknown to the server (it may have restarted). Please submit it again.".into(),
                         });
