@@ -498,6 +498,7 @@ fn serve(a: ServeArgs) -> Result<()> {
 }
 
 fn worker(a: WorkerArgs) -> Result<()> {
+    bound_heap_fragmentation();
     let opts = web::WorkerOptions {
         url: a.queue.clone(),
         claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
