@@ -12,70 +12,19 @@
 
 #![cfg(unix)]
 
+mod common;
+
+use common::{http, Proc};
 use serde_json::Value;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Claim idle time of the test's processes: a killed worker's job moves on after this.
 const CLAIM_IDLE_MS: &str = "2000";
 const LIMIT: Duration = Duration::from_secs(120);
-
-/// A child process with its stderr collected (and, when it prints `port ADDR`, that address).
-struct Proc {
-    child: Child,
-    log: Arc<Mutex<String>>,
-    addr: Option<SocketAddr>,
-}
-
-impl Proc {
-    fn spawn(mut cmd: Command, announces_port: bool) -> Proc {
-        let mut child = cmd.stdout(Stdio::null()).stderr(Stdio::piped()).spawn().expect("spawning");
-        let log = Arc::new(Mutex::new(String::new()));
-        let (tx, rx) = std::sync::mpsc::channel();
-        let stderr = child.stderr.take().unwrap();
-        let sink = log.clone();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                if let Some(addr) = line.strip_prefix("port ").and_then(|r| r.split_whitespace().next()) {
-                    let _ = tx.send(addr.parse::<SocketAddr>().unwrap());
-                }
-                sink.lock().unwrap().push_str(&(line + "\n"));
-            }
-        });
-        let addr = announces_port.then(|| rx.recv_timeout(Duration::from_secs(60)).expect("the port is announced"));
-        Proc { child, log, addr }
-    }
-
-    fn log(&self) -> String {
-        self.log.lock().unwrap().clone()
-    }
-
-    fn signal(&self, sig: &str) {
-        assert!(Command::new("kill").args([sig, &self.child.id().to_string()]).status().unwrap().success());
-    }
-
-    fn wait(&mut self) -> Option<i32> {
-        let t0 = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status.code();
-            }
-            assert!(t0.elapsed() < LIMIT, "did not exit: {}", self.log());
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
@@ -85,7 +34,7 @@ fn redis_server(dir: &Path) -> (Proc, String) {
     let port = free_port();
     let mut cmd = Command::new("redis-server");
     cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]).arg("--dir").arg(dir);
-    let redis = Proc::spawn(cmd, false);
+    let redis = Proc::spawn(cmd, false, LIMIT);
     let t0 = Instant::now();
     while TcpStream::connect(("127.0.0.1", port)).is_err() {
         assert!(t0.elapsed() < Duration::from_secs(10), "redis-server did not start: {}", redis.log());
@@ -102,46 +51,21 @@ fn front_end(url: &str, data: &Path, addr: &str) -> Proc {
         .arg(data)
         .arg("--site-root")
         .arg(data.join("no-site"));
-    let fe = Proc::spawn(cmd, true);
-    let t0 = Instant::now();
-    while http(fe.addr.unwrap(), "GET", "/readyz", None).0 != 200 {
-        assert!(t0.elapsed() < LIMIT, "not ready: {}", fe.log());
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let fe = Proc::spawn(cmd, true, Duration::from_secs(60));
+    fe.wait_ready(LIMIT);
     fe
 }
 
 fn worker(url: &str) -> Proc {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_zimage"));
     cmd.args(["worker", "--queue", url, "--model", "tiny", "--device", "cpu", "--claim-idle-ms", CLAIM_IDLE_MS]);
-    let w = Proc::spawn(cmd, false);
+    let w = Proc::spawn(cmd, false, LIMIT);
     let t0 = Instant::now();
     while !w.log().contains("is taking jobs") {
         assert!(t0.elapsed() < LIMIT, "the worker did not start: {}", w.log());
         std::thread::sleep(Duration::from_millis(50));
     }
     w
-}
-
-/// One HTTP/1.1 exchange: status, head, body (the studio's JSON answers are not chunked here).
-fn http(addr: SocketAddr, method: &str, path: &str, json: Option<&str>) -> (u16, String, Vec<u8>) {
-    let Ok(mut s) = TcpStream::connect(addr) else { return (0, String::new(), Vec::new()) };
-    let body = json.unwrap_or("");
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nAccept: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new(), Vec::new());
-    }
-    let mut raw = Vec::new();
-    if s.read_to_end(&mut raw).is_err() {
-        return (0, String::new(), Vec::new());
-    }
-    let Some(split) = raw.windows(4).position(|w| w == b"\r\n\r\n") else { return (0, String::new(), Vec::new()) };
-    let head = String::from_utf8_lossy(&raw[..split]).to_lowercase();
-    let status = head.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
-    (status, head, raw[split + 4..].to_vec())
 }
 
 /// Submits a 4-step 1024x1024 job; its ticket.
@@ -304,7 +228,7 @@ fn two_front_ends_and_two_workers_share_one_redis_queue() {
     let (victim, survivor) = if worker_ran(&workers[0], &lost_id) { (0, 1) } else { (1, 0) };
     assert!(worker_ran(&workers[victim], &lost_id), "{}", logs());
     workers[victim].signal("-KILL");
-    workers[victim].wait();
+    workers[victim].wait(LIMIT);
     let survivor = &workers[survivor];
     let (status, _, body) = http(a1, "POST", "/api/cancel_job", Some(&format!(r#"{{"job_id":"{doomed_id}"}}"#)));
     assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
@@ -315,7 +239,7 @@ fn two_front_ends_and_two_workers_share_one_redis_queue() {
 
     // 3. The client's front end restarts while the job runs again; the client reconnects.
     fe1.signal("-TERM");
-    assert_eq!(fe1.wait(), Some(0), "{}", fe1.log());
+    assert_eq!(fe1.wait(LIMIT), Some(0), "{}", fe1.log());
     let t0 = Instant::now();
     while !watch.is_closed() {
         assert!(t0.elapsed() < Duration::from_secs(10), "the socket was closed by the stopping front end");
