@@ -506,22 +506,12 @@ fn worker(a: WorkerArgs) -> Result<()> {
     };
     if let Some(ms) = a.simulate_job_ms {
         let generator = web::SimulatedGenerator { job_time: std::time::Duration::from_millis(ms) };
-        return web::run_worker(opts, format!("a simulated device ({ms} ms per job)"), std::sync::Arc::new(generator));
+        return web::run_worker(opts, generator.label(), std::sync::Arc::new(generator));
     }
-    let source = a.model.source();
     let device = pick_device(&a.model.device)?;
     let label = if device.is_cpu() { "CPU".to_string() } else { a.model.device.clone() };
-    eprintln!("loading model {} on {label}…", source.display_name());
-    let t = Instant::now();
-    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), a.model.load_options(&device))?;
-    eprintln!("model {} loaded on {label} in {:.1?}", pipe.model_name(), t.elapsed());
-    if !device.is_cpu() {
-        // the first run compiles the kernels: before the first job, not during it
-        match pipe.warm_up() {
-            Ok(d) => eprintln!("warmed up in {d:.1?}"),
-            Err(e) => eprintln!("warning: the warm-up generation failed: {e}"),
-        }
-    }
+    let load_options = a.model.load_options(&device);
+    let pipe = web::load_pipeline(&a.model.source(), device, &label, load_options)?;
     web::run_worker(opts, label, std::sync::Arc::new(pipe))
 }
 

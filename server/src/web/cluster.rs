@@ -32,7 +32,7 @@ use redis::streams::{StreamAutoClaimReply, StreamId, StreamReadReply};
 use redis::AsyncCommands;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use super::history::History;
@@ -129,29 +129,31 @@ async fn ensure_groups(conn: &mut ConnectionManager) -> redis::RedisResult<()> {
     Ok(())
 }
 
+// The scripts are made once: `Script::new` hashes its code (EVALSHA), and events go per step.
+
 /// Publishes a job's non-final event (state key + channel), unless the job already ended (a
 /// late step of a worker that lost its job must not hide the result).
-static PUBLISH_SCRIPT: &str = r"
+static PUBLISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
-return 1";
+return 1"));
 
 /// Publishes a job's final event if it is the first (exactly one final event per job).
-static FINISH_SCRIPT: &str = r"
+static FINISH_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(r"
 if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[3]) then return 0 end
 redis.call('SET', KEYS[2], ARGV[1], 'EX', ARGV[3])
 redis.call('PUBLISH', KEYS[3], ARGV[2])
-return 1";
+return 1"));
 
 /// Takes a ticket and appends the job, unless `capacity` jobs already wait. Returns {ticket,
 /// place in line}, or {-1, waiting} when full.
-static SUBMIT_SCRIPT: &str = r"
+static SUBMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(r"
 local waiting = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(redis.call('GET', KEYS[2]) or '0')
 if waiting >= tonumber(ARGV[1]) then return {-1, waiting} end
 local ticket = redis.call('INCR', KEYS[1])
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[2], 'ticket', ticket, 'upload', ARGV[3])
-return {ticket, waiting + 1}";
+return {ticket, waiting + 1}"));
 
 /// Records and announces one event of a job; a final event only if it is the job's first.
 /// Returns whether it was published.
@@ -159,7 +161,7 @@ async fn publish_event(conn: &mut ConnectionManager, event: &JobEvent, ticket: O
     let id = event.job_id();
     let state = serde_json::to_string(&StoredState { event: event.clone(), ticket }).expect("states serialize");
     let wire = serde_json::to_string(&Wire::Event { event: Box::new(event.clone()) }).expect("events serialize");
-    let script = redis::Script::new(if event.is_terminal() { FINISH_SCRIPT } else { PUBLISH_SCRIPT });
+    let script: &redis::Script = if event.is_terminal() { &FINISH_SCRIPT } else { &PUBLISH_SCRIPT };
     let done: i64 = script
         .key(final_key(id))
         .key(state_key(id))
@@ -318,7 +320,7 @@ impl RedisFrontEnd {
         let payload = serde_json::to_string(&queued).expect("jobs serialize");
         let mut conn = self.conn.clone();
         let (ticket, place): (i64, i64) = block_on(
-            redis::Script::new(SUBMIT_SCRIPT)
+            SUBMIT_SCRIPT
                 .key(TICKETS)
                 .key(TAKEN)
                 .key(JOBS)
@@ -666,7 +668,7 @@ async fn run_one(
     }
     let waited = Duration::from_millis(unix_ms().saturating_sub(job.submitted_unix_ms));
     let submitted = Instant::now().checked_sub(waited).unwrap_or_else(Instant::now);
-    let local_job = Job::with_id(job.id, job.request, job.seed, job.width, job.height, job.source, ClientId::new(job.client), submitted);
+    let local_job = Job::new(job.request, job.seed, job.width, job.height, job.source, ClientId::new(job.client)).accepted_as(job.id, submitted);
     if let Err(e) = local.submit(local_job) {
         publish_event(conn, &JobEvent::Error { job_id, reason: e.reason }, None).await?;
         return Ok(());

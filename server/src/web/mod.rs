@@ -161,8 +161,8 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let loading = async {
         match opts.simulate_job {
             Some(job_time) => {
-                let simulated: Arc<dyn Generator> = Arc::new(simulate::SimulatedGenerator { job_time });
-                Ok(vec![(format!("a simulated device ({} ms per job)", job_time.as_millis()), simulated)])
+                let simulated = simulate::SimulatedGenerator { job_time };
+                Ok(vec![(simulated.label(), Arc::new(simulated) as Arc<dyn Generator>)])
             }
             None => load_generators(&opts).await,
         }
@@ -225,6 +225,48 @@ async fn serve_studio(
     Ok(())
 }
 
+/// Loads the model on one device and, on a GPU, warms it up (the first run compiles the kernels,
+/// once per process: before the first job, not during it). Blocking; `serve` runs it per device,
+/// `zimage worker` on its one.
+pub fn load_pipeline(
+    source: &engine::loader::ModelSource,
+    device: candle_core::Device,
+    label: &str,
+    load_options: engine::pipeline::LoadOptions,
+) -> anyhow::Result<engine::pipeline::Pipeline> {
+    eprintln!("loading model {} on {label}…", source.display_name());
+    let t = std::time::Instant::now();
+    // The driver's one-time kernel compilation runs beside the loading (see
+    // engine::cuda::precompile_kernels).
+    #[cfg(feature = "cuda")]
+    let precompile = match &device {
+        candle_core::Device::Cuda(dev) => {
+            let dev = dev.clone();
+            Some(std::thread::spawn(move || engine::cuda::precompile_kernels(&dev)))
+        }
+        _ => None,
+    };
+    let dtype = engine::pipeline::default_dtype(&device);
+    let pipeline = engine::pipeline::Pipeline::load_with_options(source, &device, dtype, load_options)
+        .with_context(|| format!("loading the model on {label}"))?;
+    eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
+    #[cfg(feature = "cuda")]
+    if let Some(h) = precompile {
+        match h.join() {
+            Ok(Ok(d)) => eprintln!("CUDA kernels compiled (or found in the driver's cache) in {d:.1?}, beside the loading"),
+            Ok(Err(e)) => eprintln!("warning: {e}"),
+            Err(_) => eprintln!("warning: the kernel compile thread panicked"),
+        }
+    }
+    if !pipeline.device().is_cpu() {
+        match pipeline.warm_up() {
+            Ok(d) => eprintln!("warmed up on {label} in {d:.1?}"),
+            Err(e) => eprintln!("warning: the warm-up generation on {label} failed: {e}"),
+        }
+    }
+    Ok(pipeline)
+}
+
 /// Loads the model on every device (on blocking threads), one generator per device.
 async fn load_generators(opts: &ServeOptions) -> anyhow::Result<Vec<(String, Arc<dyn Generator>)>> {
     // one worker per device: every CUDA GPU (when built with CUDA), else the CPU
@@ -232,51 +274,10 @@ async fn load_generators(opts: &ServeOptions) -> anyhow::Result<Vec<(String, Arc
     for (device, label) in opts.devices.clone() {
         let source = opts.model.clone();
         let load_options = (opts.load_options)(&device);
-        eprintln!("loading model {} on {label}…", source.display_name());
-        let t = std::time::Instant::now();
-        // The driver's one-time kernel compilation runs beside the loading (see
-        // engine::cuda::precompile_kernels).
-        #[cfg(feature = "cuda")]
-        let precompile = match &device {
-            candle_core::Device::Cuda(dev) => {
-                let dev = dev.clone();
-                Some(std::thread::spawn(move || engine::cuda::precompile_kernels(&dev)))
-            }
-            _ => None,
-        };
-        let pipeline =
-            tokio::task::spawn_blocking(move || {
-                let dtype = engine::pipeline::default_dtype(&device);
-                engine::pipeline::Pipeline::load_with_options(&source, &device, dtype, load_options)
-            })
-                .await
-                .context("model loading thread")?
-                .with_context(|| format!("loading the model on {label}"))?;
-        eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
-        #[cfg(feature = "cuda")]
-        if let Some(h) = precompile {
-            match h.join() {
-                Ok(Ok(d)) => eprintln!("CUDA kernels compiled (or found in the driver's cache) in {d:.1?}, beside the loading"),
-                Ok(Err(e)) => eprintln!("warning: {e}"),
-                Err(_) => eprintln!("warning: the kernel compile thread panicked"),
-            }
-        }
-        // On GPUs the first run compiles the kernels (once per process): do it before serving.
-        let pipeline = if pipeline.device().is_cpu() {
-            pipeline
-        } else {
-            let (pipeline, warm) = tokio::task::spawn_blocking(move || {
-                let r = pipeline.warm_up();
-                (pipeline, r)
-            })
+        let device_label = label.clone();
+        let pipeline = tokio::task::spawn_blocking(move || load_pipeline(&source, device, &device_label, load_options))
             .await
-            .context("warm-up thread")?;
-            match warm {
-                Ok(d) => eprintln!("warmed up on {label} in {d:.1?}"),
-                Err(e) => eprintln!("warning: the warm-up generation on {label} failed: {e}"),
-            }
-            pipeline
-        };
+            .context("model loading thread")??;
         if generators.is_empty() && pipeline.is_tiny() {
             eprintln!(
                 "note: this is the built-in tiny model with random weights; images will look like noise."
@@ -418,11 +419,14 @@ async fn a1111_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Resp
     a1111_api::ApiError::unauthorized().into_response()
 }
 
+/// The reason given when a route that needs the API key did not get it.
+const NO_API_KEY: &str = "Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).";
+
 async fn openai_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
     if key.admits(req.headers()) {
         return next.run(req).await;
     }
-    openai_api::ApiError::unauthorized("Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).").into_response()
+    openai_api::ApiError::unauthorized(NO_API_KEY).into_response()
 }
 
 /// `/metrics` asks for the API key when the server has one (queue depth and job counts are the
@@ -433,7 +437,7 @@ async fn metrics_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Re
     }
     let body = serde_json::json!({
         "kind": "unauthorized",
-        "reason": "Incorrect or missing API key: send `Authorization: Bearer <key>` (the server's --api-key).",
+        "reason": NO_API_KEY,
     });
     (StatusCode::UNAUTHORIZED, [(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"))], Json(body)).into_response()
 }

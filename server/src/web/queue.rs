@@ -106,23 +106,8 @@ pub struct Job {
 
 impl Job {
     pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource, client: ClientId) -> Job {
-        Job::with_id(new_id(), request, seed, width, height, source, client, Instant::now())
-    }
-    /// A job that already has its id and submission time (a Redis worker running a job a front
-    /// end accepted).
-    #[allow(clippy::too_many_arguments)]
-    pub fn with_id(
-        id: String,
-        request: JobRequest,
-        seed: u64,
-        width: u32,
-        height: u32,
-        source: JobSource,
-        client: ClientId,
-        submitted: Instant,
-    ) -> Job {
         Job {
-            id,
+            id: new_id(),
             source,
             client,
             full_prompt: request.full_prompt(),
@@ -130,10 +115,17 @@ impl Job {
             seed,
             width,
             height,
-            submitted,
+            submitted: Instant::now(),
             cancel: AtomicBool::new(false),
             stop_reason: OnceLock::new(),
         }
+    }
+    /// The job under the id and submission time a front end gave it (a Redis worker running a
+    /// job a front end accepted).
+    pub fn accepted_as(mut self, id: String, submitted: Instant) -> Job {
+        self.id = id;
+        self.submitted = submitted;
+        self
     }
     pub fn cancelled(&self) -> bool {
         self.cancel.load(Ordering::SeqCst)

@@ -14,6 +14,13 @@ pub struct SimulatedGenerator {
     pub job_time: Duration,
 }
 
+impl SimulatedGenerator {
+    /// The device line the studio shows for it.
+    pub fn label(&self) -> String {
+        format!("a simulated device ({} ms per job)", self.job_time.as_millis())
+    }
+}
+
 impl Generator for SimulatedGenerator {
     fn model_name(&self) -> String {
         "simulated".into()

@@ -54,18 +54,19 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break };
                 last_heard = tokio::time::Instant::now();
-                let Message::Text(t) = msg else {
-                    if matches!(msg, Message::Close(_)) { break }
-                    if matches!(&msg, Message::Binary(b) if b.len() > MAX_CLIENT_MESSAGE) {
-                        let _ = sink.send(close(1009, "message too big")).await;
-                        break;
-                    }
-                    continue;
+                let size = match &msg {
+                    Message::Text(t) => t.len(),
+                    Message::Binary(b) => b.len(),
+                    _ => 0,
                 };
-                if t.len() > MAX_CLIENT_MESSAGE {
+                if size > MAX_CLIENT_MESSAGE {
                     let _ = sink.send(close(1009, "message too big (at most 16 KiB)")).await;
                     break;
                 }
+                let Message::Text(t) = msg else {
+                    if matches!(msg, Message::Close(_)) { break }
+                    continue;
+                };
                 match serde_json::from_str::<WsClientMsg>(t.as_str()) {
                     Ok(WsClientMsg::Watch { job_id }) => {
                         if !is_valid_id(&job_id) || watched.len() >= MAX_WATCHED {
