@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Install a CUDA 13.0 build toolchain (nvcc, headers, link-time libraries)
-# from NVIDIA's PyPI wheels into a fixed prefix, for building candle with
+# Install a CUDA 13.0 toolchain (nvcc, headers, the libraries to link and to run
+# with) from NVIDIA's PyPI wheels into a fixed prefix, for building candle with
 # `--features cuda` (and flash-attn, flash-attn-v3, cudnn) on a machine that has
-# no GPU and no CUDA toolkit. scripts/gpu/build.sh calls it.
+# no CUDA toolkit, with or without a GPU. scripts/build-zimage.sh calls it; the
+# binary it builds finds cudart, cuBLAS, cuRAND and cuDNN here by its rpath.
 #
 # Usage:  scripts/gpu/setup-cuda-toolkit.sh [PREFIX]      (default /opt/cuda-pip)
 #         eval "$(scripts/gpu/setup-cuda-toolkit.sh --env [PREFIX])"
@@ -32,7 +33,7 @@ PKGS=(
   nvidia-cublas==13.0.2.14      # libcublas.so.13, libcublasLt.so.13 (link time)
   nvidia-curand==10.4.0.35      # libcurand.so.10 (link time)
   nvidia-cutlass==3.5.0.0       # CUTLASS v3.5.0 headers, for candle-flash-attn (FA2) and -v3 (FA3)
-  nvidia-cudnn-cu13==9.13.0.50  # libcudnn.so.9 (link time only: the GPU machine loads its own 9.x)
+  nvidia-cudnn-cu13==9.13.0.50  # libcudnn.so.9 and its engine libraries (link and run time)
 )
 # candle-flash-attn 0.11.1 (through cudaforge) git-clones CUTLASS commit 7d49e6c7 (= tag
 # v3.5.0) from GitHub. We pre-seed cudaforge's cache with the identical headers from the
@@ -45,7 +46,9 @@ CUTLASS_COMMIT=7d49e6c7e2f8896c47f586706e67e1fb215529dc
 # compile it, so its cache entry is seeded from the v3.5.0 wheel.
 CUTLASS_FA3_COMMIT=4c42f73fdab5787e3bb57717f35a8cb1b3c0dc6d
 CUDAFORGE_HOME_DIR="$PREFIX/cudaforge"
-STAMP="$PREFIX/.installed-$(printf '%s\n' "${PKGS[@]}" | sha256sum | cut -c1-16)"
+# LAYOUT names how the wheels are unpacked; a change of it (or of a version) reinstalls.
+LAYOUT=2-cudnn-runtime
+STAMP="$PREFIX/.installed-$(printf '%s\n' "$LAYOUT" "${PKGS[@]}" | sha256sum | cut -c1-16)"
 
 print_env() {
   cat <<ENV
@@ -53,8 +56,7 @@ export CUDA_ROOT=$ROOT
 export CUDA_HOME=$ROOT
 export CUDA_PATH=$ROOT
 export PATH=$ROOT/bin:\$PATH
-export CUDA_COMPUTE_CAP=90
-export LIBRARY_PATH=$ROOT/lib:$ROOT/lib/stubs\${LIBRARY_PATH:+:\$LIBRARY_PATH}
+export LIBRARY_PATH=$ROOT/lib:$ROOT/lib/stubs:$PREFIX/nvidia/cudnn/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}
 export CUDAFORGE_HOME=$CUDAFORGE_HOME_DIR
 ENV
 }
@@ -79,9 +81,10 @@ if [ ! -f "$STAMP" ]; then
     case "$name" in
       nvidia-cutlass) ;;
       nvidia-cudnn-cu13)
-        # Only the dispatcher library is needed to link; the engines stay on the GPU machine.
-        unzip -q -o "$whl" 'nvidia/cudnn/lib/libcudnn.so.9' -d "$PREFIX"
-        cp -f "$PREFIX/nvidia/cudnn/lib/libcudnn.so.9" "$ROOT/lib/libcudnn.so.9"
+        # The dispatcher (to link) and the engine libraries it loads from its own folder (to run).
+        unzip -q -o "$whl" 'nvidia/cudnn/lib/*' -d "$PREFIX"
+        rm -f "$ROOT/lib/libcudnn.so.9" "$ROOT/lib/libcudnn.so"   # layout 1 kept a copy here
+        ln -sf libcudnn.so.9 "$PREFIX/nvidia/cudnn/lib/libcudnn.so"
         ;;
       *) unzip -q -o "$whl" 'nvidia/*' -d "$PREFIX" ;;
     esac
@@ -90,7 +93,7 @@ if [ ! -f "$STAMP" ]; then
 
   # Unversioned names for the linker (-lcudart, -lnvrtc, ...): the wheels ship only .so.N.
   cd "$ROOT/lib"
-  for l in libcudart.so.13 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10 libcudnn.so.9; do
+  for l in libcudart.so.13 libnvrtc.so.13 libcublas.so.13 libcublasLt.so.13 libcurand.so.10; do
     ln -sf "$l" "${l%.so.*}.so"
   done
   # Toolkit-style lib64 (cudaforge / cudarc search $CUDA_ROOT/lib64 and lib64/stubs).
