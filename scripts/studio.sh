@@ -22,7 +22,7 @@ done
 if [ "$dry" = 1 ]; then
   BIN=$(scripts/build-zimage.sh ${build_args[@]+"${build_args[@]}"} | tail -1)
   case "$BIN" in
-    */cuda-sm*) echo "[studio] model: the binary's default on a GPU, Tongyi-MAI/Z-Image-Turbo (about 21 GB, downloaded into the Hugging Face cache on the first start)" ;;
+    */cuda-sm*) echo "[studio] model: the binary's default on a GPU, Tongyi-MAI/Z-Image-Turbo (about 33 GB, downloaded into the Hugging Face cache on the first start)" ;;
     *) echo "[studio] model: the binary's default on the CPU, the real model if the Hugging Face cache holds it, else tiny" ;;
   esac
   echo "[studio] would build the site (scripts/build-site.sh --site-only) and run:"

@@ -230,6 +230,18 @@ mod imp {
         d.to_locale_string("default", &wasm_bindgen::JsValue::UNDEFINED).into()
     }
 
+    /// GET `/readyz` (never from a cache) and parse it; None when the server does not answer.
+    pub async fn fetch_readiness() -> Option<crate::types::Readiness> {
+        use wasm_bindgen_futures::JsFuture;
+        let w = web_sys::window()?;
+        let init = web_sys::RequestInit::new();
+        init.set_cache(web_sys::RequestCache::NoStore);
+        let resp = JsFuture::from(w.fetch_with_str_and_init("/readyz", &init)).await.ok()?;
+        let resp: web_sys::Response = resp.dyn_into().ok()?;
+        let text = JsFuture::from(resp.text().ok()?).await.ok()?.as_string()?;
+        serde_json::from_str(&text).ok()
+    }
+
     pub fn post_to_parent(json: &str) {
         let Some(w) = web_sys::window() else { return };
         let Ok(Some(parent)) = w.parent() else { return };
@@ -260,6 +272,9 @@ mod imp {
         None
     }
     pub fn session_set(_key: &str, _value: &str) {}
+    pub async fn fetch_readiness() -> Option<crate::types::Readiness> {
+        None
+    }
 }
 
 /// Opens the `/ws` socket (once) and routes job events to `on_event`; `on_status` hears
@@ -291,6 +306,11 @@ pub fn session_set(key: &str, value: &str) {
 /// Posts a JSON message to the parent window when the page is framed.
 pub fn post_to_parent(json: &str) {
     imp::post_to_parent(json)
+}
+
+/// What the server is doing (`/readyz`), or None when it does not answer (always None on the server).
+pub async fn fetch_readiness() -> Option<crate::types::Readiness> {
+    imp::fetch_readiness().await
 }
 
 /// A Unix time in the browser's locale and time zone.

@@ -64,6 +64,7 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
 pub fn App() -> impl IntoView {
     provide_meta_context();
     ui::provide_jobs();
+    ui::provide_server_status();
     // effects run only in the browser, after hydration: tests wait for this marker
     browser_effect(|_| {
         if let Some(body) = document().body() {

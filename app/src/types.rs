@@ -8,6 +8,7 @@
 //! * [`JobState`]    — the client-side view of a job, folded from [`JobEvent`]s.
 //! * [`UploadInfo`]  — an uploaded Transform input after it was resized.
 //! * [`ServerInfo`]  — which model is loaded, whether it is the random-weight tiny model.
+//! * [`Readiness`]   — what the server is doing (downloading, loading, ready…): `/readyz`'s JSON.
 
 use crate::error::StudioError;
 use serde::{Deserialize, Serialize};
@@ -630,6 +631,115 @@ pub struct ServerInfo {
     pub device: String,
     pub queue_capacity: usize,
     pub version: String,
+}
+
+/// What the server is doing: the JSON of `/readyz` (200 when `ready`, else 503), which the page
+/// polls while the model downloads or loads.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Readiness {
+    pub ready: bool,
+    pub state: ServerState,
+    pub model_loaded: bool,
+    pub model: String,
+    /// The state in a sentence for people.
+    #[serde(default)]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadStatus>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workers: Option<WorkerCounts>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub queue: Option<QueueDepth>,
+}
+
+/// The server's phase, from start to stop.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServerState {
+    /// Fetching the model's files into the Hugging Face cache.
+    Downloading,
+    /// Reading the weights into memory.
+    Loading,
+    /// The GPU driver compiles the kernels (first start on a machine).
+    CompilingKernels,
+    /// One small generation so that the first user does not wait for one-time work.
+    WarmingUp,
+    Ready,
+    /// Stopping: no new jobs.
+    Draining,
+    /// The model could not be loaded; the message says why. Stored images stay served.
+    Failed,
+    /// A Redis front end whose Redis does not answer.
+    #[serde(rename = "redis unreachable")]
+    RedisUnreachable,
+}
+
+/// A download's progress in `/readyz`.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct DownloadStatus {
+    /// The file being fetched.
+    pub file: String,
+    pub files_done: u32,
+    pub files_total: u32,
+    pub bytes_done: u64,
+    pub bytes_total: u64,
+    pub bytes_per_sec: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eta_secs: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct WorkerCounts {
+    pub total: usize,
+    pub busy: usize,
+    pub idle: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct QueueDepth {
+    /// `redis` for a front end of a Redis queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    /// Jobs waiting (unknown when Redis does not answer).
+    pub waiting: Option<usize>,
+    pub capacity: usize,
+}
+
+/// "1.5 GB", "340 MB" (powers of 1000, as download tools count).
+pub fn fmt_bytes(n: u64) -> String {
+    let n = n as f64;
+    if n >= 1e9 {
+        format!("{:.1} GB", n / 1e9)
+    } else if n >= 1e6 {
+        format!("{:.0} MB", n / 1e6)
+    } else if n >= 1e3 {
+        format!("{:.0} kB", n / 1e3)
+    } else {
+        format!("{n} B")
+    }
+}
+
+/// "45 s", "12 min", "2 h 5 min".
+pub fn fmt_duration(secs: u64) -> String {
+    match secs {
+        s if s < 90 => format!("{s} s"),
+        s if s < 5400 => format!("{} min", (s + 30) / 60),
+        s => format!("{} h {} min", s / 3600, (s % 3600) / 60),
+    }
+}
+
+impl DownloadStatus {
+    /// "3.2 GB of 32.8 GB at 85 MB/s, about 6 min left"
+    pub fn summary(&self) -> String {
+        let mut s = format!("{} of {}", fmt_bytes(self.bytes_done), fmt_bytes(self.bytes_total));
+        if self.bytes_per_sec > 0 {
+            s.push_str(&format!(" at {}/s", fmt_bytes(self.bytes_per_sec)));
+        }
+        if let Some(eta) = self.eta_secs {
+            s.push_str(&format!(", about {} left", fmt_duration(eta)));
+        }
+        s
+    }
 }
 
 /// Formats milliseconds as "1.2 s" / "850 ms".

@@ -1,10 +1,11 @@
 //! Finding and reading model files: a diffusers-layout folder, a Hugging Face hub id resolved
-//! through the local cache (HF_HOME, HF_HUB_OFFLINE) and downloaded with hf-hub when reachable,
-//! or the built-in `tiny` model. Every missing file is named, with how to get it.
+//! through the local cache and downloaded into it when missing (`hub`), or the built-in `tiny`
+//! model. Every missing file is named, with how to get it.
 
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::hub::{CacheRepo, DownloadProgress, HubClient, HubSettings};
 
 /// The published model.
 pub const DEFAULT_HUB_ID: &str = "Tongyi-MAI/Z-Image-Turbo";
@@ -37,8 +38,13 @@ impl ModelSource {
         }
     }
 
-    /// The real model when the HF cache holds it complete, otherwise the tiny model.
-    pub fn default_source() -> ModelSource {
+    /// The model to serve when none is named: on a GPU the real model (downloaded when the cache
+    /// lacks it); on the CPU the real model only when the cache holds it complete (it takes many
+    /// minutes an image there), otherwise the tiny model.
+    pub fn default_source(gpu: bool) -> ModelSource {
+        if gpu {
+            return ModelSource::Hub(DEFAULT_HUB_ID.to_string());
+        }
         match cached_hub_model(DEFAULT_HUB_ID) {
             Ok(Some(_)) => ModelSource::Hub(DEFAULT_HUB_ID.to_string()),
             _ => ModelSource::Tiny,
@@ -182,7 +188,7 @@ pub fn read_config<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T> {
     serde_json::from_str(&text).map_err(|e| Error::Config { path: path.to_path_buf(), reason: e.to_string() })
 }
 
-/// Small files every component needs before its weights.
+/// Small files every component needs before its weights (named when the cache lacks them offline).
 const HUB_META_FILES: [&str; 7] = [
     "model_index.json",
     "transformer/config.json",
@@ -193,81 +199,59 @@ const HUB_META_FILES: [&str; 7] = [
     "scheduler/scheduler_config.json",
 ];
 
-fn offline() -> bool {
-    matches!(std::env::var("HF_HUB_OFFLINE").as_deref(), Ok("1") | Ok("true") | Ok("TRUE") | Ok("yes"))
-}
-
-/// The snapshot folder of a hub model if the HF cache (HF_HOME) holds all of its files.
+/// The snapshot folder of a hub model if the Hugging Face cache holds all of its files.
 pub fn cached_hub_model(id: &str) -> Result<Option<PathBuf>> {
-    cached_hub_model_in(&hf_hub::Cache::from_env(), id)
+    Ok(cached_hub_model_in(&HubSettings::from_env().cache, id))
 }
 
-fn cached_hub_model_in(cache: &hf_hub::Cache, id: &str) -> Result<Option<PathBuf>> {
-    let repo = cache.model(id.to_string());
-    let Some(index) = repo.get("model_index.json") else { return Ok(None) };
-    let snapshot = index.parent().expect("snapshot folder").to_path_buf();
-    match ModelFiles::from_dir(&snapshot) {
-        Ok(_) => Ok(Some(snapshot)),
-        Err(_) => Ok(None),
-    }
+fn cached_hub_model_in(cache: &Path, id: &str) -> Option<PathBuf> {
+    let snapshot = CacheRepo::new(cache, id).snapshot("main")?;
+    ModelFiles::from_dir(&snapshot).is_ok().then_some(snapshot)
 }
 
-/// Resolves a hub id to a complete local snapshot: the cache first, then a download with
-/// progress bars unless HF_HUB_OFFLINE is set.
+/// Resolves a hub id to a complete local snapshot: the cache first, then a download unless
+/// HF_HUB_OFFLINE is set (callers that show progress download first with `resolve_hub_model_with`).
 pub fn resolve_hub_model(id: &str) -> Result<ModelFiles> {
-    resolve_hub_model_in(&hf_hub::Cache::from_env(), id, offline())
+    resolve_hub_model_with(&HubSettings::from_env(), id, &mut |_| {})
 }
 
-fn resolve_hub_model_in(cache: &hf_hub::Cache, id: &str, offline: bool) -> Result<ModelFiles> {
-    if let Some(dir) = cached_hub_model_in(cache, id)? {
+/// Whether resolving `id` would download (the cache lacks it and the hub may be asked).
+pub fn needs_download(id: &str) -> bool {
+    let settings = HubSettings::from_env();
+    !settings.offline && cached_hub_model_in(&settings.cache, id).is_none()
+}
+
+/// `resolve_hub_model` with the given settings and progress callback.
+pub fn resolve_hub_model_with(
+    settings: &HubSettings,
+    id: &str,
+    on_progress: &mut dyn FnMut(&DownloadProgress),
+) -> Result<ModelFiles> {
+    if let Some(dir) = cached_hub_model_in(&settings.cache, id) {
         return ModelFiles::from_dir(&dir);
     }
     let how = format!(
-        "the Hugging Face cache at {} does not hold {id} complete. With network access run \
-         `huggingface-cli download {id}` (or unset HF_HUB_OFFLINE and run again), or pass --model <folder>",
-        cache.path().display()
+        "the Hugging Face cache at {} does not hold {id} complete. With network access run again without \
+         HF_HUB_OFFLINE (or `huggingface-cli download {id}`), or pass --model <folder>",
+        settings.cache.display()
     );
-    if offline {
-        let repo = cache.model(id.to_string());
-        let missing: Vec<String> =
-            HUB_META_FILES.iter().filter(|f| repo.get(f).is_none()).map(|f| f.to_string()).collect();
+    if settings.offline {
+        let snapshot = CacheRepo::new(&settings.cache, id).snapshot("main");
+        let missing: Vec<String> = match &snapshot {
+            Some(dir) => match ModelFiles::from_dir(dir) {
+                Err(Error::MissingFiles { missing, .. }) => missing,
+                _ => vec![],
+            },
+            None => HUB_META_FILES.iter().map(|f| f.to_string()).collect(),
+        };
         return Err(Error::MissingFiles {
-            root: cache.path().clone(),
+            root: snapshot.unwrap_or_else(|| settings.cache.clone()),
             missing: if missing.is_empty() { vec!["weight shards (see the *.index.json files)".into()] } else { missing },
             hint: format!("HF_HUB_OFFLINE is set; {how}"),
         });
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_cache(cache.clone())
-        .with_progress(true)
-        .build()
-        .map_err(|e| Error::Hub(format!("{e}; {how}")))?;
-    let repo = api.model(id.to_string());
-    let mut snapshot = None;
-    for f in HUB_META_FILES {
-        let p = repo.get(f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
-        if f == "model_index.json" {
-            snapshot = p.parent().map(|p| p.to_path_buf());
-        }
-    }
-    let snapshot = snapshot.expect("model_index.json fetched");
-    for stem in [TRANSFORMER_STEM, TEXT_ENCODER_STEM, VAE_STEM] {
-        let index = format!("{stem}.safetensors.index.json");
-        match repo.get(&index) {
-            Ok(p) => {
-                let v: serde_json::Value = read_config(&p)?;
-                let shards = shard_names(&v);
-                let dir = Path::new(stem).parent().expect("component folder");
-                for s in shards {
-                    let f = dir.join(&s).display().to_string();
-                    repo.get(&f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
-                }
-            }
-            Err(_) => {
-                let f = format!("{stem}.safetensors");
-                repo.get(&f).map_err(|e| Error::Hub(format!("{f}: {e}; {how}")))?;
-            }
-        }
-    }
+    let client = HubClient::new(settings.clone())?;
+    let snapshot = client.download_model(id, "main", on_progress)?;
     ModelFiles::from_dir(&snapshot)
 }
 
@@ -323,8 +307,8 @@ mod tests {
         let tmp = std::env::temp_dir().join(format!("zimage-hf-{}", std::process::id()));
         let id = "Tongyi-MAI/Z-Image-Turbo";
         fake_cache_with_fixture(&tmp, id);
-        let cache = hf_hub::Cache::new(tmp.clone());
-        let files = resolve_hub_model_in(&cache, id, true).unwrap();
+        let settings = HubSettings { cache: tmp.clone(), offline: true, ..HubSettings::from_vars(|_| None) };
+        let files = resolve_hub_model_with(&settings, id, &mut |_| {}).unwrap();
         assert!(files.root.ends_with("snapshots/0123abcd"));
         assert!(files.transformer.weights.len() > 1);
         std::fs::remove_dir_all(&tmp).ok();
@@ -334,7 +318,8 @@ mod tests {
     fn offline_without_the_model_names_what_is_missing() {
         let tmp = std::env::temp_dir().join(format!("zimage-hf-empty-{}", std::process::id()));
         std::fs::create_dir_all(&tmp).unwrap();
-        let err = resolve_hub_model_in(&hf_hub::Cache::new(tmp.clone()), "Tongyi-MAI/Z-Image-Turbo", true)
+        let settings = HubSettings { cache: tmp.clone(), offline: true, ..HubSettings::from_vars(|_| None) };
+        let err = resolve_hub_model_with(&settings, "Tongyi-MAI/Z-Image-Turbo", &mut |_| {})
             .unwrap_err()
             .to_string();
         assert!(err.contains("model_index.json") && err.contains("transformer/config.json"), "{err}");

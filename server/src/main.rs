@@ -51,8 +51,9 @@ enum Command {
 
 #[derive(Args, Clone)]
 pub struct ModelArgs {
-    /// `tiny`, a diffusers-layout folder, or a Hugging Face hub id. Default: the real model if
-    /// the Hugging Face cache holds it, else `tiny`.
+    /// `tiny`, `random`, a diffusers-layout folder, or a Hugging Face hub id (downloaded into the
+    /// Hugging Face cache when missing). Default: on a GPU Tongyi-MAI/Z-Image-Turbo; on the CPU
+    /// that model if the cache holds it, else `tiny`.
     #[arg(long)]
     pub model: Option<String>,
     /// cpu, cuda or cuda:N. Default: cuda when built with it and a GPU is present, else cpu.
@@ -90,12 +91,40 @@ impl ModelArgs {
             cuda_graphs: base.cuda_graphs && !self.no_cuda_graphs,
         }
     }
-    pub fn source(&self) -> ModelSource {
+    /// The model to load; `gpu`: it runs on a GPU (the real model is then the default).
+    pub fn source(&self, gpu: bool) -> ModelSource {
         match &self.model {
             Some(m) => ModelSource::parse(m),
-            None => ModelSource::default_source(),
+            None => ModelSource::default_source(gpu),
         }
     }
+}
+
+/// The full-size model on the CPU works but is very slow: say how slow before loading it.
+fn warn_full_size_on_cpu(source: &ModelSource) {
+    if matches!(source, ModelSource::Tiny) {
+        return;
+    }
+    let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let mem_gib = system_memory_gib();
+    eprintln!(
+        "warning: {} runs on the CPU here ({cores} cores{}). It needs about 45 GiB of memory in f32 \
+         (transformer 24.6 GB, text encoder 16 GB) and about half a petaFLOP of arithmetic per 1024x1024 \
+         image: expect tens of minutes to hours an image. A build with an NVIDIA GPU takes about a second \
+         (scripts/studio.sh builds for the GPU when nvidia-smi finds one); `--model tiny` is the quick demo.",
+        source.display_name(),
+        mem_gib.map(|g| format!(", {g:.0} GiB of memory")).unwrap_or_default()
+    );
+}
+
+/// Total memory from /proc/meminfo (Linux), in GiB.
+fn system_memory_gib() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let kib: f64 = text.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib / 1024.0 / 1024.0)
+}
+
+impl ModelArgs {
 }
 
 /// Opens CUDA device `i` the way the engine wants it (see `engine::pipeline::open_cuda`).
@@ -341,9 +370,13 @@ fn generate(args: GenerateArgs) -> Result<()> {
         preview: args.preview_dir.is_some(),
     };
     req.validate()?;
-    let source = args.model.source();
     let device = pick_device(&args.model.device)?;
+    let source = args.model.source(!device.is_cpu());
     eprintln!("model: {} on {:?}", source.display_name(), device);
+    if device.is_cpu() {
+        warn_full_size_on_cpu(&source);
+    }
+    web::startup::download_if_missing(&source, &|_| {})?;
     let t = Instant::now();
     let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options(&device))?;
     eprintln!("loaded in {:.2?}{}", t.elapsed(), if pipe.is_fp8() { " (transformer in FP8)" } else { "" });
@@ -467,10 +500,15 @@ fn bound_heap_fragmentation() {
 fn serve(a: ServeArgs) -> Result<()> {
     bound_heap_fragmentation();
     let devices = serve_devices(&a.devices)?;
+    let on_gpu = devices.iter().any(|(d, _)| !d.is_cpu());
+    let source = a.model.source(on_gpu);
+    if !on_gpu && a.queue.is_none() && a.simulate_job_ms.is_none() {
+        warn_full_size_on_cpu(&source);
+    }
     let model = a.model.clone();
     web::serve(web::ServeOptions {
         addr: a.addr,
-        model: a.model.source(),
+        model: source,
         devices,
         load_options: Box::new(move |d| model.load_options(d)),
         data_dir: a.data_dir,
@@ -511,7 +549,9 @@ fn worker(a: WorkerArgs) -> Result<()> {
     let device = pick_device(&a.model.device)?;
     let label = if device.is_cpu() { "CPU".to_string() } else { a.model.device.clone() };
     let load_options = a.model.load_options(&device);
-    let pipe = web::load_pipeline(&a.model.source(), device, &label, load_options)?;
+    let source = a.model.source(!device.is_cpu());
+    web::startup::download_if_missing(&source, &|_| {})?;
+    let pipe = web::load_pipeline(&source, device, &label, load_options, &|_| {})?;
     web::run_worker(opts, label, std::sync::Arc::new(pipe))
 }
 

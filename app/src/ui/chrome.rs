@@ -49,7 +49,18 @@ pub(crate) fn Header() -> impl IntoView {
 pub(crate) fn ModelBanner() -> impl IntoView {
     let info = Resource::new(|| (), |_| get_server_info());
     let jobs = expect_context::<Jobs>();
+    let status = expect_context::<ServerStatus>();
+    // when the server turns ready the model line changes (device, precision): ask for it again
+    let was_ready = StoredValue::new(true);
+    browser_effect(move |_| {
+        let ready = status.ready();
+        if ready && !was_ready.get_value() {
+            info.refetch();
+        }
+        was_ready.set_value(ready);
+    });
     view! {
+        <StartupBanner />
         <Suspense fallback=|| ()>
             {move || {
                 info.get()

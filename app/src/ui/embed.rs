@@ -4,6 +4,7 @@ use super::*;
 
 #[component]
 pub fn EmbedPage() -> impl IntoView {
+    let status = expect_context::<ServerStatus>();
     let prompt = RwSignal::new(String::new());
     let ratio = RwSignal::new(DEFAULT_RATIO);
     let slot = JobSlot::new("embed");
@@ -56,7 +57,7 @@ pub fn EmbedPage() -> impl IntoView {
                         type="button"
                         class="btn primary"
                         id="embed-submit"
-                        disabled=move || slot.active()
+                        disabled=move || slot.active() || !status.ready()
                         on:click=move |_| submit.run(())
                     >
                         <span class="btn-icon"><LightningIcon /></span>

@@ -29,6 +29,7 @@ fn restore_from_png(file: web_sys::File, form: FormState, note: RwSignal<Option<
 
 #[component]
 pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
+    let status = expect_context::<ServerStatus>();
     let FormState { prompt, negative_prompt, style, ratio, steps, seed, count, .. } = form;
     let batch = Batch::new(["generate", "generate-2", "generate-3", "generate-4"]);
     let slot = batch.slots[0];
@@ -128,7 +129,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
                     type="button"
                     class="btn primary big"
                     id="gen-submit"
-                    disabled=move || batch.active()
+                    disabled=move || batch.active() || !status.ready()
                     on:click=move |_| submit.run(())
                 >
                     <span class="btn-icon"><LightningIcon /></span>

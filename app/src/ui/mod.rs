@@ -22,6 +22,7 @@ mod history;
 mod jobs;
 mod output;
 mod share;
+mod status;
 mod transform;
 mod widgets;
 
@@ -29,11 +30,13 @@ pub use chrome::NotFound;
 pub use embed::EmbedPage;
 pub use jobs::provide_jobs;
 pub use share::SharePage;
+pub use status::provide_server_status;
 use chrome::*;
 use generate::*;
 use history::*;
 use jobs::*;
 use output::*;
+use status::*;
 use transform::*;
 use widgets::*;
 

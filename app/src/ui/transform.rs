@@ -34,6 +34,7 @@ pub(crate) fn first_file(dt: Option<web_sys::DataTransfer>) -> Option<web_sys::F
 
 #[component]
 pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoView {
+    let status = expect_context::<ServerStatus>();
     let FormState { prompt, negative_prompt, style, steps, strength, seed, count, .. } = form;
     let batch = Batch::new(["transform", "transform-2", "transform-3", "transform-4"]);
     let slot = batch.slots[0];
@@ -184,7 +185,7 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
                     type="button"
                     class="btn primary big"
                     id="tr-submit"
-                    disabled=move || batch.active() || uploading.get()
+                    disabled=move || batch.active() || uploading.get() || !status.ready()
                     on:click=move |_| submit.run(())
                 >
                     <SparkleIcon />

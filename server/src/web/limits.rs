@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::sync::Mutex;
 use std::time::Instant;
 
-use super::ApiKey;
+use super::settings::ApiKey;
 
 /// Buckets kept before the full ones (clients not seen for a minute or more) are dropped.
 const MAX_TRACKED_CLIENTS: usize = 4096;

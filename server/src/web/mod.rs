@@ -25,7 +25,9 @@ mod metrics;
 mod openai_api;
 mod queue;
 mod security;
+mod settings;
 mod simulate;
+pub mod startup;
 mod store;
 mod studio;
 #[cfg(test)]
@@ -53,6 +55,7 @@ pub use cluster::{run_worker, WorkerOptions};
 pub use queue::{Generator, QueueLimits};
 pub use simulate::SimulatedGenerator;
 pub use security::FramePolicy;
+pub use settings::{ApiKey, RouterSettings, Timeouts};
 pub use store::ImageStore;
 pub use studio::{Studio, StudioLimits};
 
@@ -86,31 +89,6 @@ pub struct ServeOptions {
     pub claim_idle: Duration,
 }
 
-/// How long the server waits for slow or idle clients, and for the running job when it stops.
-#[derive(Clone, Debug)]
-pub struct Timeouts {
-    /// From a connection's open (or its previous request) to the end of the request's headers.
-    pub header_read: Duration,
-    /// For a whole request body to arrive.
-    pub body: Duration,
-    /// A websocket with no frame from the client (browsers answer the server's pings) this long
-    /// is closed.
-    pub ws_idle: Duration,
-    /// On SIGTERM / Ctrl-C, how long the running jobs may take to finish.
-    pub drain: Duration,
-}
-
-impl Default for Timeouts {
-    fn default() -> Self {
-        Timeouts {
-            header_read: Duration::from_secs(10),
-            body: Duration::from_secs(120),
-            ws_idle: Duration::from_secs(120),
-            drain: Duration::from_secs(60),
-        }
-    }
-}
-
 /// Builds its own tokio runtime, loads the model (on a blocking thread), serves until killed.
 pub fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -141,65 +119,83 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     );
     store.prune_uploads();
 
-    // The port opens before the model loads: load balancers see `/readyz` answer 503 until the
-    // full app replaces the starting one.
+    // The port opens first; until the studio exists (the history is open, Redis joined), `/readyz`
+    // answers 503 and everything else a reason.
     let listener = tokio::net::TcpListener::bind(opts.addr)
         .await
         .with_context(|| format!("binding {}", opts.addr))?;
     let local = listener.local_addr()?;
-    eprintln!("port {local} open; /readyz answers 503 until the model is loaded");
+    eprintln!("port {local} open");
     let (app_tx, app_rx) = tokio::sync::watch::channel(starting_router(opts.timeouts.body));
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::serve(listener, app_rx, opts.timeouts.header_read, stop_rx, Duration::from_secs(5)));
 
-    if let Some(url) = &opts.queue_url {
-        let studio = Studio::start_redis(url, opts.claim_idle, &opts.model, store.clone(), opts.limits.clone())
+    let studio = match &opts.queue_url {
+        Some(url) => Studio::start_redis(url, opts.claim_idle, &opts.model, store.clone(), opts.limits.clone())
             .await
-            .with_context(|| format!("joining the Redis queue {url}"))?;
-        return serve_studio(studio, store, opts, local, frames, site_root, app_tx, stop_tx, server, started).await;
-    }
-    let loading = async {
-        match opts.simulate_job {
-            Some(job_time) => {
-                let simulated = simulate::SimulatedGenerator { job_time };
-                Ok(vec![(simulated.label(), Arc::new(simulated) as Arc<dyn Generator>)])
-            }
-            None => load_generators(&opts).await,
+            .with_context(|| format!("joining the Redis queue {url}"))?,
+        None => {
+            let first_phase = match &opts.model {
+                engine::loader::ModelSource::Hub(id) if opts.simulate_job.is_none() && engine::loader::needs_download(id) => {
+                    startup::Phase::Downloading { model: id.clone(), status: Default::default() }
+                }
+                _ => startup::Phase::Loading { device: opts.devices.first().map(|d| d.1.clone()).unwrap_or_default() },
+            };
+            Studio::open(&opts.model, store.clone(), opts.limits.clone(), first_phase)
+                .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?
         }
     };
-    let generators = tokio::select! {
-        g = loading => g?,
-        _ = shutdown_signal() => {
-            eprintln!("stopped while loading the model");
-            let _ = stop_tx.send(true);
-            let _ = server.await;
-            return Ok(());
-        }
-    };
-    let studio = Studio::start(generators, store.clone(), opts.limits.clone())
-        .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?;
-    serve_studio(studio, store, opts, local, frames, site_root, app_tx, stop_tx, server, started).await
-}
-
-/// Serves the full app on the open port until a stop signal, then drains.
-#[allow(clippy::too_many_arguments)]
-async fn serve_studio(
-    studio: Arc<Studio>,
-    store: Arc<ImageStore>,
-    opts: ServeOptions,
-    local: std::net::SocketAddr,
-    frames: FramePolicy,
-    site_root: std::path::PathBuf,
-    app_tx: tokio::sync::watch::Sender<Router>,
-    stop_tx: tokio::sync::watch::Sender<bool>,
-    server: tokio::task::JoinHandle<()>,
-    started: std::time::Instant,
-) -> anyhow::Result<()> {
     let options = leptos_options(local, &site_root);
     let settings = RouterSettings { api_key: opts.api_key.clone(), timeouts: opts.timeouts.clone() };
     let _ = app_tx.send(router_with(studio.clone(), options, frames, settings));
-    eprintln!("Z-Image Turbo Studio listening on http://{local} (ready {:.1?} after start)", started.elapsed());
+    eprintln!(
+        "Z-Image Turbo Studio listening on http://{local} ({:.1?} after start){}",
+        started.elapsed(),
+        if studio.startup.is_ready() { "" } else { "; the page shows the model's progress and /readyz answers 503 until it is loaded" }
+    );
 
+    if opts.queue_url.is_none() {
+        // Download and load beside the serving; the studio takes jobs once this attaches workers.
+        let studio = studio.clone();
+        let model = opts.model.clone();
+        let devices = opts.devices.clone();
+        let options: Vec<_> = devices.iter().map(|(d, _)| (opts.load_options)(d)).collect();
+        let simulate = opts.simulate_job;
+        std::thread::Builder::new()
+            .name("zimage-load".into())
+            .spawn(move || {
+                let loaded = match simulate {
+                    Some(job_time) => {
+                        let simulated = simulate::SimulatedGenerator { job_time };
+                        Ok(vec![(simulated.label(), Arc::new(simulated) as Arc<dyn Generator>)])
+                    }
+                    None => load_generators(&model, devices, options, &studio.startup),
+                };
+                match loaded {
+                    Ok(generators) => {
+                        studio.attach(generators);
+                        eprintln!("ready {:.1?} after start", started.elapsed());
+                    }
+                    Err(e) => {
+                        eprintln!("error: {e:#}");
+                        eprintln!("the studio keeps serving stored images and the history; fix the cause and start it again");
+                        studio.startup.set(startup::Phase::Failed { reason: format!("{e:#}") });
+                    }
+                }
+            })
+            .context("starting the loading thread")?;
+    }
+    serve_studio(studio, store, opts.timeouts.drain, stop_tx, server).await
+}
+
+/// Serves the full app on the open port until a stop signal, then drains.
+async fn serve_studio(
+    studio: Arc<Studio>,
+    store: Arc<ImageStore>,
+    drain_deadline: Duration,
+    stop_tx: tokio::sync::watch::Sender<bool>,
+    server: tokio::task::JoinHandle<()>,
+) -> anyhow::Result<()> {
     // prune old uploads hourly
     let pruning = tokio::spawn(async move {
         let mut every = tokio::time::interval(std::time::Duration::from_secs(3600));
@@ -212,7 +208,7 @@ async fn serve_studio(
 
     shutdown_signal().await;
     pruning.abort();
-    drain(&studio, opts.timeouts.drain).await;
+    drain(&studio, drain_deadline).await;
     let _ = stop_tx.send(true);
     let _ = server.await;
     studio.shutdown();
@@ -227,14 +223,16 @@ async fn serve_studio(
 
 /// Loads the model on one device and, on a GPU, warms it up (the first run compiles the kernels,
 /// once per process: before the first job, not during it). Blocking; `serve` runs it per device,
-/// `zimage worker` on its one.
+/// `zimage worker` on its one. `phase` hears each step (`/readyz` shows it).
 pub fn load_pipeline(
     source: &engine::loader::ModelSource,
     device: candle_core::Device,
     label: &str,
     load_options: engine::pipeline::LoadOptions,
+    phase: &dyn Fn(startup::Phase),
 ) -> anyhow::Result<engine::pipeline::Pipeline> {
     eprintln!("loading model {} on {label}…", source.display_name());
+    phase(startup::Phase::Loading { device: label.to_string() });
     let t = std::time::Instant::now();
     // The driver's one-time kernel compilation runs beside the loading (see
     // engine::cuda::precompile_kernels).
@@ -252,6 +250,9 @@ pub fn load_pipeline(
     eprintln!("model {} loaded on {label} in {:.1?}", pipeline.model_name(), t.elapsed());
     #[cfg(feature = "cuda")]
     if let Some(h) = precompile {
+        if !h.is_finished() {
+            phase(startup::Phase::CompilingKernels { device: label.to_string() });
+        }
         match h.join() {
             Ok(Ok(d)) => eprintln!("CUDA kernels compiled (or found in the driver's cache) in {d:.1?}, beside the loading"),
             Ok(Err(e)) => eprintln!("warning: {e}"),
@@ -259,6 +260,7 @@ pub fn load_pipeline(
         }
     }
     if !pipeline.device().is_cpu() {
+        phase(startup::Phase::WarmingUp { device: label.to_string() });
         match pipeline.warm_up() {
             Ok(d) => eprintln!("warmed up on {label} in {d:.1?}"),
             Err(e) => eprintln!("warning: the warm-up generation on {label} failed: {e}"),
@@ -267,17 +269,22 @@ pub fn load_pipeline(
     Ok(pipeline)
 }
 
-/// Loads the model on every device (on blocking threads), one generator per device.
-async fn load_generators(opts: &ServeOptions) -> anyhow::Result<Vec<(String, Arc<dyn Generator>)>> {
-    // one worker per device: every CUDA GPU (when built with CUDA), else the CPU
+/// Downloads the model when the cache lacks it, then loads it on every device, one generator per
+/// device, telling `startup` each step. Blocking.
+fn load_generators(
+    model: &engine::loader::ModelSource,
+    devices: Vec<(candle_core::Device, String)>,
+    load_options: Vec<engine::pipeline::LoadOptions>,
+    startup: &startup::Startup,
+) -> anyhow::Result<Vec<(String, Arc<dyn Generator>)>> {
+    if let engine::loader::ModelSource::Hub(id) = model {
+        startup::download_if_missing(model, &|status| {
+            startup.set(startup::Phase::Downloading { model: id.clone(), status: status.clone() })
+        })?;
+    }
     let mut generators: Vec<(String, Arc<dyn Generator>)> = Vec::new();
-    for (device, label) in opts.devices.clone() {
-        let source = opts.model.clone();
-        let load_options = (opts.load_options)(&device);
-        let device_label = label.clone();
-        let pipeline = tokio::task::spawn_blocking(move || load_pipeline(&source, device, &device_label, load_options))
-            .await
-            .context("model loading thread")??;
+    for ((device, label), options) in devices.into_iter().zip(load_options) {
+        let pipeline = load_pipeline(model, device, &label, options, &|p| startup.set(p))?;
         if generators.is_empty() && pipeline.is_tiny() {
             eprintln!(
                 "note: this is the built-in tiny model with random weights; images will look like noise."
@@ -384,34 +391,6 @@ pub fn router(studio: Arc<Studio>, options: LeptosOptions, frames: FramePolicy) 
     router_with(studio, options, frames, RouterSettings { api_key: None, timeouts: Timeouts::default() })
 }
 
-/// What the router needs beyond the studio.
-pub struct RouterSettings {
-    pub api_key: Option<String>,
-    pub timeouts: Timeouts,
-}
-
-/// The key the script APIs ask for (none: open).
-#[derive(Clone)]
-pub struct ApiKey(Option<Arc<str>>);
-
-impl ApiKey {
-    fn is_set(&self) -> bool {
-        self.0.is_some()
-    }
-
-    /// Whether the request carries `Authorization: Bearer <key>` (always true without a key).
-    fn admits(&self, headers: &axum::http::HeaderMap) -> bool {
-        let Some(key) = &self.0 else { return true };
-        let given = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        // same time whatever prefix matches
-        given.len() == key.len() && given.bytes().zip(key.bytes()).fold(0u8, |acc, (a, b)| acc | (a ^ b)) == 0
-    }
-}
-
 async fn a1111_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
     if key.admits(req.headers()) {
         return next.run(req).await;
@@ -500,7 +479,8 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .with_state(state)
 }
 
-/// The router while the model loads: alive, not ready, every other request refused with a reason.
+/// The router for the moment before the studio exists (the history opening, Redis being joined):
+/// alive, not ready, every other request refused with a reason.
 fn starting_router(body_timeout: Duration) -> Router {
     async fn not_yet(req: Request) -> Response {
         let e = StudioError::new(ErrorKind::Unavailable, "The server is starting: the model is still loading. Try again in a moment.")
@@ -512,19 +492,30 @@ fn starting_router(body_timeout: Duration) -> Router {
         .route(
             "/readyz",
             get(|| async {
-                let body = serde_json::json!({"ready": false, "state": "loading", "model_loaded": false});
-                (StatusCode::SERVICE_UNAVAILABLE, Json(body))
+                let body = app::types::Readiness {
+                    ready: false,
+                    state: app::types::ServerState::Loading,
+                    model_loaded: false,
+                    model: String::new(),
+                    message: "The server is starting.".into(),
+                    download: None,
+                    workers: None,
+                    queue: None,
+                };
+                (StatusCode::SERVICE_UNAVAILABLE, [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body))
             }),
         )
         .fallback(not_yet)
         .layer(axum::middleware::from_fn_with_state(bodies::BodyTimeout(body_timeout), bodies::limit_bodies))
 }
 
-/// `/readyz`: 200 with the model, workers and queue when ready, 503 while draining.
+/// `/readyz`: 200 with the model, workers and queue when ready; 503 while the model downloads or
+/// loads (with its progress), after it failed to load, and while draining. Never cached: the page
+/// polls it.
 async fn readyz(State(studio): State<Arc<Studio>>) -> Response {
-    let (ready, body) = studio.readiness();
-    let status = if ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
-    (status, Json(body)).into_response()
+    let body = studio.readiness();
+    let status = if body.ready { StatusCode::OK } else { StatusCode::SERVICE_UNAVAILABLE };
+    (status, [(header::CACHE_CONTROL, HeaderValue::from_static("no-store"))], Json(body)).into_response()
 }
 
 /// `/metrics`: Prometheus text format.

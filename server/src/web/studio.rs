@@ -2,8 +2,11 @@
 //! redis://…` the Redis one that `zimage worker`s run), answers the server functions.
 
 use app::backend::{Backend, ClientId};
-use app::types::{is_valid_id, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, ServerInfo, UploadInfo};
-use app::StudioError;
+use app::types::{
+    is_valid_id, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, QueueDepth, Readiness, ServerInfo,
+    ServerState, UploadInfo, WorkerCounts,
+};
+use app::{ErrorKind, StudioError};
 use engine::pipeline::GenerateRequest;
 use std::sync::Arc;
 
@@ -12,6 +15,7 @@ use super::history::History;
 use super::limits::RateLimiter;
 use super::metrics::Metrics;
 use super::queue::{spawn_worker, Generator, Job, JobQueue, QueueLimits};
+use super::startup::{Phase, Startup};
 use super::store::{random_seed, ImageStore};
 
 /// The limits on submissions: the queue's bounds and the rate per client.
@@ -37,50 +41,95 @@ pub struct Studio {
     redis: Option<Arc<RedisFrontEnd>>,
     pub store: Arc<ImageStore>,
     pub history: Arc<History>,
-    info: ServerInfo,
+    /// The model line; the device and precision are known once the model is loaded.
+    info: std::sync::RwLock<ServerInfo>,
     rate: RateLimiter,
-    /// Each worker's device and generator (for `/readyz` and the GPU memory in `/metrics`).
-    devices: Vec<(String, Arc<dyn Generator>)>,
+    /// Each worker's device and generator (for `/readyz` and the GPU memory in `/metrics`); empty
+    /// while the model loads.
+    devices: std::sync::RwLock<Vec<(String, Arc<dyn Generator>)>>,
+    /// Downloading, loading, ready or failed (`/readyz`, the page, submissions).
+    pub startup: Startup,
     /// Turns true when the server stops: the websocket sessions close.
     closing: tokio::sync::watch::Sender<bool>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
 }
 
 impl Studio {
-    /// Opens the history in the store's folder and starts one worker per `(device label,
-    /// generator)`.
-    pub fn start(
-        generators: Vec<(String, Arc<dyn Generator>)>,
+    /// Opens the history in the store's folder; jobs are refused (503, with what the server is
+    /// doing) until [`Studio::attach`] gives the loaded model's workers. Everything else is served.
+    pub fn open(
+        model: &engine::loader::ModelSource,
         store: Arc<ImageStore>,
         limits: StudioLimits,
+        phase: Phase,
     ) -> Result<Arc<Studio>, StudioError> {
+        use engine::loader::ModelSource;
         let history = Arc::new(History::open(store.root())?);
         let queue = JobQueue::new(limits.queue.clone(), Arc::new(Metrics::new()));
-        let first = &generators.first().expect("at least one device").1;
+        let tiny = matches!(model, ModelSource::Tiny);
         let info = ServerInfo {
-            model: first.model_name(),
-            tiny_model: first.is_tiny(),
-            random_weights: first.has_random_weights(),
-            device: generators.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", "),
+            model: model.display_name(),
+            tiny_model: tiny,
+            random_weights: tiny || matches!(model, ModelSource::RandomFullSize),
+            device: "(loading)".to_string(),
             queue_capacity: queue.capacity(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
-        let workers = generators
-            .iter()
-            .enumerate()
-            .map(|(i, (_, g))| spawn_worker(format!("zimage-worker-{i}"), queue.clone(), g.clone(), store.clone(), history.clone()))
-            .collect();
         Ok(Arc::new(Studio {
             queue,
             redis: None,
             store,
             history,
-            info,
+            info: std::sync::RwLock::new(info),
             rate: RateLimiter::new(limits.submissions_per_minute),
-            devices: generators,
+            devices: Default::default(),
+            startup: Startup::new(phase),
             closing: tokio::sync::watch::Sender::new(false),
-            workers: std::sync::Mutex::new(workers),
+            workers: std::sync::Mutex::new(Vec::new()),
         }))
+    }
+
+    /// The model is loaded: one worker per `(device label, generator)`, and the studio is ready.
+    pub fn attach(&self, generators: Vec<(String, Arc<dyn Generator>)>) {
+        let Some((_, first)) = generators.first() else {
+            return self.startup.set(Phase::Failed { reason: "no device to run the model on".into() });
+        };
+        {
+            let mut info = self.info.write().unwrap_or_else(|p| p.into_inner());
+            info.model = first.model_name();
+            info.tiny_model = first.is_tiny();
+            info.random_weights = first.has_random_weights();
+            info.device = generators.iter().map(|(d, _)| d.as_str()).collect::<Vec<_>>().join(", ");
+        }
+        let mut workers = self.workers.lock().unwrap_or_else(|p| p.into_inner());
+        for (i, (_, g)) in generators.iter().enumerate() {
+            workers.push(spawn_worker(
+                format!("zimage-worker-{i}"),
+                self.queue.clone(),
+                g.clone(),
+                self.store.clone(),
+                self.history.clone(),
+            ));
+        }
+        *self.devices.write().unwrap_or_else(|p| p.into_inner()) = generators;
+        self.startup.set(Phase::Ready);
+    }
+
+    /// `open` and `attach` at once: a studio whose generators are ready (tests, simulations).
+    pub fn start(
+        generators: Vec<(String, Arc<dyn Generator>)>,
+        store: Arc<ImageStore>,
+        limits: StudioLimits,
+    ) -> Result<Arc<Studio>, StudioError> {
+        let first = &generators.first().expect("at least one device").1;
+        let source = if first.is_tiny() {
+            engine::loader::ModelSource::Tiny
+        } else {
+            engine::loader::ModelSource::Hub(first.model_name())
+        };
+        let studio = Studio::open(&source, store, limits, Phase::Loading { device: "CPU".into() })?;
+        studio.attach(generators);
+        Ok(studio)
     }
 
     /// A front end of a Redis deployment: no local workers; jobs go to `zimage worker`s through
@@ -110,9 +159,10 @@ impl Studio {
             redis: Some(redis),
             store,
             history,
-            info,
+            info: std::sync::RwLock::new(info),
             rate: RateLimiter::new(limits.submissions_per_minute),
-            devices: Vec::new(),
+            devices: Default::default(),
+            startup: Startup::new(Phase::Ready),
             closing: tokio::sync::watch::Sender::new(false),
             workers: std::sync::Mutex::new(Vec::new()),
         }))
@@ -158,6 +208,14 @@ impl Studio {
         if self.queue.is_draining() {
             return Err(super::queue::shutting_down());
         }
+        let phase = self.startup.get();
+        if phase != Phase::Ready {
+            let reason = match phase {
+                Phase::Failed { .. } => phase.message(),
+                _ => format!("The server is starting: the model is still loading. {} Try again when it is ready.", phase.message()),
+            };
+            return Err(StudioError::new(ErrorKind::Unavailable, reason).retry_after(5));
+        }
         if let Err(e) = self.rate.take(client) {
             self.queue.metrics.refusals.with_label_values(&["rate_limited"]).inc();
             return Err(e);
@@ -171,33 +229,50 @@ impl Studio {
         Ok(JobTicket { job_id, position, seed, width, height })
     }
 
-    /// `/readyz`'s answer: ready unless draining; the workers idle or busy, the queue's depth.
-    pub fn readiness(&self) -> (bool, serde_json::Value) {
+    /// `/readyz`'s answer: ready when the model is loaded and the server is not draining; what
+    /// it is doing otherwise; the workers idle or busy, the queue's depth.
+    pub fn readiness(&self) -> Readiness {
         let draining = self.queue.is_draining();
+        let model = self.info.read().unwrap_or_else(|p| p.into_inner()).model.clone();
         if let Some(redis) = &self.redis {
             // a front end is ready when it can queue jobs: Redis answers
             let waiting = redis.waiting();
             let ready = !draining && waiting.is_ok();
-            let body = serde_json::json!({
-                "ready": ready,
-                "state": if draining { "draining" } else if ready { "ready" } else { "redis unreachable" },
-                "model_loaded": true,
-                "model": self.info.model,
-                "queue": {"backend": "redis", "waiting": waiting.ok(), "capacity": self.queue.capacity()},
-            });
-            return (ready, body);
+            let (state, message) = match (draining, ready) {
+                (true, _) => (ServerState::Draining, "The server is shutting down.".to_string()),
+                (false, true) => (ServerState::Ready, "Ready.".to_string()),
+                (false, false) => (ServerState::RedisUnreachable, "The job queue (Redis) does not answer.".to_string()),
+            };
+            return Readiness {
+                ready,
+                state,
+                model_loaded: true,
+                model,
+                message,
+                download: None,
+                workers: None,
+                queue: Some(QueueDepth { backend: Some("redis".into()), waiting: waiting.ok(), capacity: self.queue.capacity() }),
+            };
         }
+        let phase = self.startup.get();
+        let loaded = phase == Phase::Ready;
+        let (state, message) = if draining {
+            (ServerState::Draining, "The server is shutting down.".to_string())
+        } else {
+            (phase.state(), phase.message())
+        };
         let running = self.queue.running_len();
-        let workers = self.devices.len();
-        let body = serde_json::json!({
-            "ready": !draining,
-            "state": if draining { "draining" } else { "ready" },
-            "model_loaded": true,
-            "model": self.info.model,
-            "workers": {"total": workers, "busy": running.min(workers), "idle": workers.saturating_sub(running)},
-            "queue": {"waiting": self.queue.waiting_len(), "capacity": self.queue.capacity()},
-        });
-        (!draining, body)
+        let workers = self.devices.read().unwrap_or_else(|p| p.into_inner()).len();
+        Readiness {
+            ready: loaded && !draining,
+            state,
+            model_loaded: loaded,
+            model,
+            message,
+            download: phase.download(),
+            workers: Some(WorkerCounts { total: workers, busy: running.min(workers), idle: workers.saturating_sub(running) }),
+            queue: Some(QueueDepth { backend: None, waiting: Some(self.queue.waiting_len()), capacity: self.queue.capacity() }),
+        }
     }
 
     /// `/metrics`: the counters and histograms, with the gauges read now.
@@ -205,7 +280,7 @@ impl Studio {
         let m = &self.queue.metrics;
         m.queue_depth.set(self.queue.waiting_len() as i64);
         m.running.set(self.queue.running_len() as i64);
-        for (label, g) in &self.devices {
+        for (label, g) in self.devices.read().unwrap_or_else(|p| p.into_inner()).iter() {
             if let Some(bytes) = g.device_memory_used_bytes() {
                 m.gpu_memory_used_bytes.with_label_values(&[label.as_str()]).set(bytes);
             }
@@ -232,7 +307,7 @@ impl Studio {
 
 impl Backend for Studio {
     fn info(&self) -> ServerInfo {
-        self.info.clone()
+        self.info.read().unwrap_or_else(|p| p.into_inner()).clone()
     }
 
     fn submit(&self, req: JobRequest, client: &ClientId) -> Result<JobTicket, StudioError> {
