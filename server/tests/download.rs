@@ -206,9 +206,13 @@ fn the_first_start_downloads_with_progress_while_the_studio_serves() {
     assert!(checked_while_loading, "the download ended before it could be watched");
 
     wait_for(&server, "ready", |v| v["ready"] == true);
-    let (status, head, png) = http(addr, "POST", "/api/generate", Some(GENERATE));
-    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&png));
-    assert!(head.contains("image/png") || png.starts_with(b"\x89PNG"), "{head}");
+    let (status, _, body) = http(addr, "POST", "/api/generate", Some(GENERATE));
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let result: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    let image_id = result["image_id"].as_str().unwrap_or_else(|| panic!("{result}"));
+    let (status, _, png) = http(addr, "GET", &format!("/images/{image_id}.png"), None);
+    assert_eq!(status, 200);
+    assert!(png.starts_with(b"\x89PNG"));
     let log = server.log();
     assert!(log.contains(&format!("downloading {REPO}: ")), "progress lines in the terminal: {log}");
 
@@ -254,20 +258,19 @@ fn an_interrupted_download_resumes_where_it_stopped() {
     let slow = (big_size / 4).to_string(); // about four seconds for that file
     let hub = Hub::start(&root, &home.join("hub.log"), &["--rate", &slow]);
     let mut server = serve(&hub.url, &home, &data, &[]);
-    let blobs = home.join("hub/models--test-org--tiny-zimage/blobs");
+    // the hub names an LFS file's blob by its SHA-256, as the cache does
+    assert!(big.ends_with(".safetensors"), "{big}");
+    let sha: String = {
+        use sha2::Digest;
+        sha2::Sha256::digest(std::fs::read(root.join(&big)).unwrap()).iter().map(|b| format!("{b:02x}")).collect()
+    };
+    let part = home.join("hub/models--test-org--tiny-zimage/blobs").join(format!("{sha}.incomplete"));
     let t0 = Instant::now();
     let partial = loop {
-        let part = std::fs::read_dir(&blobs).ok().and_then(|mut d| {
-            d.find_map(|e| {
-                let e = e.ok()?;
-                let len = e.metadata().ok()?.len();
-                (e.file_name().to_string_lossy().ends_with(".incomplete") && len > big_size / 8).then_some(len)
-            })
-        });
-        if let Some(len) = part {
+        if let Some(len) = std::fs::metadata(&part).ok().map(|m| m.len()).filter(|&len| len > big_size / 8) {
             break len;
         }
-        assert!(t0.elapsed() < LIMIT, "no partial file appeared in {}: {}", blobs.display(), server.log());
+        assert!(t0.elapsed() < LIMIT, "no partial {} appeared: {}", part.display(), server.log());
         std::thread::sleep(Duration::from_millis(20));
     };
     server.signal("-KILL");

@@ -251,7 +251,7 @@ impl Studio {
                 message,
                 download: None,
                 workers: None,
-                queue: Some(QueueDepth { backend: Some("redis".into()), waiting: waiting.ok(), capacity: self.queue.capacity() }),
+                queue: Some(QueueDepth { backend: Some("redis".into()), waiting: waiting.ok().map(|w| w as usize), capacity: self.queue.capacity() }),
             };
         }
         let phase = self.startup.get();
