@@ -98,8 +98,8 @@ pub(crate) fn ModelInfo(info: ServerInfo) -> impl IntoView {
             </div>
         </Show>
         <p class="model-line">
-            "Model " <code data-testid="model-name">{info.model.clone()}</code> " on "
-            {info.device.clone()}
+            "Model " <code data-testid="model-name">{info.model.clone()}</code>
+            {if info.device.is_empty() { " (loading)".to_string() } else { format!(" on {}", info.device) }}
         </p>
     }
 }

@@ -71,7 +71,7 @@ impl Studio {
             model: model.display_name(),
             tiny_model: tiny,
             random_weights: tiny || matches!(model, ModelSource::RandomFullSize),
-            device: "(loading)".to_string(),
+            device: String::new(), // known once loaded; the page says "(loading)"
             queue_capacity: queue.capacity(),
             version: env!("CARGO_PKG_VERSION").to_string(),
         };
