@@ -11,6 +11,9 @@
 #                               # then `zimage serve --model random` under 1/4/16 HTTP clients + ws
 #                               # (COMPARE=0: without the FA2 and no-graph runs)
 #   scripts/gpu/run.sh final    # diffusers eager/compile/compile+FP8 and ours in one call
+#   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
+#                               # page cache, phase by phase), then /api/generate and submit_job + /ws
+#                               # (carry target/site for the page)
 # BIN=dist/other.xz picks another binary for the single-binary modes.
 set -euo pipefail
 MODE=${1:?parity or baseline}
@@ -82,7 +85,8 @@ engine2)
   mkdir -p /tmp/data
   /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
   srv=$!
-  for i in $(seq 1 180); do grep -q "listening on" "$OUT/serve.log" && break; sleep 1; done
+  # the port opens before the model loads: ready is /readyz 200
+  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
   grep "loaded\|compiled\|warmed\|listening" "$OUT/serve.log" | tee -a "$OUT/summary.txt"
   w=$(mem_watch /tmp/mem_serve.log)
   timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
@@ -120,6 +124,19 @@ engine)
   bench_mem random_bf16 --model random --sizes 1024x1024,2048x2048
   bench_mem random_fp8 --model random --fp8 --sizes 1024x1024,2048x2048
   /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | head -60
+  ;;
+startup)
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  mkdir -p /tmp/data
+  SERVE=(serve --model /tmp/zfull --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data --site-root target/site)
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_cold.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_warm.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --keep --json "$OUT/startup_warm2.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  grep "loaded\|compiled\|warmed\|ready" /tmp/startup_serve.log | tee -a "$OUT/summary.txt"
+  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
+      --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  pkill -f "zimage serve" || true
   ;;
 parity)
   python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -20
