@@ -26,6 +26,15 @@ fi
 echo "== wasm (frontend)"
 cargo build --package=frontend --lib --target-dir=target/front --target=wasm32-unknown-unknown \
       --profile=wasm-release
+# Nothing changed since the last site (same wasm, CSS, public files, tools): keep it (a second
+# start of the studio skips wasm-bindgen and wasm-opt).
+STAMP=$( { sha256sum target/front/wasm32-unknown-unknown/wasm-release/frontend.wasm style/main.css;
+           find public -type f -print0 | sort -z | xargs -0 sha256sum; wasm-bindgen --version; wasm-opt --version; } | sha256sum | cut -c1-32)
+if [ -f "$SITE.stamp" ] && [ "$(cat "$SITE.stamp")" = "$STAMP" ] && [ -f "$SITE/pkg/$NAME.wasm" ]; then
+  echo "site unchanged: $SITE"
+  SKIP_SITE=1
+fi
+if [ "${SKIP_SITE:-0}" != 1 ]; then
 STAGE=$(mktemp -d target/site.tmp.XXXXXX)
 trap 'rm -rf "$STAGE"' EXIT
 mkdir -p "$STAGE/pkg" && cp -r public/. "$STAGE/"
@@ -39,8 +48,10 @@ cp style/main.css "$STAGE/pkg/$NAME.css"                   # plain CSS, no sass 
 # (others get on-the-fly compression from the server's compression layer)
 gzip -9 -k -f "$STAGE/pkg/$NAME.wasm" "$STAGE/pkg/$NAME.js" "$STAGE/pkg/$NAME.css"
 # swap in the new site in one step (a running server keeps serving the old files until then)
-rm -rf "$SITE" && mv "$STAGE" "$SITE" && trap - EXIT
+
+rm -rf "$SITE" && mv "$STAGE" "$SITE" && trap - EXIT && echo "$STAMP" > "$SITE.stamp"
 ls -l "$SITE/pkg"
+fi
 
 if [ "${1:-}" != "--site-only" ]; then
   echo "== server (zimage)"
