@@ -169,18 +169,10 @@ impl DownloadProgress {
     }
 }
 
-/// Human size: "1.5 GB", "340 MB", "12 kB" (powers of 1000, as download tools show them).
+/// Bytes for messages: "2.35 GB", "0.4 MB" (the studio formats progress itself).
 pub fn fmt_bytes(n: u64) -> String {
     let n = n as f64;
-    if n >= 1e9 {
-        format!("{:.1} GB", n / 1e9)
-    } else if n >= 1e6 {
-        format!("{:.0} MB", n / 1e6)
-    } else if n >= 1e3 {
-        format!("{:.0} kB", n / 1e3)
-    } else {
-        format!("{n} B")
-    }
+    if n >= 1e9 { format!("{:.2} GB", n / 1e9) } else { format!("{:.1} MB", n / 1e6) }
 }
 
 /// Tries per file without any byte of progress before the download gives up.
@@ -671,10 +663,9 @@ mod tests {
     }
 
     #[test]
-    fn sizes_read_like_download_tools() {
-        assert_eq!(fmt_bytes(32_800_000_000), "32.8 GB");
-        assert_eq!(fmt_bytes(168_000_000), "168 MB");
-        assert_eq!(fmt_bytes(999), "999 B");
+    fn sizes_in_messages_are_gigabytes() {
+        assert_eq!(fmt_bytes(32_800_000_000), "32.80 GB");
+        assert_eq!(fmt_bytes(1_500_000), "1.5 MB");
     }
 
     #[test]
