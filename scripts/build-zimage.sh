@@ -231,9 +231,11 @@ start=$(date +%s)
 # a line a minute, so that the long nvcc stretches (cargo prints nothing then) show progress
 ( while sleep 60; do say "still building: $(( ($(date +%s) - start) / 60 )) min so far (expected about $(expected_minutes))"; done ) &
 ticker=$!
-trap 'kill $ticker 2>/dev/null; cp "$BUILD/Cargo.lock.orig" "$ROOT/Cargo.lock"' EXIT
+# its `sleep` holds our stderr open: stop both, or a caller's pipe waits up to a minute
+stop_ticker() { pkill -P "$ticker" 2>/dev/null || true; kill "$ticker" 2>/dev/null || true; }
+trap 'stop_ticker; cp "$BUILD/Cargo.lock.orig" "$ROOT/Cargo.lock"' EXIT
 CARGO_INCREMENTAL=0 "${CMD[@]}" "${patch_args[@]}" -- -C "link-arg=$RPATH" >&2
-kill $ticker 2>/dev/null || true
+stop_ticker
 say "cargo build (features $FEATURES, sm_$CAP): $(( $(date +%s) - start )) s"
 
 # Every CUDA library must resolve through the rpath; only the driver's own libcuda.so.1 may be
