@@ -12,4 +12,6 @@ if ! command -v redis-server >/dev/null 2>&1; then
   $SUDO apt-get update && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y redis-server
 fi
 # the package starts a system service on 6379; the test starts its own on a free port
-cargo test -p server --locked --test redis_cluster -- --ignored --nocapture
+# --workspace (not -p server): the same feature set as scripts/test.sh's `cargo test --workspace`,
+# so its build is reused instead of engine and server being compiled again
+cargo test --workspace --locked --test redis_cluster -- --ignored --nocapture
