@@ -400,6 +400,124 @@ extern "C" __global__ void zimage_rms_norm_v8_bf16(const uint4* __restrict__ x, 
     if (amax_bits != 0) block_amax(m, amax_bits);
 }
 
+// ---------------------------------------------------------------------------------------------
+// INT8 (W8A8): per-row symmetric quantization and the scaling of int32 products, with the
+// arithmetic of engine/src/int8.rs: scale = max(amax, 1e-12) * (1/127), q = round-half-even(v /
+// scale) clamped to [-127, 127], y = bf16((acc * sx[row]) * sw[col]).
+
+// The max of v over the block, returned to every thread.
+__device__ __forceinline__ float block_max(float v) {
+    __shared__ float partial_max[32];
+    __shared__ float total_max;
+    v = warp_max(v);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) partial_max[warp] = v;
+    __syncthreads();
+    if (warp == 0) {
+        v = lane < (int)(blockDim.x >> 5) ? partial_max[lane] : 0.0f;
+        v = warp_max(v);
+        if (lane == 0) total_max = v;
+    }
+    __syncthreads();
+    return total_max;
+}
+
+__device__ __forceinline__ float i8_scale(float amax) {
+    return __fmul_rn(fmaxf(amax, 1e-12f), 1.0f / 127.0f);
+}
+
+__device__ __forceinline__ unsigned int quantize_i8x4(const float* f, float scale) {
+    unsigned int packed = 0;
+#pragma unroll
+    for (int j = 0; j < 4; j++) {
+        int q = __float2int_rn(__fdiv_rn(f[j], scale));
+        q = max(-127, min(127, q));
+        packed |= ((unsigned int)q & 0xffu) << (8 * j);
+    }
+    return packed;
+}
+
+// q (rows x dim int8 bytes), scale[row] from bf16 x (rows x dim, dim % 8 == 0); one block per row.
+extern "C" __global__ void zimage_quantize_rows_i8_bf16(const uint4* __restrict__ x, unsigned int dim,
+                                                        uint2* __restrict__ q, float* __restrict__ scale) {
+    unsigned int n8 = dim / 8;
+    const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
+    uint2* qr = q + (unsigned long long)blockIdx.x * n8;
+    float f[8];
+    float m = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
+    }
+    float s = i8_scale(block_max(m));
+    if (threadIdx.x == 0) scale[blockIdx.x] = s;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        qr[i] = make_uint2(quantize_i8x4(f, s), quantize_i8x4(f + 4, s));
+    }
+}
+
+// zimage_rms_norm_v8_bf16's out, and in the same kernel its per-row int8 quantization (q, scale):
+// the normed row is computed once more from x and w (the same arithmetic, so the same values)
+// instead of being read back.
+extern "C" __global__ void zimage_rms_norm_i8_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ w,
+                                                      uint4* __restrict__ out, unsigned int dim, float eps,
+                                                      uint2* __restrict__ q, float* __restrict__ scale) {
+    unsigned int n8 = dim / 8;
+    const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
+    uint4* outr = out + (unsigned long long)blockIdx.x * n8;
+    uint2* qr = q + (unsigned long long)blockIdx.x * n8;
+    float f[8], g[8];
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float m = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        unpack8(w[i], g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+            m = fmaxf(m, fabsf(f[j]));
+        }
+        outr[i] = pack8(f);
+    }
+    float s = i8_scale(block_max(m));
+    if (threadIdx.x == 0) scale[blockIdx.x] = s;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        unpack8(w[i], g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        qr[i] = make_uint2(quantize_i8x4(f, s), quantize_i8x4(f + 4, s));
+    }
+}
+
+// out[r, c] = bf16((acc[r, c] * sx[r]) * sw[c]) for an (m, n) int32 product, n % 4 == 0.
+extern "C" __global__ void zimage_dequant_i32_bf16(const int4* __restrict__ acc, const float* __restrict__ sx,
+                                                   const float* __restrict__ sw, uint2* __restrict__ out,
+                                                   unsigned int m, unsigned int n) {
+    unsigned long long total4 = (unsigned long long)m * n / 4;
+    unsigned int n4 = n / 4;
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < total4; i += stride) {
+        unsigned int r = (unsigned int)(i / n4);
+        unsigned int c = (unsigned int)(i % n4) * 4;
+        int4 a = acc[i];
+        float rs = sx[r];
+        float y0 = __fmul_rn(__fmul_rn((float)a.x, rs), sw[c]);
+        float y1 = __fmul_rn(__fmul_rn((float)a.y, rs), sw[c + 1]);
+        float y2 = __fmul_rn(__fmul_rn((float)a.z, rs), sw[c + 2]);
+        float y3 = __fmul_rn(__fmul_rn((float)a.w, rs), sw[c + 3]);
+        out[i] = make_uint2(pack2(y0, y1), pack2(y2, y3));
+    }
+}
+
 // out = x + bf16(rms_norm(y) * w) (the gated residual), per row of `dim` values (dim % 8 == 0),
 // w bf16 (dim); one block per row; the same rounding as zimage_add_rms_norm_bf16.
 extern "C" __global__ void zimage_add_rms_norm_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ y,

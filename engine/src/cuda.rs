@@ -134,6 +134,45 @@ pub fn rms_norm_v8(x: &Tensor, w: &Tensor, eps: f32, quantize: bool) -> Result<O
     Ok(Some((wrap(out, &dev, x.dims()), fp8)))
 }
 
+/// `rms_norm_v8` followed by the per-row int8 quantization of its result, in one kernel:
+/// (normed (rows, dim) bf16, (q as U8 bytes, scale (rows,) f32)). None when the shape or
+/// alignment does not suit the kernel.
+#[allow(clippy::type_complexity)]
+pub fn rms_norm_i8_v8(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor, (Tensor, Tensor))>> {
+    let dev = cuda_device(x)?;
+    let dim = *x.dims().last().unwrap_or(&0);
+    if x.dtype() != DType::BF16 || x.rank() != 2 || dim == 0 || dim % 8 != 0 || w.elem_count() != dim {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    let w = w.to_dtype(DType::BF16)?.contiguous()?;
+    if !starts_aligned(&x, 16) || !starts_aligned(&w, 16) {
+        return Ok(None);
+    }
+    let rows = x.dims()[0];
+    let mut out = unsafe { dev.alloc::<bf16>(rows * dim)? };
+    let mut q = unsafe { dev.alloc::<u8>(rows * dim)? };
+    let mut scale = unsafe { dev.alloc::<f32>(rows)? };
+    let dim32 = dim as u32;
+    with_slice::<bf16, _>(&x, |xs| {
+        with_slice::<bf16, _>(&w, |ws| {
+            let f = dev.get_or_load_custom_func("zimage_rms_norm_i8_v8_bf16", MODULE, PTX)?;
+            let mut b = f.builder();
+            b.arg(&xs);
+            b.arg(&ws);
+            b.arg(&mut out);
+            b.arg(&dim32);
+            b.arg(&eps);
+            b.arg(&mut q);
+            b.arg(&mut scale);
+            let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(dim / 8), 1, 1), shared_mem_bytes: 0 };
+            unsafe { b.launch(cfg) }.w()?;
+            Ok(())
+        })
+    })?;
+    Ok(Some((wrap(out, &dev, &[rows, dim]), (wrap(q, &dev, &[rows, dim]), wrap(scale, &dev, &[rows])))))
+}
+
 /// Nearest-neighbour 2x upsampling of NCHW bf16 with W % 4 == 0 (one read, two row writes per
 /// 4 values); None when the shape or alignment does not suit the kernel.
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Option<Tensor>> {
@@ -403,34 +442,67 @@ struct Plan {
 /// How many algorithms the heuristic is asked for when autotuning; its first pick otherwise.
 const AUTOTUNE_CANDIDATES: i32 = 8;
 
-/// cuBLASLt FP8 matmuls on one device: D(bf16) = alpha * scale_b * (W_q · X_qᵀ) in f32 accumulation.
-pub struct Fp8Gemm {
+/// Which low-precision product a [`LtGemm`] runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum LtKind {
+    /// E4M3 x E4M3, f32 accumulation, bf16 out scaled by alpha (the weight's scale) and the
+    /// activation's scale read from the device.
+    Fp8,
+    /// int8 x int8, int32 accumulation and int32 out (the scales are applied after, see `int8`).
+    Int8,
+}
+
+/// cuBLASLt matmuls of one kind on one device, in the "TN" form both kinds require: with W (n, k)
+/// and X (m, k) row-major, D (m, n) row-major = X · Wᵀ, computed column-major as
+/// D (n x m) = op(W) (n x k) · X (k x m) with W read transposed.
+pub struct LtGemm {
     handle: sys::cublasLtHandle_t,
     workspace: Mutex<CudaSlice<u8>>,
     workspace_size: usize,
     plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
     autotune: bool,
+    kind: LtKind,
     stream: Arc<CudaStream>,
     dev: CudaDevice,
 }
 
+/// FP8 products: D(bf16) = alpha * scale_b * (W_q · X_qᵀ) in f32 accumulation.
+pub type Fp8Gemm = LtGemm;
+/// INT8 products: D(int32) = W_q · X_qᵀ exactly.
+pub type Int8Gemm = LtGemm;
+
 // The raw handles are only used under the plans/workspace mutexes, on the device's one stream.
-unsafe impl Send for Fp8Gemm {}
-unsafe impl Sync for Fp8Gemm {}
+unsafe impl Send for LtGemm {}
+unsafe impl Sync for LtGemm {}
 
 fn lt_err(e: lt::CublasError) -> candle_core::Error {
     candle_core::Error::Msg(format!("cuBLASLt: {e:?}"))
 }
 
-impl Fp8Gemm {
-    /// `autotune`: time the heuristic's candidate algorithms on each shape's first call and keep the
-    /// fastest; otherwise take the heuristic's first pick.
+impl LtGemm {
+    /// FP8 matmuls. `autotune`: time the heuristic's candidate algorithms on each shape's first
+    /// call and keep the fastest; otherwise take the heuristic's first pick.
     pub fn new(dev: &CudaDevice, autotune: bool) -> Result<Self> {
+        Self::create(dev, autotune, LtKind::Fp8)
+    }
+
+    /// INT8 matmuls (int8 tensor cores: compute capability 8.0 and newer here), autotuned.
+    pub fn new_int8(dev: &CudaDevice) -> Result<Self> {
+        Self::create(dev, true, LtKind::Int8)
+    }
+
+    fn create(dev: &CudaDevice, autotune: bool, kind: LtKind) -> Result<Self> {
         let stream = dev.cuda_stream();
         stream.context().bind_to_thread().w()?;
         let (major, minor) = device_compute_capability(dev)?;
-        if (major, minor) < (8, 9) {
-            bail!("FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is {major}.{minor}: run without --fp8");
+        match kind {
+            LtKind::Fp8 if (major, minor) < (8, 9) => {
+                bail!("FP8 needs a GPU of compute capability 8.9 or newer (Ada, Hopper); this one is {major}.{minor}: run without --fp8")
+            }
+            LtKind::Int8 if major < 8 => {
+                bail!("INT8 here needs a GPU of compute capability 8.0 or newer; this one is {major}.{minor}: run with --precision bf16")
+            }
+            _ => {}
         }
         let handle = lt::create_handle().map_err(lt_err)?;
         let workspace_size = 32 << 20;
@@ -441,6 +513,7 @@ impl Fp8Gemm {
             workspace_size,
             plans: Mutex::new(HashMap::new()),
             autotune,
+            kind,
             stream,
             dev: dev.clone(),
         })
@@ -448,22 +521,25 @@ impl Fp8Gemm {
 
     fn plan(&self, m: usize, n: usize, k: usize) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
-        // Column-major view: D (n_out x m) = op(A) (n_out x k) * op(B) (k x m), with A the row-major
-        // (n_out, k) weight read transposed and B the row-major (m, k) activation: the "TN" form
-        // FP8 requires.
+        use sys::cudaDataType as T;
+        let (compute, scale, operand, out) = match self.kind {
+            LtKind::Fp8 => (sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, T::CUDA_R_32F, T::CUDA_R_8F_E4M3, T::CUDA_R_16BF),
+            LtKind::Int8 => (sys::cublasComputeType_t::CUBLAS_COMPUTE_32I, T::CUDA_R_32I, T::CUDA_R_8I, T::CUDA_R_32I),
+        };
         unsafe {
-            let desc = lt::create_matmul_desc(sys::cublasComputeType_t::CUBLAS_COMPUTE_32F, sys::cudaDataType::CUDA_R_32F)
-                .map_err(lt_err)?;
+            let desc = lt::create_matmul_desc(compute, scale).map_err(lt_err)?;
             let ta = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_T;
             let tb = cudarc::cublas::sys::cublasOperation_t::CUBLAS_OP_N;
-            let fast: i8 = 1;
             let set = |attr: A, p: *const std::ffi::c_void, size: usize| lt::set_matmul_desc_attribute(desc, attr, p, size).map_err(lt_err);
             set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
             set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
-            set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const _, 1)?;
-            let a = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, n as u64, k as i64).map_err(lt_err)?;
-            let b = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_8F_E4M3, k as u64, m as u64, k as i64).map_err(lt_err)?;
-            let d = lt::create_matrix_layout(sys::cudaDataType::CUDA_R_16BF, n as u64, m as u64, n as i64).map_err(lt_err)?;
+            if self.kind == LtKind::Fp8 {
+                let fast: i8 = 1;
+                set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const _, 1)?;
+            }
+            let a = lt::create_matrix_layout(operand, k as u64, n as u64, k as i64).map_err(lt_err)?;
+            let b = lt::create_matrix_layout(operand, k as u64, m as u64, k as i64).map_err(lt_err)?;
+            let d = lt::create_matrix_layout(out, n as u64, m as u64, n as i64).map_err(lt_err)?;
             let pref = lt::create_matmul_pref().map_err(lt_err)?;
             let ws = self.workspace_size as u64;
             lt::set_matmul_pref_attribute(
@@ -479,7 +555,7 @@ impl Fp8Gemm {
             let status = sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, wanted, results.as_mut_ptr(), &mut found);
             lt::destroy_matmul_pref(pref).map_err(lt_err)?;
             if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found <= 0 {
-                bail!("no cuBLASLt FP8 algorithm for m={m} n={n} k={k}: {status:?}");
+                bail!("no cuBLASLt {:?} algorithm for m={m} n={n} k={k}: {status:?}", self.kind);
             }
             results.set_len(found as usize);
             let candidates: Vec<_> = results
@@ -492,28 +568,81 @@ impl Fp8Gemm {
         }
     }
 
-    /// x_q (m, k) E4M3 with device scale x_scale (1,) f32; w_q (n, k) E4M3 with host scale
-    /// w_scale. Returns (m, n) bf16.
-    pub fn matmul(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: f32) -> Result<Tensor> {
-        let (m, k) = x_q.dims2()?;
-        let (n, k2) = w_q.dims2()?;
-        if k != k2 || x_q.dtype() != DType::F8E4M3 || w_q.dtype() != DType::F8E4M3 {
-            bail!("fp8 matmul: x {:?} {:?}, w {:?} {:?}", x_q.dims(), x_q.dtype(), w_q.dims(), w_q.dtype());
-        }
-        if k % 16 != 0 || n % 16 != 0 {
-            bail!("fp8 matmul: k={k} and n={n} must be multiples of 16");
-        }
-        let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
-        let mut plans = self.plans.lock().expect("fp8 plan cache poisoned");
+    /// Launches D = alpha * op(W) · X (+ beta * D) for the shape's plan (made, and on its first
+    /// call autotuned, here). Device pointers; `alpha`/`beta` point at host values of the plan's
+    /// scale type; `b_scale`: the FP8 activation scale's device pointer.
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        &self,
+        (m, n, k): (usize, usize, usize),
+        w_ptr: u64,
+        x_ptr: u64,
+        o_ptr: u64,
+        alpha: *const std::ffi::c_void,
+        beta: *const std::ffi::c_void,
+        b_scale: Option<u64>,
+    ) -> Result<()> {
+        let mut plans = self.plans.lock().expect("cuBLASLt plan cache poisoned");
         if !plans.contains_key(&(m, n, k)) {
             let p = self.plan(m, n, k)?;
             plans.insert((m, n, k), p);
         }
         let plan = plans.get_mut(&(m, n, k)).expect("plan inserted above");
         let (desc, a_layout, b_layout, d_layout) = (plan.desc, plan.a, plan.b, plan.d);
-        let mut ws = self.workspace.lock().expect("fp8 workspace poisoned");
-        let x_q = x_q.contiguous()?;
-        let w_q = w_q.contiguous()?;
+        let mut ws = self.workspace.lock().expect("cuBLASLt workspace poisoned");
+        let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
+        let run = |algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
+            unsafe {
+                if let Some(s_ptr) = &b_scale {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
+                        s_ptr as *const _ as *const _,
+                        std::mem::size_of_val(s_ptr),
+                    )
+                    .map_err(lt_err)?;
+                }
+                lt::matmul(
+                    self.handle,
+                    desc,
+                    alpha,
+                    beta,
+                    w_ptr as *const _,
+                    a_layout,
+                    x_ptr as *const _,
+                    b_layout,
+                    o_ptr as *const _,
+                    d_layout,
+                    o_ptr as *mut _,
+                    d_layout,
+                    algo,
+                    ws_ptr as *mut _,
+                    self.workspace_size,
+                    self.stream.cu_stream() as *mut _,
+                )
+                .map_err(lt_err)
+            }
+        };
+        if plan.chosen.is_none() {
+            plan.chosen = Some(self.fastest(&plan.candidates, &run)?);
+        }
+        run(plan.chosen.as_ref().expect("chosen above"))
+    }
+
+    /// x_q (m, k) E4M3 with device scale x_scale (1,) f32; w_q (n, k) E4M3 with host scale
+    /// w_scale. Returns (m, n) bf16.
+    pub fn matmul(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: f32) -> Result<Tensor> {
+        let (m, k) = x_q.dims2()?;
+        let (n, k2) = w_q.dims2()?;
+        if self.kind != LtKind::Fp8 || k != k2 || x_q.dtype() != DType::F8E4M3 || w_q.dtype() != DType::F8E4M3 {
+            bail!("fp8 matmul: x {:?} {:?}, w {:?} {:?}", x_q.dims(), x_q.dtype(), w_q.dims(), w_q.dtype());
+        }
+        if k % 16 != 0 || n % 16 != 0 {
+            bail!("fp8 matmul: k={k} and n={n} must be multiples of 16");
+        }
+        let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
+        let (x_q, w_q) = (x_q.contiguous()?, w_q.contiguous()?);
+        let (alpha, beta) = (w_scale, 0f32);
         with_slice::<F8E4M3, _>(&x_q, |xs| {
             with_slice::<F8E4M3, _>(&w_q, |wsl| {
                 with_slice::<f32, _>(x_scale, |ss| {
@@ -521,48 +650,55 @@ impl Fp8Gemm {
                     let (w_ptr, _gw) = wsl.device_ptr(&self.stream);
                     let (s_ptr, _gs) = ss.device_ptr(&self.stream);
                     let (o_ptr, _go) = out.device_ptr_mut(&self.stream);
-                    let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
-                    let alpha = w_scale;
-                    let beta = 0f32;
-                    let launch = |algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
-                        unsafe {
-                            lt::set_matmul_desc_attribute(
-                                desc,
-                                sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                                &s_ptr as *const _ as *const _,
-                                std::mem::size_of_val(&s_ptr),
-                            )
-                            .map_err(lt_err)?;
-                            lt::matmul(
-                                self.handle,
-                                desc,
-                                &alpha as *const f32 as *const _,
-                                &beta as *const f32 as *const _,
-                                w_ptr as *const _,
-                                a_layout,
-                                x_ptr as *const _,
-                                b_layout,
-                                o_ptr as *const _,
-                                d_layout,
-                                o_ptr as *mut _,
-                                d_layout,
-                                algo,
-                                ws_ptr as *mut _,
-                                self.workspace_size,
-                                self.stream.cu_stream() as *mut _,
-                            )
-                            .map_err(lt_err)
-                        }
-                    };
-                    if plan.chosen.is_none() {
-                        plan.chosen = Some(self.fastest(&plan.candidates, &launch)?);
-                    }
-                    launch(plan.chosen.as_ref().expect("chosen above"))
+                    let (a, b) = (&alpha as *const f32 as *const _, &beta as *const f32 as *const _);
+                    self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, Some(s_ptr))
                 })
             })
         })?;
-        drop(ws);
-        drop(plans);
+        Ok(wrap(out, &self.dev, &[m, n]))
+    }
+
+    /// x_q (m, k) and w_q (n, k) int8 (as U8 bytes), per-row scales x_scale (m,) and w_scale (n,)
+    /// f32: (m, n) bf16 = (int32 W_q · X_qᵀ) * x_scale[row] * w_scale[col], the scaling in one pass
+    /// after the product (cuBLASLt's int8 products write int32 or int8, not bf16).
+    pub fn matmul_i8(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: &Tensor) -> Result<Tensor> {
+        let (m, k) = x_q.dims2()?;
+        let (n, k2) = w_q.dims2()?;
+        if self.kind != LtKind::Int8 || k != k2 || x_q.dtype() != DType::U8 || w_q.dtype() != DType::U8 {
+            bail!("int8 matmul: x {:?} {:?}, w {:?} {:?}", x_q.dims(), x_q.dtype(), w_q.dims(), w_q.dtype());
+        }
+        if k % 16 != 0 || n % 16 != 0 {
+            bail!("int8 matmul: k={k} and n={n} must be multiples of 16");
+        }
+        let mut acc = unsafe { self.dev.alloc::<i32>(m * n)? };
+        let (x_q, w_q) = (x_q.contiguous()?, w_q.contiguous()?);
+        let (alpha, beta) = (1i32, 0i32);
+        with_slice::<u8, _>(&x_q, |xs| {
+            with_slice::<u8, _>(&w_q, |wsl| {
+                let (x_ptr, _gx) = xs.device_ptr(&self.stream);
+                let (w_ptr, _gw) = wsl.device_ptr(&self.stream);
+                let (o_ptr, _go) = acc.device_ptr_mut(&self.stream);
+                let (a, b) = (&alpha as *const i32 as *const _, &beta as *const i32 as *const _);
+                self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, None)
+            })
+        })?;
+        let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
+        let (x_scale, w_scale) = (x_scale.contiguous()?, w_scale.contiguous()?);
+        let (m32, n32) = (m as u32, n as u32);
+        with_slice::<f32, _>(&x_scale, |sx| {
+            with_slice::<f32, _>(&w_scale, |sw| {
+                let f = self.dev.get_or_load_custom_func("zimage_dequant_i32_bf16", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&acc);
+                b.arg(&sx);
+                b.arg(&sw);
+                b.arg(&mut out);
+                b.arg(&m32);
+                b.arg(&n32);
+                unsafe { b.launch(launch_cfg(grid_for(m * n / 4))) }.w()?;
+                Ok(())
+            })
+        })?;
         Ok(wrap(out, &self.dev, &[m, n]))
     }
 
@@ -585,15 +721,16 @@ impl Fp8Gemm {
             }
             self.stream.synchronize().w()?;
             let secs = t.elapsed().as_secs_f64();
-            if best.map_or(true, |(b, _)| secs < b) {
+            if best.is_none_or(|(b, _)| secs < b) {
                 best = Some((secs, *algo));
             }
         }
-        best.map(|(_, a)| a).ok_or_else(|| candle_core::Error::Msg("no cuBLASLt FP8 algorithm could be launched".into()))
+        best.map(|(_, a)| a)
+            .ok_or_else(|| candle_core::Error::Msg(format!("no cuBLASLt {:?} algorithm could be launched", self.kind)))
     }
 }
 
-impl Drop for Fp8Gemm {
+impl Drop for LtGemm {
     fn drop(&mut self) {
         let plans = std::mem::take(&mut *self.plans.lock().unwrap_or_else(|e| e.into_inner()));
         unsafe {
@@ -606,6 +743,37 @@ impl Drop for Fp8Gemm {
             let _ = lt::destroy_handle(self.handle);
         }
     }
+}
+
+/// Per-row symmetric int8 quantization of a bf16 (rows, dim) tensor (dim % 8 == 0) in one kernel:
+/// (q as U8 bytes, scale (rows,) f32), the arithmetic of `int8::quantize_rows`. None when the
+/// shape or alignment does not suit the kernel.
+pub fn quantize_rows_i8(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let dev = cuda_device(x)?;
+    let dim = *x.dims().last().unwrap_or(&0);
+    if x.dtype() != DType::BF16 || x.rank() != 2 || dim == 0 || dim % 8 != 0 {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if !starts_aligned(&x, 16) {
+        return Ok(None);
+    }
+    let rows = x.dims()[0];
+    let mut q = unsafe { dev.alloc::<u8>(rows * dim)? };
+    let mut scale = unsafe { dev.alloc::<f32>(rows)? };
+    let dim32 = dim as u32;
+    with_slice::<bf16, _>(&x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_quantize_rows_i8_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        b.arg(&dim32);
+        b.arg(&mut q);
+        b.arg(&mut scale);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(dim / 8), 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(Some((wrap(q, &dev, &[rows, dim]), wrap(scale, &dev, &[rows]))))
 }
 
 

@@ -11,6 +11,7 @@ pub mod error;
 pub mod fp8;
 pub mod graph;
 pub mod hub;
+pub mod int8;
 pub mod loader;
 pub mod ops;
 pub mod pipeline;
