@@ -518,6 +518,48 @@ extern "C" __global__ void zimage_dequant_i32_bf16(const int4* __restrict__ acc,
     }
 }
 
+// The INT8 feed-forward's middle in one pass per row: the w1|w3 product's int32 sums (rows x
+// 2*hidden: gate then up) scaled to bf16 as zimage_dequant_i32_bf16 writes them, silu(gate) * up
+// with the rounding of zimage_swiglu_amax_v8_bf16, then the per-row int8 quantization of the
+// result for w2 (the bf16 gate|up and the bf16 product never go through global memory).
+// hidden % 4 == 0; one block per row; the row's bf16 results wait in shared memory (hidden * 2
+// bytes, dynamic) between the row's amax and its quantization.
+extern "C" __global__ void zimage_swiglu_i32_i8(const int4* __restrict__ acc, const float* __restrict__ sx,
+                                                const float4* __restrict__ sw, unsigned int hidden,
+                                                unsigned int* __restrict__ q, float* __restrict__ scale) {
+    extern __shared__ bf16_bits h_row[];
+    unsigned int n4 = hidden / 4;
+    const int4* gr = acc + (unsigned long long)blockIdx.x * 2 * n4;
+    float rs = sx[blockIdx.x];
+    float m = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n4; i += blockDim.x) {
+        int4 g = gr[i], u = gr[n4 + i];
+        float4 wg = sw[i], wu = sw[n4 + i];
+        float gv[4] = {(float)g.x, (float)g.y, (float)g.z, (float)g.w};
+        float uv[4] = {(float)u.x, (float)u.y, (float)u.z, (float)u.w};
+        float gs[4] = {wg.x, wg.y, wg.z, wg.w};
+        float us[4] = {wu.x, wu.y, wu.z, wu.w};
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            float gf = bf16_to_f32(f32_to_bf16(__fmul_rn(__fmul_rn(gv[j], rs), gs[j])));
+            float uf = bf16_to_f32(f32_to_bf16(__fmul_rn(__fmul_rn(uv[j], rs), us[j])));
+            float sl = bf16_to_f32(f32_to_bf16(gf / (1.0f + __expf(-gf))));
+            bf16_bits h = f32_to_bf16(sl * uf);
+            m = fmaxf(m, fabsf(bf16_to_f32(h)));
+            h_row[4 * i + j] = h;
+        }
+    }
+    float s = i8_scale(block_max(m));  // block_max synchronizes: h_row is complete after it
+    if (threadIdx.x == 0) scale[blockIdx.x] = s;
+    unsigned int* qr = q + (unsigned long long)blockIdx.x * n4;
+    for (unsigned int i = threadIdx.x; i < n4; i += blockDim.x) {
+        float f[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) f[j] = bf16_to_f32(h_row[4 * i + j]);
+        qr[i] = quantize_i8x4(f, s);
+    }
+}
+
 // out = x + bf16(rms_norm(y) * w) (the gated residual), per row of `dim` values (dim % 8 == 0),
 // w bf16 (dim); one block per row; the same rounding as zimage_add_rms_norm_bf16.
 extern "C" __global__ void zimage_add_rms_norm_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ y,

@@ -658,10 +658,9 @@ impl LtGemm {
         Ok(wrap(out, &self.dev, &[m, n]))
     }
 
-    /// x_q (m, k) and w_q (n, k) int8 (as U8 bytes), per-row scales x_scale (m,) and w_scale (n,)
-    /// f32: (m, n) bf16 = (int32 W_q · X_qᵀ) * x_scale[row] * w_scale[col], the scaling in one pass
-    /// after the product (cuBLASLt's int8 products write int32 or int8, not bf16).
-    pub fn matmul_i8(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: &Tensor) -> Result<Tensor> {
+    /// The exact int32 product W_q · X_qᵀ of x_q (m, k) and w_q (n, k), int8 as U8 bytes: (m, n)
+    /// row-major sums.
+    fn product_i8(&self, x_q: &Tensor, w_q: &Tensor) -> Result<(CudaSlice<i32>, usize, usize)> {
         let (m, k) = x_q.dims2()?;
         let (n, k2) = w_q.dims2()?;
         if self.kind != LtKind::Int8 || k != k2 || x_q.dtype() != DType::U8 || w_q.dtype() != DType::U8 {
@@ -682,6 +681,14 @@ impl LtGemm {
                 self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, None)
             })
         })?;
+        Ok((acc, m, n))
+    }
+
+    /// x_q (m, k) and w_q (n, k) int8 (as U8 bytes), per-row scales x_scale (m,) and w_scale (n,)
+    /// f32: (m, n) bf16 = (int32 W_q · X_qᵀ) * x_scale[row] * w_scale[col], the scaling in one pass
+    /// after the product (cuBLASLt's int8 products write int32 or int8, not bf16).
+    pub fn matmul_i8(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: &Tensor) -> Result<Tensor> {
+        let (acc, m, n) = self.product_i8(x_q, w_q)?;
         let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
         let (x_scale, w_scale) = (x_scale.contiguous()?, w_scale.contiguous()?);
         let (m32, n32) = (m as u32, n as u32);
@@ -700,6 +707,37 @@ impl LtGemm {
             })
         })?;
         Ok(wrap(out, &self.dev, &[m, n]))
+    }
+
+    /// The INT8 feed-forward's gate|up product (w_q: w1 rows then w3 rows, 2 * hidden) followed by
+    /// silu(gate) * up and its per-row int8 quantization for w2, in one pass after the product:
+    /// (q (m, hidden) as U8 bytes, scale (m,) f32). None when hidden % 4 != 0.
+    pub fn matmul_i8_swiglu(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+        let hidden = w_q.dims2()?.0 / 2;
+        if hidden % 4 != 0 || hidden * 2 > 48 * 1024 {
+            return Ok(None);
+        }
+        let (acc, m, _) = self.product_i8(x_q, w_q)?;
+        let mut q = unsafe { self.dev.alloc::<u8>(m * hidden)? };
+        let mut scale = unsafe { self.dev.alloc::<f32>(m)? };
+        let (x_scale, w_scale) = (x_scale.contiguous()?, w_scale.contiguous()?);
+        let hidden32 = hidden as u32;
+        with_slice::<f32, _>(&x_scale, |sx| {
+            with_slice::<f32, _>(&w_scale, |sw| {
+                let f = self.dev.get_or_load_custom_func("zimage_swiglu_i32_i8", MODULE, PTX)?;
+                let mut b = f.builder();
+                b.arg(&acc);
+                b.arg(&sx);
+                b.arg(&sw);
+                b.arg(&hidden32);
+                b.arg(&mut q);
+                b.arg(&mut scale);
+                let cfg = LaunchConfig { grid_dim: (m as u32, 1, 1), block_dim: (row_threads(hidden / 8), 1, 1), shared_mem_bytes: (hidden * 2) as u32 };
+                unsafe { b.launch(cfg) }.w()?;
+                Ok(())
+            })
+        })?;
+        Ok(Some((wrap(q, &self.dev, &[m, hidden]), wrap(scale, &self.dev, &[m]))))
     }
 
     /// The candidate with the lowest time over a few launches (after one warm-up launch each);

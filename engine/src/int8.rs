@@ -127,6 +127,26 @@ impl Int8Weight {
     }
 }
 
+impl Int8Weight {
+    /// For a gate|up layer (w1 rows then w3 rows): silu(gate) * up of its product with x,
+    /// quantized per row for the next INT8 layer, in one pass after the integer product (CUDA,
+    /// bf16 activations). None where that path does not apply; then take `matmul`, SwiGLU and
+    /// `Int8Activation::new`, which compute the same values through bf16 tensors.
+    pub fn matmul_swiglu(&self, x: &Int8Activation, out_dtype: DType) -> Result<Option<Int8Activation>> {
+        #[cfg(feature = "cuda")]
+        if let (Some(gemm), true) = (&self.ctx.gemm, out_dtype == DType::BF16) {
+            let (n, k) = (self.q.dims()[0], self.q.dims()[1]);
+            if n % 32 == 0 && k % 16 == 0 {
+                if let Some((q, scale)) = gemm.matmul_i8_swiglu(&x.q, &x.scale, &self.q, &self.scale)? {
+                    return Ok(Some(Int8Activation { q, scale }));
+                }
+            }
+        }
+        let _ = (x, out_dtype);
+        Ok(None)
+    }
+}
+
 /// An activation (rows, in) in int8 with one scale per row, both on the activation's device.
 pub struct Int8Activation {
     pub q: Tensor,

@@ -5,6 +5,7 @@
 use candle_core::{DType, Module, Result, Tensor, D};
 
 use crate::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
+use crate::int8::{Int8Activation, Int8Context, Int8Weight};
 
 /// RMSNorm as diffusers/transformers compute it: statistics in f32, then scaled by the weight.
 #[derive(Clone, Debug)]
@@ -243,8 +244,49 @@ pub fn qk_norm_rope_composed(x: &Tensor, norm: Option<&RmsNorm>, cos: &Tensor, s
     candle_nn::rotary_emb::rope_i(&xf, cos, sin)?.to_dtype(x.dtype())?.transpose(1, 2)?.contiguous()
 }
 
+/// The number format of a layer's weights and of the activations it multiplies them with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Quantization {
+    /// Dense weights in the model dtype (bf16 on GPUs, f32 on the CPU).
+    #[default]
+    None,
+    /// FP8 E4M3, per-tensor scales for weights and activations (see `fp8`).
+    Fp8,
+    /// INT8, per-output-channel weight scales, per-row activation scales (see `int8`).
+    Int8,
+}
+
+impl Quantization {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::None => "none",
+            Self::Fp8 => "fp8",
+            Self::Int8 => "int8",
+        }
+    }
+}
+
+/// The per-device state a quantized layer keeps (cuBLASLt handles and plans on CUDA), made once
+/// per model and shared by its layers.
+#[derive(Clone)]
+pub enum QuantContext {
+    Fp8(Fp8Context),
+    Int8(Int8Context),
+}
+
+impl QuantContext {
+    /// The context for `q` on `device`; None for dense weights.
+    pub fn new(q: Quantization, device: &candle_core::Device) -> Result<Option<Self>> {
+        Ok(match q {
+            Quantization::None => None,
+            Quantization::Fp8 => Some(Self::Fp8(Fp8Context::new(device)?)),
+            Quantization::Int8 => Some(Self::Int8(Int8Context::new(device)?)),
+        })
+    }
+}
+
 /// Linear layer; x may have any number of leading dims. The weight is dense (multiplied in its
-/// dtype) or FP8 E4M3 (see `fp8`), chosen after loading with `quantize_fp8`.
+/// dtype), FP8 E4M3 (see `fp8`) or INT8 (see `int8`), chosen after loading with `quantize`.
 #[derive(Clone)]
 pub struct Linear {
     weight: LinearWeight,
@@ -255,14 +297,24 @@ pub struct Linear {
 enum LinearWeight {
     Dense(Tensor),
     Fp8(Fp8Weight),
+    Int8(Int8Weight),
 }
 
-/// An input flattened to (rows, in) and, for FP8 layers, quantized once: several layers reading the
-/// same activation (q, k, v; gate and up) share one quantization.
+/// An activation quantized for one kind of layer.
+pub enum QuantizedInput {
+    Fp8(QuantizedActivation),
+    Int8(Int8Activation),
+}
+
+/// An input flattened to (rows, in) and, for quantized layers, quantized once: several layers
+/// reading the same activation (q, k, v; gate and up) share one quantization.
 pub struct LinearInput {
     lead_dims: Vec<usize>,
-    dense: Tensor,
-    fp8: Option<QuantizedActivation>,
+    /// The activation itself: absent when only a quantized form was made (fused kernels).
+    dense: Option<Tensor>,
+    quantized: Option<QuantizedInput>,
+    /// The activations' dtype, which the layer's output takes.
+    dtype: DType,
 }
 
 impl LinearInput {
@@ -274,8 +326,12 @@ impl LinearInput {
         }
     }
     /// An input already quantized (e.g. by a fused kernel), with its dense form for dense layers.
-    pub fn from_parts(lead_dims: Vec<usize>, dense: Tensor, fp8: Option<QuantizedActivation>) -> Self {
-        Self { lead_dims, dense, fp8 }
+    pub fn from_parts(lead_dims: Vec<usize>, dense: Tensor, quantized: Option<QuantizedInput>) -> Self {
+        let dtype = dense.dtype();
+        Self { lead_dims, dense: Some(dense), quantized, dtype }
+    }
+    fn dense(&self) -> Result<&Tensor> {
+        self.dense.as_ref().ok_or_else(|| candle_core::Error::Msg("a linear input made only in a quantized form reached a layer of another format".into()))
     }
 }
 
@@ -296,35 +352,56 @@ impl Linear {
             .collect::<Result<Vec<_>>>()?;
         Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None })
     }
+    pub fn quantization(&self) -> Quantization {
+        match self.weight {
+            LinearWeight::Dense(_) => Quantization::None,
+            LinearWeight::Fp8(_) => Quantization::Fp8,
+            LinearWeight::Int8(_) => Quantization::Int8,
+        }
+    }
     pub fn is_fp8(&self) -> bool {
-        matches!(self.weight, LinearWeight::Fp8(_))
+        self.quantization() == Quantization::Fp8
     }
     fn out_dim(&self) -> usize {
         match &self.weight {
             LinearWeight::Dense(w) => w.dims()[0],
             LinearWeight::Fp8(w) => w.out_dim(),
+            LinearWeight::Int8(w) => w.out_dim(),
         }
     }
-    /// Replaces a dense weight by its E4M3 quantization (per-tensor scale); the dense copy is freed.
-    pub fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
+    /// Replaces a dense weight by its quantization; the dense copy is freed. A layer already
+    /// quantized stays as it is (quantize from the dense weights, never from another format).
+    pub fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
-            self.weight = LinearWeight::Fp8(Fp8Weight::quantize(w, ctx)?);
+            self.weight = match ctx {
+                QuantContext::Fp8(c) => LinearWeight::Fp8(Fp8Weight::quantize(w, c)?),
+                QuantContext::Int8(c) => LinearWeight::Int8(Int8Weight::quantize(w, c)?),
+            };
         }
         Ok(())
     }
-    /// Flattens x and quantizes it when this layer is FP8; pass the result to `forward_input` of
-    /// this or any other layer with the same input width.
+    /// The activation quantization this layer's weights multiply with.
+    fn quantize_input(&self, dense: &Tensor) -> Result<Option<QuantizedInput>> {
+        Ok(match self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Fp8(_) => Some(QuantizedInput::Fp8(QuantizedActivation::new(dense)?)),
+            LinearWeight::Int8(_) => Some(QuantizedInput::Int8(Int8Activation::new(dense)?)),
+        })
+    }
+    /// Flattens x and quantizes it when this layer is quantized; pass the result to
+    /// `forward_input` of this or any other layer with the same input width and format.
     pub fn prepare(&self, x: &Tensor) -> Result<LinearInput> {
         let dims = x.dims();
         let in_dim = *dims.last().expect("linear input has a last dim");
         let lead_dims = dims[..dims.len() - 1].to_vec();
         let rows: usize = lead_dims.iter().product();
         let dense = x.reshape((rows, in_dim))?;
-        let fp8 = if self.is_fp8() { Some(QuantizedActivation::new(&dense)?) } else { None };
-        Ok(LinearInput { lead_dims, dense, fp8 })
+        let quantized = self.quantize_input(&dense)?;
+        Ok(LinearInput::from_parts(lead_dims, dense, quantized))
     }
     /// `prepare(&rms_norm_weighted(x, w, eps))`; on CUDA bf16 one kernel writes the normed
-    /// activation and takes its amax, so an FP8 layer's quantization needs no extra pass.
+    /// activation and its quantization (the FP8 amax, or the INT8 row scales and bytes), so a
+    /// quantized layer needs no extra pass over the activation.
     pub fn prepare_rms_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<LinearInput> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.dtype() == DType::BF16 {
@@ -332,20 +409,27 @@ impl Linear {
             let in_dim = *dims.last().expect("linear input has a last dim");
             let lead_dims = dims[..dims.len() - 1].to_vec();
             let rows: usize = lead_dims.iter().product();
-            if let Some((dense, fp8)) = crate::cuda::rms_norm_v8(&x.reshape((rows, in_dim))?, w, eps as f32, self.is_fp8())? {
-                let fp8 = fp8.map(|(q, scale)| QuantizedActivation { q, scale });
-                return Ok(LinearInput { lead_dims, dense, fp8 });
+            let x2 = x.reshape((rows, in_dim))?;
+            if self.quantization() == Quantization::Int8 {
+                if let Some((dense, (q, scale))) = crate::cuda::rms_norm_i8_v8(&x2, w, eps as f32)? {
+                    let quantized = Some(QuantizedInput::Int8(Int8Activation { q, scale }));
+                    return Ok(LinearInput::from_parts(lead_dims, dense, quantized));
+                }
+            } else if let Some((dense, fp8)) = crate::cuda::rms_norm_v8(&x2, w, eps as f32, self.is_fp8())? {
+                let quantized = fp8.map(|(q, scale)| QuantizedInput::Fp8(QuantizedActivation { q, scale }));
+                return Ok(LinearInput::from_parts(lead_dims, dense, quantized));
             }
         }
         self.prepare(&rms_norm_weighted(x, w, eps)?)
     }
     pub fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
-        let mut y = match &self.weight {
-            LinearWeight::Dense(w) => matmul(&x.dense, &w.t()?)?,
-            LinearWeight::Fp8(w) => match &x.fp8 {
-                Some(q) => w.matmul(q, x.dense.dtype())?,
-                None => w.matmul(&QuantizedActivation::new(&x.dense)?, x.dense.dtype())?,
-            },
+        let dtype = x.dtype;
+        let mut y = match (&self.weight, &x.quantized) {
+            (LinearWeight::Dense(w), _) => matmul(x.dense()?, &w.t()?)?,
+            (LinearWeight::Fp8(w), Some(QuantizedInput::Fp8(q))) => w.matmul(q, dtype)?,
+            (LinearWeight::Fp8(w), _) => w.matmul(&QuantizedActivation::new(x.dense()?)?, dtype)?,
+            (LinearWeight::Int8(w), Some(QuantizedInput::Int8(q))) => w.matmul(q, dtype)?,
+            (LinearWeight::Int8(w), _) => w.matmul(&Int8Activation::new(x.dense()?)?, dtype)?,
         };
         if let Some(b) = &self.bias {
             y = y.broadcast_add(&b.to_dtype(y.dtype())?)?;
@@ -356,9 +440,30 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// For an INT8 layer computing gate|up side by side (w1|w3, no bias): silu(gate) * up,
+    /// quantized per row for the next INT8 layer straight from the product's integer sums (one
+    /// pass on CUDA). None where that path does not apply (other formats, devices or shapes):
+    /// then `forward_input` and the SwiGLU ops compute the same values.
+    pub fn forward_swiglu_int8(&self, x: &LinearInput) -> Result<Option<LinearInput>> {
+        let (LinearWeight::Int8(w), Some(QuantizedInput::Int8(q)), None) = (&self.weight, &x.quantized, &self.bias) else {
+            return Ok(None);
+        };
+        Ok(w.matmul_swiglu(q, x.dtype)?.map(|a| LinearInput {
+            lead_dims: x.lead_dims.clone(),
+            dense: None,
+            quantized: Some(QuantizedInput::Int8(a)),
+            dtype: x.dtype,
+        }))
+    }
+}
+
 impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let kind = if self.is_fp8() { "fp8" } else { "dense" };
+        let kind = match self.quantization() {
+            Quantization::None => "dense",
+            q => q.name(),
+        };
         write!(f, "Linear({kind}, out {}, bias {})", self.out_dim(), self.bias.is_some())
     }
 }

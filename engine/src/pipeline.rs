@@ -11,6 +11,7 @@ use candle_nn::VarBuilder;
 
 use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
 use crate::error::{Error, Result};
+use crate::ops::Quantization;
 use crate::graph::GraphCache;
 use crate::loader::{read_config, resolve_hub_model, ModelFiles, ModelSource};
 use crate::scheduler::{img2img_start_step, Schedule, MAX_STEPS};
@@ -180,9 +181,9 @@ pub struct GenerateOutput {
 /// How to hold the model on its device.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct LoadOptions {
-    /// Quantize the transformer blocks' linear layers to FP8 E4M3 while loading (half their
-    /// memory; on CUDA the products run as cuBLASLt FP8 matmuls).
-    pub fp8: bool,
+    /// Quantize the transformer blocks' linear layers while loading: FP8 E4M3 or INT8 (half their
+    /// memory; on CUDA the products run as cuBLASLt FP8 or INT8 matmuls).
+    pub quantization: Quantization,
     /// Do not keep the text encoder resident: load it for each prompt and free it after encoding
     /// (saves its memory on small cards, costs a load per request).
     pub free_text_encoder: bool,
@@ -192,7 +193,7 @@ pub struct LoadOptions {
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { fp8: false, free_text_encoder: false, cuda_graphs: crate::graph::enabled_by_env() }
+        Self { quantization: Quantization::None, free_text_encoder: false, cuda_graphs: crate::graph::enabled_by_env() }
     }
 }
 
@@ -204,18 +205,28 @@ pub enum Precision {
     Auto,
     /// FP8 E4M3 (on devices without FP8 matmuls the products are emulated, slowly).
     Fp8,
+    /// INT8 weights and activations (W8A8), for GPUs with int8 tensor cores and no FP8
+    /// (compute capability 8.0-8.7); elsewhere the integer products are computed in f32, slowly.
+    Int8,
     /// The compute dtype: bf16 on GPUs, f32 on the CPU.
     Full,
 }
 
 impl Precision {
+    /// The quantization of the block linears on `device`. `auto` is FP8 on 8.9+ and the compute
+    /// dtype elsewhere: INT8 has not been measured on an 8.x card (A100, RTX 30) yet, so it is
+    /// asked for by name.
+    pub fn quantization_on(self, device: &Device) -> Quantization {
+        match self {
+            Precision::Auto if fp8_supported(device) => Quantization::Fp8,
+            Precision::Auto | Precision::Full => Quantization::None,
+            Precision::Fp8 => Quantization::Fp8,
+            Precision::Int8 => Quantization::Int8,
+        }
+    }
     /// Whether the block linears run in FP8 on `device`.
     pub fn fp8_on(self, device: &Device) -> bool {
-        match self {
-            Precision::Auto => fp8_supported(device),
-            Precision::Fp8 => true,
-            Precision::Full => false,
-        }
+        self.quantization_on(device) == Quantization::Fp8
     }
 }
 
@@ -225,8 +236,9 @@ impl std::str::FromStr for Precision {
         match s {
             "auto" => Ok(Precision::Auto),
             "fp8" => Ok(Precision::Fp8),
+            "int8" => Ok(Precision::Int8),
             "bf16" | "full" => Ok(Precision::Full),
-            other => Err(format!("unknown precision `{other}`: use auto, fp8 or bf16")),
+            other => Err(format!("unknown precision `{other}`: use auto, fp8, int8 or bf16")),
         }
     }
 }
@@ -360,9 +372,7 @@ impl Pipeline {
         let transformer = ZImageTransformer::new(&t_cfg, vb);
         ensure_no_problems("transformer", &problems)?;
         let mut transformer = transformer?;
-        if opts.fp8 {
-            transformer.quantize_fp8()?;
-        }
+        transformer.quantize(opts.quantization)?;
 
         let hidden = te_cfg.hidden_size;
         let te_weights = files.text_encoder.weights.clone();
@@ -428,9 +438,7 @@ impl Pipeline {
         let [t_vb, te_vb, vae_vb] = vbs;
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
         let mut transformer = ZImageTransformer::new(t_cfg, t_vb)?;
-        if opts.fp8 {
-            transformer.quantize_fp8()?;
-        }
+        transformer.quantize(opts.quantization)?;
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
         let text_encoder =
@@ -566,9 +574,25 @@ impl Pipeline {
     pub fn attention_kernel(&self) -> crate::ops::AttentionKernel {
         crate::ops::AttentionKernel::for_device(&self.device)
     }
-    /// Quantizes the loaded transformer's block linears to FP8 in place (see `LoadOptions::fp8`).
-    pub fn quantize_fp8(&mut self) -> Result<()> {
-        Ok(self.transformer.quantize_fp8()?)
+    /// Quantizes the loaded transformer's block linears in place (from its dense weights).
+    pub fn quantize(&mut self, q: Quantization) -> Result<()> {
+        self.transformer.quantize(q)?;
+        // captured graphs hold the old weights' addresses
+        self.set_denoise_graphs(self.denoise_graphs.enabled());
+        Ok(())
+    }
+    pub fn quantization(&self) -> Quantization {
+        self.transformer.quantization()
+    }
+    /// A copy of the transformer sharing its weights' storage (no device memory): to quantize
+    /// the same dense weights more than one way (`bench --check`).
+    pub fn transformer_snapshot(&self) -> ZImageTransformer {
+        self.transformer.clone()
+    }
+    /// Puts back a transformer taken with `transformer_snapshot` (captured graphs are dropped).
+    pub fn restore_transformer(&mut self, transformer: ZImageTransformer) {
+        self.transformer = transformer;
+        self.set_denoise_graphs(self.denoise_graphs.enabled());
     }
     pub fn text_encoder_resident(&self) -> bool {
         matches!(self.text_encoder, TextEncoderSlot::Resident(_))
@@ -893,7 +917,7 @@ mod tests {
         // Same fixture weights and noise: FP8 block linears against the f32 pipeline (itself checked
         // against diffusers above). E4M3 rounding gives a few percent; a broken scale or layout
         // gives O(1).
-        let opts = LoadOptions { fp8: true, ..Default::default() };
+        let opts = LoadOptions { quantization: Quantization::Fp8, ..Default::default() };
         let p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, opts).unwrap();
         assert!(p.is_fp8());
         let e = expected();
@@ -905,11 +929,49 @@ mod tests {
     }
 
     #[test]
+    fn int8_transformer_stays_close_to_full_precision_and_closer_than_fp8() {
+        // Same fixture weights and noise: INT8 block linears (per-channel weights, per-token
+        // activations: ~7 bits where E4M3 keeps 3 mantissa bits) against the f32 pipeline.
+        let load = |quantization| {
+            let opts = LoadOptions { quantization, ..Default::default() };
+            Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, opts).unwrap()
+        };
+        let p = load(Quantization::Int8);
+        assert_eq!(p.quantization(), Quantization::Int8);
+        let e = expected();
+        let req = request(&expected_json()["t2i"], &e["t2i.noise"]);
+        let got = p.generate(&req, &mut |_| Control::Continue).unwrap();
+        let want = fixture_pipeline().generate(&req, &mut |_| Control::Continue).unwrap();
+        let rel = crate::fp8::relative_l2(&got.latents, &want.latents).unwrap();
+        let fp8 = load(Quantization::Fp8).generate(&req, &mut |_| Control::Continue).unwrap();
+        let rel_fp8 = crate::fp8::relative_l2(&fp8.latents, &want.latents).unwrap();
+        assert!(rel > 1e-6 && rel < 0.05, "INT8 latents relative L2 {rel}");
+        assert!(rel < rel_fp8, "INT8 {rel} should beat FP8 {rel_fp8} on these weights");
+    }
+
+    #[test]
+    fn a_quantized_transformer_is_not_quantized_again_another_way() {
+        let mut p = Pipeline::load_with_options(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu, DType::F32, LoadOptions::default()).unwrap();
+        let dense = p.transformer_snapshot();
+        p.quantize(Quantization::Int8).unwrap();
+        p.quantize(Quantization::Int8).unwrap(); // same format: nothing to do
+        let err = p.quantize(Quantization::Fp8).unwrap_err().to_string();
+        assert!(err.contains("already quantized to int8"), "{err}");
+        p.restore_transformer(dense);
+        assert_eq!(p.quantization(), Quantization::None);
+        p.quantize(Quantization::Fp8).unwrap();
+        assert!(p.is_fp8());
+    }
+
+    #[test]
     fn precision_parses_and_auto_keeps_the_cpu_in_full_precision() {
         assert_eq!("auto".parse::<Precision>().unwrap(), Precision::Auto);
         assert_eq!("fp8".parse::<Precision>().unwrap(), Precision::Fp8);
         assert_eq!("bf16".parse::<Precision>().unwrap(), Precision::Full);
-        assert!("fp16".parse::<Precision>().unwrap_err().contains("auto, fp8 or bf16"));
+        assert_eq!("int8".parse::<Precision>().unwrap(), Precision::Int8);
+        assert!("fp16".parse::<Precision>().unwrap_err().contains("auto, fp8, int8 or bf16"));
+        assert_eq!(Precision::Int8.quantization_on(&Device::Cpu), Quantization::Int8);
+        assert_eq!(Precision::Auto.quantization_on(&Device::Cpu), Quantization::None);
         assert!(!Precision::Auto.fp8_on(&Device::Cpu));
         assert!(Precision::Fp8.fp8_on(&Device::Cpu));
         assert!(!fp8_supported(&Device::Cpu));

@@ -8,8 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
-use crate::fp8::Fp8Context;
-use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, Linear, LinearInput, RmsNorm};
+use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, Linear, LinearInput, QuantContext, Quantization, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -21,6 +20,7 @@ fn padded_len(n: usize) -> usize {
 }
 
 /// Sinusoidal timestep features followed by a two-layer MLP.
+#[derive(Clone)]
 struct TimestepEmbedder {
     fc1: Linear,
     fc2: Linear,
@@ -47,6 +47,7 @@ impl TimestepEmbedder {
 }
 
 /// SwiGLU feed-forward: w2(silu(w1 x) * w3 x), with w1 and w3 as one fused layer (gate then up).
+#[derive(Clone)]
 struct FeedForward {
     w13: Linear,
     w2: Linear,
@@ -61,15 +62,18 @@ impl FeedForward {
             hidden,
         })
     }
-    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
-        self.w13.quantize_fp8(ctx)?;
-        self.w2.quantize_fp8(ctx)
+    fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
+        self.w13.quantize(ctx)?;
+        self.w2.quantize(ctx)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_input(&self.w13.prepare(x)?)
     }
     /// The feed-forward of an input already prepared for w1|w3 (see `Linear::prepare_rms_normed`).
     fn forward_input(&self, x: &LinearInput) -> Result<Tensor> {
+        if let Some(h) = self.w13.forward_swiglu_int8(x)? {
+            return self.w2.forward_input(&h);
+        }
         let gate_up = self.w13.forward_input(x)?;
         #[cfg(feature = "cuda")]
         let rows = gate_up.elem_count() / (2 * self.hidden);
@@ -80,7 +84,7 @@ impl FeedForward {
             let dims = gate_up.dims().to_vec();
             let lead = dims[..dims.len() - 1].to_vec();
             let (h, q, scale) = crate::cuda::swiglu_quantized(&gate_up.reshape((rows, 2 * self.hidden))?)?;
-            let q = crate::fp8::QuantizedActivation { q, scale };
+            let q = crate::ops::QuantizedInput::Fp8(crate::fp8::QuantizedActivation { q, scale });
             return self.w2.forward_input(&LinearInput::from_parts(lead, h, Some(q)));
         }
         let gate = gate_up.narrow(D::Minus1, 0, self.hidden)?;
@@ -137,6 +141,7 @@ impl Rope {
 
 /// Self-attention with q, k and v from one fused layer (its output holds the q heads, then the k
 /// heads, then the v heads of each token).
+#[derive(Clone)]
 struct Attention {
     to_qkv: Linear,
     to_out: Linear,
@@ -166,9 +171,9 @@ impl Attention {
             head_dim: hd,
         })
     }
-    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
-        self.to_qkv.quantize_fp8(ctx)?;
-        self.to_out.quantize_fp8(ctx)
+    fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
+        self.to_qkv.quantize(ctx)?;
+        self.to_out.quantize(ctx)
     }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         self.forward_input(&self.to_qkv.prepare(x)?, rope)
@@ -189,6 +194,7 @@ impl Attention {
 }
 
 /// A transformer block; `modulation` blocks scale and gate by the timestep embedding.
+#[derive(Clone)]
 struct Block {
     attention: Attention,
     feed_forward: FeedForward,
@@ -218,9 +224,9 @@ impl Block {
         })
     }
 
-    fn quantize_fp8(&mut self, ctx: &Fp8Context) -> Result<()> {
-        self.attention.quantize_fp8(ctx)?;
-        self.feed_forward.quantize_fp8(ctx)
+    fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
+        self.attention.quantize(ctx)?;
+        self.feed_forward.quantize(ctx)
     }
 
     /// The four norm weights of a modulated block with its adaLN scales and tanh gates folded in,
@@ -266,6 +272,7 @@ impl Block {
     }
 }
 
+#[derive(Clone)]
 struct FinalLayer {
     linear: Linear,
     ada_ln: Linear,
@@ -327,6 +334,7 @@ impl Conditioning {
 
 /// The denoiser. `forward` takes latents (B, C, F, H, W), model times (B,) in [0, 1]
 /// (0 = pure noise) and one caption feature matrix (L_i, cap_feat_dim) per batch item.
+#[derive(Clone)]
 pub struct ZImageTransformer {
     cfg: TransformerConfig,
     t_embedder: TimestepEmbedder,
@@ -341,7 +349,7 @@ pub struct ZImageTransformer {
     cap_pad_token: Tensor,
     dtype: DType,
     device: Device,
-    fp8: bool,
+    quantization: Quantization,
 }
 
 impl ZImageTransformer {
@@ -369,7 +377,7 @@ impl ZImageTransformer {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
-            fp8: false,
+            quantization: Quantization::None,
         })
     }
 
@@ -377,19 +385,30 @@ impl ZImageTransformer {
         &self.cfg
     }
 
-    /// Quantizes the attention and feed-forward linears of every block to FP8 E4M3 (per-tensor
-    /// scales). The timestep, caption and patch embedders, the adaLN projections, the final layer
-    /// and the pad tokens stay in the model dtype: they are small and precision-sensitive.
-    pub fn quantize_fp8(&mut self) -> Result<()> {
-        let ctx = Fp8Context::new(&self.device)?;
-        for blk in self.noise_refiner.iter_mut().chain(self.context_refiner.iter_mut()).chain(self.layers.iter_mut()) {
-            blk.quantize_fp8(&ctx)?;
+    /// Quantizes the attention and feed-forward linears of every block (FP8 E4M3 with per-tensor
+    /// scales, or INT8 with per-channel weight and per-token activation scales). The timestep,
+    /// caption and patch embedders, the adaLN projections, the final layer and the pad tokens stay
+    /// in the model dtype: they are small and precision-sensitive. Only dense weights can be
+    /// quantized: a model already quantized keeps its format (an error if another is asked).
+    pub fn quantize(&mut self, q: Quantization) -> Result<()> {
+        if self.quantization == q {
+            return Ok(());
         }
-        self.fp8 = true;
+        if self.quantization != Quantization::None {
+            candle_core::bail!("the transformer is already quantized to {}; {} needs its dense weights", self.quantization.name(), q.name());
+        }
+        let Some(ctx) = QuantContext::new(q, &self.device)? else { return Ok(()) };
+        for blk in self.noise_refiner.iter_mut().chain(self.context_refiner.iter_mut()).chain(self.layers.iter_mut()) {
+            blk.quantize(&ctx)?;
+        }
+        self.quantization = q;
         Ok(())
     }
+    pub fn quantization(&self) -> Quantization {
+        self.quantization
+    }
     pub fn is_fp8(&self) -> bool {
-        self.fp8
+        self.quantization == Quantization::Fp8
     }
     pub fn dtype(&self) -> DType {
         self.dtype

@@ -11,6 +11,10 @@
 #                               # then `zimage serve --model random` under 1/4/16 HTTP clients + ws
 #                               # (COMPARE=0: without the FA2 and no-graph runs)
 #   scripts/gpu/run.sh final    # diffusers eager/compile/compile+FP8 and ours in one call
+#   scripts/gpu/run.sh int8     # INT8 (issue 20): kernel checks + FP8/INT8 image PSNR against bf16 (same
+#                               # weights and seed, 1024 and 2048), INT8/FP8/bf16 benches at 1024 and
+#                               # 2048 with peak memory, --free-text-encoder peaks, the op profile's GEMMs
+#   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
 #                               # (carry target/site for the page)
@@ -137,6 +141,43 @@ startup)
   timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
       --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
   pkill -f "zimage serve" || true
+  ;;
+int8)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 240 /tmp/zimage bench --check --model random --device cuda --sizes "${CHECK_SIZES:-1024x1024,2048x2048}" --steps 8 \
+      --out "$OUT/check.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  export RUNS=3
+  for p in int8 fp8 bf16; do
+    bench_mem ${p}_1024 --model random --precision $p --sizes 1024x1024 || echo "FAILED: $p 1024" | tee -a "$OUT/summary.txt"
+  done
+  for p in int8 fp8 bf16; do
+    RUNS=2 bench_mem ${p}_2048 --model random --precision $p --sizes 2048x2048 || echo "FAILED: $p 2048" | tee -a "$OUT/summary.txt"
+  done
+  for p in int8 fp8; do
+    RUNS=2 bench_mem ${p}_free_te_1024 --model random --precision $p --free-text-encoder --sizes 1024x1024 || echo "FAILED: $p free-te" | tee -a "$OUT/summary.txt"
+  done
+  summarize | tee -a "$OUT/summary.txt"
+  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "matmul\|quantize\|swiglu\|rms" | tee -a "$OUT/summary.txt" || true
+  ;;
+startup_parity)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  mkdir -p /tmp/data
+  SERVE=(serve --model /tmp/zfull --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data --site-root target/site)
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_cold.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_warm.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --keep --json "$OUT/startup_warm2.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  grep "loaded\|compiled\|warmed\|ready" /tmp/startup_serve.log | tee -a "$OUT/summary.txt"
+  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
+      --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  pkill -f "zimage serve" || true
+  sleep 2
+  /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \
+      --out /tmp/ours.safetensors --device cuda 2>&1 | tail -20 > "$OUT/parity_run.log"
+  python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json" 2>&1 | tee -a "$OUT/summary.txt"
   ;;
 parity)
   python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -20

@@ -33,7 +33,7 @@ pub struct BenchArgs {
     /// the real 1024x1024 shapes (4224 tokens, dim 3840), to see where a step's time goes.
     #[arg(long)]
     ops: bool,
-    /// Precision of the transformer's block linears: auto (FP8 on GPUs with FP8 matmuls), fp8, bf16.
+    /// Precision of the transformer's block linears: auto (FP8 on GPUs with FP8 matmuls), fp8, int8, bf16.
     #[arg(long, default_value = "auto")]
     precision: engine::pipeline::Precision,
     /// Same as `--precision fp8`.
@@ -45,9 +45,10 @@ pub struct BenchArgs {
     /// Load the text encoder per request and free it after encoding.
     #[arg(long)]
     free_text_encoder: bool,
-    /// Instead of timing: check the fused kernels against the candle ops they replace, then
-    /// generate one image per size in bf16 and again after FP8 quantization of the same weights
-    /// (same seed) and report the latents' relative error and the images' PSNR.
+    /// Instead of timing: check the fused kernels against the candle ops they replace (and the
+    /// INT8 kernels against the CPU reference arithmetic), then generate one image per size in
+    /// bf16 and again after FP8 and after INT8 quantization of the same weights (same seed) and
+    /// report the latents' relative error and the images' PSNR against bf16.
     #[arg(long)]
     check: bool,
 }
@@ -83,6 +84,8 @@ struct Report {
     device: String,
     dtype: String,
     fp8: bool,
+    /// The block linears' format: none (the dtype), fp8 or int8.
+    quantization: String,
     /// The attention kernel the transformer ran.
     attention: String,
     /// Whether denoiser steps and text encodings replayed as CUDA graphs.
@@ -126,7 +129,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
     }
     let precision = if a.fp8 { engine::pipeline::Precision::Fp8 } else { a.precision };
     let opts = LoadOptions {
-        fp8: precision.fp8_on(&device) && !a.check,
+        quantization: if a.check { engine::ops::Quantization::None } else { precision.quantization_on(&device) },
         free_text_encoder: a.free_text_encoder,
         cuda_graphs: LoadOptions::default().cuda_graphs && !a.no_cuda_graphs,
     };
@@ -170,6 +173,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         fp8: pipe.is_fp8(),
+        quantization: pipe.quantization().name().into(),
         attention: pipe.attention_kernel().name().into(),
         cuda_graphs: pipe.uses_cuda_graphs(),
         text_encoder_resident: pipe.text_encoder_resident(),
@@ -322,6 +326,22 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
             let g = gate_up.narrow(1, 0, f)?;
             g.silu()? * gate_up.narrow(1, f, f)?
         })?));
+        // The INT8 path's products and quantizations at the same shapes (x0: shown beside the
+        // FP8 rows, not summed into the block).
+        use engine::int8::{Int8Activation, Int8Context, Int8Weight};
+        let ctx = Int8Context::new(device)?;
+        let q = |w: &Tensor| Int8Weight::quantize(w, &ctx);
+        let (i_qkv, i_13, i_dd, i_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
+        let (xi, hi) = (Int8Activation::new(&x2)?, Int8Activation::new(&hidden.reshape((l, f))?)?);
+        rows.push(("int8 quantize activation per row (L, 3840)".into(), 0, time_op(device, || Int8Activation::new(&x2).map(|q| q.q))?));
+        for (name, w, x) in [
+            ("int8 matmul L x 3840 -> 11520 (qkv)", &i_qkv, &xi),
+            ("int8 matmul L x 3840 -> 20480 (w1|w3)", &i_13, &xi),
+            ("int8 matmul L x 3840 x 3840 (out)", &i_dd, &xi),
+            ("int8 matmul L x 10240 -> 3840 (w2)", &i_df, &hi),
+        ] {
+            rows.push((name.into(), 0, time_op(device, || w.matmul(x, dtype))?));
+        }
     }
     vae_profile(device, dtype)?;
     let mut total = 0.0;
@@ -465,6 +485,7 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     let (q, s) = engine::fp8::quantize(&x)?;
     let back = engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s)?;
     kernels.push(KernelCheck { name: "fp8 quantize (4224, 3840) round trip".into(), relative_l2: relative_l2(&back, &x)? });
+    int8_checks(&mut kernels, device, dtype)?;
     // The whole tiny model (same deterministic weights on both devices): the device path (fused
     // kernels, cuDNN convolutions, bf16) against the CPU f32 path, which matches diffusers.
     if !device.is_cpu() {
@@ -534,18 +555,90 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
         bf16_runs.push(out);
     }
-    pipe.quantize_fp8()?;
-    for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
-        let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
-        let rel = relative_l2(&out.latents, &base.latents)?;
-        let p = psnr(&out.images[0], &base.images[0]);
-        eprintln!("{w}x{h}: FP8 vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB");
-        quality.push(QualityReport { width: w, height: h, steps: a.steps, latents_relative_l2: rel, image_psnr_db: p });
+    // The same dense weights quantized each way (the snapshot shares their storage).
+    let dense = pipe.transformer_snapshot();
+    let mut int8_quality = Vec::new();
+    for (q, reports) in [(engine::ops::Quantization::Fp8, &mut quality), (engine::ops::Quantization::Int8, &mut int8_quality)] {
+        pipe.restore_transformer(dense.clone());
+        pipe.quantize(q)?;
+        for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
+            let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
+            let rel = relative_l2(&out.latents, &base.latents)?;
+            let p = psnr(&out.images[0], &base.images[0]);
+            eprintln!("{w}x{h}: {} vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB", q.name());
+            reports.push(QualityReport { width: w, height: h, steps: a.steps, latents_relative_l2: rel, image_psnr_db: p });
+        }
     }
-    let json = serde_json::to_string_pretty(&serde_json::json!({"model": pipe.model_name(), "device": format!("{device:?}"), "kernels": kernels, "fp8_quality": quality}))?;
+    drop(dense);
+    let json = serde_json::to_string_pretty(&serde_json::json!({"model": pipe.model_name(), "device": format!("{device:?}"), "kernels": kernels, "fp8_quality": quality, "int8_quality": int8_quality}))?;
     println!("{json}");
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// The INT8 kernels against the reference arithmetic of `engine::int8` computed on the CPU from
+/// the same bf16 values (quantization: per-row scales and bytes; the int8 GEMM against the integer
+/// sums scaled in f32 and against the bf16 product), at the block's shapes.
+fn int8_checks(kernels: &mut Vec<KernelCheck>, device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use engine::fp8::relative_l2;
+    use engine::int8::{bytes_to_f32, quantize_rows, Int8Activation, Int8Context, Int8Weight};
+    let cpu = Device::Cpu;
+    let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
+    let dequant = |q: &Tensor, s: &Tensor| -> candle_core::Result<Tensor> {
+        bytes_to_f32(q)?.to_device(&cpu)?.broadcast_mul(&s.to_device(&cpu)?.unsqueeze(1)?)
+    };
+    let (l, d, f) = (4224usize, 3840usize, 10240usize);
+    // Quantization: device kernel (on CUDA) vs the CPU reference of the same bf16 values.
+    let x = (r(&[l, d])? * 3.0)?;
+    let (q, s) = quantize_rows(&x)?;
+    let (q_ref, s_ref) = quantize_rows(&x.to_device(&cpu)?.to_dtype(DType::F32)?)?;
+    let differing = q.to_device(&cpu)?.ne(&q_ref)?.to_dtype(DType::F32)?.mean_all()?.to_scalar::<f32>()?;
+    eprintln!("int8 quantize (4224, 3840): {:.2e} of the bytes differ from the CPU reference", differing);
+    kernels.push(KernelCheck { name: "int8 quantize rows (4224, 3840): scales vs CPU reference".into(), relative_l2: relative_l2(&s.to_device(&cpu)?, &s_ref)? });
+    kernels.push(KernelCheck { name: "int8 quantize rows (4224, 3840): dequantized vs CPU reference".into(), relative_l2: relative_l2(&dequant(&q, &s)?, &dequant(&q_ref, &s_ref)?)? });
+    kernels.push(KernelCheck { name: "int8 quantize rows (4224, 3840): round trip vs input".into(), relative_l2: relative_l2(&dequant(&q, &s)?, &x.to_device(&cpu)?)? });
+    // RMSNorm + quantize in one pass vs the norm then the reference quantization.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        let w = (r(&[d])?.abs()? + 0.5)?;
+        let Some((normed, (q, s))) = engine::cuda::rms_norm_i8_v8(&x, &w, 1e-6)? else {
+            anyhow::bail!("rms_norm_i8_v8 refused a ({l}, {d}) bf16 input");
+        };
+        let want = candle_nn::ops::rms_norm(&x, &w, 1e-6)?;
+        kernels.push(KernelCheck { name: "rms_norm + int8 quantize fused: its bf16 output vs candle's rms_norm".into(), relative_l2: relative_l2(&normed, &want)? });
+        let (q_ref, s_ref) = quantize_rows(&normed.to_device(&cpu)?.to_dtype(DType::F32)?)?;
+        kernels.push(KernelCheck { name: "rms_norm + int8 quantize fused: its int8 output vs CPU reference".into(), relative_l2: relative_l2(&dequant(&q, &s)?, &dequant(&q_ref, &s_ref)?)? });
+    }
+    // The GEMM: integer sums exact, scales applied after (what `matmul_reference` computes).
+    let ctx = Int8Context::new(device)?;
+    for (name, n_out, k_in) in [("int8 matmul 4224x3840x3840", d, d), ("int8 matmul 4224x3840->10240", f, d), ("int8 matmul 4224x10240->3840", d, f)] {
+        let x = if k_in == d { x.clone() } else { r(&[l, f])? };
+        let w = (r(&[n_out, k_in])? * 0.02)?;
+        let wq = Int8Weight::quantize(&w, &ctx)?;
+        let xq = Int8Activation::new(&x)?;
+        let got = wq.matmul(&xq, dtype)?;
+        let reference = wq.matmul_reference(&xq, DType::F32)?;
+        let dense = engine::ops::matmul(&x, &w.t()?)?;
+        kernels.push(KernelCheck { name: format!("{name}: vs integer sums scaled in f32"), relative_l2: relative_l2(&got, &reference)? });
+        kernels.push(KernelCheck { name: format!("{name}: vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
+    }
+    // The feed-forward's fused middle: w1|w3's integer sums -> silu(gate) * up -> int8 for w2,
+    // against the same steps through bf16 tensors and the reference quantization.
+    #[cfg(feature = "cuda")]
+    if device.is_cuda() && dtype == DType::BF16 {
+        let wq = Int8Weight::quantize(&(r(&[2 * f, d])? * 0.02)?, &ctx)?;
+        let xq = Int8Activation::new(&x)?;
+        let Some(fused) = wq.matmul_swiglu(&xq, dtype)? else { anyhow::bail!("the fused int8 swiglu refused ({l}, {d}) x ({}, {d})", 2 * f) };
+        let gate_up = wq.matmul(&xq, dtype)?;
+        let h = (gate_up.narrow(1, 0, f)?.silu()? * gate_up.narrow(1, f, f)?)?;
+        let (q_ref, s_ref) = quantize_rows(&h.to_device(&cpu)?.to_dtype(DType::F32)?)?;
+        kernels.push(KernelCheck {
+            name: "int8 w1|w3 product + swiglu + quantize fused vs bf16 ops + reference quantization".into(),
+            relative_l2: relative_l2(&dequant(&fused.q, &fused.scale)?, &dequant(&q_ref, &s_ref)?)?,
+        });
     }
     Ok(())
 }

@@ -60,7 +60,8 @@ pub struct ModelArgs {
     #[arg(long, default_value = "auto")]
     pub device: String,
     /// Precision of the transformer's block linears: `auto` (FP8 E4M3 on GPUs that run FP8
-    /// matmuls, compute capability 8.9+; bf16 on other GPUs; f32 on the CPU), `fp8`, or `bf16`.
+    /// matmuls, compute capability 8.9+; bf16 on other GPUs; f32 on the CPU), `fp8`, `int8`
+    /// (W8A8, for GPUs with int8 tensor cores and no FP8: A100, RTX 30), or `bf16`.
     #[arg(long, default_value = "auto", env = "ZIMAGE_PRECISION")]
     pub precision: engine::pipeline::Precision,
     /// Same as `--precision fp8`.
@@ -86,7 +87,7 @@ impl ModelArgs {
     pub fn load_options(&self, device: &candle_core::Device) -> engine::pipeline::LoadOptions {
         let base = engine::pipeline::LoadOptions::default();
         engine::pipeline::LoadOptions {
-            fp8: self.precision().fp8_on(device),
+            quantization: self.precision().quantization_on(device),
             free_text_encoder: self.free_text_encoder,
             cuda_graphs: base.cuda_graphs && !self.no_cuda_graphs,
         }
@@ -379,7 +380,11 @@ fn generate(args: GenerateArgs) -> Result<()> {
     web::startup::download_if_missing(&source, &|_| {})?;
     let t = Instant::now();
     let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options(&device))?;
-    eprintln!("loaded in {:.2?}{}", t.elapsed(), if pipe.is_fp8() { " (transformer in FP8)" } else { "" });
+    eprintln!("loaded in {:.2?}{}", t.elapsed(), match pipe.quantization() {
+        engine::ops::Quantization::Fp8 => " (transformer in FP8)",
+        engine::ops::Quantization::Int8 => " (transformer in INT8)",
+        engine::ops::Quantization::None => "",
+    });
     if pipe.is_tiny() {
         eprintln!("note: the tiny model has random weights; its images are patterns, not pictures");
     }

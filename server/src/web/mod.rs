@@ -291,11 +291,12 @@ fn load_generators(
             );
         }
         // Say how the model is held, next to the device, in the studio's model line.
-        let precision = match (pipeline.is_fp8(), pipeline.dtype()) {
-            (true, _) => "FP8 transformer",
-            (false, candle_core::DType::BF16) => "bf16",
-            (false, candle_core::DType::F32) => "f32",
-            (false, _) => "other precision",
+        let precision = match (pipeline.quantization(), pipeline.dtype()) {
+            (engine::ops::Quantization::Fp8, _) => "FP8 transformer",
+            (engine::ops::Quantization::Int8, _) => "INT8 transformer",
+            (_, candle_core::DType::BF16) => "bf16",
+            (_, candle_core::DType::F32) => "f32",
+            (_, _) => "other precision",
         };
         let te = if pipeline.text_encoder_resident() { "" } else { ", text encoder loaded per prompt" };
         let label = format!("{label} ({precision}{te})");
