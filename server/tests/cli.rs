@@ -41,9 +41,17 @@ fn generate_writes_a_png_with_parameters_and_info_reads_them() {
     assert!(info2.contains("Seed: 6,"), "{info2}");
 }
 
+/// PSNR of two PNGs of one size, in dB (infinite when equal).
+fn psnr(a: &PathBuf, b: &PathBuf) -> f64 {
+    let (a, b) = (image::open(a).unwrap().to_rgb8(), image::open(b).unwrap().to_rgb8());
+    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>()
+        / a.as_raw().len() as f64;
+    10.0 * (255.0f64 * 255.0 / mse).log10()
+}
+
 #[test]
-fn fp8_and_freed_text_encoder_options_generate_a_close_image() {
-    let d = tmp("fp8");
+fn quantized_precisions_and_freed_text_encoder_generate_a_close_image() {
+    let d = tmp("quantized");
     let args = |out: &PathBuf| -> Vec<String> {
         ["generate", "--model", "tiny", "--device", "cpu", "--prompt", "a red fox", "--width", "64", "--height", "64",
          "--steps", "3", "--seed", "9", "--out", out.to_str().unwrap()]
@@ -51,19 +59,21 @@ fn fp8_and_freed_text_encoder_options_generate_a_close_image() {
             .map(|s| s.to_string())
             .collect()
     };
-    let (plain, quant) = (d.join("plain.png"), d.join("fp8.png"));
+    let plain = d.join("plain.png");
     let o = zimage().args(args(&plain)).output().unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let o = zimage().args(args(&quant)).args(["--fp8", "--free-text-encoder"]).output().unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "{stderr}");
-    assert!(stderr.contains("transformer in FP8"), "{stderr}");
-    let (a, b) = (image::open(&plain).unwrap().to_rgb8(), image::open(&quant).unwrap().to_rgb8());
-    let mse: f64 = a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).powi(2)).sum::<f64>()
-        / a.as_raw().len() as f64;
-    assert!(mse > 0.0, "FP8 changed nothing: were the weights quantized?");
-    let psnr = 10.0 * (255.0f64 * 255.0 / mse).log10();
-    assert!(psnr > 20.0, "FP8 image too far from the full-precision one: PSNR {psnr:.1} dB");
+    for (flags, said) in [(&["--fp8", "--free-text-encoder"][..], "transformer in FP8"), (&["--precision", "int8"][..], "transformer in INT8")] {
+        let quant = d.join(format!("{}.png", flags[flags.len() - 1].trim_start_matches('-')));
+        let o = zimage().args(args(&quant)).args(flags).output().unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{stderr}");
+        assert!(stderr.contains(said), "{stderr}");
+        let p = psnr(&plain, &quant);
+        assert!(p.is_finite(), "{flags:?} changed nothing: were the weights quantized?");
+        assert!(p > 20.0, "{flags:?} image too far from the full-precision one: PSNR {p:.1} dB");
+    }
+    let (ok, _, err) = run(&["generate", "--model", "tiny", "--precision", "int4", "--prompt", "x"]);
+    assert!(!ok && err.contains("auto, fp8, int8 or bf16"), "{err}");
 }
 
 #[test]
