@@ -30,7 +30,40 @@ impl Problems {
 /// zero-cost broadcast placeholder returned, so construction goes on and names them all.
 struct CheckedSafetensors {
     inner: MmapedSafetensors,
+    /// Every tensor of the files, already in the builder's dtype on its device (see `preload`);
+    /// `get` takes them out, so what the model does not ask for is freed with the builder.
+    preloaded: Mutex<std::collections::HashMap<String, Tensor>>,
     problems: std::sync::Arc<Problems>,
+}
+
+/// Loads every tensor of `inner` in `dtype` onto `device` with a pool of threads: the copy out of
+/// the memory-mapped files (page faults), the dtype conversion (f32 shards -> bf16) and the upload
+/// of one tensor overlap with those of others, where one thread doing them in turn left the disk,
+/// the cores and the bus mostly idle (18 s for 20 GB from the page cache on an H200 machine).
+/// Tensors that fail to load are left out; `get` then loads them itself and reports the error.
+fn preload(inner: &MmapedSafetensors, dtype: DType, device: &Device) -> std::collections::HashMap<String, Tensor> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let names: Vec<String> = inner.tensors().into_iter().map(|(name, _)| name).collect();
+    let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8).min(names.len().max(1));
+    let next = AtomicUsize::new(0);
+    let loaded = Mutex::new(std::collections::HashMap::with_capacity(names.len()));
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let Some(name) = names.get(i) else { break };
+                let t = inner.load(name, &Device::Cpu).and_then(|t| {
+                    // narrow on the CPU, so the device never holds the wide copy of a large tensor
+                    let t = if t.dtype() != dtype && t.dtype().is_float() { t.to_dtype(dtype)? } else { t };
+                    t.to_device(device)
+                });
+                if let Ok(t) = t {
+                    loaded.lock().expect("preload lock").insert(name.clone(), t);
+                }
+            });
+        }
+    });
+    loaded.into_inner().expect("preload lock")
 }
 
 fn placeholder(s: Shape, dtype: DType) -> candle_core::Result<Tensor> {
@@ -53,6 +86,10 @@ impl SimpleBackend for CheckedSafetensors {
                 s.dims()
             ));
             return placeholder(s, dtype);
+        }
+        if let Some(t) = self.preloaded.lock().expect("preload lock").remove(name) {
+            let t = if t.dtype() != dtype { t.to_dtype(dtype)? } else { t };
+            return if t.device().same_device(dev) { Ok(t) } else { t.to_device(dev) };
         }
         // Convert on the CPU first when narrowing (f32 shards -> bf16), so the device never holds
         // the wide copy of a large tensor.
@@ -109,7 +146,8 @@ pub fn checked_var_builder(
         reason: format!("cannot read safetensors: {e}"),
     })?;
     let problems = std::sync::Arc::new(Problems::default());
-    let backend = CheckedSafetensors { inner, problems: problems.clone() };
+    let preloaded = Mutex::new(preload(&inner, dtype, device));
+    let backend = CheckedSafetensors { inner, preloaded, problems: problems.clone() };
     Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), problems))
 }
 
