@@ -1,5 +1,4 @@
 import { test, expect, Browser, BrowserContext, Page, TestInfo } from "@playwright/test";
-import * as fs from "node:fs";
 import * as path from "node:path";
 import { axeViolations, gotoHydrated, shot } from "./helpers";
 
@@ -14,19 +13,25 @@ const WIDTHS = [
 ];
 const THEMES = ["light", "dark"] as const;
 
+/** Switches the system theme and waits for the colour transitions it starts to end. */
+async function setTheme(page: Page, theme: (typeof THEMES)[number]) {
+  await page.emulateMedia({ colorScheme: theme });
+  await page.evaluate(() => Promise.all(document.getAnimations().map((a) => a.finished.catch(() => undefined))));
+}
+
 /** Audits the page in both themes; each finding is labelled with where it was found. */
 async function auditBothThemes(page: Page, where: string, found: string[]) {
   for (const theme of THEMES) {
-    await page.emulateMedia({ colorScheme: theme });
+    await setTheme(page, theme);
     for (const v of await axeViolations(page)) found.push(`[${where}, ${theme}] ${v}`);
   }
 }
 
-/** Full-page screenshots of both themes into end2end/screenshots and the report. */
-async function shootBothThemes(page: Page, name: string, testInfo: TestInfo) {
+/** Full-page screenshots of both themes into the report (and end2end/screenshots when `keep`). */
+async function shootBothThemes(page: Page, name: string, testInfo: TestInfo, keep: boolean) {
   for (const theme of THEMES) {
-    await page.emulateMedia({ colorScheme: theme });
-    const file = shot(`${name}-${theme}`);
+    await setTheme(page, theme);
+    const file = keep ? shot(`${name}-${theme}`) : testInfo.outputPath(`${name}-${theme}.png`);
     await page.screenshot({ path: file, fullPage: true });
     await testInfo.attach(`${name}-${theme}`, { path: file, contentType: "image/png" });
   }
@@ -74,7 +79,7 @@ for (const size of WIDTHS) {
     await page.locator("#gen-submit").click();
     await expect(page.getByTestId("result-image")).toBeVisible();
     await auditBothThemes(page, "generate: result", found);
-    await shootBothThemes(page, `a11y-generate-${tag}`, testInfo);
+    await shootBothThemes(page, `a11y-generate-${tag}`, testInfo, true);
     // progress was announced with the step and the time left, and not on every tick
     const announced = await said();
     expect(announced.some((t) => /^Step \d+ of 5, about .+ left\.$/.test(t)), announced.join(" | ")).toBe(true);
@@ -100,7 +105,7 @@ for (const size of WIDTHS) {
     await page.getByTestId("history-item").click();
     await expect(page.getByTestId("history-detail")).toBeVisible();
     await auditBothThemes(page, "history: open image", found);
-    await shootBothThemes(page, `a11y-history-${tag}`, testInfo);
+    await shootBothThemes(page, `a11y-history-${tag}`, testInfo, false);
     await page.getByTestId("history-delete").click();
     await expect(page.getByTestId("history-confirm")).toBeVisible();
     await auditBothThemes(page, "history: delete confirmation", found);
