@@ -44,7 +44,7 @@ async function expectNoSidewaysScroll(page: Page, where: string) {
 async function expectTouchTargets(page: Page, where: string) {
   const small = await page.evaluate(() => {
     const sel =
-      "button, a.btn, select, textarea, summary, label.btn, label.check, [role=tab], " +
+      "button, a.btn, .footer a, .powered a, select, textarea, summary, label.btn, label.check, [role=tab], " +
       "input:not([type=checkbox]):not([type=file]):not(.visually-hidden)";
     return [...document.querySelectorAll<HTMLElement>(sel)]
       .filter((e) => e.offsetParent !== null || getComputedStyle(e).position === "fixed")
