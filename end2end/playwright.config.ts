@@ -19,7 +19,9 @@ export default defineConfig({
   fullyParallel: false,
   workers: 1,
   retries: process.env.CI ? 1 : 0,
-  reporter: [["list"]],
+  // the HTML report (end2end/playwright-report) keeps the screenshots tests attach (the themes at
+  // desktop and phone widths, a11y.spec.ts)
+  reporter: [["list"], ["html", { open: "never", outputFolder: "playwright-report" }]],
   use: {
     baseURL: STUDIO,
     viewport: { width: 1280, height: 900 },

@@ -1,6 +1,6 @@
 // Z-Image Turbo Studio service worker: caches the app shell so the studio opens offline and loads
 // fast; generation itself (server functions, /ws, images) always goes to the network.
-const VERSION = "zimage-shell-v1";
+const VERSION = "zimage-shell-v2";
 const SHELL = [
   "/",
   "/pkg/zimage.js",
@@ -8,6 +8,7 @@ const SHELL = [
   "/pkg/zimage.css",
   "/manifest.webmanifest",
   "/register-sw.js",
+  "/theme.js",
   "/favicon.ico",
   "/icons/icon.svg",
   "/icons/icon-192.png",
@@ -35,7 +36,8 @@ function isShellAsset(url) {
     url.pathname.startsWith("/icons/") ||
     url.pathname === "/favicon.ico" ||
     url.pathname === "/manifest.webmanifest" ||
-    url.pathname === "/register-sw.js"
+    url.pathname === "/register-sw.js" ||
+    url.pathname === "/theme.js"
   );
 }
 

@@ -1,4 +1,5 @@
-//! Browser-only helpers: the `/ws` progress socket (with reconnect), clipboard, postMessage.
+//! Browser-only helpers: the `/ws` progress socket (with reconnect), clipboard, postMessage, the
+//! theme choice, focus.
 //! Without the `hydrate` feature (server rendering) they do nothing.
 
 use crate::types::JobEvent;
@@ -242,6 +243,41 @@ mod imp {
         serde_json::from_str(&text).ok()
     }
 
+    pub fn now_ms() -> f64 {
+        js_sys::Date::now()
+    }
+
+    pub fn focus_element(id: &str) {
+        let el = web_sys::window()
+            .and_then(|w| w.document())
+            .and_then(|d| d.get_element_by_id(id))
+            .and_then(|e| e.dyn_into::<web_sys::HtmlElement>().ok());
+        if let Some(el) = el {
+            let _ = el.focus();
+        }
+    }
+
+    pub fn theme_is_dark() -> bool {
+        let Some(w) = web_sys::window() else { return false };
+        let chosen = w.document().and_then(|d| d.document_element()).and_then(|e| e.get_attribute("data-theme"));
+        match chosen.as_deref() {
+            Some("dark") => true,
+            Some("light") => false,
+            _ => w.match_media("(prefers-color-scheme: dark)").ok().flatten().is_some_and(|m| m.matches()),
+        }
+    }
+
+    pub fn theme_set(dark: bool) {
+        let theme = if dark { "dark" } else { "light" };
+        let Some(w) = web_sys::window() else { return };
+        if let Some(root) = w.document().and_then(|d| d.document_element()) {
+            let _ = root.set_attribute("data-theme", theme);
+        }
+        if let Ok(Some(store)) = w.local_storage() {
+            let _ = store.set_item(super::THEME_KEY, theme);
+        }
+    }
+
     pub fn post_to_parent(json: &str) {
         let Some(w) = web_sys::window() else { return };
         let Ok(Some(parent)) = w.parent() else { return };
@@ -272,6 +308,14 @@ mod imp {
         None
     }
     pub fn session_set(_key: &str, _value: &str) {}
+    pub fn now_ms() -> f64 {
+        0.0
+    }
+    pub fn focus_element(_id: &str) {}
+    pub fn theme_is_dark() -> bool {
+        false
+    }
+    pub fn theme_set(_dark: bool) {}
     pub async fn fetch_readiness() -> Option<crate::types::Readiness> {
         None
     }
@@ -302,6 +346,26 @@ pub fn session_get(key: &str) -> Option<String> {
 }
 pub fn session_set(key: &str, value: &str) {
     imp::session_set(key, value)
+}
+/// Where the theme chosen with the toggle is kept (localStorage); `/theme.js` reads it before the
+/// first paint and sets `data-theme` on `<html>`, which the style sheet follows.
+pub const THEME_KEY: &str = "zimage.theme";
+
+/// The page is shown dark: the chosen theme, else the system's (`prefers-color-scheme`).
+pub fn theme_is_dark() -> bool {
+    imp::theme_is_dark()
+}
+/// Shows the page in the given theme and remembers the choice for this browser.
+pub fn theme_set(dark: bool) {
+    imp::theme_set(dark)
+}
+/// Moves the keyboard focus to the element with this id (if it is there).
+pub fn focus_element(id: &str) {
+    imp::focus_element(id)
+}
+/// Milliseconds since the Unix epoch (the browser's clock; 0 on the server).
+pub fn now_ms() -> f64 {
+    imp::now_ms()
 }
 /// Posts a JSON message to the parent window when the page is framed.
 pub fn post_to_parent(json: &str) {

@@ -44,7 +44,11 @@ pub fn shell(options: LeptosOptions) -> impl IntoView {
                 <meta charset="utf-8" />
                 <meta name="viewport" content="width=device-width, initial-scale=1" />
                 <meta name="description" content="Fast text-to-image and image-to-image with Z-Image Turbo, live previews, in your browser." />
-                <meta name="theme-color" content="#2563eb" />
+                <meta name="theme-color" content="#2563eb" media="(prefers-color-scheme: light)" />
+                <meta name="theme-color" content="#0f172a" media="(prefers-color-scheme: dark)" />
+                // the theme chosen with the toggle, applied before the first paint (a static
+                // file: the CSP allows no inline script of ours)
+                <script src="/theme.js"></script>
                 <link rel="icon" href="/favicon.ico" sizes="any" />
                 <link rel="icon" href="/icons/icon.svg" type="image/svg+xml" />
                 <link rel="apple-touch-icon" href="/icons/icon-192.png" />

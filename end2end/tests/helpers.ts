@@ -87,3 +87,16 @@ export async function recordPreviews(page: Page) {
   });
   return () => page.evaluate(() => ((window as any).__previews as string[]).length);
 }
+
+/** axe-core's rule sets the studio must pass: WCAG 2.1 A and AA, and axe's best practices. */
+export const AXE_TAGS = ["wcag2a", "wcag2aa", "wcag21a", "wcag21aa", "best-practice"];
+
+/** Runs axe-core on the page as it is now; returns its violations, one line per element. */
+export async function axeViolations(page: Page): Promise<string[]> {
+  // loaded lazily: specs without audits need not have it installed
+  const { default: AxeBuilder } = await import("@axe-core/playwright");
+  const results = await new AxeBuilder({ page }).withTags(AXE_TAGS).analyze();
+  return results.violations.flatMap((v) =>
+    v.nodes.map((n) => `${v.id} (${v.impact}): ${v.help} at ${n.target.join(" ")} — ${n.failureSummary?.replace(/\s+/g, " ")}`),
+  );
+}

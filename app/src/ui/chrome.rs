@@ -1,4 +1,4 @@
-//! Page chrome: icons, header, the model line and banners, the 404 page.
+//! Page chrome: icons, header with the theme toggle, the model line and banners, the 404 page.
 
 use super::*;
 
@@ -30,8 +30,45 @@ pub(crate) fn PaletteIcon() -> impl IntoView {
 }
 
 #[component]
+pub(crate) fn MoonIcon() -> impl IntoView {
+    view! {
+        <svg class="icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">
+            <path d="M20.5 14.6A8.5 8.5 0 0 1 9.4 3.5a8.5 8.5 0 1 0 11.1 11.1z" fill="currentColor" />
+        </svg>
+    }
+}
+
+/// "Dark theme" on/off. Without a choice the page follows the system; a choice is remembered by
+/// this browser (`client::THEME_KEY`). The server cannot know the theme: the button's state is
+/// read once the page runs.
+#[component]
+pub(crate) fn ThemeToggle() -> impl IntoView {
+    let dark = RwSignal::new(false);
+    browser_effect(move |_| dark.set(client::theme_is_dark()));
+    view! {
+        <button
+            type="button"
+            class="btn small theme-toggle"
+            id="theme-toggle"
+            aria-pressed=move || dark.get().to_string()
+            on:click=move |_| {
+                let d = !dark.get_untracked();
+                client::theme_set(d);
+                dark.set(d);
+            }
+        >
+            <MoonIcon />
+            "Dark theme"
+        </button>
+    }
+}
+
+#[component]
 pub(crate) fn Header() -> impl IntoView {
     view! {
+        <div class="top-bar">
+            <ThemeToggle />
+        </div>
         <header class="hero">
             <h1>
                 <LightningIcon />

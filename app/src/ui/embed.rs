@@ -48,6 +48,7 @@ pub fn EmbedPage() -> impl IntoView {
     view! {
         <Title text="Z-Image Turbo — embed" />
         <main class="embed">
+            <h1 class="visually-hidden">"Z-Image Turbo: generate an image"</h1>
             <ModelBanner />
             <div class="card">
                 <PromptBox prompt on_submit=submit id="embed-prompt" />
@@ -65,6 +66,7 @@ pub fn EmbedPage() -> impl IntoView {
                     </button>
                 </div>
                 <JobView job=slot compact=true />
+                <ProgressAnnouncer current=Signal::derive(move || slot.state.get().map(|st| (0, 1, st))) />
                 <p class="powered">
                     <a href="/" target="_blank" rel="noopener"><LightningIcon />" Z-Image Turbo Studio"</a>
                 </p>

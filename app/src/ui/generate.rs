@@ -136,7 +136,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
                     {move || if batch.active() { "Generating…" } else { "Generate" }}
                 </button>
             </section>
-            <section class="card output" aria-label="Result" id="gen-output">
+            <section class="card output" aria-label="Generated images" id="gen-output">
                 <BatchView batch />
             </section>
         </div>

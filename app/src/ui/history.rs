@@ -44,6 +44,7 @@ pub(crate) fn HistoryTab(active: Signal<bool>, tab: RwSignal<Tab>, gen_form: For
                 <input
                     id="history-search"
                     type="search"
+                    aria-label="Search prompts"
                     placeholder="Search prompts…"
                     maxlength="200"
                     prop:value=move || search.get()
@@ -80,6 +81,7 @@ pub(crate) fn HistoryTab(active: Signal<bool>, tab: RwSignal<Tab>, gen_form: For
                                         <button
                                             type="button"
                                             class="thumb"
+                                            id=thumb_id(&item.result.image_id)
                                             data-testid="history-item"
                                             title=item.result.prompt.clone()
                                             on:click=move |_| selected.set(Some(it.clone()))
@@ -135,6 +137,37 @@ fn HistoryDetail(
             selected.set(None);
         }
     };
+    // closing gives the keyboard focus back to the thumbnail that opened the image
+    let opener = thumb_id(&r.image_id);
+    let close = move || {
+        selected.set(None);
+        client::focus_element(&opener);
+    };
+    // Escape: first leaves the delete confirmation, then closes the image (while History is shown)
+    #[cfg(feature = "hydrate")]
+    {
+        let close = close.clone();
+        let handle = window_event_listener(leptos::ev::keydown, move |ev| {
+            if ev.key() != "Escape" || ev.default_prevented() || tab.get_untracked() != Tab::History {
+                return;
+            }
+            ev.prevent_default();
+            if confirming.get_untracked() {
+                confirming.set(false);
+                focus_after_render("history-delete");
+            } else {
+                close();
+            }
+        });
+        on_cleanup(move || handle.remove());
+    }
+    // an opened image takes the focus (and scrolls into view on phones, where it sits below the grid)
+    let heading = NodeRef::<leptos::html::H2>::new();
+    browser_effect(move |_| {
+        if let Some(h) = heading.get() {
+            let _ = h.focus();
+        }
+    });
     let id = r.image_id.clone();
     let delete = move |_| {
         let id = id.clone();
@@ -143,6 +176,7 @@ fn HistoryDetail(
                 Ok(()) => {
                     selected.set(None);
                     refresh.update(|n| *n += 1);
+                    client::focus_element("history-search");
                 }
                 Err(e) => error.set(Some(e.reason)),
             }
@@ -152,8 +186,19 @@ fn HistoryDetail(
     view! {
         <section class="card history-detail" aria-label="Image details" data-testid="history-detail">
             <div class="detail-head">
-                <h3>"Image"</h3>
-                <button type="button" class="btn small" on:click=move |_| selected.set(None)>"Close"</button>
+                <h2 tabindex="-1" node_ref=heading>"Image"</h2>
+                <button
+                    type="button"
+                    class="btn small"
+                    data-testid="history-close"
+                    aria-keyshortcuts="Escape"
+                    on:click={
+                        let close = close.clone();
+                        move |_| close()
+                    }
+                >
+                    "Close"
+                </button>
             </div>
             <a href=r.image_url.clone() target="_blank" rel="noopener">
                 <img class="result-image" data-testid="history-image" src=r.image_url.clone() alt=r.prompt.clone() width=r.width.to_string() height=r.height.to_string() />
@@ -182,15 +227,36 @@ fn HistoryDetail(
                 <Show
                     when=move || confirming.get()
                     fallback=move || view! {
-                        <button type="button" class="btn danger" data-testid="history-delete" on:click=move |_| confirming.set(true)>
+                        <button
+                            type="button"
+                            class="btn danger"
+                            id="history-delete"
+                            data-testid="history-delete"
+                            on:click=move |_| {
+                                confirming.set(true);
+                                focus_after_render("history-delete-no");
+                            }
+                        >
                             "Delete…"
                         </button>
                     }
                 >
-                    <span class="confirm" data-testid="history-confirm">
-                        "Delete this image, its file and its share link? "
+                    <span class="confirm" role="group" aria-labelledby="history-confirm-text" data-testid="history-confirm">
+                        <span id="history-confirm-text">"Delete this image, its file and its share link?"</span>
                         <button type="button" class="btn danger" data-testid="history-delete-yes" on:click=delete.clone()>"Delete"</button>
-                        <button type="button" class="btn" on:click=move |_| confirming.set(false)>"Keep"</button>
+                        <button
+                            type="button"
+                            class="btn"
+                            id="history-delete-no"
+                            data-testid="history-delete-no"
+                            aria-keyshortcuts="Escape"
+                            on:click=move |_| {
+                                confirming.set(false);
+                                focus_after_render("history-delete");
+                            }
+                        >
+                            "Keep"
+                        </button>
                     </span>
                 </Show>
             </div>
@@ -199,4 +265,9 @@ fn HistoryDetail(
             </Show>
         </section>
     }
+}
+
+/// The id of an image's thumbnail button.
+fn thumb_id(image_id: &str) -> String {
+    format!("thumb-{image_id}")
 }

@@ -56,28 +56,42 @@ pub fn StudioPage() -> impl IntoView {
         <main class="page">
             <Header />
             <ModelBanner />
-            <nav class="tabs" role="tablist">
-                <TabButton tab this=Tab::Generate id="tab-generate">
+            <div class="tabs" role="tablist" aria-label="Studio" on:keydown=move |ev: leptos::ev::KeyboardEvent| {
+                // arrow keys move between the tabs (one tab stop for the whole bar)
+                let i = Tab::ALL.iter().position(|t| *t == tab.get_untracked()).unwrap_or(0);
+                let n = Tab::ALL.len();
+                let next = match ev.key().as_str() {
+                    "ArrowRight" => (i + 1) % n,
+                    "ArrowLeft" => (i + n - 1) % n,
+                    "Home" => 0,
+                    "End" => n - 1,
+                    _ => return,
+                };
+                ev.prevent_default();
+                tab.set(Tab::ALL[next]);
+                client::focus_element(Tab::ALL[next].tab_id());
+            }>
+                <TabButton tab this=Tab::Generate>
                     <PaletteIcon />
                     "Generate"
                 </TabButton>
-                <TabButton tab this=Tab::Transform id="tab-transform">
+                <TabButton tab this=Tab::Transform>
                     <SparkleIcon />
                     "Transform"
                 </TabButton>
-                <TabButton tab this=Tab::History id="tab-history">
+                <TabButton tab this=Tab::History>
                     "History"
                 </TabButton>
-            </nav>
-            <div class="tab-panel" class:hidden=move || tab.get() != Tab::Generate>
+            </div>
+            <TabPanel tab this=Tab::Generate>
                 <GenerateTab form=gen_form />
-            </div>
-            <div class="tab-panel" class:hidden=move || tab.get() != Tab::Transform>
+            </TabPanel>
+            <TabPanel tab this=Tab::Transform>
                 <TransformTab active=Signal::derive(move || tab.get() == Tab::Transform) form=tr_form />
-            </div>
-            <div class="tab-panel" class:hidden=move || tab.get() != Tab::History>
+            </TabPanel>
+            <TabPanel tab this=Tab::History>
                 <HistoryTab active=Signal::derive(move || tab.get() == Tab::History) tab gen_form tr_form />
-            </div>
+            </TabPanel>
             <footer class="footer">
                 "Z-Image-Turbo by Tongyi-MAI (Apache 2.0) · served by a Rust studio · "
                 <a href="/embed">"embed"</a>
@@ -86,18 +100,57 @@ pub fn StudioPage() -> impl IntoView {
     }
 }
 
-/// One of the studio's tab buttons.
+impl Tab {
+    const ALL: [Tab; 3] = [Tab::Generate, Tab::Transform, Tab::History];
+
+    fn tab_id(self) -> &'static str {
+        match self {
+            Tab::Generate => "tab-generate",
+            Tab::Transform => "tab-transform",
+            Tab::History => "tab-history",
+        }
+    }
+
+    fn panel_id(self) -> &'static str {
+        match self {
+            Tab::Generate => "panel-generate",
+            Tab::Transform => "panel-transform",
+            Tab::History => "panel-history",
+        }
+    }
+}
+
+/// One of the studio's tab buttons (only the selected one is in the Tab order).
 #[component]
-fn TabButton(tab: RwSignal<Tab>, this: Tab, #[prop(into)] id: String, children: Children) -> impl IntoView {
+fn TabButton(tab: RwSignal<Tab>, this: Tab, children: Children) -> impl IntoView {
     view! {
         <button
+            type="button"
             role="tab"
-            id=id
+            id=this.tab_id()
+            aria-controls=this.panel_id()
             class:active=move || tab.get() == this
             aria-selected=move || (tab.get() == this).to_string()
+            tabindex=move || if tab.get() == this { "0" } else { "-1" }
             on:click=move |_| tab.set(this)
         >
             {children()}
         </button>
+    }
+}
+
+/// The panel a tab shows (hidden while another tab is selected).
+#[component]
+fn TabPanel(tab: RwSignal<Tab>, this: Tab, children: Children) -> impl IntoView {
+    view! {
+        <div
+            class="tab-panel"
+            role="tabpanel"
+            id=this.panel_id()
+            aria-labelledby=this.tab_id()
+            class:hidden=move || tab.get() != this
+        >
+            {children()}
+        </div>
     }
 }

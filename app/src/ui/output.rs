@@ -1,4 +1,5 @@
-//! A panel's output: queue position, progress with the live preview, the result.
+//! A panel's output: queue position, progress with the live preview, the result, and what a
+//! screen reader hears of it.
 
 use super::*;
 
@@ -184,32 +185,157 @@ pub(crate) fn ResultView(result: JobResult, compact: bool) -> impl IntoView {
 /// "image k of n".
 #[component]
 pub(crate) fn BatchView(batch: Batch) -> impl IntoView {
-    move || {
+    // what to announce: the image being made (the first unfinished one), else the last
+    let current = Signal::derive(move || {
         let slots = batch.current();
-        if slots.len() <= 1 {
-            return view! { <JobView job=batch.slots[0] /> }.into_any();
-        }
         let n = slots.len();
-        let status = move || {
-            let done = slots.iter().filter(|s| s.state.with(|st| st.as_ref().is_some_and(|st| st.is_terminal()))).count();
-            if done >= n {
-                format!("{n} images done.")
-            } else {
-                format!("Image {} of {n}", done + 1)
-            }
-        };
-        view! {
-            <div class="batch" data-testid="batch">
-                <p class="status" data-testid="batch-status">{status}</p>
-                <div class="gallery">
-                    {batch
-                        .current()
-                        .into_iter()
-                        .map(|job| view! { <div class="gallery-item" data-testid="gallery-item"><JobView job compact=true /></div> })
-                        .collect_view()}
-                </div>
-            </div>
+        let states: Vec<Option<JobState>> = slots.iter().map(|s| s.state.get()).collect();
+        let i = states.iter().position(|st| st.as_ref().is_some_and(|st| !st.is_terminal())).unwrap_or(n - 1);
+        states[i].clone().map(|st| (i, n, st))
+    });
+    view! {
+        <ProgressAnnouncer current />
+        {move || batch_gallery(batch)}
+    }
+}
+
+fn batch_gallery(batch: Batch) -> AnyView {
+    let slots = batch.current();
+    if slots.len() <= 1 {
+        return view! { <JobView job=batch.slots[0] /> }.into_any();
+    }
+    let n = slots.len();
+    let status = move || {
+        let done = slots.iter().filter(|s| s.state.with(|st| st.as_ref().is_some_and(|st| st.is_terminal()))).count();
+        if done >= n {
+            format!("{n} images done.")
+        } else {
+            format!("Image {} of {n}", done + 1)
         }
-        .into_any()
+    };
+    view! {
+        <div class="batch" data-testid="batch">
+            <p class="status" data-testid="batch-status">{status}</p>
+            <div class="gallery">
+                {batch
+                    .current()
+                    .into_iter()
+                    .map(|job| view! { <div class="gallery-item" data-testid="gallery-item"><JobView job compact=true /></div> })
+                    .collect_view()}
+            </div>
+        </div>
+    }
+    .into_any()
+}
+
+/// The stage of a job a screen reader is told about; a new stage is announced at once, a new step
+/// or queue position only every `ANNOUNCE_EVERY_MS`.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Stage {
+    Queued,
+    Encoding,
+    Steps,
+    Decoding,
+    Done,
+    Failed,
+    Cancelled,
+}
+
+/// The least time between two announcements of the same stage (steps, queue positions): a screen
+/// reader hears the step and the time left now and then, not every tick.
+pub(crate) const ANNOUNCE_EVERY_MS: f64 = 5000.0;
+
+/// The sentence for image `i` of `n` in state `st`.
+pub(crate) fn announcement(i: usize, n: usize, st: &JobState) -> (Stage, String) {
+    let (stage, text) = match &st.phase {
+        JobPhase::Queued { position } if *position <= 1 => (Stage::Queued, "Waiting for the worker: you are next.".to_string()),
+        JobPhase::Queued { position } => (Stage::Queued, format!("In the queue: position {position}.")),
+        JobPhase::Running { step: 0, .. } => (Stage::Encoding, "Started: encoding the prompt.".to_string()),
+        JobPhase::Running { step, total, .. } if step >= total => (Stage::Decoding, "Decoding the image.".to_string()),
+        JobPhase::Running { step, total, eta_ms, .. } => {
+            (Stage::Steps, format!("Step {step} of {total}, about {} left.", fmt_ms(*eta_ms)))
+        }
+        JobPhase::Done(r) => (Stage::Done, format!("Image ready: {}×{}, seed {}.", r.width, r.height, r.seed)),
+        JobPhase::Failed(_) => (Stage::Failed, "The image failed; the reason is shown.".to_string()),
+        JobPhase::Cancelled => (Stage::Cancelled, "Cancelled.".to_string()),
+    };
+    if n > 1 {
+        (stage, format!("Image {} of {n}: {text}", i + 1))
+    } else {
+        (stage, text)
+    }
+}
+
+/// Whether to announce `(image, stage)` at `now_ms`, given the last announcement and its time.
+pub(crate) fn should_announce(last: Option<((usize, Stage), f64)>, key: (usize, Stage), now_ms: f64) -> bool {
+    match last {
+        None => true,
+        Some((prev, _)) if prev != key => true,
+        Some((_, at)) => matches!(key.1, Stage::Queued | Stage::Steps) && now_ms - at >= ANNOUNCE_EVERY_MS,
+    }
+}
+
+/// A polite live region (visually hidden) announcing a panel's progress: each stage once, the
+/// step and the time left at most every few seconds, the result.
+#[component]
+pub(crate) fn ProgressAnnouncer(current: Signal<Option<(usize, usize, JobState)>>) -> impl IntoView {
+    let text = RwSignal::new(String::new());
+    let last: StoredValue<Option<((usize, Stage), f64)>> = StoredValue::new(None);
+    browser_effect(move |_| {
+        let Some((i, n, st)) = current.get() else { return };
+        let (stage, sentence) = announcement(i, n, &st);
+        let now = client::now_ms();
+        if should_announce(last.get_value(), (i, stage), now) && text.get_untracked() != sentence {
+            last.set_value(Some(((i, stage), now)));
+            text.set(sentence);
+        }
+    });
+    view! {
+        <p class="visually-hidden" role="status" aria-live="polite" aria-atomic="true" data-testid="announcer">
+            {move || text.get()}
+        </p>
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn state(phase: JobPhase) -> JobState {
+        JobState {
+            job_id: "j".into(),
+            seed: 7,
+            width: 1024,
+            height: 768,
+            phase,
+            preview: None,
+            steps_seen: 0,
+            cancel_requested: false,
+        }
+    }
+
+    #[test]
+    fn sentences_name_the_step_and_the_time_left() {
+        let running = |step| state(JobPhase::Running { step, total: 8, elapsed_ms: 900, eta_ms: 2400 });
+        assert_eq!(announcement(0, 1, &running(3)), (Stage::Steps, "Step 3 of 8, about 2.4 s left.".into()));
+        assert_eq!(announcement(0, 1, &running(0)).0, Stage::Encoding);
+        assert_eq!(announcement(0, 1, &running(8)), (Stage::Decoding, "Decoding the image.".into()));
+        assert_eq!(announcement(1, 3, &running(3)).1, "Image 2 of 3: Step 3 of 8, about 2.4 s left.");
+        assert_eq!(announcement(0, 1, &state(JobPhase::Queued { position: 3 })).1, "In the queue: position 3.");
+        assert_eq!(announcement(0, 1, &state(JobPhase::Cancelled)).0, Stage::Cancelled);
+    }
+
+    #[test]
+    fn steps_are_announced_every_few_seconds_stages_at_once() {
+        let steps = (0, Stage::Steps);
+        assert!(should_announce(None, steps, 0.0));
+        // the next steps within the interval stay quiet, later ones are heard
+        assert!(!should_announce(Some((steps, 1000.0)), steps, 1000.0 + ANNOUNCE_EVERY_MS - 1.0));
+        assert!(should_announce(Some((steps, 1000.0)), steps, 1000.0 + ANNOUNCE_EVERY_MS));
+        // a new stage, or the next image of a batch, is heard at once
+        assert!(should_announce(Some((steps, 1000.0)), (0, Stage::Decoding), 1001.0));
+        assert!(should_announce(Some((steps, 1000.0)), (1, Stage::Steps), 1001.0));
+        // a finished job is announced once
+        assert!(!should_announce(Some(((0, Stage::Done), 0.0)), (0, Stage::Done), 1e9));
     }
 }

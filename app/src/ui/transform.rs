@@ -192,7 +192,7 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
                     {move || if batch.active() { "Transforming…" } else { "Transform" }}
                 </button>
             </section>
-            <section class="card output" aria-label="Result" id="tr-output">
+            <section class="card output" aria-label="Transformed images" id="tr-output">
                 <BatchView batch />
             </section>
         </div>

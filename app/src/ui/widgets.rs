@@ -143,7 +143,7 @@ pub(crate) fn SeedField(seed: SeedState, #[prop(into)] id: String) -> impl IntoV
     let random_id = format!("{id}-random");
     view! {
         <div class="field seed-field">
-            <span class="label">"Seed"</span>
+            <label class="label" for=id.clone()>"Seed"</label>
             <div class="row">
                 <input
                     id=id
@@ -312,4 +312,10 @@ pub(crate) fn CountSelect(count: RwSignal<u32>, #[prop(into)] id: String) -> imp
             </select>
         </label>
     }
+}
+
+/// Moves the focus to an element that a signal just set will render (the DOM is updated before
+/// the next frame).
+pub(crate) fn focus_after_render(id: &'static str) {
+    request_animation_frame(move || client::focus_element(id));
 }
