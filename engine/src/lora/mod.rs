@@ -24,6 +24,8 @@ use crate::transformer::ZImageTransformer;
 /// Where a module name lands: rows [row, row + rows) of the layer `layer` (in features `cols`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Target {
+    /// The module's diffusers name (fused aliases: `…attention.qkv`).
+    pub name: String,
     pub layer: String,
     pub row: usize,
     pub rows: usize,
@@ -41,7 +43,7 @@ pub fn targets(cfg: &TransformerConfig) -> HashMap<String, Target> {
     let key = format!("{p}-{pf}");
     let mut dotted: Vec<(String, Target)> = vec![];
     let single = |name: String, rows: usize, cols: usize, aliases: &[String], out: &mut Vec<(String, Target)>| {
-        let t = Target { layer: name.clone(), row: 0, rows, cols };
+        let t = Target { name: name.clone(), layer: name.clone(), row: 0, rows, cols };
         for a in aliases {
             out.push((a.clone(), t.clone()));
         }
@@ -58,12 +60,12 @@ pub fn targets(cfg: &TransformerConfig) -> HashMap<String, Target> {
             let at = format!("{group}.{i}");
             let qkv = format!("{at}.attention.to_qkv");
             for (name, row, rows) in [("to_q", 0, q), ("to_k", q, kv), ("to_v", q + kv, kv), ("qkv", 0, q + 2 * kv)] {
-                dotted.push((format!("{at}.attention.{name}"), Target { layer: qkv.clone(), row, rows, cols: dim }));
+                dotted.push((format!("{at}.attention.{name}"), Target { name: format!("{at}.attention.{name}"), layer: qkv.clone(), row, rows, cols: dim }));
             }
             single(format!("{at}.attention.to_out.0"), dim, q, &[format!("{at}.attention.out"), format!("{at}.attention.to_out")], &mut dotted);
             let w13 = format!("{at}.feed_forward.w13");
-            dotted.push((format!("{at}.feed_forward.w1"), Target { layer: w13.clone(), row: 0, rows: hidden, cols: dim }));
-            dotted.push((format!("{at}.feed_forward.w3"), Target { layer: w13, row: hidden, rows: hidden, cols: dim }));
+            dotted.push((format!("{at}.feed_forward.w1"), Target { name: format!("{at}.feed_forward.w1"), layer: w13.clone(), row: 0, rows: hidden, cols: dim }));
+            dotted.push((format!("{at}.feed_forward.w3"), Target { name: format!("{at}.feed_forward.w3"), layer: w13, row: hidden, rows: hidden, cols: dim }));
             single(format!("{at}.feed_forward.w2"), dim, hidden, &[], &mut dotted);
             if modulated {
                 single(format!("{at}.adaLN_modulation.0"), 4 * dim, ada, &[], &mut dotted);
