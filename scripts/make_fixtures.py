@@ -439,6 +439,28 @@ def make_lora_fixtures(out_dir):
         sd[f"diffusion_model.{m}.lora_A.weight"], sd[f"diffusion_model.{m}.lora_B.weight"] = a, b
     save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(lora_dir, "aitoolkit.safetensors"))
 
+    # LyCORIS LoHa and LoKr (diffusers cannot load them): the expected weight changes computed with
+    # NumPy from the factors, delta = (alpha / rank) * product; the engine must match them exactly.
+    rng = np.random.default_rng(SEED + 200)
+    nrm = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
+    out_o, in_o = shapes["layers.1.attention.to_out.0"]
+    w1a, w1b, w2a, w2b = nrm(out_o, 3), nrm(3, in_o), nrm(out_o, 3), nrm(3, in_o)
+    loha = {"lycoris_layers_1_attention_to_out_0.hada_w1_a": w1a, "lycoris_layers_1_attention_to_out_0.hada_w1_b": w1b,
+            "lycoris_layers_1_attention_to_out_0.hada_w2_a": w2a, "lycoris_layers_1_attention_to_out_0.hada_w2_b": w2b,
+            "lycoris_layers_1_attention_to_out_0.alpha": np.array(1.5, dtype=np.float32)}
+    out_v, in_v = shapes["noise_refiner.0.attention.to_v"]
+    k1 = nrm(4, 8)
+    k2a, k2b = nrm(out_v // 4, 2), nrm(2, in_v // 8)
+    lokr = {"lycoris_noise_refiner_0_attention_to_v.lokr_w1": k1, "lycoris_noise_refiner_0_attention_to_v.lokr_w2_a": k2a,
+            "lycoris_noise_refiner_0_attention_to_v.lokr_w2_b": k2b,
+            "lycoris_noise_refiner_0_attention_to_v.alpha": np.array(1.0, dtype=np.float32)}
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in loha.items()}, os.path.join(lora_dir, "loha.safetensors"))
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in lokr.items()}, os.path.join(lora_dir, "lokr.safetensors"))
+    lyco = {"loha.layers.1.attention.to_out.0": (1.5 / 3) * ((w1a @ w1b) * (w2a @ w2b)),
+            "lokr.noise_refiner.0.attention.to_v": (1.0 / 2) * np.kron(k1, k2a @ k2b)}
+    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in lyco.items()}, os.path.join(lora_dir, "lycoris_expected.safetensors"),
+              metadata={"generator": "scripts/make_fixtures.py (NumPy)"})
+
     T, cases = {}, {"base": []}
     T["base.out"] = f32(pipe.transformer([x], t, [cap], return_dict=False)[0][0])
     for name, pair in {"diffusers+kohya": [("diffusers", 0.8), ("kohya", -0.6)],
@@ -446,11 +468,11 @@ def make_lora_fixtures(out_dir):
         pipe = ZImagePipeline.from_pretrained(model_dir, dtype=torch.float32)
         for f, _ in pair:
             pipe.load_lora_weights(lora_dir, weight_name=f"{f}.safetensors", adapter_name=f)
-        pipe.set_adapters([f for f, _ in pair], adapter_weights=[w for _, w in pair])
         if name.startswith("diffusers"):
             # the metadata's alphas reached PEFT: 8 / 4, and the alpha_pattern's 2 / 4
             assert abs(pipe.transformer.layers[0].attention.to_q.scaling["diffusers"] - 2.0) < 1e-6
             assert abs(pipe.transformer.layers[1].feed_forward.w2.scaling["diffusers"] - 0.5) < 1e-6
+        pipe.set_adapters([f for f, _ in pair], adapter_weights=[w for _, w in pair])
         out = pipe.transformer([x], t, [cap], return_dict=False)[0][0]
         T[f"{name}.out"] = f32(out)
         cases[name] = [{"file": f"{f}.safetensors", "scale": w} for f, w in pair]

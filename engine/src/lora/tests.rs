@@ -355,3 +355,75 @@ fn quantized_layers_are_requantized_from_the_merged_weight() {
     assert!(rel < 4e-2 && rel > 0.0, "FP8 of the merged weight: {rel}");
     assert_eq!(t.quantization(), crate::ops::Quantization::Fp8);
 }
+
+/// Parity with diffusers 0.42.1: the tiny transformer's output with two LoRAs loaded by
+/// `load_lora_weights` and weighted by `set_adapters` (one weight negative), for the three layouts
+/// diffusers reads (fixtures from scripts/make_fixtures.py).
+#[test]
+fn two_loras_match_diffusers_set_adapters() {
+    use crate::loader::ModelSource;
+    use crate::testutil::{assert_close, expected, fixtures_dir, tiny_model_dir};
+    let dir = fixtures_dir().join("lora");
+    let e = expected();
+    let want = candle_core::safetensors::load(dir.join("expected.safetensors"), &Device::Cpu).unwrap();
+    let cases: serde_json::Value = {
+        let bytes = std::fs::read(dir.join("expected.safetensors")).unwrap();
+        let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
+        serde_json::from_str(&meta.metadata().as_ref().unwrap()["cases"]).unwrap()
+    };
+    let mut pipe = Pipeline::load(&ModelSource::Dir(tiny_model_dir()), &Device::Cpu).unwrap();
+    assert_eq!(pipe.dtype(), DType::F32);
+    let x = e["dit.x"].unsqueeze(0).unwrap();
+    let run = |pipe: &Pipeline| pipe.transformer().forward(&x, &e["dit.t"], &[e["dit.cap"].clone()]).unwrap().squeeze(0).unwrap();
+    assert_close("lora base", &run(&pipe), &want["base.out"], 1e-4);
+    let mut patcher = LoraPatcher::new();
+    let mut compared = 0;
+    for (name, set) in cases.as_object().unwrap() {
+        if name == "base" {
+            continue;
+        }
+        let files: Vec<(LoraFile, f32)> = set
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| (LoraFile::read(&dir.join(c["file"].as_str().unwrap())).unwrap(), c["scale"].as_f64().unwrap() as f32))
+            .collect();
+        let refs: Vec<(&LoraFile, f32)> = files.iter().map(|(f, s)| (f, *s)).collect();
+        let rep = patcher.set(&mut pipe, &refs).unwrap();
+        assert!(rep.warnings.is_empty(), "{name}: {:?}", rep.warnings);
+        let got = run(&pipe);
+        assert_close(&format!("lora {name}"), &got, &want[&format!("{name}.out")], 1e-4);
+        // and the LoRAs matter at that tolerance
+        assert!(max_diff(&got, &want["base.out"]) > 1e-2, "{name}");
+        compared += 1;
+    }
+    assert_eq!(compared, 2);
+    patcher.revert(&mut pipe);
+    assert_close("lora reverted", &run(&pipe), &want["base.out"], 1e-4);
+}
+
+/// LoHa and LoKr against the NumPy reference deltas of scripts/make_fixtures.py.
+#[test]
+fn loha_and_lokr_match_the_numpy_reference() {
+    let dir = crate::testutil::fixtures_dir().join("lora");
+    let want = candle_core::safetensors::load(dir.join("lycoris_expected.safetensors"), &Device::Cpu).unwrap();
+    for (file, module, layer_name, row) in [
+        ("loha.safetensors", "loha.layers.1.attention.to_out.0", "layers.1.attention.to_out.0", 0),
+        ("lokr.safetensors", "lokr.noise_refiner.0.attention.to_v", "noise_refiner.0.attention.to_qkv", 2 * dims().0),
+    ] {
+        let f = LoraFile::read(&dir.join(file)).unwrap();
+        let mut t = tiny();
+        let base = layer(&mut t, layer_name);
+        let rep = merge_into(&mut t, &[(&f, -0.7)]).unwrap();
+        assert!(rep.warnings.is_empty() && rep.layers == 1, "{file}: {rep:?}");
+        let delta = (layer(&mut t, layer_name) - &base).unwrap();
+        let rows = want[module].dim(0).unwrap();
+        let got = delta.narrow(0, row, rows).unwrap();
+        let err = max_diff(&got, &(&want[module] * -0.7).unwrap());
+        assert!(err < 1e-6, "{file}: {err}");
+        // nothing outside the module's rows moved
+        let total = delta.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        let inside = got.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!((total - inside).abs() < 1e-4, "{file}: rows outside changed");
+    }
+}
