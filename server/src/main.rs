@@ -386,7 +386,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     web::startup::download_if_missing(&source, &|_| {})?;
     let t = Instant::now();
-    let mut pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options(&device))?;
+    let mut opts = args.model.load_options(&device);
+    // With LoRAs, quantized layers are quantized after the merge, from the merged dense weights
+    // (the quality of merge-then-quantize); the dense model is then held until the merge is done.
+    let quantize_after = opts.quantization;
+    if !loras.is_empty() {
+        opts.quantization = engine::ops::Quantization::None;
+    }
+    let mut pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), opts)?;
+    if !loras.is_empty() {
+        drop(lora_cli::apply(&mut pipe, &loras)?); // drops the base weights: a CLI run never reverts
+        pipe.quantize(quantize_after)?;
+    }
     eprintln!("loaded in {:.2?}{}", t.elapsed(), match pipe.quantization() {
         engine::ops::Quantization::Fp8 => " (transformer in FP8)",
         engine::ops::Quantization::Int8 => " (transformer in INT8)",
@@ -395,7 +406,6 @@ fn generate(args: GenerateArgs) -> Result<()> {
     if pipe.is_tiny() {
         eprintln!("note: the tiny model has random weights; its images are patterns, not pictures");
     }
-    let _patcher = lora_cli::apply(&mut pipe, &loras)?;
     if let Some(d) = &args.preview_dir {
         std::fs::create_dir_all(d).with_context(|| format!("cannot create {}", d.display()))?;
     }

@@ -192,6 +192,10 @@ fn lora_is_described_applied_with_its_scale_and_bad_files_are_refused() {
     assert!(psnr(&base, &with) < 40.0, "the LoRA changes the image");
     assert_eq!(psnr(&base, &zero), f64::INFINITY, "scale 0 changes nothing");
     assert!(psnr(&base, &cancelled) > 40.0, "+s and -s cancel out: {}", psnr(&base, &cancelled));
+    // FP8: merged first, then quantized: close to the full-precision LoRA image, far from no LoRA
+    let fp8 = gen("fp8.png", &["--lora", &spec, "--precision", "fp8"]);
+    let (p_lora, p_base) = (psnr(&with, &fp8), psnr(&base, &fp8));
+    assert!(p_lora > 20.0 && p_lora > p_base + 3.0, "FP8 + LoRA vs LoRA {p_lora:.1} dB, vs base {p_base:.1} dB");
 
     let bad = d.join("notes.safetensors");
     std::fs::write(&bad, b"hello, not a LoRA").unwrap();
