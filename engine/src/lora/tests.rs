@@ -339,9 +339,15 @@ fn patcher_switches_sets_and_reverts_to_the_exact_base() {
 
 #[test]
 fn quantized_layers_are_requantized_from_the_merged_weight() {
+    for q in [crate::ops::Quantization::Fp8, crate::ops::Quantization::Int8] {
+        quantized_merge(q);
+    }
+}
+
+fn quantized_merge(q: crate::ops::Quantization) {
     let (dim, _) = dims();
     let mut pipe = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
-    pipe.quantize(crate::ops::Quantization::Fp8).unwrap();
+    pipe.quantize(q).unwrap();
     let p = tmp("fp8.safetensors");
     let (a, b) = (randn(4, dim, 70), randn(dim, 4, 71));
     write_st(&p, &[("transformer.layers.0.attention.to_out.0.lora_A.weight", &a), ("transformer.layers.0.attention.to_out.0.lora_B.weight", &b)], &[]);
@@ -352,8 +358,10 @@ fn quantized_layers_are_requantized_from_the_merged_weight() {
     let got = layer(&mut t, "layers.0.attention.to_out.0");
     let merged = (&base + b.matmul(&a).unwrap()).unwrap();
     let rel = crate::fp8::relative_l2(&got, &merged).unwrap();
-    assert!(rel < 4e-2 && rel > 0.0, "FP8 of the merged weight: {rel}");
-    assert_eq!(t.quantization(), crate::ops::Quantization::Fp8);
+    assert!(rel < 4e-2 && rel > 0.0, "{} of the merged weight: {rel}", q.name());
+    // closer to the merged weight than the unmerged base is
+    assert!(rel < crate::fp8::relative_l2(&base, &merged).unwrap() / 4.0, "{}", q.name());
+    assert_eq!(t.quantization(), q);
 }
 
 /// Parity with diffusers 0.42.1: the tiny transformer's output with two LoRAs loaded by
