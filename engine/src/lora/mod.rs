@@ -7,14 +7,19 @@
 //! sharing its weight storage), so the base weights of patched layers stay on the device next to
 //! the merged ones — extra memory equal to the patched layers' size in their stored format — and
 //! reverting is putting that clone back.
+//!
+//! `library`: a folder of LoRAs by name (for the server's `--lora-dir`) and A1111's
+//! `<lora:name:weight>` prompt tags.
 
 pub mod file;
+pub mod library;
 
 use std::collections::{BTreeMap, HashMap};
 
 use candle_core::{DType, Tensor};
 
 pub use file::{Adapter, AdapterWeights, Factor, KeyStyle, LoraFile};
+pub use library::{take_prompt_tags, LoraEntry, LoraLibrary};
 
 use crate::config::TransformerConfig;
 use crate::error::{Error, Result};
