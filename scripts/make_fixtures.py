@@ -372,6 +372,117 @@ def cfg_diagnostics(calls, guidance, norm_cap):
 
 
 # ----------------------------------------------------------------------------------------------
+# ----------------------------------------------------------------------------------------------
+# LoRA parity: three layouts diffusers reads, two LoRAs at a time with set_adapters (one negative)
+# ----------------------------------------------------------------------------------------------
+LORA_RANK = 4
+
+
+def _lora_pair(g, out_f, in_f, rank=LORA_RANK):
+    a = torch.randn((rank, in_f), generator=g) * 0.3
+    b = torch.randn((out_f, rank), generator=g) * 0.3
+    return a, b
+
+
+def make_lora_fixtures(out_dir):
+    """Writes lora/{diffusers,kohya,aitoolkit}.safetensors and lora/expected.safetensors: the tiny
+    transformer's output on the dit.* inputs with each pair of LoRAs loaded by
+    `load_lora_weights` and weighted by `set_adapters`."""
+    model_dir = os.path.join(out_dir, "tiny_model")
+    lora_dir = os.path.join(out_dir, "lora")
+    os.makedirs(lora_dir, exist_ok=True)
+    from safetensors.torch import load_file
+
+    inputs = load_file(os.path.join(out_dir, "expected.safetensors"))
+    x, t, cap = inputs["dit.x"], inputs["dit.t"], inputs["dit.cap"]
+    pipe = ZImagePipeline.from_pretrained(model_dir, dtype=torch.float32)
+    shapes = {n: tuple(m.weight.shape) for n, m in pipe.transformer.named_modules() if isinstance(m, torch.nn.Linear)}
+    g = torch.Generator().manual_seed(SEED + 100)
+
+    # diffusers / PEFT, written by diffusers itself (metadata: r, lora_alpha, alpha_pattern)
+    diff_modules = ["layers.0.attention.to_q", "layers.0.attention.to_k", "layers.0.attention.to_v",
+                    "layers.0.attention.to_out.0", "layers.1.feed_forward.w1", "layers.1.feed_forward.w2",
+                    "layers.1.feed_forward.w3", "noise_refiner.0.attention.to_q", "context_refiner.0.feed_forward.w2"]
+    sd = {}
+    for m in diff_modules:
+        a, b = _lora_pair(g, shapes[m][0], shapes[m][1])
+        sd[f"{m}.lora_A.weight"], sd[f"{m}.lora_B.weight"] = a, b
+    meta = {"r": LORA_RANK, "lora_alpha": 8, "alpha_pattern": {"layers.1.feed_forward.w2": 2},
+            "target_modules": diff_modules, "use_rslora": False}
+    ZImagePipeline.save_lora_weights(lora_dir, transformer_lora_layers=sd, transformer_lora_adapter_metadata=meta,
+                                     weight_name="diffusers.safetensors")
+
+    # kohya / musubi: lora_down/up + alpha, fused attention_qkv (block-diagonal up) and attention_out
+    sd = {}
+    for m in ["layers.1.attention.to_q", "noise_refiner.0.feed_forward.w3", "context_refiner.0.attention.to_k",
+              "layers.0.adaLN_modulation.0", "layers.0.feed_forward.w1"]:
+        a, b = _lora_pair(g, shapes[m][0], shapes[m][1])
+        k = "lora_unet_" + m.replace(".", "_")
+        sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"] = a, b
+        sd[f"{k}.alpha"] = torch.tensor(2.0)
+    out_q, dim = shapes["layers.1.attention.to_q"]
+    downs, ups = zip(*[_lora_pair(g, out_q, dim) for _ in range(3)])
+    up = torch.block_diag(*ups)
+    k = "lora_unet_layers_0_attention_qkv"
+    sd[f"{k}.lora_down.weight"], sd[f"{k}.lora_up.weight"] = torch.cat(downs, 0), up
+    sd[f"{k}.alpha"] = torch.tensor(3.0 * 3)
+    a, b = _lora_pair(g, *shapes["layers.1.attention.to_out.0"])
+    sd["lora_unet_layers_1_attention_out.lora_down.weight"], sd["lora_unet_layers_1_attention_out.lora_up.weight"] = a, b
+    sd["lora_unet_layers_1_attention_out.alpha"] = torch.tensor(1.0)
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(lora_dir, "kohya.safetensors"))
+
+    # ai-toolkit: diffusion_model. prefix, no alpha (alpha = rank), adaLN_modulation included
+    sd = {}
+    for m in ["layers.1.adaLN_modulation.0", "layers.0.attention.to_k", "layers.1.feed_forward.w3",
+              "noise_refiner.0.attention.to_out.0"]:
+        a, b = _lora_pair(g, shapes[m][0], shapes[m][1])
+        sd[f"diffusion_model.{m}.lora_A.weight"], sd[f"diffusion_model.{m}.lora_B.weight"] = a, b
+    save_file({k: v.contiguous() for k, v in sd.items()}, os.path.join(lora_dir, "aitoolkit.safetensors"))
+
+    # LyCORIS LoHa and LoKr (diffusers cannot load them): the expected weight changes computed with
+    # NumPy from the factors, delta = (alpha / rank) * product; the engine must match them exactly.
+    rng = np.random.default_rng(SEED + 200)
+    nrm = lambda *shape: (rng.standard_normal(shape) * 0.3).astype(np.float32)  # noqa: E731
+    out_o, in_o = shapes["layers.1.attention.to_out.0"]
+    w1a, w1b, w2a, w2b = nrm(out_o, 3), nrm(3, in_o), nrm(out_o, 3), nrm(3, in_o)
+    loha = {"lycoris_layers_1_attention_to_out_0.hada_w1_a": w1a, "lycoris_layers_1_attention_to_out_0.hada_w1_b": w1b,
+            "lycoris_layers_1_attention_to_out_0.hada_w2_a": w2a, "lycoris_layers_1_attention_to_out_0.hada_w2_b": w2b,
+            "lycoris_layers_1_attention_to_out_0.alpha": np.array(1.5, dtype=np.float32)}
+    out_v, in_v = shapes["noise_refiner.0.attention.to_v"]
+    k1 = nrm(4, 8)
+    k2a, k2b = nrm(out_v // 4, 2), nrm(2, in_v // 8)
+    lokr = {"lycoris_noise_refiner_0_attention_to_v.lokr_w1": k1, "lycoris_noise_refiner_0_attention_to_v.lokr_w2_a": k2a,
+            "lycoris_noise_refiner_0_attention_to_v.lokr_w2_b": k2b,
+            "lycoris_noise_refiner_0_attention_to_v.alpha": np.array(1.0, dtype=np.float32)}
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in loha.items()}, os.path.join(lora_dir, "loha.safetensors"))
+    save_file({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in lokr.items()}, os.path.join(lora_dir, "lokr.safetensors"))
+    lyco = {"loha.layers.1.attention.to_out.0": (1.5 / 3) * ((w1a @ w1b) * (w2a @ w2b)),
+            "lokr.noise_refiner.0.attention.to_v": (1.0 / 2) * np.kron(k1, k2a @ k2b)}
+    save_file({k: torch.from_numpy(v.astype(np.float32)) for k, v in lyco.items()}, os.path.join(lora_dir, "lycoris_expected.safetensors"),
+              metadata={"generator": "scripts/make_fixtures.py (NumPy)"})
+
+    T, cases = {}, {"base": []}
+    T["base.out"] = f32(pipe.transformer([x], t, [cap], return_dict=False)[0][0])
+    for name, pair in {"diffusers+kohya": [("diffusers", 0.8), ("kohya", -0.6)],
+                       "aitoolkit+kohya": [("aitoolkit", 1.0), ("kohya", 0.5)]}.items():
+        pipe = ZImagePipeline.from_pretrained(model_dir, dtype=torch.float32)
+        for f, _ in pair:
+            pipe.load_lora_weights(lora_dir, weight_name=f"{f}.safetensors", adapter_name=f)
+        if name.startswith("diffusers"):
+            # the metadata's alphas reached PEFT: 8 / 4, and the alpha_pattern's 2 / 4
+            assert abs(pipe.transformer.layers[0].attention.to_q.scaling["diffusers"] - 2.0) < 1e-6
+            assert abs(pipe.transformer.layers[1].feed_forward.w2.scaling["diffusers"] - 0.5) < 1e-6
+        pipe.set_adapters([f for f, _ in pair], adapter_weights=[w for _, w in pair])
+        out = pipe.transformer([x], t, [cap], return_dict=False)[0][0]
+        T[f"{name}.out"] = f32(out)
+        cases[name] = [{"file": f"{f}.safetensors", "scale": w} for f, w in pair]
+        assert (T[f"{name}.out"] - T["base.out"]).abs().max() > 1e-3, f"{name}: the LoRAs changed nothing"
+    save_file({k: v.contiguous() for k, v in T.items()}, os.path.join(lora_dir, "expected.safetensors"),
+              metadata={"generator": "scripts/make_fixtures.py", "cases": json.dumps(cases)})
+    for k, v in sorted(T.items()):
+        print(f"lora {k:22s} {stats(v)}", file=sys.stderr)
+
+
 def main():
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -379,8 +490,12 @@ def main():
     transformers.utils.logging.disable_progress_bar()
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="engine/tests/fixtures")
+    ap.add_argument("--only-lora", action="store_true", help="only the LoRA fixtures (needs the others)")
     args = ap.parse_args()
     out_dir = args.out
+    if args.only_lora:
+        make_lora_fixtures(out_dir)
+        return
     os.makedirs(out_dir, exist_ok=True)
     model_dir = os.path.join(out_dir, "tiny_model")
 
@@ -666,6 +781,7 @@ def main():
         json.dump(J, f, indent=1, default=lambda o: list(o) if isinstance(o, tuple) else str(o))
         f.write("\n")
 
+    make_lora_fixtures(out_dir)
     for k, v in sorted(T.items()):
         print(f"{k:22s} {stats(v) if v.is_floating_point() else str(v.tolist()[:12]) + ' ...'}", file=sys.stderr)
     print(json.dumps({k: J[k] for k in ("t2i_cfg", "t2i_cfg_trunc")}, indent=1), file=sys.stderr)

@@ -20,6 +20,9 @@ pub enum Error {
     /// An input image could not be decoded or is too large.
     #[error("bad input image: {0}")]
     Image(String),
+    /// A LoRA file that cannot be read or does not fit the model; the reason says which.
+    #[error("LoRA {path}: {reason}")]
+    Lora { path: PathBuf, reason: String },
     /// The caller asked to stop.
     #[error("cancelled")]
     Cancelled,

@@ -60,6 +60,10 @@ impl Fp8Weight {
         let scale: f32 = scale.to_vec1::<f32>()?[0];
         Ok(Self { q, scale, ctx: ctx.clone() })
     }
+    /// The shared context this weight multiplies through (to quantize a replacement alike).
+    pub fn context(&self) -> &Fp8Context {
+        &self.ctx
+    }
     pub fn out_dim(&self) -> usize {
         self.q.dims()[0]
     }

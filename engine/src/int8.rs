@@ -98,6 +98,10 @@ impl Int8Weight {
         let (q, scale) = quantize_rows(w)?;
         Ok(Self { q, scale, ctx: ctx.clone() })
     }
+    /// The shared context this weight multiplies through (to quantize a replacement alike).
+    pub fn context(&self) -> &Int8Context {
+        &self.ctx
+    }
     pub fn out_dim(&self) -> usize {
         self.q.dims()[0]
     }

@@ -1,6 +1,6 @@
 //! Z-Image-Turbo inference on candle: the S3-DiT transformer, the Qwen3 text encoder, the Flux VAE,
 //! the flow-matching scheduler and the sampling pipeline, plus model loading (diffusers layout,
-//! Hugging Face hub: cache and download, or the built-in `tiny` model).
+//! Hugging Face hub: cache and download, or the built-in `tiny` model), and LoRA merging (`lora`).
 //! This crate owns the math and the model files. It must not contain web code, global state,
 //! or anything that blocks on user input; callers drive it through `pipeline::Pipeline`.
 
@@ -13,6 +13,7 @@ pub mod graph;
 pub mod hub;
 pub mod int8;
 pub mod loader;
+pub mod lora;
 pub mod ops;
 pub mod pipeline;
 pub mod png_meta;

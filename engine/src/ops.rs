@@ -458,6 +458,32 @@ impl Linear {
     }
 }
 
+impl Linear {
+    /// The weight in f32 as the layer multiplies with it (a quantized weight dequantized).
+    pub fn weight_f32(&self) -> Result<Tensor> {
+        match &self.weight {
+            LinearWeight::Dense(w) => w.to_dtype(DType::F32),
+            LinearWeight::Fp8(w) => w.dequantize(DType::F32),
+            LinearWeight::Int8(w) => w.dequantize(DType::F32),
+        }
+    }
+    /// Replaces the weight by `w` (out, in), converted to `dtype` and, when this layer is
+    /// quantized, quantized again in the same format from `w` itself (used by LoRA merging, which
+    /// computes the merged weight in f32).
+    pub fn set_weight(&mut self, w: &Tensor, dtype: DType) -> Result<()> {
+        if w.dims() != [self.out_dim(), w.dim(1)?] {
+            candle_core::bail!("new weight {:?} for a layer of {} outputs", w.dims(), self.out_dim());
+        }
+        let dense = w.to_dtype(dtype)?;
+        self.weight = match &self.weight {
+            LinearWeight::Dense(_) => LinearWeight::Dense(dense),
+            LinearWeight::Fp8(old) => LinearWeight::Fp8(Fp8Weight::quantize(&dense, old.context())?),
+            LinearWeight::Int8(old) => LinearWeight::Int8(Int8Weight::quantize(&dense, old.context())?),
+        };
+        Ok(())
+    }
+}
+
 impl std::fmt::Debug for Linear {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let kind = match self.quantization() {

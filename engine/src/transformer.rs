@@ -413,6 +413,9 @@ impl ZImageTransformer {
     pub fn dtype(&self) -> DType {
         self.dtype
     }
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
 
     /// Runs the denoiser. Items whose caption lengths and timesteps agree run as one batch (always
     /// the case in our pipeline); otherwise each item runs alone, which equals the reference's
@@ -559,6 +562,48 @@ impl ZImageTransformer {
         let (b, _, d) = x.dims3()?;
         let pad = pad_token.to_dtype(x.dtype())?.reshape((1, 1, d))?.broadcast_as((b, n, d))?;
         Tensor::cat(&[x, &pad.contiguous()?], 1)
+    }
+}
+
+/// The transformer's linear layers by name, for weight patching (LoRA, see `crate::lora`): each
+/// layer with the diffusers module names whose rows it holds, in row order (a fused layer holds
+/// several: q|k|v, w1|w3).
+pub struct NamedLinear<'a> {
+    /// A name for the layer itself (the diffusers name, or `…to_qkv` / `…w13` for fused ones).
+    pub layer: String,
+    pub parts: Vec<String>,
+    pub linear: &'a mut Linear,
+}
+
+impl ZImageTransformer {
+    /// Every linear layer, named as in the diffusers checkpoint (see `NamedLinear`).
+    pub fn named_linears_mut(&mut self) -> Vec<NamedLinear<'_>> {
+        let (p, pf) = (self.cfg.patch_size(), self.cfg.f_patch_size());
+        let key = format!("{p}-{pf}");
+        fn one(name: String, linear: &mut Linear) -> NamedLinear<'_> {
+            NamedLinear { layer: name.clone(), parts: vec![name], linear }
+        }
+        let mut out = vec![];
+        out.push(one("t_embedder.mlp.0".into(), &mut self.t_embedder.fc1));
+        out.push(one("t_embedder.mlp.2".into(), &mut self.t_embedder.fc2));
+        out.push(one("cap_embedder.1".into(), &mut self.cap_linear));
+        out.push(one(format!("all_x_embedder.{key}"), &mut self.x_embedder));
+        out.push(one(format!("all_final_layer.{key}.linear"), &mut self.final_layer.linear));
+        out.push(one(format!("all_final_layer.{key}.adaLN_modulation.1"), &mut self.final_layer.ada_ln));
+        for (group, blocks) in [("noise_refiner", &mut self.noise_refiner), ("context_refiner", &mut self.context_refiner), ("layers", &mut self.layers)] {
+            for (i, b) in blocks.iter_mut().enumerate() {
+                let at = format!("{group}.{i}");
+                let parts = |names: &[&str]| names.iter().map(|n| format!("{at}.{n}")).collect();
+                out.push(NamedLinear { layer: format!("{at}.attention.to_qkv"), parts: parts(&["attention.to_q", "attention.to_k", "attention.to_v"]), linear: &mut b.attention.to_qkv });
+                out.push(one(format!("{at}.attention.to_out.0"), &mut b.attention.to_out));
+                out.push(NamedLinear { layer: format!("{at}.feed_forward.w13"), parts: parts(&["feed_forward.w1", "feed_forward.w3"]), linear: &mut b.feed_forward.w13 });
+                out.push(one(format!("{at}.feed_forward.w2"), &mut b.feed_forward.w2));
+                if let Some(ada) = b.ada_ln.as_mut() {
+                    out.push(one(format!("{at}.adaLN_modulation.0"), ada));
+                }
+            }
+        }
+        out
     }
 }
 

@@ -51,6 +51,9 @@ pub struct BenchArgs {
     /// report the latents' relative error and the images' PSNR against bf16.
     #[arg(long)]
     check: bool,
+    /// Apply a LoRA before timing (repeatable, FILE[:SCALE]); the JSON gains apply_ms/revert_ms.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -95,6 +98,18 @@ struct Report {
     /// Device memory in use after loading (CUDA only, whole device).
     memory_after_load_mib: Option<f64>,
     sizes: Vec<SizeReport>,
+    /// With --lora: the time to merge the set into the weights, and to put the base back.
+    lora: Option<LoraTimes>,
+}
+
+#[derive(Serialize)]
+struct LoraTimes {
+    files: Vec<String>,
+    layers_patched: usize,
+    apply_ms: f64,
+    revert_ms: f64,
+    /// Device memory in use with the set applied (the base weights of patched layers are kept).
+    memory_applied_mib: Option<f64>,
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -145,6 +160,22 @@ pub fn run(a: BenchArgs) -> Result<()> {
     if a.check {
         return check(&mut pipe, &a, &device);
     }
+    let loras = crate::lora_cli::read_specs(&a.loras)?;
+    let applied = if loras.is_empty() {
+        None
+    } else {
+        let set: Vec<(&engine::lora::LoraFile, f32)> = loras.iter().map(|(f, s)| (f, *s)).collect();
+        let mut patcher = engine::lora::LoraPatcher::new();
+        let t = Instant::now();
+        let rep = patcher.set(&mut pipe, &set)?;
+        device.synchronize()?;
+        let apply_ms = ms(t.elapsed());
+        for w in &rep.warnings {
+            eprintln!("warning: {w}");
+        }
+        eprintln!("LoRA applied: {} layers in {apply_ms:.1} ms", rep.layers);
+        Some((patcher, rep.layers, apply_ms, engine::pipeline::device_memory_used_mib(&device)))
+    };
     let mut sizes = Vec::new();
     for (w, h) in parse_sizes(&a.sizes)? {
         let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: a.steps, seed: 1, ..Default::default() };
@@ -168,7 +199,17 @@ pub fn run(a: BenchArgs) -> Result<()> {
             runs,
         });
     }
+    let lora = match applied {
+        Some((mut patcher, layers_patched, apply_ms, memory_applied_mib)) => {
+            let t = Instant::now();
+            patcher.revert(&mut pipe);
+            device.synchronize()?;
+            Some(LoraTimes { files: a.loras.clone(), layers_patched, apply_ms, revert_ms: ms(t.elapsed()), memory_applied_mib })
+        }
+        None => None,
+    };
     let report = Report {
+        lora,
         model: pipe.model_name().into(),
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),

@@ -9,6 +9,7 @@
 #![recursion_limit = "256"]
 
 mod bench;
+mod lora_cli;
 mod parity;
 mod web;
 
@@ -44,6 +45,8 @@ enum Command {
     Worker(WorkerArgs),
     /// Time text encoding, each denoising step, VAE decode and whole requests; prints JSON.
     Bench(bench::BenchArgs),
+    /// Describe a LoRA file: layout, rank, alpha, modules, trigger words, what does not match.
+    Lora(lora_cli::LoraArgs),
     /// Run the engine stage by stage on a diffusers run's saved inputs (scripts/gpu/parity_full.py).
     #[command(hide = true)]
     Parity(parity::ParityArgs),
@@ -202,6 +205,9 @@ struct GenerateArgs {
     /// Write each step's latent preview as PNGs into this folder.
     #[arg(long)]
     preview_dir: Option<PathBuf>,
+    /// Apply a LoRA (repeatable); SCALE defaults to 1.0 and may be negative.
+    #[arg(long = "lora", value_name = "FILE[:SCALE]")]
+    loras: Vec<String>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -371,6 +377,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
         preview: args.preview_dir.is_some(),
     };
     req.validate()?;
+    let loras = lora_cli::read_specs(&args.loras)?;
     let device = pick_device(&args.model.device)?;
     let source = args.model.source(!device.is_cpu());
     eprintln!("model: {} on {:?}", source.display_name(), device);
@@ -379,7 +386,18 @@ fn generate(args: GenerateArgs) -> Result<()> {
     }
     web::startup::download_if_missing(&source, &|_| {})?;
     let t = Instant::now();
-    let pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), args.model.load_options(&device))?;
+    let mut opts = args.model.load_options(&device);
+    // With LoRAs, quantized layers are quantized after the merge, from the merged dense weights
+    // (the quality of merge-then-quantize); the dense model is then held until the merge is done.
+    let quantize_after = opts.quantization;
+    if !loras.is_empty() {
+        opts.quantization = engine::ops::Quantization::None;
+    }
+    let mut pipe = Pipeline::load_with_options(&source, &device, engine::pipeline::default_dtype(&device), opts)?;
+    if !loras.is_empty() {
+        drop(lora_cli::apply(&mut pipe, &loras)?); // drops the base weights: a CLI run never reverts
+        pipe.quantize(quantize_after)?;
+    }
     eprintln!("loaded in {:.2?}{}", t.elapsed(), match pipe.quantization() {
         engine::ops::Quantization::Fp8 => " (transformer in FP8)",
         engine::ops::Quantization::Int8 => " (transformer in INT8)",
@@ -470,6 +488,7 @@ fn main() {
         Command::Serve(a) => serve(a),
         Command::Worker(a) => worker(a),
         Command::Bench(a) => bench::run(a),
+        Command::Lora(a) => lora_cli::run(a),
         Command::Parity(a) => parity::run(a),
     };
     if let Err(e) = r {

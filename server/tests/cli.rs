@@ -157,3 +157,48 @@ fn huge_images_are_refused_before_decoding() {
     assert!(stderr.contains("too large") || stderr.contains("could not be decoded"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
 }
+
+#[test]
+fn lora_is_described_applied_with_its_scale_and_bad_files_are_refused() {
+    let d = tmp("lora");
+    let lora = d.join("style.safetensors");
+    let (ok, out, err) = run(&["lora", "--make-random", lora.to_str().unwrap(), "--model", "tiny", "--rank", "4"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("rank 4"), "{out}");
+    let (ok, info, err) = run(&["lora", lora.to_str().unwrap(), "--model", "tiny"]);
+    assert!(ok, "{err}");
+    assert!(info.contains("layout: diffusers/PEFT (`transformer.` prefix) (LoRA)"), "{info}");
+    assert!(info.contains("rank: 4") && info.contains("alpha: none (= rank)") && info.contains("unmatched: none"), "{info}");
+    assert!(info.contains("layers.N.attention.to_q x2") && info.contains("noise_refiner.N.adaLN_modulation.0 x1"), "{info}");
+    // the same file against the full-size architecture: named, with the reason
+    let (ok, info, _) = run(&["lora", lora.to_str().unwrap()]);
+    assert!(ok && info.contains("does not fit the model") && info.contains("another model"), "{info}");
+
+    let gen = |name: &str, extra: &[&str]| -> PathBuf {
+        let out = d.join(name);
+        let mut args = vec!["generate", "--model", "tiny", "--device", "cpu", "--prompt", "a red fox", "--width", "64", "--height", "64", "--steps", "2", "--seed", "4", "--out", out.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run(&args);
+        assert!(ok, "{err}");
+        out
+    };
+    let base = gen("base.png", &[]);
+    let spec = format!("{}:400", lora.display());
+    let with = gen("with.png", &["--lora", &spec]);
+    let zero_spec = format!("{}:0", lora.display());
+    let zero = gen("zero.png", &["--lora", &zero_spec]);
+    let twice = format!("{}:-400", lora.display());
+    let cancelled = gen("cancel.png", &["--lora", &spec, "--lora", &twice]);
+    assert!(psnr(&base, &with) < 40.0, "the LoRA changes the image");
+    assert_eq!(psnr(&base, &zero), f64::INFINITY, "scale 0 changes nothing");
+    assert!(psnr(&base, &cancelled) > 40.0, "+s and -s cancel out: {}", psnr(&base, &cancelled));
+    // FP8: merged first, then quantized: close to the full-precision LoRA image, far from no LoRA
+    let fp8 = gen("fp8.png", &["--lora", &spec, "--precision", "fp8"]);
+    let (p_lora, p_base) = (psnr(&with, &fp8), psnr(&base, &fp8));
+    assert!(p_lora > 20.0 && p_lora > p_base + 3.0, "FP8 + LoRA vs LoRA {p_lora:.1} dB, vs base {p_base:.1} dB");
+
+    let bad = d.join("notes.safetensors");
+    std::fs::write(&bad, b"hello, not a LoRA").unwrap();
+    let (ok, _, err) = run(&["generate", "--model", "tiny", "--device", "cpu", "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1", "--lora", bad.to_str().unwrap(), "--out", d.join("x.png").to_str().unwrap()]);
+    assert!(!ok && err.contains("notes.safetensors") && err.contains("not a safetensors file"), "{err}");
+}
