@@ -339,6 +339,57 @@ pub fn enhance(
     })
 }
 
+/// The enhancer on its own: the text encoder (all layers) and the tokenizer, without the
+/// transformer and the VAE (the CLI's `enhance` and `bench --enhance`).
+pub struct Enhancer {
+    te: TextEncoder,
+    tok: PromptTokenizer,
+    name: String,
+}
+
+impl Enhancer {
+    /// Loads the text encoder and tokenizer of `source` in `dtype` on `device`.
+    pub fn load(source: &crate::loader::ModelSource, device: &candle_core::Device, dtype: DType) -> Result<Self> {
+        use crate::loader::ModelSource;
+        let from_files = |files: &crate::loader::ModelFiles, name: &str| -> Result<Self> {
+            let cfg: crate::config::TextEncoderConfig = crate::loader::read_config(&files.text_encoder.config)?;
+            let (vb, problems) = crate::weights::checked_var_builder(&files.text_encoder.weights, dtype, device)?;
+            let te = TextEncoder::new(&cfg, vb);
+            crate::weights::ensure_no_problems("text_encoder", &problems)?;
+            Ok(Self { te: te?, tok: PromptTokenizer::from_file(&files.tokenizer)?, name: name.to_string() })
+        };
+        match source {
+            ModelSource::Tiny => Ok(Self {
+                te: crate::tiny::text_encoder(device, dtype)?,
+                tok: PromptTokenizer::tiny()?,
+                name: crate::tiny::TINY_NAME.into(),
+            }),
+            ModelSource::RandomFullSize => {
+                let mut cfg = crate::config::TextEncoderConfig::qwen3_4b();
+                cfg.vocab_size = cfg.vocab_size.max(259);
+                let te = TextEncoder::new(&cfg, crate::weights::device_random_var_builder(dtype, device))?;
+                Ok(Self { te, tok: PromptTokenizer::tiny()?, name: "random".into() })
+            }
+            ModelSource::Dir(dir) => from_files(&crate::loader::ModelFiles::from_dir(dir)?, &dir.display().to_string()),
+            ModelSource::Hub(id) => from_files(&crate::loader::resolve_hub_model(id)?, id),
+        }
+    }
+
+    pub fn text_encoder(&self) -> &TextEncoder {
+        &self.te
+    }
+    pub fn tokenizer(&self) -> &PromptTokenizer {
+        &self.tok
+    }
+    pub fn model_name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn enhance(&self, req: &EnhanceRequest, on_event: &mut dyn FnMut(&EnhanceEvent) -> Control) -> Result<EnhanceOutput> {
+        enhance(&self.te, &self.tok, req, on_event)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
