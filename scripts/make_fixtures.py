@@ -15,6 +15,9 @@ Outputs (under --out):
   expected.safetensors   reference tensors (float32 unless stated; token ids int64)
   expected.json          schedules, prompts, parameters, package versions
   i2i_init.png           64x48 RGB init image for the image-to-image case
+  enhancer.json          greedy generation of the tiny text encoder run as a causal LM (tied
+                         embeddings) with transformers' `generate`: the prompt enhancer's parity
+                         (`--only-enhancer` rewrites just this file from the saved tiny_model)
 """
 
 import argparse
@@ -35,7 +38,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers  # noqa: E402
 import transformers  # noqa: E402
-from transformers import Qwen2TokenizerFast, Qwen3Config, Qwen3Model  # noqa: E402
+from transformers import AutoTokenizer, Qwen2TokenizerFast, Qwen3Config, Qwen3ForCausalLM, Qwen3Model  # noqa: E402
 
 import diffusers  # noqa: E402
 import diffusers.pipelines.z_image.pipeline_z_image_img2img as z_img2img_module  # noqa: E402
@@ -483,6 +486,57 @@ def make_lora_fixtures(out_dir):
         print(f"lora {k:22s} {stats(v)}", file=sys.stderr)
 
 
+# ----------------------------------------------------------------------------------------------
+# prompt enhancer: the tiny text encoder as a causal LM (Qwen3ForCausalLM, tied embeddings)
+# ----------------------------------------------------------------------------------------------
+ENHANCER_CASES = [
+    # (name, system, prompt, max_new_tokens)
+    ("system", "Rewrite the idea as a detailed image prompt.", "a red fox in the snow", 40),
+    ("no_system", "", "Café à Noël 🐱", 32),
+]
+
+
+def write_enhancer_fixture(out_dir):
+    """Greedy `generate` of the saved tiny text encoder, loaded as Qwen3ForCausalLM (its lm_head
+    is the tied embedding), on the chat template with enable_thinking=False."""
+    model_dir = os.path.join(out_dir, "tiny_model")
+    te_dir = os.path.join(model_dir, "text_encoder")
+    lm = Qwen3ForCausalLM.from_pretrained(te_dir, dtype=torch.float32)
+    lm.eval()
+    assert lm.config.tie_word_embeddings
+    assert lm.lm_head.weight.data_ptr() == lm.model.embed_tokens.weight.data_ptr(), "lm_head is not tied"
+    # every weight of the base model was loaded (none left at its init)
+    base = Qwen3Model.from_pretrained(te_dir, dtype=torch.float32)
+    for k, v in base.state_dict().items():
+        assert torch.equal(lm.model.state_dict()[k], v), k
+    tok = AutoTokenizer.from_pretrained(os.path.join(model_dir, "tokenizer"))
+    stop = [tok.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|endoftext|>")]
+    cases = []
+    for name, system, prompt, max_new in ENHANCER_CASES:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": prompt}]
+        chat_text = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, enable_thinking=False)
+        ids = tok(chat_text, add_special_tokens=False).input_ids
+        inp = torch.tensor([ids])
+        out = lm.generate(inp, max_new_tokens=max_new, do_sample=False, eos_token_id=stop, pad_token_id=stop[1],
+                          output_scores=True, return_dict_in_generate=True)
+        gen = out.sequences[0, len(ids):].tolist()
+        # the greedy choice must not be a near tie, or float noise could flip it
+        margins = [float((lambda t: t[0] - t[1])(torch.topk(sc[0], 2).values)) for sc in out.scores]
+        assert min(margins) > 1e-3, (name, min(margins))
+        first_logits = lm(inp).logits[0, -1]
+        cases.append({"name": name, "system": system, "prompt": prompt, "chat": chat_text, "input_ids": ids,
+                      "max_new_tokens": max_new, "generated_ids": gen, "generated_text": tok.decode(gen),
+                      "min_top2_margin": min(margins), "first_logits": [float(x) for x in first_logits]})
+    J = {"versions": versions(), "generator": "scripts/make_fixtures.py", "model": "tiny_model/text_encoder as Qwen3ForCausalLM",
+         "stop_ids": stop, "decoding": "greedy (do_sample=False)", "cases": cases}
+    with open(os.path.join(out_dir, "enhancer.json"), "w") as f:
+        json.dump(J, f, indent=1, ensure_ascii=False)
+        f.write("\n")
+    for c in cases:
+        print(f"enhancer {c['name']}: {len(c['input_ids'])} prompt ids -> {len(c['generated_ids'])} new, "
+              f"min margin {c['min_top2_margin']:.4f}", file=sys.stderr)
+
+
 def main():
     diffusers.utils.logging.set_verbosity_error()
     diffusers.utils.logging.disable_progress_bar()
@@ -491,12 +545,15 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="engine/tests/fixtures")
     ap.add_argument("--only-lora", action="store_true", help="only the LoRA fixtures (needs the others)")
+    ap.add_argument("--only-enhancer", action="store_true", help="rewrite only enhancer.json from the saved tiny_model")
     args = ap.parse_args()
     out_dir = args.out
     if args.only_lora:
         make_lora_fixtures(out_dir)
         return
     os.makedirs(out_dir, exist_ok=True)
+    if args.only_enhancer:
+        return write_enhancer_fixture(out_dir)
     model_dir = os.path.join(out_dir, "tiny_model")
 
     torch.manual_seed(SEED)
@@ -787,6 +844,7 @@ def main():
     print(json.dumps({k: J[k] for k in ("t2i_cfg", "t2i_cfg_trunc")}, indent=1), file=sys.stderr)
     print(f"batch-vs-single: {J['dit_batch_vs_single_max_abs_diff']}  te unpadded-vs-padded: "
           f"{J['te_unpadded_vs_padded_max_abs_diff']}", file=sys.stderr)
+    write_enhancer_fixture(out_dir)
 
 
 if __name__ == "__main__":

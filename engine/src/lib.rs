@@ -4,9 +4,11 @@
 //! This crate owns the math and the model files. It must not contain web code, global state,
 //! or anything that blocks on user input; callers drive it through `pipeline::Pipeline`.
 
+pub mod chat_template;
 pub mod config;
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod enhancer;
 pub mod error;
 pub mod fp8;
 pub mod graph;

@@ -597,6 +597,18 @@ impl Pipeline {
     pub fn text_encoder_resident(&self) -> bool {
         matches!(self.text_encoder, TextEncoderSlot::Resident(_))
     }
+    /// Rewrites a short idea into a detailed prompt with the text encoder run as a causal LM
+    /// (`enhancer.rs`); with a freed text encoder it is loaded for the call.
+    pub fn enhance(
+        &self,
+        req: &crate::enhancer::EnhanceRequest,
+        on_event: &mut dyn FnMut(&crate::enhancer::EnhanceEvent) -> Control,
+    ) -> Result<crate::enhancer::EnhanceOutput> {
+        match &self.text_encoder {
+            TextEncoderSlot::Resident(te) => crate::enhancer::enhance(te, &self.tokenizer, req, on_event),
+            TextEncoderSlot::OnDemand { load, .. } => crate::enhancer::enhance(&load()?, &self.tokenizer, req, on_event),
+        }
+    }
     pub fn tokenizer(&self) -> &PromptTokenizer {
         &self.tokenizer
     }

@@ -55,6 +55,12 @@ fn sources() -> [Arc<RandomWeights>; 3] {
     SEEDS.map(|s| Arc::new(RandomWeights::new(s)))
 }
 
+/// The tiny model's text encoder alone (every layer: the enhancer's causal LM too).
+pub fn text_encoder(device: &Device, dtype: DType) -> Result<crate::text_encoder::TextEncoder> {
+    let [_, te, _] = sources();
+    crate::text_encoder::TextEncoder::new(&text_encoder_config(), random_var_builder(&te, dtype, device))
+}
+
 /// The tiny pipeline, built directly in memory.
 pub fn pipeline(device: &Device, dtype: DType) -> Result<Pipeline> {
     pipeline_with_options(device, dtype, LoadOptions::default())

@@ -42,6 +42,8 @@ pub struct EncodedPrompt {
 pub struct PromptTokenizer {
     inner: Tokenizer,
     max_len: usize,
+    /// The model's own chat template (the prompt enhancer's formatting), or why there is none.
+    chat_template: std::result::Result<std::sync::Arc<crate::chat_template::ChatTemplate>, String>,
 }
 
 impl PromptTokenizer {
@@ -55,7 +57,19 @@ impl PromptTokenizer {
         Ok(Self {
             inner,
             max_len: MAX_PROMPT_TOKENS,
+            chat_template: Err("the tokenizer was loaded without its tokenizer_config.json".into()),
         })
+    }
+
+    /// Sets the chat template the prompt enhancer formats its messages with.
+    pub fn with_chat_template(mut self, template: crate::chat_template::ChatTemplate) -> Self {
+        self.chat_template = Ok(std::sync::Arc::new(template));
+        self
+    }
+
+    /// The model's chat template, or a clear error naming why there is none.
+    pub fn chat_template(&self) -> Result<&crate::chat_template::ChatTemplate> {
+        self.chat_template.as_deref().map_err(|why| Error::InvalidRequest(format!("no chat template: {why}")))
     }
 
     /// Loads `tokenizer.json`.
@@ -69,12 +83,22 @@ impl PromptTokenizer {
         }
         let inner = Tokenizer::from_file(path)
             .map_err(|e| Error::Tokenizer(format!("cannot load {}: {e}", path.display())))?;
-        Self::new(inner)
+        let mut tok = Self::new(inner)?;
+        // A missing or broken chat template only matters to the enhancer: images still work.
+        let dir = path.parent().unwrap_or(Path::new("."));
+        tok.chat_template = match crate::chat_template::ChatTemplate::from_tokenizer_dir(dir) {
+            Ok(Some(t)) => Ok(std::sync::Arc::new(t)),
+            Ok(None) => Err(format!("{} has no chat_template.jinja and no chat_template in tokenizer_config.json", dir.display())),
+            Err(e) => Err(e.to_string()),
+        };
+        Ok(tok)
     }
 
     /// The tokenizer of the built-in tiny model.
     pub fn tiny() -> Result<Self> {
-        Self::new(tiny_tokenizer()?)
+        let template = crate::chat_template::ChatTemplate::from_tokenizer_config(&tiny_tokenizer_config())?
+            .expect("the tiny tokenizer config has a chat template");
+        Ok(Self::new(tiny_tokenizer()?)?.with_chat_template(template))
     }
 
     /// The underlying `tokenizers::Tokenizer`.

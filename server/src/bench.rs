@@ -54,6 +54,13 @@ pub struct BenchArgs {
     /// Apply a LoRA before timing (repeatable, FILE[:SCALE]); the JSON gains apply_ms/revert_ms.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// Instead of images: time the prompt enhancer (the text encoder as a causal LM, greedy, with
+    /// the KV cache): first-token latency and new tokens per second, as JSON.
+    #[arg(long)]
+    enhance: bool,
+    /// New tokens per enhancer run (`--enhance`).
+    #[arg(long, default_value_t = 200)]
+    new_tokens: usize,
 }
 
 #[derive(Serialize)]
@@ -139,6 +146,9 @@ fn ms(d: std::time::Duration) -> f64 {
 pub fn run(a: BenchArgs) -> Result<()> {
     let device = crate::pick_device(&a.device)?;
     let dtype = default_dtype(&device);
+    if a.enhance {
+        return crate::enhance_cli::bench(&a.model, &a.device, &a.prompt, a.new_tokens, a.runs, a.out.as_deref());
+    }
     if a.ops {
         return op_profile(&device, dtype);
     }

@@ -10,6 +10,7 @@
 
 mod bench;
 mod lora_cli;
+mod enhance_cli;
 mod parity;
 mod web;
 
@@ -47,6 +48,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Describe a LoRA file: layout, rank, alpha, modules, trigger words, what does not match.
     Lora(lora_cli::LoraArgs),
+    /// Rewrite a short idea into a detailed image prompt with the text encoder run as a language
+    /// model; prints only the new prompt on stdout.
+    Enhance(enhance_cli::EnhanceArgs),
     /// Run the engine stage by stage on a diffusers run's saved inputs (scripts/gpu/parity_full.py).
     #[command(hide = true)]
     Parity(parity::ParityArgs),
@@ -464,7 +468,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
-fn rand_seed() -> u64 {
+pub fn rand_seed() -> u64 {
     use std::hash::{BuildHasher, Hasher};
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
@@ -489,6 +493,7 @@ fn main() {
         Command::Worker(a) => worker(a),
         Command::Bench(a) => bench::run(a),
         Command::Lora(a) => lora_cli::run(a),
+        Command::Enhance(a) => enhance_cli::enhance(a),
         Command::Parity(a) => parity::run(a),
     };
     if let Err(e) = r {

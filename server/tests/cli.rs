@@ -202,3 +202,39 @@ fn lora_is_described_applied_with_its_scale_and_bad_files_are_refused() {
     let (ok, _, err) = run(&["generate", "--model", "tiny", "--device", "cpu", "--prompt", "x", "--width", "64", "--height", "64", "--steps", "1", "--lora", bad.to_str().unwrap(), "--out", d.join("x.png").to_str().unwrap()]);
     assert!(!ok && err.contains("notes.safetensors") && err.contains("not a safetensors file"), "{err}");
 }
+
+#[test]
+fn enhance_prints_only_the_text_and_is_reproducible_per_seed() {
+    let enhance = |extra: &[&str]| {
+        let mut args = vec!["enhance", "--model", "tiny", "--device", "cpu", "--prompt", "a red fox", "--max-new-tokens", "12"];
+        args.extend_from_slice(extra);
+        run(&args)
+    };
+    let (ok, a, stderr) = enhance(&["--seed", "3", "--temperature", "3"]);
+    assert!(ok, "{stderr}");
+    assert!(!a.trim().is_empty(), "the new prompt is printed");
+    assert!(!a.contains("model:") && stderr.contains("model: tiny") && stderr.contains("new tokens"), "logs go to stderr: {a:?} / {stderr}");
+    assert_eq!(enhance(&["--seed", "3", "--temperature", "3"]).1, a, "same seed, same text");
+    assert_ne!(enhance(&["--seed", "4", "--temperature", "3"]).1, a, "another seed, another text");
+    let g1 = enhance(&["--seed", "1", "--temperature", "0"]);
+    assert!(g1.0, "{}", g1.2);
+    assert_eq!(enhance(&["--seed", "2", "--temperature", "0"]).1, g1.1, "greedy ignores the seed");
+    // no system message: a shorter templated prompt
+    let (ok, _, no_sys) = enhance(&["--seed", "1", "--temperature", "0", "--system", ""]);
+    assert!(ok, "{no_sys}");
+    let tokens = |s: &str| s.split("seed 1: ").nth(1).and_then(|r| r.split(' ').next()).and_then(|n| n.parse::<usize>().ok()).unwrap();
+    assert!(tokens(&no_sys) < tokens(&g1.2) / 4, "{no_sys} vs {}", g1.2);
+    let (ok, _, err) = enhance(&["--top-p", "0"]);
+    assert!(!ok && err.contains("top_p"), "{err}");
+}
+
+#[test]
+fn bench_enhance_prints_tokens_per_second_and_first_token_latency() {
+    let (ok, stdout, stderr) = run(&["bench", "--enhance", "--model", "tiny", "--device", "cpu", "--new-tokens", "8", "--runs", "1"]);
+    assert!(ok, "{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(v["runs"][0]["new_tokens"], 8);
+    assert!(v["median_decode_tokens_per_s"].as_f64().unwrap() > 0.0);
+    assert!(v["median_first_token_ms"].as_f64().unwrap() > 0.0);
+    assert!(v["weight_bytes_per_token"].as_u64().unwrap() > 0);
+}
