@@ -63,6 +63,22 @@ for f in sorted(glob.glob("/tmp/res/zimage_*.json")):
 PY
 }
 
+# startup_measure: make-model, serve start-up (cold and warm page cache), then one request by
+# the page's path (submit_job + /ws) and by /api/generate.
+startup_measure() {
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  mkdir -p /tmp/data
+  SERVE=(serve --model /tmp/zfull --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data --site-root target/site)
+  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_cold.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_warm.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --keep --json "$OUT/startup_warm2.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
+  grep "loaded\|compiled\|warmed\|ready" /tmp/startup_serve.log | tee -a "$OUT/summary.txt"
+  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
+      --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  pkill -f "zimage serve" || true
+}
+
 case "$MODE" in
 engine2)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
@@ -130,17 +146,7 @@ engine)
   /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | head -60
   ;;
 startup)
-  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
-  mkdir -p /tmp/data
-  SERVE=(serve --model /tmp/zfull --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data --site-root target/site)
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_cold.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_warm.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --keep --json "$OUT/startup_warm2.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  grep "loaded\|compiled\|warmed\|ready" /tmp/startup_serve.log | tee -a "$OUT/summary.txt"
-  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
-      --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
-  pkill -f "zimage serve" || true
+  startup_measure
   ;;
 int8)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
@@ -163,17 +169,7 @@ int8)
 startup_parity)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
-  mkdir -p /tmp/data
-  SERVE=(serve --model /tmp/zfull --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data --site-root target/site)
-  sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null && echo "page cache dropped" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_cold.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --json "$OUT/startup_warm.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  python3 scripts/gpu/startup_time.py --bin /tmp/zimage --keep --json "$OUT/startup_warm2.json" -- "${SERVE[@]}" | tee -a "$OUT/summary.txt"
-  grep "loaded\|compiled\|warmed\|ready" /tmp/startup_serve.log | tee -a "$OUT/summary.txt"
-  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --concurrency 1 --requests-per-client 5 \
-      --ws-runs 5 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
-  pkill -f "zimage serve" || true
+  startup_measure
   sleep 2
   /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \
       --out /tmp/ours.safetensors --device cuda 2>&1 | tail -20 > "$OUT/parity_run.log"
