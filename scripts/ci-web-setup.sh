@@ -31,8 +31,13 @@ if [ "${SKIP_BROWSER:-0}" != 1 ] && ! command -v chromium >/dev/null; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y chromium chromium-driver
 fi
 
-if [ "${SKIP_BROWSER:-0}" != 1 ] && [ -f end2end/package-lock.json ] && [ ! -d end2end/node_modules/@playwright/test ]; then
-  log "installing Playwright (no browser download)"
-  (cd end2end && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci)
+# The npm packages of the browser tests, again whenever package-lock.json changes (a stamp of its
+# hash), so that a machine with an older node_modules gets a newly added package too.
+if [ "${SKIP_BROWSER:-0}" != 1 ] && [ -f end2end/package-lock.json ]; then
+  want=$(sha256sum end2end/package-lock.json | cut -d' ' -f1)
+  if [ "$(cat end2end/node_modules/.lock-sha256 2>/dev/null)" != "$want" ]; then
+    log "installing the browser tests' npm packages (Playwright, axe-core; no browser download)"
+    (cd end2end && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci && echo "$want" > node_modules/.lock-sha256)
+  fi
 fi
 log "done"

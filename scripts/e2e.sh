@@ -13,6 +13,6 @@ if [ -n "${ZIMAGE_BIN:-}" ]; then
 else
   scripts/build-site.sh
 fi
+SKIP_BROWSER=${SKIP_BROWSER:-0} scripts/ci-web-setup.sh >/dev/null   # npm packages as the lock file says
 cd end2end
-[ -d node_modules/@playwright/test ] || PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci
 CI=${CI:-1} npx playwright test "$@"
