@@ -474,13 +474,16 @@ impl Linear {
         if w.dims() != [self.out_dim(), w.dim(1)?] {
             candle_core::bail!("new weight {:?} for a layer of {} outputs", w.dims(), self.out_dim());
         }
-        let dense = w.to_dtype(dtype)?;
-        self.weight = match &self.weight {
-            LinearWeight::Dense(_) => LinearWeight::Dense(dense),
-            LinearWeight::Fp8(old) => LinearWeight::Fp8(Fp8Weight::quantize(&dense, old.context())?),
-            LinearWeight::Int8(old) => LinearWeight::Int8(Int8Weight::quantize(&dense, old.context())?),
+        let ctx = match &self.weight {
+            LinearWeight::Dense(_) => None,
+            LinearWeight::Fp8(old) => Some(QuantContext::Fp8(old.context().clone())),
+            LinearWeight::Int8(old) => Some(QuantContext::Int8(old.context().clone())),
         };
-        Ok(())
+        self.weight = LinearWeight::Dense(w.to_dtype(dtype)?);
+        match ctx {
+            Some(ctx) => self.quantize(&ctx),
+            None => Ok(()),
+        }
     }
 }
 

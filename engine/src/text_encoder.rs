@@ -375,6 +375,12 @@ impl TextEncoder {
     /// transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`), then cast to
     /// the model dtype.
     fn rope_tables(&self, l: usize) -> Result<(Tensor, Tensor)> {
+        self.rope_tables_at(0, l)
+    }
+
+    /// The rotary tables of positions `start..start + l` only (a decoding step needs one row,
+    /// not the whole prefix again).
+    fn rope_tables_at(&self, start: usize, l: usize) -> Result<(Tensor, Tensor)> {
         let hd = self.cfg.head_dim();
         let theta = self.cfg.rope_theta() as f32;
         let inv_freq: Vec<f32> = (0..hd)
@@ -384,7 +390,7 @@ impl TextEncoder {
         let half = inv_freq.len();
         let mut cos = Vec::with_capacity(l * half);
         let mut sin = Vec::with_capacity(l * half);
-        for p in 0..l {
+        for p in start..start + l {
             for &f in &inv_freq {
                 let a = p as f32 * f;
                 cos.push(a.cos());
@@ -571,8 +577,7 @@ impl TextEncoder {
         }
         let idt = Tensor::from_vec(ids.to_vec(), n, self.embed_tokens.device())?;
         let mut x = self.embed_tokens.index_select(&idt, 0)?.to_device(&self.device)?;
-        let (cos, sin) = self.rope_tables(offset + n)?;
-        let (cos, sin) = (cos.narrow(0, offset, n)?, sin.narrow(0, offset, n)?);
+        let (cos, sin) = self.rope_tables_at(offset, n)?;
         let n_layers = self.layers.len() + 1;
         if cache.layers.len() != n_layers {
             cache.layers.clear();

@@ -178,8 +178,8 @@ fn split_prefix(module: &str) -> (KeyStyle, &str) {
     (KeyStyle::Bare, module)
 }
 
-/// Reads the JSON header of a safetensors file: (header length, tensor names, metadata), with
-/// errors that say what is wrong with a damaged file.
+/// The `__metadata__` of a safetensors file's JSON header, with errors that say what is wrong
+/// with a damaged file.
 fn read_header(path: &Path, bytes: &[u8]) -> Result<BTreeMap<String, String>> {
     let bad = |reason: String| Error::Lora { path: path.to_path_buf(), reason };
     if bytes.len() < 8 {
