@@ -2,7 +2,7 @@
 //! Errors are [`StudioError`]s, sent as JSON with the HTTP status of their kind.
 
 use crate::error::StudioError;
-use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
 use leptos::prelude::*;
 use server_fn::codec::{Json, MultipartData, MultipartFormData};
 
@@ -33,6 +33,19 @@ mod ssr {
 pub async fn get_server_info() -> Result<ServerInfo, StudioError> {
     let backend = ssr::backend().await;
     ssr::respond(backend.map(|b| b.info()))
+}
+
+/// The LoRAs of the server's folder (read again each time: new files show without a restart).
+#[server(endpoint = "loras", input = Json)]
+pub async fn list_loras() -> Result<Vec<LoraInfo>, StudioError> {
+    let r = async {
+        let backend = ssr::backend().await?;
+        tokio::task::spawn_blocking(move || backend.loras())
+            .await
+            .map_err(|e| StudioError::internal(e.to_string()))?
+    }
+    .await;
+    ssr::respond(r)
 }
 
 /// Enqueues a Generate or Transform job. Progress comes over `/ws`.

@@ -2,7 +2,7 @@
 //! store), reached from a server function through an axum extractor on the request's extensions.
 
 use crate::error::StudioError;
-use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, ServerInfo, UploadInfo};
+use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use std::sync::Arc;
@@ -23,6 +23,8 @@ pub trait Backend: Send + Sync + 'static {
     fn history(&self, search: &str, page: u32) -> Result<HistoryPage, StudioError>;
     /// Deletes a finished image: its history row, files and share page. Blocking.
     fn delete_image(&self, image_id: &str) -> Result<(), StudioError>;
+    /// The LoRA folder's files, each saying whether it can be used with this model. Blocking.
+    fn loras(&self) -> Result<Vec<LoraInfo>, StudioError>;
 }
 
 /// The backend, put into every request's extensions by the server (`axum::Extension` layer) and

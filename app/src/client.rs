@@ -6,6 +6,7 @@ use crate::types::JobEvent;
 
 #[cfg(feature = "hydrate")]
 mod imp {
+    use crate::error::{ErrorKind, StudioError};
     use crate::types::{JobEvent, WsClientMsg};
     use std::cell::RefCell;
     use std::collections::BTreeSet;
@@ -247,6 +248,33 @@ mod imp {
         js_sys::Date::now()
     }
 
+    /// POSTs a LoRA file to `/api/loras/{name}` (with the API key when the user gave one).
+    pub async fn upload_lora(file: web_sys::File, key: String) -> Result<crate::types::LoraInfo, StudioError> {
+        use wasm_bindgen_futures::JsFuture;
+        let network = |e: wasm_bindgen::JsValue| {
+            StudioError::new(ErrorKind::Network, format!("Could not reach the server ({e:?}). Check your connection and try again."))
+        };
+        let w = web_sys::window().ok_or_else(|| StudioError::internal("no window"))?;
+        let init = web_sys::RequestInit::new();
+        init.set_method("POST");
+        init.set_body(&file);
+        if !key.trim().is_empty() {
+            let headers = js_sys::Object::new();
+            let _ = js_sys::Reflect::set(&headers, &"Authorization".into(), &format!("Bearer {}", key.trim()).into());
+            init.set_headers(&headers);
+        }
+        let name = js_sys::encode_uri_component(&file.name()).as_string().unwrap_or_default();
+        let resp = JsFuture::from(w.fetch_with_str_and_init(&format!("/api/loras/{name}"), &init)).await.map_err(network)?;
+        let resp: web_sys::Response = resp.dyn_into().map_err(network)?;
+        let text = JsFuture::from(resp.text().map_err(network)?).await.map_err(network)?.as_string().unwrap_or_default();
+        if resp.ok() {
+            serde_json::from_str(&text).map_err(|e| StudioError::internal(format!("The server's answer could not be read: {e}")))
+        } else {
+            Err(serde_json::from_str::<StudioError>(&text)
+                .unwrap_or_else(|_| StudioError::internal(format!("The upload failed (HTTP {}).", resp.status()))))
+        }
+    }
+
     pub fn focus_element(id: &str) {
         let el = web_sys::window()
             .and_then(|w| w.document())
@@ -320,6 +348,9 @@ mod imp {
         None
     }
 }
+
+#[cfg(feature = "hydrate")]
+pub use imp::upload_lora;
 
 /// Opens the `/ws` socket (once) and routes job events to `on_event`; `on_status` hears
 /// connected / disconnected. Reconnects with backoff and re-watches unfinished jobs.

@@ -24,6 +24,8 @@ pub enum ErrorKind {
     Unavailable,
     /// The request body came too slowly: 408.
     Timeout,
+    /// A request that needs the server's API key came without it: 401.
+    Unauthorized,
     /// The job was cancelled (by a `cancel_job` call) before it finished: 409.
     Cancelled,
     /// The browser could not reach the server (client side only).
@@ -43,6 +45,7 @@ impl ErrorKind {
             ErrorKind::RateLimited => 429,
             ErrorKind::Unavailable => 503,
             ErrorKind::Timeout => 408,
+            ErrorKind::Unauthorized => 401,
             ErrorKind::Cancelled => 409,
             ErrorKind::Network => 502,
             ErrorKind::Internal => 500,

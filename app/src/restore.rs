@@ -3,7 +3,7 @@
 //! ..."), read from the PNG's tEXt or iTXt chunk, turned into form settings with a note of what
 //! could not be used. Pure functions, shared by the browser (the Generate tab) and the tests.
 
-use crate::types::{limits, AspectRatio, Style};
+use crate::types::{limits, take_lora_tags, AspectRatio, LoraChoice, Style};
 
 /// What a PNG's parameters gave, and what of them could not be used (in words for the user).
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -15,6 +15,8 @@ pub struct Restored {
     pub steps: Option<u32>,
     pub seed: Option<u64>,
     pub strength: Option<f32>,
+    /// LoRAs named in the prompt's `<lora:name:weight>` tags (the page checks its folder has them).
+    pub loras: Vec<LoraChoice>,
     /// What was restored, e.g. ["prompt", "style", "steps", "seed"].
     pub restored: Vec<&'static str>,
     /// What was not, with the reason.
@@ -101,6 +103,13 @@ pub fn parse_parameters(text: &str) -> Restored {
         let neg = lines[n..settings_at].join("\n");
         r.negative_prompt = neg.trim_start_matches("Negative prompt: ").trim().to_string();
     }
+    // LoRA tags (ours and A1111's) follow the prompt: they become the LoRA list.
+    if let Ok((without_tags, loras)) = take_lora_tags(&prompt) {
+        if !loras.is_empty() {
+            prompt = without_tags;
+            r.loras = loras;
+        }
+    }
     // Our styles append a suffix to the prompt: recognise it and restore the style instead.
     if let Some(style) = Style::ALL.into_iter().find(|s| *s != Style::None && prompt.ends_with(s.suffix())) {
         prompt.truncate(prompt.len() - style.suffix().len());
@@ -120,6 +129,9 @@ pub fn parse_parameters(text: &str) -> Restored {
     }
     if !r.negative_prompt.is_empty() {
         r.restored.push("negative prompt");
+    }
+    if !r.loras.is_empty() {
+        r.restored.push("LoRAs");
     }
     if settings_at == lines.len() {
         r.not_restored.push("size, steps and seed (no settings line)".into());
@@ -224,6 +236,15 @@ mod tests {
         for needle in ["steps 30", "seed 5000000000", "size 512x768", "sampler DPM++ 2M", "CFG scale 7"] {
             assert!(notes.contains(needle), "{needle} in {notes}");
         }
+    }
+
+    #[test]
+    fn lora_tags_become_the_lora_list() {
+        let text = "a fox <lora:ink style:0.7> <lora:detail:-1>\nSteps: 8, Sampler: Euler, Seed: 3, Size: 1024x1024, Lora hashes: \"ink style: 0123456789ab, detail: ba9876543210\"";
+        let r = parse_parameters(text);
+        assert_eq!(r.prompt, "a fox");
+        assert_eq!(r.loras, vec![LoraChoice::new("ink style", 0.7), LoraChoice::new("detail", -1.0)]);
+        assert!(r.restored.contains(&"LoRAs"));
     }
 
     #[test]

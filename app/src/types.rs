@@ -34,6 +34,13 @@ pub mod limits {
     pub const MAX_TRANSFORM_SIDE: u32 = 2048;
     /// Accepted upload types.
     pub const UPLOAD_TYPES: &[&str] = &["image/png", "image/jpeg", "image/webp"];
+    /// LoRAs one job may apply at once.
+    pub const MAX_LORAS: usize = 8;
+    /// A LoRA's strength range (the page's slider; every API takes the same).
+    pub const MIN_LORA_SCALE: f32 = -2.0;
+    pub const MAX_LORA_SCALE: f32 = 2.0;
+    /// Largest LoRA file the page may upload, in bytes.
+    pub const MAX_LORA_UPLOAD_BYTES: usize = 1024 * 1024 * 1024;
 }
 
 /// The seed Space's 10 style presets. Each appends a suffix to the prompt.
@@ -245,6 +252,121 @@ pub struct JobRequest {
     /// no effect on the image).
     #[serde(default)]
     pub negative_prompt: String,
+    /// LoRAs of the server's LoRA folder applied for this job, in order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
+}
+
+/// One LoRA of a job: a file of the server's LoRA folder by name (its file stem) at a strength.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraChoice {
+    pub name: String,
+    #[serde(default = "default_lora_scale")]
+    pub scale: f32,
+    /// The file's sha256 (hex), filled by the server when it accepts the job: a worker with a
+    /// different file under that name refuses the job instead of drawing something else.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+}
+
+fn default_lora_scale() -> f32 {
+    1.0
+}
+
+impl LoraChoice {
+    pub fn new(name: impl Into<String>, scale: f32) -> LoraChoice {
+        LoraChoice { name: name.into(), scale, sha256: None }
+    }
+    /// A1111's prompt tag, `<lora:name:scale>`.
+    pub fn prompt_tag(&self) -> String {
+        // f32's Display is the shortest text that reads back the same: `1`, `0.8`, `-1.25`
+        format!("<lora:{}:{}>", self.name, self.scale)
+    }
+}
+
+/// A LoRA name a request may use: a file stem without path separators or control characters.
+pub fn is_valid_lora_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 200
+        && name != "."
+        && name != ".."
+        && !name.starts_with('.')
+        && !name.chars().any(|c| c == '/' || c == '\\' || c == ':' || c == '<' || c == '>' || c.is_control())
+}
+
+/// Checks a job's LoRA list without server state (names, count, scales, no repeats).
+pub fn validate_loras(loras: &[LoraChoice]) -> Result<(), StudioError> {
+    if loras.len() > limits::MAX_LORAS {
+        return Err(StudioError::invalid(format!(
+            "At most {} LoRAs per image (got {}).",
+            limits::MAX_LORAS,
+            loras.len()
+        )));
+    }
+    for (i, l) in loras.iter().enumerate() {
+        if !is_valid_lora_name(&l.name) {
+            return Err(StudioError::invalid(format!("`{}` is not a LoRA name.", l.name)));
+        }
+        if !l.scale.is_finite() || l.scale < limits::MIN_LORA_SCALE || l.scale > limits::MAX_LORA_SCALE {
+            return Err(StudioError::invalid(format!(
+                "The strength of LoRA `{}` must be between {} and {} (got {}).",
+                l.name,
+                limits::MIN_LORA_SCALE,
+                limits::MAX_LORA_SCALE,
+                l.scale
+            )));
+        }
+        if loras[..i].iter().any(|o| o.name == l.name) {
+            return Err(StudioError::invalid(format!("LoRA `{}` is listed twice.", l.name)));
+        }
+    }
+    Ok(())
+}
+
+/// Takes A1111's `<lora:name>` / `<lora:name:weight>` tags out of a prompt: the prompt without
+/// them (spaces tidied) and the LoRAs in order. A weight that is not a number is an error.
+pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraChoice>), StudioError> {
+    let mut rest = prompt;
+    let mut text = String::with_capacity(prompt.len());
+    let mut tags = vec![];
+    while let Some(start) = rest.find("<lora:") {
+        let Some(len) = rest[start..].find('>') else { break };
+        text.push_str(&rest[..start]);
+        let inner = &rest[start + "<lora:".len()..start + len];
+        let (name, scale) = match inner.rsplit_once(':') {
+            Some((n, w)) => {
+                let w = w.trim().parse::<f32>().ok().filter(|w| w.is_finite()).ok_or_else(|| {
+                    StudioError::invalid(format!("LoRA tag `<lora:{inner}>`: `{w}` is not a weight."))
+                })?;
+                (n, w)
+            }
+            None => (inner, 1.0),
+        };
+        tags.push(LoraChoice::new(name.trim(), scale));
+        rest = &rest[start + len + 1..];
+    }
+    if tags.is_empty() {
+        return Ok((prompt.to_string(), tags));
+    }
+    text.push_str(rest);
+    let tidy = text.split_whitespace().collect::<Vec<_>>().join(" ").replace(" ,", ",");
+    Ok((tidy.trim_matches(|c: char| c == ',' || c.is_whitespace()).to_string(), tags))
+}
+
+/// A LoRA of the server's folder, as the page lists it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct LoraInfo {
+    pub name: String,
+    pub size_bytes: u64,
+    /// First 12 hex digits of the file's sha256 (A1111's "Lora hashes").
+    pub short_hash: String,
+    /// Trigger words from the file's metadata (click to add to the prompt).
+    #[serde(default)]
+    pub trigger_words: Vec<String>,
+    /// e.g. "diffusers/PEFT, rank 32"; or why the file cannot be used.
+    pub summary: String,
+    /// False when the file cannot be read as a LoRA for this model (`summary` says why).
+    pub usable: bool,
 }
 
 impl JobRequest {
@@ -275,6 +397,7 @@ impl JobRequest {
         if self.negative_prompt.contains('\0') {
             return Err(StudioError::invalid("The negative prompt contains a NUL character."));
         }
+        validate_loras(&self.loras)?;
         if !(limits::MIN_STEPS..=limits::MAX_STEPS).contains(&self.steps) {
             return Err(StudioError::invalid(format!(
                 "Steps must be between {} and {} (got {}).",
@@ -398,6 +521,16 @@ pub struct JobResult {
     /// Which door the request came in by.
     #[serde(default)]
     pub source: JobSource,
+    /// The LoRAs applied, with their files' hashes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub loras: Vec<LoraChoice>,
+}
+
+impl JobResult {
+    /// "ink style 0.8, detail -1" (empty without LoRAs).
+    pub fn loras_text(&self) -> String {
+        self.loras.iter().map(|l| format!("{} {}", l.name, l.scale)).collect::<Vec<_>>().join(", ")
+    }
 }
 
 /// Where a job was submitted: the studio page, `/api/generate`, the OpenAI or the A1111 API.
@@ -755,6 +888,42 @@ pub fn fmt_ms(ms: u64) -> String {
 mod tests {
     use super::*;
 
+    #[test]
+    fn lora_tags_are_taken_out_of_prompts_with_their_weights() {
+        let (p, t) = take_lora_tags("a harbour <lora:zxc style:0.8>, at dusk <lora:detail> <lora:neg:-1.5>").unwrap();
+        assert_eq!(p, "a harbour, at dusk");
+        let got: Vec<(&str, f32)> = t.iter().map(|l| (l.name.as_str(), l.scale)).collect();
+        assert_eq!(got, vec![("zxc style", 0.8), ("detail", 1.0), ("neg", -1.5)]);
+        assert_eq!(take_lora_tags("no  tags here").unwrap(), ("no  tags here".to_string(), vec![]));
+        assert!(take_lora_tags("x <lora:a:lots>").unwrap_err().reason.contains("`lots` is not a weight"));
+        assert_eq!(take_lora_tags("<lora:a:1> only tags").unwrap().0, "only tags");
+        assert_eq!(LoraChoice::new("a b", -0.5).prompt_tag(), "<lora:a b:-0.5>");
+        assert_eq!(LoraChoice::new("x", 1.0).prompt_tag(), "<lora:x:1>");
+    }
+
+    #[test]
+    fn lora_lists_are_checked() {
+        let ok = vec![LoraChoice::new("style", 0.8), LoraChoice::new("detail", -2.0)];
+        assert!(validate_loras(&ok).is_ok());
+        let cases: Vec<(Vec<LoraChoice>, &str)> = vec![
+            (vec![LoraChoice::new("../etc", 1.0)], "not a LoRA name"),
+            (vec![LoraChoice::new("", 1.0)], "not a LoRA name"),
+            (vec![LoraChoice::new("a", 2.5)], "between -2 and 2"),
+            (vec![LoraChoice::new("a", f32::NAN)], "between -2 and 2"),
+            (vec![LoraChoice::new("a", 1.0), LoraChoice::new("a", 0.5)], "listed twice"),
+            ((0..9).map(|i| LoraChoice::new(format!("l{i}"), 1.0)).collect(), "At most 8"),
+        ];
+        for (loras, why) in cases {
+            let e = validate_loras(&loras).unwrap_err().reason;
+            assert!(e.contains(why), "{why}: {e}");
+        }
+        // old clients' requests (no `loras` field) still parse, and a choice without a scale is 1
+        let r: JobRequest = serde_json::from_str(r#"{"prompt":"p","steps":8,"kind":{"mode":"generate","width":1024,"height":1024}}"#).unwrap();
+        assert!(r.loras.is_empty());
+        let c: LoraChoice = serde_json::from_str(r#"{"name":"x"}"#).unwrap();
+        assert_eq!(c.scale, 1.0);
+    }
+
     fn gen_req() -> JobRequest {
         JobRequest {
             negative_prompt: String::new(),
@@ -763,6 +932,7 @@ mod tests {
             steps: 8,
             seed: Some(42),
             kind: JobKind::Generate { width: 1024, height: 1024 },
+            loras: vec![],
         }
     }
 

@@ -16,12 +16,26 @@ pub struct Parameters {
     /// Image-to-image only.
     pub strength: Option<f32>,
     pub guidance_scale: f32,
+    /// LoRAs merged into the weights, in order.
+    pub loras: Vec<LoraUse>,
+}
+
+/// A LoRA as the parameters name it: A1111's `<lora:name:scale>` after the prompt and
+/// `Lora hashes: "name: <first 12 hex of sha256>"` in the settings.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoraUse {
+    pub name: String,
+    pub scale: f32,
+    pub sha256: String,
 }
 
 impl Parameters {
     /// "{prompt}\nNegative prompt: {neg}\nSteps: 8, Sampler: Euler, ..." (negative line omitted when empty).
     pub fn to_a1111(&self) -> String {
         let mut s = self.prompt.clone();
+        for l in &self.loras {
+            s.push_str(&format!(" <lora:{}:{}>", l.name, l.scale));
+        }
         if !self.negative_prompt.is_empty() {
             s.push_str("\nNegative prompt: ");
             s.push_str(&self.negative_prompt);
@@ -32,6 +46,10 @@ impl Parameters {
         ));
         if let Some(st) = self.strength {
             s.push_str(&format!(", Denoising strength: {st}"));
+        }
+        if !self.loras.is_empty() {
+            let hashes: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, &l.sha256[..l.sha256.len().min(12)])).collect();
+            s.push_str(&format!(", Lora hashes: \"{}\"", hashes.join(", ")));
         }
         s
     }
@@ -90,6 +108,7 @@ mod tests {
             model: "tiny".into(),
             strength,
             guidance_scale: 0.0,
+            loras: vec![],
         }
     }
 
@@ -111,6 +130,14 @@ mod tests {
         let t = params("a cat", "dog", Some(0.6)).to_a1111();
         assert!(t.starts_with("a cat\nNegative prompt: dog\nSteps: 8"));
         assert!(t.ends_with(", Denoising strength: 0.6"));
+        let mut p = params("a cat", "", None);
+        p.loras = vec![
+            LoraUse { name: "ink style".into(), scale: 0.8, sha256: "0123456789abcdef".into() },
+            LoraUse { name: "detail".into(), scale: -1.0, sha256: "fedcba9876543210".into() },
+        ];
+        let t = p.to_a1111();
+        assert!(t.starts_with("a cat <lora:ink style:0.8> <lora:detail:-1>\nSteps: 8"), "{t}");
+        assert!(t.ends_with(", Lora hashes: \"ink style: 0123456789ab, detail: fedcba987654\""), "{t}");
     }
 
     #[test]

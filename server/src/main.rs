@@ -274,6 +274,10 @@ struct ServeArgs {
     /// image (for measuring the queue's own cost, docs/SCALE.md).
     #[arg(long)]
     simulate_job_ms: Option<u64>,
+    /// LoRA files (`NAME.safetensors`) jobs may apply by name; new files appear without a
+    /// restart. Default: `<data-dir>/loras`.
+    #[arg(long, env = "ZIMAGE_LORA_DIR")]
+    lora_dir: Option<PathBuf>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -294,6 +298,10 @@ struct WorkerArgs {
     /// measuring the queue at scale, docs/SCALE.md).
     #[arg(long)]
     simulate_job_ms: Option<u64>,
+    /// The LoRA folder: the same files as the front ends' (a job names each LoRA with its sha256;
+    /// a worker without that file fails the job, saying so).
+    #[arg(long, env = "ZIMAGE_LORA_DIR", default_value = "data/loras")]
+    lora_dir: PathBuf,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -449,6 +457,14 @@ fn generate(args: GenerateArgs) -> Result<()> {
             model: pipe.model_name().to_string(),
             strength: req.init_image.as_ref().map(|_| req.strength),
             guidance_scale: req.guidance_scale,
+            loras: loras
+                .iter()
+                .map(|(f, scale)| engine::png_meta::LoraUse {
+                    name: f.path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+                    scale: *scale,
+                    sha256: f.sha256.clone(),
+                })
+                .collect(),
         };
         let path = output_path(&args.out, i, out.images.len());
         let bytes = engine::png_meta::encode_png(img, &params)?;
@@ -535,6 +551,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         warn_full_size_on_cpu(&source);
     }
     let model = a.model.clone();
+    let data_dir = a.data_dir.clone();
     web::serve(web::ServeOptions {
         addr: a.addr,
         model: source,
@@ -561,6 +578,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         queue_url: a.queue,
         simulate_job: a.simulate_job_ms.map(std::time::Duration::from_millis),
         claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
+        lora_dir: a.lora_dir.unwrap_or_else(|| data_dir.join("loras")),
     })
 }
 
@@ -581,7 +599,8 @@ fn worker(a: WorkerArgs) -> Result<()> {
     let source = a.model.source(!device.is_cpu());
     web::startup::download_if_missing(&source, &|_| {})?;
     let pipe = web::load_pipeline(&source, device, &label, load_options, &|_| {})?;
-    web::run_worker(opts, label, std::sync::Arc::new(pipe))
+    let loras = std::sync::Arc::new(engine::lora::LoraLibrary::new(a.lora_dir));
+    web::run_worker(opts, label, std::sync::Arc::new(web::PipelineGenerator::new(pipe, loras)))
 }
 
 fn secs(n: u64) -> std::time::Duration {

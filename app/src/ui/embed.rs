@@ -42,6 +42,7 @@ pub fn EmbedPage() -> impl IntoView {
             steps: limits::DEFAULT_STEPS,
             seed: None,
             kind: JobKind::Generate { width: r.width, height: r.height },
+            loras: Vec::new(),
         });
     });
 

@@ -72,6 +72,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
             >
                 <PromptBox prompt on_submit=submit id="gen-prompt" />
                 <NegativePrompt text=negative_prompt id="gen-negative" />
+                <LoraPicker form id="gen" />
                 <div class="restore">
                     <label class="btn small">
                         "Restore settings from a PNG…"

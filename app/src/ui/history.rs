@@ -206,6 +206,7 @@ fn HistoryDetail(
             <table class="settings" data-testid="history-settings">
                 {row("Prompt", r.prompt.clone())}
                 {(!r.negative_prompt.is_empty()).then(|| row("Negative prompt", r.negative_prompt.clone()))}
+                {(!r.loras.is_empty()).then(|| row("LoRAs", r.loras_text()))}
                 {row("Style", r.style.label().to_string())}
                 {row("Size", format!("{}×{}", r.width, r.height))}
                 {row("Steps", r.steps.to_string())}

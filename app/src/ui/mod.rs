@@ -5,7 +5,7 @@
 use crate::api::{cancel_job, get_server_info, image_info, submit_job, upload_image};
 use crate::client;
 use crate::types::{
-    fmt_ms, limits, AspectRatio, JobKind, JobPhase, JobRequest, JobResult, JobState, JobTicket, RatioGroup,
+    fmt_ms, limits, AspectRatio, JobKind, JobPhase, JobRequest, JobResult, JobState, JobTicket, LoraChoice, RatioGroup,
     ServerInfo, Style, UploadInfo, ASPECT_RATIOS, DEFAULT_RATIO, EXAMPLE_PROMPTS,
 };
 use leptos::prelude::*;
@@ -20,6 +20,7 @@ mod embed;
 mod generate;
 mod history;
 mod jobs;
+mod loras;
 mod output;
 mod share;
 mod status;
@@ -35,6 +36,7 @@ use chrome::*;
 use generate::*;
 use history::*;
 use jobs::*;
+use loras::*;
 use output::*;
 use status::*;
 use transform::*;

@@ -55,6 +55,7 @@ pub(crate) fn ShareView(result: JobResult) -> impl IntoView {
             <img class="result-image" src=result.image_url.clone() alt=result.prompt.clone() width=result.width.to_string() height=result.height.to_string() />
             <p class="share-prompt">{result.prompt.clone()}</p>
             <p class="dim">{details}</p>
+            {(!result.loras.is_empty()).then(|| view! { <p class="dim" data-testid="share-loras">{format!("LoRAs: {}", result.loras_text())}</p> })}
             {result.tiny_model.then(|| view! { <p class="banner tiny">"Made with the tiny random-weight demo model."</p> })}
             <div class="meta-row">
                 <a class="btn primary" href=result.image_url.clone() download=format!("zimage-{}.png", result.seed)>"Download PNG"</a>

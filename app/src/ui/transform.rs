@@ -156,6 +156,7 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
                 </div>
                 <PromptBox prompt on_submit=submit id="tr-prompt" />
                 <NegativePrompt text=negative_prompt id="tr-negative" />
+                <LoraPicker form id="tr" />
                 <div class="grid2">
                     <StyleSelect style id="tr-style" />
                     <label class="field">

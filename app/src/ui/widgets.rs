@@ -202,6 +202,8 @@ pub(crate) struct FormState {
     pub(crate) seed: SeedState,
     /// Images per submission (1-4; image i uses seed + i).
     pub(crate) count: RwSignal<u32>,
+    /// LoRAs picked from the server's folder, each at its strength.
+    pub(crate) loras: RwSignal<Vec<LoraChoice>>,
 }
 
 impl FormState {
@@ -215,6 +217,7 @@ impl FormState {
             strength: RwSignal::new(limits::DEFAULT_STRENGTH),
             seed: SeedState::new(),
             count: RwSignal::new(1),
+            loras: RwSignal::new(Vec::new()),
         }
     }
 
@@ -229,6 +232,7 @@ impl FormState {
                 steps: self.steps.get_untracked(),
                 seed: Some(seed),
                 kind: kind(),
+                loras: self.loras.get_untracked(),
             })
             .collect()
     }
@@ -254,6 +258,7 @@ impl FormState {
             self.seed.text.set(s.to_string());
             self.seed.random.set(false);
         }
+        self.loras.set(r.loras.clone());
     }
 
     /// Fills the form with a finished image's settings (its seed fixed, not random).
@@ -270,6 +275,7 @@ impl FormState {
         }
         self.seed.text.set(r.seed.to_string());
         self.seed.random.set(false);
+        self.loras.set(r.loras.iter().map(|l| LoraChoice::new(l.name.clone(), l.scale)).collect());
     }
 }
 

@@ -1,6 +1,5 @@
 //! A folder of LoRA files addressed by name (the file stem), read again on every listing so new
-//! files appear without a restart; parsed files are cached until the file changes. Also A1111's
-//! `<lora:name:weight>` prompt syntax.
+//! files appear without a restart; parsed files are cached until the file changes.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -81,41 +80,9 @@ impl LoraLibrary {
     }
 }
 
-/// Takes A1111's `<lora:name>` / `<lora:name:weight>` tags out of a prompt: (the prompt without
-/// them, (name, weight) in order). A tag with a weight that is not a number is an error.
-pub fn take_prompt_tags(prompt: &str) -> std::result::Result<(String, Vec<(String, f32)>), String> {
-    let mut rest = prompt;
-    let mut text = String::with_capacity(prompt.len());
-    let mut tags = vec![];
-    while let Some(start) = rest.find("<lora:") {
-        let Some(len) = rest[start..].find('>') else { break };
-        text.push_str(&rest[..start]);
-        let inner = &rest[start + "<lora:".len()..start + len];
-        let (name, weight) = match inner.rsplit_once(':') {
-            Some((n, w)) => (n, w.trim().parse::<f32>().ok().filter(|w| w.is_finite()).ok_or_else(|| format!("LoRA tag `<lora:{inner}>`: `{w}` is not a weight"))?),
-            None => (inner, 1.0),
-        };
-        tags.push((name.trim().to_string(), weight));
-        rest = &rest[start + len + 1..];
-    }
-    text.push_str(rest);
-    let cleaned = text.split_whitespace().collect::<Vec<_>>().join(" ");
-    let cleaned = cleaned.replace(" ,", ",");
-    Ok((cleaned, tags))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn prompt_tags_are_taken_out_with_their_weights() {
-        let (p, t) = take_prompt_tags("a harbour <lora:zxc style:0.8>, at dusk <lora:detail> <lora:neg:-1.5>").unwrap();
-        assert_eq!(p, "a harbour, at dusk");
-        assert_eq!(t, vec![("zxc style".to_string(), 0.8), ("detail".to_string(), 1.0), ("neg".to_string(), -1.5)]);
-        assert_eq!(take_prompt_tags("no tags here").unwrap(), ("no tags here".to_string(), vec![]));
-        assert!(take_prompt_tags("x <lora:a:lots>").unwrap_err().contains("`lots` is not a weight"));
-    }
 
     #[test]
     fn the_folder_is_read_again_and_files_are_cached_until_they_change() {

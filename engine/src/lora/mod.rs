@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, HashMap};
 use candle_core::{DType, Tensor};
 
 pub use file::{Adapter, AdapterWeights, Factor, KeyStyle, LoraFile};
-pub use library::{take_prompt_tags, LoraEntry, LoraLibrary};
+pub use library::{LoraEntry, LoraLibrary};
 
 use crate::config::TransformerConfig;
 use crate::error::{Error, Result};

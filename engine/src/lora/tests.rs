@@ -34,10 +34,32 @@ fn write_st(path: &Path, tensors: &[(&str, &Tensor)], meta: &[(&str, &str)]) {
     std::fs::write(path, out).unwrap();
 }
 
-fn tmp(name: &str) -> PathBuf {
+/// A scratch file removed when the test ends, so repeated runs do not fill the disk.
+struct ScratchFile(PathBuf);
+
+impl std::ops::Deref for ScratchFile {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for ScratchFile {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for ScratchFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn tmp(name: &str) -> ScratchFile {
     let d = std::env::temp_dir().join(format!("zimage-lora-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
-    d.join(name)
+    ScratchFile(d.join(name))
 }
 
 fn randn(r: usize, c: usize, seed: u64) -> Tensor {

@@ -7,7 +7,7 @@
 //! or dropped silently.
 
 use app::backend::{Backend, ClientId};
-use app::types::{limits, JobEvent, JobKind, JobRequest, JobTicket, ASPECT_RATIOS};
+use app::types::{limits, take_lora_tags, JobEvent, JobKind, JobRequest, JobTicket, LoraChoice, ASPECT_RATIOS};
 use app::{ErrorKind, StudioError};
 use axum::body::Bytes;
 use axum::extract::State;
@@ -72,6 +72,7 @@ impl From<StudioError> for ApiError {
             ErrorKind::RateLimited => "TooManyRequests",
             ErrorKind::Unavailable => "ServiceUnavailable",
             ErrorKind::Timeout => "RequestTimeout",
+            ErrorKind::Unauthorized => "Unauthorized",
             ErrorKind::Cancelled => "Interrupted",
             ErrorKind::Network | ErrorKind::Internal => "RuntimeError",
         };
@@ -130,10 +131,12 @@ struct Common {
     size: Option<(u32, u32)>,
     cfg_scale: f64,
     parameters: Map<String, Value>,
+    /// From the prompt's `<lora:name:weight>` tags (taken out of the prompt the model sees).
+    loras: Vec<LoraChoice>,
 }
 
 fn common(m: &Map<String, Value>) -> Result<Common, ApiError> {
-    let prompt = get_str(m, "prompt")?.unwrap_or_default().to_string();
+    let (prompt, loras) = take_lora_tags(get_str(m, "prompt")?.unwrap_or_default()).map_err(|e| ApiError::unprocessable(e.reason))?;
     let negative_prompt = get_str(m, "negative_prompt")?.unwrap_or_default().to_string();
     let steps = get_int(m, "steps", limits::MIN_STEPS as i64, limits::MAX_STEPS as i64)?.map(|s| s as u64).unwrap_or(DEFAULT_STEPS) as u32;
     let batch = get_int(m, "batch_size", 1, MAX_IMAGES as i64)?.unwrap_or(1) as u64;
@@ -165,7 +168,7 @@ fn common(m: &Map<String, Value>) -> Result<Common, ApiError> {
         _ => return Err(ApiError::unprocessable("Give both `width` and `height`, or neither.")),
     };
     let cfg_scale = get_float(m, "cfg_scale")?.unwrap_or(1.0);
-    Ok(Common { prompt, negative_prompt, steps, seeds: (0..total).map(|i| first + i).collect(), size, cfg_scale, parameters: m.clone() })
+    Ok(Common { prompt, negative_prompt, steps, seeds: (0..total).map(|i| first + i).collect(), size, cfg_scale, parameters: m.clone(), loras })
 }
 
 impl A1111 {
@@ -191,6 +194,7 @@ impl A1111 {
                 seed: Some(seed),
                 kind: kind_of(),
                 negative_prompt: c.negative_prompt.clone(),
+                loras: c.loras.clone(),
             })
             .collect();
         let mut first_job = String::new();
@@ -357,6 +361,35 @@ pub async fn interrupt(State(api): State<A1111>) -> Response {
 pub async fn sd_models(State(api): State<A1111>) -> Response {
     let info = api.studio.info();
     Json(json!([{"title": MODEL_ID, "model_name": MODEL_ID, "hash": Value::Null, "sha256": Value::Null, "filename": info.model, "config": Value::Null}])).into_response()
+}
+
+/// `GET /sdapi/v1/loras`: the LoRA folder as A1111's Lora extension lists it (the names go in
+/// `<lora:name:weight>` prompt tags). Files that cannot be used are left out.
+pub async fn loras(State(api): State<A1111>) -> Result<Response, ApiError> {
+    let studio = api.studio.clone();
+    let list = tokio::task::spawn_blocking(move || studio.lora_list())
+        .await
+        .map_err(|e| ApiError::from(StudioError::internal(e.to_string())))??;
+    let dir = api.studio.lora_dir();
+    let items: Vec<Value> = list
+        .into_iter()
+        .filter(|l| l.usable)
+        .map(|l| {
+            json!({
+                "name": l.name,
+                "alias": l.name,
+                "path": dir.join(format!("{}.safetensors", l.name)),
+                "metadata": {"sshs_model_hash": l.short_hash, "trigger_words": l.trigger_words, "summary": l.summary},
+            })
+        })
+        .collect();
+    Ok(Json(items).into_response())
+}
+
+/// `POST /sdapi/v1/refresh-loras`: the folder is read again on every listing and every job, so
+/// there is nothing to refresh; answered as A1111 does.
+pub async fn refresh_loras() -> Response {
+    Json(Value::Null).into_response()
 }
 
 pub async fn samplers() -> Response {

@@ -29,6 +29,7 @@ pub fn body_limit(path: &str) -> usize {
         "/api/upload_image" | "/v1/images/edits" => MAX_UPLOAD_BYTES + FORM_OVERHEAD,
         // the image inside JSON as base64 (4 bytes per 3)
         "/sdapi/v1/img2img" => MAX_UPLOAD_BYTES / 3 * 4 + FORM_OVERHEAD,
+        p if p.starts_with("/api/loras/") => app::types::limits::MAX_LORA_UPLOAD_BYTES,
         _ => JSON_BODY_LIMIT,
     }
 }

@@ -254,6 +254,7 @@ mod tests {
             prompt_truncated: false,
             created_unix: created,
             source,
+            loras: vec![],
         }
     }
 

@@ -21,8 +21,10 @@ mod history;
 mod jobs;
 mod limits;
 mod listen;
+mod loras;
 mod metrics;
 mod openai_api;
+mod pipeline_generator;
 mod queue;
 mod security;
 mod settings;
@@ -52,6 +54,7 @@ use tower_http::catch_panic::CatchPanicLayer;
 use tower_http::compression::CompressionLayer;
 
 pub use cluster::{run_worker, WorkerOptions};
+pub use pipeline_generator::PipelineGenerator;
 pub use queue::{Generator, QueueLimits};
 pub use simulate::SimulatedGenerator;
 pub use security::FramePolicy;
@@ -87,6 +90,8 @@ pub struct ServeOptions {
     /// With a Redis queue: a result a front end took but did not store within this is stored by
     /// another.
     pub claim_idle: Duration,
+    /// The LoRA files jobs may name (read again on every listing: new files need no restart).
+    pub lora_dir: std::path::PathBuf,
 }
 
 /// Builds its own tokio runtime, loads the model (on a blocking thread), serves until killed.
@@ -130,8 +135,9 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let server = tokio::spawn(listen::serve(listener, app_rx, opts.timeouts.header_read, stop_rx, Duration::from_secs(5)));
 
+    let loras = Arc::new(engine::lora::LoraLibrary::new(&opts.lora_dir));
     let studio = match &opts.queue_url {
-        Some(url) => Studio::start_redis(url, opts.claim_idle, &opts.model, store.clone(), opts.limits.clone())
+        Some(url) => Studio::start_redis(url, opts.claim_idle, &opts.model, store.clone(), opts.limits.clone(), loras.clone())
             .await
             .with_context(|| format!("joining the Redis queue {url}"))?,
         None => {
@@ -141,7 +147,7 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
                 }
                 _ => startup::Phase::Loading { device: opts.devices.first().map(|d| d.1.clone()).unwrap_or_default() },
             };
-            Studio::open(&opts.model, store.clone(), opts.limits.clone(), first_phase)
+            Studio::open(&opts.model, store.clone(), opts.limits.clone(), first_phase, loras.clone())
                 .map_err(|e| anyhow::anyhow!("opening the history in {}: {}", opts.data_dir.display(), e.reason))?
         }
     };
@@ -169,7 +175,7 @@ async fn run(opts: ServeOptions) -> anyhow::Result<()> {
                         let simulated = simulate::SimulatedGenerator { job_time };
                         Ok(vec![(simulated.label(), Arc::new(simulated) as Arc<dyn Generator>)])
                     }
-                    None => load_generators(&model, devices, options, &studio.startup),
+                    None => load_generators(&model, devices, options, &studio.startup, &loras),
                 };
                 match loaded {
                     Ok(generators) => {
@@ -276,6 +282,7 @@ fn load_generators(
     devices: Vec<(candle_core::Device, String)>,
     load_options: Vec<engine::pipeline::LoadOptions>,
     startup: &startup::Startup,
+    loras: &Arc<engine::lora::LoraLibrary>,
 ) -> anyhow::Result<Vec<(String, Arc<dyn Generator>)>> {
     if let engine::loader::ModelSource::Hub(id) = model {
         startup::download_if_missing(model, &|status| {
@@ -300,7 +307,7 @@ fn load_generators(
         };
         let te = if pipeline.text_encoder_resident() { "" } else { ", text encoder loaded per prompt" };
         let label = format!("{label} ({precision}{te})");
-        generators.push((label, Arc::new(pipeline)));
+        generators.push((label, Arc::new(PipelineGenerator::new(pipeline, loras.clone()))));
     }
     Ok(generators)
 }
@@ -409,6 +416,18 @@ async fn openai_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Res
     openai_api::ApiError::unauthorized(NO_API_KEY).into_response()
 }
 
+/// Changes to the server (adding a LoRA) ask for the API key when the server has one.
+async fn studio_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
+    if key.admits(req.headers()) {
+        return next.run(req).await;
+    }
+    StudioError::new(
+        ErrorKind::Unauthorized,
+        "This server needs its API key for this: enter it beside the upload button (scripts: `Authorization: Bearer <key>`).",
+    )
+    .into_response()
+}
+
 /// `/metrics` asks for the API key when the server has one (queue depth and job counts are the
 /// operator's business); Prometheus sends it with `authorization: { credentials: <key> }`.
 async fn metrics_auth(State(key): State<ApiKey>, req: Request, next: Next) -> Response {
@@ -447,6 +466,8 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .route("/sdapi/v1/interrupt", axum::routing::post(a1111_api::interrupt))
         .route("/sdapi/v1/sd-models", get(a1111_api::sd_models))
         .route("/sdapi/v1/samplers", get(a1111_api::samplers))
+        .route("/sdapi/v1/loras", get(a1111_api::loras))
+        .route("/sdapi/v1/refresh-loras", axum::routing::post(a1111_api::refresh_loras))
         .route("/sdapi/v1/scripts", get(a1111_api::scripts))
         .route("/sdapi/v1/options", get(a1111_api::get_options).post(a1111_api::set_options))
         .route_layer(axum::middleware::from_fn_with_state(key.clone(), a1111_auth))
@@ -456,6 +477,11 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .merge(sdapi)
         .route("/ws", get(ws::ws_handler))
         .route("/api/generate", axum::routing::post(generate_api::generate))
+        .route("/api/loras", get(loras::list))
+        .route(
+            "/api/loras/{name}",
+            axum::routing::post(loras::upload).route_layer(axum::middleware::from_fn_with_state(key.clone(), studio_auth)),
+        )
         .route("/images/{file}", get(image_file))
         .route("/uploads/{file}", get(upload_file))
         .route("/thumbs/{file}", get(thumb_file))

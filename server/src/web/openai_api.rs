@@ -7,7 +7,7 @@
 //! studio's own checks and fair queue; a client that disconnects cancels its jobs.
 
 use app::backend::{Backend, ClientId};
-use app::types::{limits, JobKind, JobRequest, JobResult, Style, ASPECT_RATIOS};
+use app::types::{limits, JobKind, JobRequest, JobResult, LoraChoice, Style, ASPECT_RATIOS};
 use app::{ErrorKind, StudioError};
 use axum::body::Bytes;
 use axum::extract::{Multipart, Path, State};
@@ -57,6 +57,7 @@ impl From<StudioError> for ApiError {
             ErrorKind::RateLimited => ("requests", Some("rate_limit_exceeded")),
             ErrorKind::Unavailable => ("server_error", Some("unavailable")),
             ErrorKind::Timeout => ("invalid_request_error", Some("timeout")),
+            ErrorKind::Unauthorized => ("invalid_request_error", Some("invalid_api_key")),
             ErrorKind::Cancelled => ("server_error", Some("cancelled")),
             ErrorKind::Network | ErrorKind::Internal => ("server_error", None),
         };
@@ -83,6 +84,16 @@ impl Fields {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(_) => Err(ApiError::invalid(name, format!("`{name}` must be a string."))),
         }
+    }
+    /// `loras: [{"name", "scale"}]` (the `openai` SDK sends it in `extra_body`; a multipart form
+    /// as a JSON text field).
+    fn loras(&self) -> Result<Vec<LoraChoice>, ApiError> {
+        let v = match self.0.get("loras") {
+            None | Some(Value::Null) => return Ok(vec![]),
+            Some(Value::String(s)) => serde_json::from_str::<Value>(s).map_err(|e| ApiError::invalid("loras", format!("`loras` is not JSON: {e}")))?,
+            Some(v) => v.clone(),
+        };
+        serde_json::from_value(v).map_err(|e| ApiError::invalid("loras", format!("`loras` must be a list of {{\"name\", \"scale\"}}: {e}")))
     }
     fn int(&self, name: &str, min: u64, max: u64) -> Result<Option<u64>, ApiError> {
         let v = match self.0.get(name) {
@@ -143,6 +154,7 @@ struct Common {
     seed: Option<u64>,
     steps: u32,
     style: Style,
+    loras: Vec<LoraChoice>,
 }
 
 fn common(f: &Fields, studio: &Studio) -> Result<Common, ApiError> {
@@ -168,7 +180,8 @@ fn common(f: &Fields, studio: &Studio) -> Result<Common, ApiError> {
     let steps = f.int("steps", limits::MIN_STEPS as u64, limits::MAX_STEPS as u64)?.map(|s| s as u32).unwrap_or(DEFAULT_STEPS);
     let style = f.str("style")?.map(parse_style).transpose()?.unwrap_or_default();
     let size = f.str("size")?.filter(|s| *s != "auto").map(parse_size).transpose()?;
-    Ok(Common { prompt, negative_prompt: f.str("negative_prompt")?.unwrap_or_default().to_string(), n, size, format, seed, steps, style })
+    let loras = f.loras()?;
+    Ok(Common { prompt, negative_prompt: f.str("negative_prompt")?.unwrap_or_default().to_string(), n, size, format, seed, steps, style, loras })
 }
 
 /// The seeds of n images: seed..seed+n-1, the first random when none was given.
@@ -195,6 +208,7 @@ async fn answer(studio: &Arc<Studio>, client: &ClientId, c: &Common, kind_of: im
             seed: Some(seed),
             kind: kind_of(),
             negative_prompt: c.negative_prompt.clone(),
+            loras: c.loras.clone(),
         })
         .collect();
     let revised = reqs[0].full_prompt();

@@ -6,7 +6,7 @@
 use app::backend::ClientId;
 use app::types::{JobEvent, JobKind, JobRequest, JobResult, JobSource, TimingsMs};
 use app::{ErrorKind, StudioError};
-use engine::pipeline::{Control, GenerateOutput, GenerateRequest, Pipeline, StepEvent};
+use engine::pipeline::{Control, GenerateOutput, GenerateRequest, StepEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
@@ -43,7 +43,7 @@ impl QueueLimits {
     }
 }
 
-/// What a worker runs; the engine's [`Pipeline`] in production, a fake in tests.
+/// What a worker runs; the engine's pipeline in production (`PipelineGenerator`), a fake in tests.
 pub trait Generator: Send + Sync + 'static {
     fn model_name(&self) -> String;
     fn is_tiny(&self) -> bool;
@@ -55,33 +55,17 @@ pub trait Generator: Send + Sync + 'static {
     fn device_memory_used_bytes(&self) -> Option<f64> {
         None
     }
+    /// Whether a LoRA file fits this generator's model (one for another architecture does not).
+    fn check_lora(&self, _file: &engine::lora::LoraFile) -> Result<(), String> {
+        Ok(())
+    }
+    /// Runs `req` with `loras` (from the worker's LoRA folder) merged into the weights.
     fn generate(
         &self,
         req: &GenerateRequest,
+        loras: &[app::types::LoraChoice],
         on_step: &mut dyn FnMut(&StepEvent) -> Control,
     ) -> engine::Result<GenerateOutput>;
-}
-
-impl Generator for Pipeline {
-    fn model_name(&self) -> String {
-        Pipeline::model_name(self).to_string()
-    }
-    fn is_tiny(&self) -> bool {
-        Pipeline::is_tiny(self)
-    }
-    fn has_random_weights(&self) -> bool {
-        Pipeline::has_random_weights(self)
-    }
-    fn device_memory_used_bytes(&self) -> Option<f64> {
-        engine::pipeline::device_memory_used_mib(self.device()).map(|mib| mib * 1024.0 * 1024.0)
-    }
-    fn generate(
-        &self,
-        req: &GenerateRequest,
-        on_step: &mut dyn FnMut(&StepEvent) -> Control,
-    ) -> engine::Result<GenerateOutput> {
-        Pipeline::generate(self, req, on_step)
-    }
 }
 
 /// A validated job.
@@ -676,7 +660,7 @@ fn run_job(
             Control::Continue
         }
     };
-    let out = match generator.generate(&req, &mut on_step) {
+    let out = match generator.generate(&req, &job.request.loras, &mut on_step) {
         Ok(out) => out,
         Err(engine::Error::Cancelled) => return Err(job.cancelled_event()),
         Err(engine::Error::InvalidRequest(m)) => return Err(JobEvent::Error { job_id, reason: m }),
@@ -712,6 +696,12 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         model: model.clone(),
         strength,
         guidance_scale: 0.0,
+        loras: job
+            .request
+            .loras
+            .iter()
+            .map(|l| engine::png_meta::LoraUse { name: l.name.clone(), scale: l.scale, sha256: l.sha256.clone().unwrap_or_default() })
+            .collect(),
     };
     let png = match engine::png_meta::encode_png(img, &params) {
         Ok(p) => p,
@@ -747,6 +737,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
             .unwrap_or(0),
         negative_prompt: job.request.negative_prompt.clone(),
         source: job.source,
+        loras: job.request.loras.clone(),
     };
     match sink {
         ResultSink::Store { history } => save_result(store, history, job_id, &png, result),

@@ -31,6 +31,7 @@ impl Generator for SimulatedGenerator {
     fn generate(
         &self,
         req: &GenerateRequest,
+        _loras: &[app::types::LoraChoice],
         on_step: &mut dyn FnMut(&StepEvent) -> Control,
     ) -> engine::Result<GenerateOutput> {
         req.validate()?;

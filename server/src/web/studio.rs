@@ -7,6 +7,7 @@ use app::types::{
     ServerState, UploadInfo, WorkerCounts,
 };
 use app::{ErrorKind, StudioError};
+use engine::lora::LoraLibrary;
 use engine::pipeline::GenerateRequest;
 use std::sync::Arc;
 
@@ -52,6 +53,8 @@ pub struct Studio {
     /// Turns true when the server stops: the websocket sessions close.
     closing: tokio::sync::watch::Sender<bool>,
     workers: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// The LoRA folder jobs pick from (`serve --lora-dir`).
+    pub(super) loras: Arc<LoraLibrary>,
 }
 
 impl Studio {
@@ -62,6 +65,7 @@ impl Studio {
         store: Arc<ImageStore>,
         limits: StudioLimits,
         phase: Phase,
+        loras: Arc<LoraLibrary>,
     ) -> Result<Arc<Studio>, StudioError> {
         use engine::loader::ModelSource;
         let history = Arc::new(History::open(store.root())?);
@@ -86,6 +90,7 @@ impl Studio {
             startup: Startup::new(phase),
             closing: tokio::sync::watch::Sender::new(false),
             workers: std::sync::Mutex::new(Vec::new()),
+            loras,
         }))
     }
 
@@ -127,7 +132,8 @@ impl Studio {
         } else {
             engine::loader::ModelSource::Hub(first.model_name())
         };
-        let studio = Studio::open(&source, store, limits, Phase::Loading { device: "CPU".into() })?;
+        let loras = Arc::new(LoraLibrary::new(store.root().join("loras")));
+        let studio = Studio::open(&source, store, limits, Phase::Loading { device: "CPU".into() }, loras)?;
         studio.attach(generators);
         Ok(studio)
     }
@@ -140,6 +146,7 @@ impl Studio {
         model: &engine::loader::ModelSource,
         store: Arc<ImageStore>,
         limits: StudioLimits,
+        loras: Arc<LoraLibrary>,
     ) -> anyhow::Result<Arc<Studio>> {
         let history = Arc::new(History::open(store.root()).map_err(|e| anyhow::anyhow!("opening the history: {}", e.reason))?);
         let queue = JobQueue::new(limits.queue.clone(), Arc::new(Metrics::new()));
@@ -165,7 +172,14 @@ impl Studio {
             startup: Startup::new(Phase::Ready),
             closing: tokio::sync::watch::Sender::new(false),
             workers: std::sync::Mutex::new(Vec::new()),
+            loras,
         }))
+    }
+
+    /// The first worker's generator (what LoRA files are checked against); none while loading
+    /// and on a Redis front end.
+    pub(super) fn first_generator(&self) -> Option<Arc<dyn Generator>> {
+        self.devices.read().unwrap_or_else(|p| p.into_inner()).first().map(|(_, g)| g.clone())
     }
 
     /// A job's latest event: this process's, else (a Redis front end) the shared one.
@@ -180,8 +194,9 @@ impl Studio {
     }
 
     /// `submit` for a request from `client` that came in by `source`.
-    pub fn submit_from(&self, req: JobRequest, source: JobSource, client: &ClientId) -> Result<JobTicket, StudioError> {
+    pub fn submit_from(&self, mut req: JobRequest, source: JobSource, client: &ClientId) -> Result<JobTicket, StudioError> {
         req.validate()?;
+        self.resolve_loras(&mut req.loras)?;
         let (width, height, strength) = match &req.kind {
             JobKind::Generate { width, height } => (*width, *height, None),
             JobKind::Transform { upload_id, strength } => {
@@ -351,6 +366,10 @@ impl Backend for Studio {
         } else {
             Err(StudioError::not_found("This image does not exist (or was already deleted)."))
         }
+    }
+
+    fn loras(&self) -> Result<Vec<app::types::LoraInfo>, StudioError> {
+        self.lora_list()
     }
 }
 

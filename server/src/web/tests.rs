@@ -42,6 +42,7 @@ impl Generator for Fake {
     fn generate(
         &self,
         req: &GenerateRequest,
+        _loras: &[app::types::LoraChoice],
         on_step: &mut dyn FnMut(&StepEvent) -> Control,
     ) -> engine::Result<GenerateOutput> {
         let start = Instant::now();
@@ -102,6 +103,7 @@ fn gen_req(prompt: &str, steps: u32) -> JobRequest {
         steps,
         seed: Some(7),
         kind: JobKind::Generate { width: 1344, height: 768 },
+        loras: vec![],
     }
 }
 
@@ -463,11 +465,14 @@ fn a_device_fault_fails_that_job_alone_and_both_workers_go_on() {
     // inside the generation on the other. Each fails its own job with a clear reason; every other
     // job finishes, and both workers keep taking jobs.
     use engine::pipeline::{InjectedFault, Pipeline};
-    let a = Arc::new(Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap());
-    let b = Arc::new(Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap());
+    let a = Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap();
+    let b = Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap();
     a.inject_fault(InjectedFault::OutOfMemory, 1);
     b.inject_fault(InjectedFault::Panic, 1);
     let dir = tmp_dir();
+    let loras = Arc::new(engine::lora::LoraLibrary::new(dir.join("loras")));
+    let a = Arc::new(super::PipelineGenerator::new(a, loras.clone()));
+    let b = Arc::new(super::PipelineGenerator::new(b, loras));
     let gens: Vec<(String, Arc<dyn Generator>)> = vec![("GPU 0".into(), a.clone()), ("GPU 1".into(), b.clone())];
     let studio = Studio::start(gens, Arc::new(ImageStore::open(&dir).unwrap()), StudioLimits::capacity(16)).unwrap();
     let mut rx = studio.queue.subscribe();
@@ -483,7 +488,7 @@ fn a_device_fault_fails_that_job_alone_and_both_workers_go_on() {
     }
     let reasons: Vec<String> = finals.iter().filter_map(|e| match e { JobEvent::Error { reason, .. } => Some(reason.clone()), _ => None }).collect();
     let done = finals.iter().filter(|e| matches!(e, JobEvent::Done { .. })).count();
-    assert_eq!((a.pending_faults(), b.pending_faults()), (0, 0), "both faults fired");
+    assert_eq!((a.with_pipeline(|p| p.pending_faults()), b.with_pipeline(|p| p.pending_faults())), (0, 0), "both faults fired");
     assert_eq!(reasons.len(), 2, "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("ran out of memory")), "{reasons:?}");
     assert!(reasons.iter().any(|r| r.contains("crashed")), "{reasons:?}");
@@ -682,7 +687,8 @@ async fn other_responses_keep_their_bodies_and_get_the_policy_without_hashes() {
 #[test]
 fn tiny_model_end_to_end() {
     let pipeline = engine::pipeline::Pipeline::load(&engine::loader::ModelSource::Tiny, &Device::Cpu).unwrap();
-    let (studio, dir) = studio_with(Arc::new(pipeline), 4);
+    let loras = Arc::new(engine::lora::LoraLibrary::new(tmp_dir().join("loras")));
+    let (studio, dir) = studio_with(Arc::new(super::PipelineGenerator::new(pipeline, loras)), 4);
     let mut rx = studio.queue.subscribe();
     let t = Instant::now();
     let g = studio.submit(gen_req("a lighthouse at dusk", 4), &local()).unwrap();
