@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The script APIs tested with the clients people use: the official `openai` package (/v1/images/*)
-# and `webuiapi` (AUTOMATIC1111's /sdapi/v1/*), against a real `zimage serve --model tiny` with an
+# and `webuiapi` (AUTOMATIC1111's /sdapi/v1/*, LoRA tags included), against a real `zimage serve --model tiny` with an
 # API key. Makes its Python venv (target/api-venv) when missing; builds the release server when
 # missing (scripts/test.sh has built it for the browser tests).
 set -euo pipefail
@@ -13,6 +13,9 @@ PORT=${ZIMAGE_API_PORT:-3200}
 KEY="test-key-$RANDOM$RANDOM"
 DATA=$(mktemp -d)
 LOG=target/api-clients-server.log
+# the LoRA the tests name: an ai-toolkit layout LoRA for the tiny model (the engine's fixture)
+mkdir -p "$DATA/loras"
+cp engine/tests/fixtures/lora/aitoolkit.safetensors "$DATA/loras/style.safetensors"
 # One client (this machine, one API key) sends every test's jobs in quick succession: the limits
 # per client (30 submissions a minute, 4 queued) are lifted so that they do not fail the suite.
 "$BIN" serve --model tiny --addr "127.0.0.1:$PORT" --data-dir "$DATA" --api-key "$KEY" --site-root target/site \

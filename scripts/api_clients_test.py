@@ -62,6 +62,18 @@ def test_openai(url, key):
     check(Image.open(io.BytesIO(out)).size == (1024, 1024), "edits gives a 1024x1024 PNG")
     check("Denoising strength: 0.5" in png_parameters(out), "the edit ran as Transform with strength 0.5")
 
+    # a LoRA of the server's folder, in the body the SDK sends with extra_body
+    r = client.images.generate(prompt="a lighthouse", size="1024x1024", response_format="b64_json",
+                               extra_body={"seed": 4, "steps": STEPS, "loras": [{"name": "style", "scale": 1.5}]})
+    params = png_parameters(base64.b64decode(r.data[0].b64_json))
+    check("a lighthouse <lora:style:1.5>" in params and 'Lora hashes: "style: ' in params,
+          f"extra_body loras is applied and named in the PNG ({params[:200]})")
+    try:
+        client.images.generate(prompt="x", size="1024x1024", extra_body={"loras": [{"name": "missing", "scale": 1}]})
+        check(False, "an unknown LoRA is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and "missing" in str(e.body), f"an unknown LoRA is a 400 naming it ({e.body})")
+
     try:
         client.images.generate(prompt="x", size="512x512")
         check(False, "a bad size is refused")
@@ -95,6 +107,19 @@ def test_a1111(url, key):
     check(len(r.images) == 2 and all(i.size == (1024, 1024) for i in r.images), "txt2img batch_size=2 gives two 1024x1024 images")
     check(r.info["all_seeds"] == [5, 6], f"all_seeds is [5, 6] ({r.info.get('all_seeds')})")
     check("Seed: 5," in r.info["infotexts"][0] and "Seed: 6," in r.info["infotexts"][1], "infotexts carry the seeds")
+
+    loras = api.get_loras()
+    check([l["name"] for l in loras] == ["style"] and len(loras[0]["metadata"]["sshs_model_hash"]) == 12,
+          f"get_loras lists the folder's LoRA with its short hash ({loras})")
+    r = api.txt2img(prompt="a snowy village <lora:style:0.8>", seed=5, width=1024, height=1024)
+    info = r.info["infotexts"][0]
+    check(info.startswith("a snowy village <lora:style:0.8>\n") and 'Lora hashes: "style: ' in info,
+          f"a <lora:name:weight> tag applies the LoRA and stays in the infotext ({info[:160]})")
+    try:
+        api.txt2img(prompt="x <lora:missing:1>", width=1024, height=1024)
+        check(False, "an unknown LoRA tag is refused")
+    except RuntimeError as e:
+        check("Unknown LoRA `missing`" in e.args[1], f"an unknown LoRA tag is refused, naming it ({e.args[1][:160]})")
 
     init = Image.new("RGB", (1024, 1024), (30, 90, 200))
     r = api.img2img(images=[init], prompt="a blue lake", denoising_strength=0.5, seed=8, width=1024, height=1024)

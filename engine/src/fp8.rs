@@ -67,6 +67,9 @@ impl Fp8Weight {
     pub fn out_dim(&self) -> usize {
         self.q.dims()[0]
     }
+    pub fn device(&self) -> &candle_core::Device {
+        self.q.device()
+    }
     /// The weight as the matmul sees it: q * scale.
     pub fn dequantize(&self, dtype: DType) -> Result<Tensor> {
         (e4m3_to_f32(&self.q)? * self.scale as f64)?.to_dtype(dtype)

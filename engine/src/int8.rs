@@ -98,6 +98,9 @@ impl Int8Weight {
         let (q, scale) = quantize_rows(w)?;
         Ok(Self { q, scale, ctx: ctx.clone() })
     }
+    pub fn device(&self) -> &Device {
+        self.q.device()
+    }
     /// The shared context this weight multiplies through (to quantize a replacement alike).
     pub fn context(&self) -> &Int8Context {
         &self.ctx

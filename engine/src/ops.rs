@@ -291,6 +291,10 @@ impl QuantContext {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
+    /// The dense weight a quantized layer was made from, kept in host memory when asked
+    /// (`keep_dense_on_host`): LoRA merges start from it, so a merged layer is quantized from
+    /// the dense merge, not from the dequantized weight.
+    dense_on_host: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -339,7 +343,7 @@ impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight: LinearWeight::Dense(weight), bias })
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, dense_on_host: None })
     }
     /// One layer computing several layers' outputs side by side (their weights concatenated along
     /// the output dim), e.g. q, k and v from one input: one matmul instead of several. Loaded in
@@ -350,7 +354,7 @@ impl Linear {
             .zip(vbs)
             .map(|(&out, vb)| vb.get((out, in_dim), "weight"))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None })
+        Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None, dense_on_host: None })
     }
     pub fn quantization(&self) -> Quantization {
         match self.weight {
@@ -371,6 +375,18 @@ impl Linear {
     }
     /// Replaces a dense weight by its quantization; the dense copy is freed. A layer already
     /// quantized stays as it is (quantize from the dense weights, never from another format).
+    /// Keeps a host-memory copy of the dense weight for `weight_f32` once the layer is quantized
+    /// (no-op for a layer already quantized).
+    pub fn keep_dense_on_host(&mut self) -> Result<()> {
+        if let LinearWeight::Dense(w) = &self.weight {
+            self.dense_on_host = Some(w.to_device(&candle_core::Device::Cpu)?);
+        }
+        Ok(())
+    }
+    /// Whether a host copy of the dense weight is kept.
+    pub fn has_dense_on_host(&self) -> bool {
+        self.dense_on_host.is_some()
+    }
     pub fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
             self.weight = match ctx {
@@ -461,6 +477,14 @@ impl Linear {
 impl Linear {
     /// The weight in f32 as the layer multiplies with it (a quantized weight dequantized).
     pub fn weight_f32(&self) -> Result<Tensor> {
+        if let Some(w) = &self.dense_on_host {
+            let dev = match &self.weight {
+                LinearWeight::Dense(d) => d.device().clone(),
+                LinearWeight::Fp8(q) => q.device().clone(),
+                LinearWeight::Int8(q) => q.device().clone(),
+            };
+            return w.to_device(&dev)?.to_dtype(DType::F32);
+        }
         match &self.weight {
             LinearWeight::Dense(w) => w.to_dtype(DType::F32),
             LinearWeight::Fp8(w) => w.dequantize(DType::F32),
@@ -480,6 +504,8 @@ impl Linear {
             LinearWeight::Int8(old) => Some(QuantContext::Int8(old.context().clone())),
         };
         self.weight = LinearWeight::Dense(w.to_dtype(dtype)?);
+        // the kept dense weight was the one before this change
+        self.dense_on_host = None;
         match ctx {
             Some(ctx) => self.quantize(&ctx),
             None => Ok(()),

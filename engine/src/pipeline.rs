@@ -189,11 +189,20 @@ pub struct LoadOptions {
     pub free_text_encoder: bool,
     /// Replay denoiser steps (and text encodings) as CUDA graphs on CUDA devices (see `graph`).
     pub cuda_graphs: bool,
+    /// With quantization: keep the dense weights of the quantized layers in host memory, so that
+    /// LoRAs merge into the dense weights and are quantized after (bf16-merge-then-quantize
+    /// quality) rather than into the dequantized ones.
+    pub keep_dense_for_lora: bool,
 }
 
 impl Default for LoadOptions {
     fn default() -> Self {
-        Self { quantization: Quantization::None, free_text_encoder: false, cuda_graphs: crate::graph::enabled_by_env() }
+        Self {
+            quantization: Quantization::None,
+            free_text_encoder: false,
+            cuda_graphs: crate::graph::enabled_by_env(),
+            keep_dense_for_lora: false,
+        }
     }
 }
 
@@ -372,6 +381,9 @@ impl Pipeline {
         let transformer = ZImageTransformer::new(&t_cfg, vb);
         ensure_no_problems("transformer", &problems)?;
         let mut transformer = transformer?;
+        if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
+            transformer.keep_dense_on_host()?;
+        }
         transformer.quantize(opts.quantization)?;
 
         let hidden = te_cfg.hidden_size;
@@ -438,6 +450,9 @@ impl Pipeline {
         let [t_vb, te_vb, vae_vb] = vbs;
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
         let mut transformer = ZImageTransformer::new(t_cfg, t_vb)?;
+        if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
+            transformer.keep_dense_on_host()?;
+        }
         transformer.quantize(opts.quantization)?;
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;

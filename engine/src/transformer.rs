@@ -66,6 +66,10 @@ impl FeedForward {
         self.w13.quantize(ctx)?;
         self.w2.quantize(ctx)
     }
+    fn keep_dense_on_host(&mut self) -> Result<()> {
+        self.w13.keep_dense_on_host()?;
+        self.w2.keep_dense_on_host()
+    }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_input(&self.w13.prepare(x)?)
     }
@@ -175,6 +179,10 @@ impl Attention {
         self.to_qkv.quantize(ctx)?;
         self.to_out.quantize(ctx)
     }
+    fn keep_dense_on_host(&mut self) -> Result<()> {
+        self.to_qkv.keep_dense_on_host()?;
+        self.to_out.keep_dense_on_host()
+    }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         self.forward_input(&self.to_qkv.prepare(x)?, rope)
     }
@@ -227,6 +235,10 @@ impl Block {
     fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
         self.attention.quantize(ctx)?;
         self.feed_forward.quantize(ctx)
+    }
+    fn keep_dense_on_host(&mut self) -> Result<()> {
+        self.attention.keep_dense_on_host()?;
+        self.feed_forward.keep_dense_on_host()
     }
 
     /// The four norm weights of a modulated block with its adaLN scales and tanh gates folded in,
@@ -406,6 +418,15 @@ impl ZImageTransformer {
     }
     pub fn quantization(&self) -> Quantization {
         self.quantization
+    }
+    /// Keeps host-memory copies of the dense weights of every layer `quantize` will quantize, for
+    /// LoRA merges from the dense weights (call before `quantize`; host memory: the blocks'
+    /// linears in the model's dtype, about 12 GB at full size in bf16).
+    pub fn keep_dense_on_host(&mut self) -> Result<()> {
+        for blk in self.noise_refiner.iter_mut().chain(self.context_refiner.iter_mut()).chain(self.layers.iter_mut()) {
+            blk.keep_dense_on_host()?;
+        }
+        Ok(())
     }
     pub fn is_fp8(&self) -> bool {
         self.quantization == Quantization::Fp8

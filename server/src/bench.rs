@@ -157,6 +157,8 @@ pub fn run(a: BenchArgs) -> Result<()> {
         quantization: if a.check { engine::ops::Quantization::None } else { precision.quantization_on(&device) },
         free_text_encoder: a.free_text_encoder,
         cuda_graphs: LoadOptions::default().cuda_graphs && !a.no_cuda_graphs,
+        // as `serve` with a LoRA folder: merges start from the dense weights
+        keep_dense_for_lora: !a.loras.is_empty(),
     };
     let t = Instant::now();
     let mut pipe = if a.model == "random" {

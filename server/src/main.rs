@@ -97,6 +97,7 @@ impl ModelArgs {
             quantization: self.precision().quantization_on(device),
             free_text_encoder: self.free_text_encoder,
             cuda_graphs: base.cuda_graphs && !self.no_cuda_graphs,
+            keep_dense_for_lora: false,
         }
     }
     /// The model to load; `gpu`: it runs on a GPU (the real model is then the default).
@@ -552,11 +553,13 @@ fn serve(a: ServeArgs) -> Result<()> {
     }
     let model = a.model.clone();
     let data_dir = a.data_dir.clone();
+    let lora_dir = a.lora_dir.clone().unwrap_or_else(|| data_dir.join("loras"));
+    let keep_dense = folder_has_loras(&lora_dir);
     web::serve(web::ServeOptions {
         addr: a.addr,
         model: source,
         devices,
-        load_options: Box::new(move |d| model.load_options(d)),
+        load_options: Box::new(move |d| engine::pipeline::LoadOptions { keep_dense_for_lora: keep_dense, ..model.load_options(d) }),
         data_dir: a.data_dir,
         frame_ancestors: a.frame_ancestors,
         site_root: a.site_root,
@@ -578,7 +581,7 @@ fn serve(a: ServeArgs) -> Result<()> {
         queue_url: a.queue,
         simulate_job: a.simulate_job_ms.map(std::time::Duration::from_millis),
         claim_idle: std::time::Duration::from_millis(a.claim_idle_ms.max(100)),
-        lora_dir: a.lora_dir.unwrap_or_else(|| data_dir.join("loras")),
+        lora_dir,
     })
 }
 
@@ -595,12 +598,21 @@ fn worker(a: WorkerArgs) -> Result<()> {
     }
     let device = pick_device(&a.model.device)?;
     let label = if device.is_cpu() { "CPU".to_string() } else { a.model.device.clone() };
-    let load_options = a.model.load_options(&device);
+    let load_options = engine::pipeline::LoadOptions { keep_dense_for_lora: folder_has_loras(&a.lora_dir), ..a.model.load_options(&device) };
     let source = a.model.source(!device.is_cpu());
     web::startup::download_if_missing(&source, &|_| {})?;
     let pipe = web::load_pipeline(&source, device, &label, load_options, &|_| {})?;
     let loras = std::sync::Arc::new(engine::lora::LoraLibrary::new(a.lora_dir));
     web::run_worker(opts, label, std::sync::Arc::new(web::PipelineGenerator::new(pipe, loras)))
+}
+
+/// Whether the LoRA folder holds any file at start: a quantized model then keeps its dense block
+/// weights in host memory so LoRAs merge into them (merge-then-quantize quality; about 12 GB of
+/// host memory at full size). Files added later merge into the dequantized weights.
+fn folder_has_loras(dir: &std::path::Path) -> bool {
+    std::fs::read_dir(dir)
+        .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))))
+        .unwrap_or(false)
 }
 
 fn secs(n: u64) -> std::time::Duration {

@@ -386,6 +386,39 @@ fn quantized_merge(q: crate::ops::Quantization) {
     assert_eq!(t.quantization(), q);
 }
 
+/// With the dense weights kept in host memory, merging into a quantized model is exactly
+/// merge-then-quantize (what the CLI does); without them it merges into the dequantized weight.
+#[test]
+fn kept_dense_weights_make_a_quantized_merge_exactly_merge_then_quantize() {
+    let (dim, _) = dims();
+    let p = tmp("kept.safetensors");
+    let (a, b) = (randn(4, dim, 80), randn(dim, 4, 81));
+    write_st(&p, &[("transformer.layers.0.attention.to_out.0.lora_A.weight", &a), ("transformer.layers.0.attention.to_out.0.lora_B.weight", &b)], &[]);
+    let f = LoraFile::read(&p).unwrap();
+    let name = "layers.0.attention.to_out.0";
+    for q in [crate::ops::Quantization::Fp8, crate::ops::Quantization::Int8] {
+        // the reference: merge into the dense model, then quantize
+        let mut want = tiny();
+        merge_into(&mut want, &[(&f, 1.0)]).unwrap();
+        want.quantize(q).unwrap();
+        let want = layer(&mut want, name);
+        // quantized first with the dense weights kept, then merged
+        let mut kept = tiny();
+        kept.keep_dense_on_host().unwrap();
+        kept.quantize(q).unwrap();
+        merge_into(&mut kept, &[(&f, 1.0)]).unwrap();
+        let got = layer(&mut kept, name);
+        let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert_eq!(diff, 0.0, "{}: merged from the kept dense weight", q.name());
+        // without them the merge starts from the dequantized weight: not the same
+        let mut lossy = tiny();
+        lossy.quantize(q).unwrap();
+        merge_into(&mut lossy, &[(&f, 1.0)]).unwrap();
+        let diff = (&layer(&mut lossy, name) - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        assert!(diff > 0.0, "{}: the test can tell the two apart", q.name());
+    }
+}
+
 /// Parity with diffusers 0.42.1: the tiny transformer's output with two LoRAs loaded by
 /// `load_lora_weights` and weighted by `set_adapters` (one weight negative), for the three layouts
 /// diffusers reads (fixtures from scripts/make_fixtures.py).
