@@ -14,6 +14,9 @@
 #   scripts/gpu/run.sh int8     # INT8 (issue 20): kernel checks + FP8/INT8 image PSNR against bf16 (same
 #                               # weights and seed, 1024 and 2048), INT8/FP8/bf16 benches at 1024 and
 #                               # 2048 with peak memory, --free-text-encoder peaks, the op profile's GEMMs
+#   scripts/gpu/run.sh lora     # LoRA (issue 18): apply + revert of a rank-32 all-module LoRA at full size
+#                               # (FP8 with dense weights kept, bf16) and step time with and without it;
+#                               # the enhancer's tokens/s and first token (issue 19); then `startup`
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -146,6 +149,24 @@ engine)
   /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '^ ' | head -60
   ;;
 startup)
+  startup_measure
+  ;;
+lora)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  /tmp/zimage lora --make-random /tmp/l32.safetensors --rank 32 2>&1 | tail -2 | tee -a "$OUT/summary.txt"
+  export RUNS=3
+  bench_mem fp8_1024 --model random --precision fp8 --sizes 1024x1024 || echo "FAILED: fp8" | tee -a "$OUT/summary.txt"
+  bench_mem fp8_lora_1024 --model random --precision fp8 --sizes 1024x1024 --lora /tmp/l32.safetensors || echo "FAILED: fp8 lora" | tee -a "$OUT/summary.txt"
+  bench_mem bf16_lora_1024 --model random --precision bf16 --sizes 1024x1024 --lora /tmp/l32.safetensors || echo "FAILED: bf16 lora" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  python3 - <<'PY' | tee -a "$OUT/summary.txt"
+import json, glob, os
+for f in sorted(glob.glob("/tmp/res/zimage_*lora*.json")):
+    r = json.load(open(f)); l = r.get("lora") or {}
+    print(f"{os.path.basename(f)}: apply {l.get('apply_ms')} ms, revert {l.get('revert_ms')} ms, layers {l.get('layers_patched')}, memory with it applied {l.get('memory_applied_mib')} MiB")
+PY
+  timeout 240 /tmp/zimage bench --enhance --model random --device cuda --runs 3 --out "$OUT/enhance.json" 2>&1 | grep -v '^ ' | tail -8 | tee -a "$OUT/summary.txt" || echo "FAILED: enhance" | tee -a "$OUT/summary.txt"
   startup_measure
   ;;
 int8)
