@@ -167,6 +167,7 @@ for f in sorted(glob.glob("/tmp/res/zimage_*lora*.json")):
     print(f"{os.path.basename(f)}: apply {l.get('apply_ms')} ms, revert {l.get('revert_ms')} ms, layers {l.get('layers_patched')}, memory with it applied {l.get('memory_applied_mib')} MiB")
 PY
   timeout 240 /tmp/zimage bench --enhance --model random --device cuda --runs 3 --out "$OUT/enhance.json" 2>&1 | grep -v '^ ' | tail -8 | tee -a "$OUT/summary.txt" || echo "FAILED: enhance" | tee -a "$OUT/summary.txt"
+  (OUT=$OUT_FINAL; pack)   # what is measured so far comes back even if the start-up runs out of time
   startup_measure
   ;;
 int8)

@@ -260,3 +260,61 @@ fn two_front_ends_and_two_workers_share_one_redis_queue() {
     drop(fe1_again);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A worker started with `--lora-dir`.
+fn worker_with_loras(url: &str, loras: &Path) -> Proc {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_zimage"));
+    cmd.args(["worker", "--queue", url, "--model", "tiny", "--device", "cpu", "--claim-idle-ms", CLAIM_IDLE_MS]).arg("--lora-dir").arg(loras);
+    let w = Proc::spawn(cmd, false, LIMIT);
+    let t0 = Instant::now();
+    while !w.log().contains("is taking jobs") {
+        assert!(t0.elapsed() < LIMIT, "the worker did not start: {}", w.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    w
+}
+
+#[test]
+#[ignore = "needs redis-server; scripts/redis-cluster-test.sh runs it"]
+fn a_job_names_its_lora_by_hash_and_a_worker_with_another_file_says_so() {
+    let dir = temp_dir("redis-loras");
+    let data = dir.join("data");
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("../engine/tests/fixtures/lora");
+    // the front end's folder (data/loras) and the worker's hold different files named `style`
+    std::fs::create_dir_all(data.join("loras")).unwrap();
+    std::fs::copy(fixtures.join("aitoolkit.safetensors"), data.join("loras/style.safetensors")).unwrap();
+    let worker_loras = dir.join("worker-loras");
+    std::fs::create_dir_all(&worker_loras).unwrap();
+    std::fs::copy(fixtures.join("kohya.safetensors"), worker_loras.join("style.safetensors")).unwrap();
+    let (_redis, url) = redis_server(&dir);
+    let fe = front_end(&url, &data, "127.0.0.1:0");
+    let addr = fe.addr.unwrap();
+    let _worker = worker_with_loras(&url, &worker_loras);
+    let submit_with_lora = |name: &str| {
+        let req = format!(r#"{{"req":{{"prompt":"lora job","steps":4,"seed":5,"kind":{{"mode":"generate","width":1024,"height":1024}},"loras":[{{"name":"{name}","scale":1}}]}}}}"#);
+        http(addr, "POST", "/api/submit_job", Some(&req))
+    };
+    // the front end refuses what its folder lacks
+    let (status, _, body) = submit_with_lora("nope");
+    assert_eq!(status, 400, "{}", String::from_utf8_lossy(&body));
+    assert!(String::from_utf8_lossy(&body).contains("Unknown LoRA `nope`"));
+    // accepted with the front end's file's hash; the worker's file differs: the job fails, saying so
+    let (status, _, body) = submit_with_lora("style");
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+    let ticket: Value = serde_json::from_slice(&body).unwrap();
+    let id = ticket["job_id"].as_str().unwrap();
+    let watch = Watcher::connect(addr, &[id]);
+    let err = watch.wait_for(id, "error", &|| fe.log());
+    let reason = err["reason"].as_str().unwrap();
+    assert!(reason.contains("LoRA `style`") && reason.contains("not the file the job was accepted with"), "{reason}");
+    // with the same file the worker runs it
+    std::fs::copy(fixtures.join("aitoolkit.safetensors"), worker_loras.join("style.safetensors")).unwrap();
+    let (status, _, body) = submit_with_lora("style");
+    assert_eq!(status, 200);
+    let ticket: Value = serde_json::from_slice(&body).unwrap();
+    let id = ticket["job_id"].as_str().unwrap();
+    let watch = Watcher::connect(addr, &[id]);
+    let done = watch.wait_for(id, "done", &|| fe.log());
+    assert_eq!(done["result"]["loras"][0]["name"], "style", "{done}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
