@@ -291,10 +291,10 @@ impl QuantContext {
 pub struct Linear {
     weight: LinearWeight,
     bias: Option<Tensor>,
-    /// The dense weight a quantized layer was made from, kept in host memory when asked
-    /// (`keep_dense_on_host`): LoRA merges start from it, so a merged layer is quantized from
-    /// the dense merge, not from the dequantized weight.
-    dense_on_host: Option<Tensor>,
+    /// The dense weight a quantized layer was made from, kept when asked (`keep_dense`), on the
+    /// layer's device or in host memory: LoRA merges start from it, so a merged layer is
+    /// quantized from the dense merge, not from the dequantized weight.
+    dense_copy: Option<Tensor>,
 }
 
 #[derive(Clone)]
@@ -343,7 +343,7 @@ impl Linear {
     pub fn new(in_dim: usize, out_dim: usize, bias: bool, vb: candle_nn::VarBuilder) -> Result<Self> {
         let weight = vb.get((out_dim, in_dim), "weight")?;
         let bias = if bias { Some(vb.get(out_dim, "bias")?) } else { None };
-        Ok(Self { weight: LinearWeight::Dense(weight), bias, dense_on_host: None })
+        Ok(Self { weight: LinearWeight::Dense(weight), bias, dense_copy: None })
     }
     /// One layer computing several layers' outputs side by side (their weights concatenated along
     /// the output dim), e.g. q, k and v from one input: one matmul instead of several. Loaded in
@@ -354,7 +354,7 @@ impl Linear {
             .zip(vbs)
             .map(|(&out, vb)| vb.get((out, in_dim), "weight"))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None, dense_on_host: None })
+        Ok(Self { weight: LinearWeight::Dense(Tensor::cat(&weights, 0)?), bias: None, dense_copy: None })
     }
     pub fn quantization(&self) -> Quantization {
         match self.weight {
@@ -375,17 +375,13 @@ impl Linear {
     }
     /// Replaces a dense weight by its quantization; the dense copy is freed. A layer already
     /// quantized stays as it is (quantize from the dense weights, never from another format).
-    /// Keeps a host-memory copy of the dense weight for `weight_f32` once the layer is quantized
-    /// (no-op for a layer already quantized).
-    pub fn keep_dense_on_host(&mut self) -> Result<()> {
+    /// Keeps the dense weight on `on` (the layer's own device: the same storage, no copy) for
+    /// `weight_f32` once the layer is quantized (no-op for a layer already quantized).
+    pub fn keep_dense(&mut self, on: &candle_core::Device) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
-            self.dense_on_host = Some(w.to_device(&candle_core::Device::Cpu)?);
+            self.dense_copy = Some(w.to_device(on)?);
         }
         Ok(())
-    }
-    /// Whether a host copy of the dense weight is kept.
-    pub fn has_dense_on_host(&self) -> bool {
-        self.dense_on_host.is_some()
     }
     pub fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
@@ -477,7 +473,7 @@ impl Linear {
 impl Linear {
     /// The weight in f32 as the layer multiplies with it (a quantized weight dequantized).
     pub fn weight_f32(&self) -> Result<Tensor> {
-        if let Some(w) = &self.dense_on_host {
+        if let Some(w) = &self.dense_copy {
             let dev = match &self.weight {
                 LinearWeight::Dense(d) => d.device().clone(),
                 LinearWeight::Fp8(q) => q.device().clone(),
@@ -505,7 +501,7 @@ impl Linear {
         };
         self.weight = LinearWeight::Dense(w.to_dtype(dtype)?);
         // the kept dense weight was the one before this change
-        self.dense_on_host = None;
+        self.dense_copy = None;
         match ctx {
             Some(ctx) => self.quantize(&ctx),
             None => Ok(()),

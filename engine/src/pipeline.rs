@@ -189,9 +189,10 @@ pub struct LoadOptions {
     pub free_text_encoder: bool,
     /// Replay denoiser steps (and text encodings) as CUDA graphs on CUDA devices (see `graph`).
     pub cuda_graphs: bool,
-    /// With quantization: keep the dense weights of the quantized layers in host memory, so that
-    /// LoRAs merge into the dense weights and are quantized after (bf16-merge-then-quantize
-    /// quality) rather than into the dequantized ones.
+    /// With quantization: keep the dense weights of the quantized layers (on the GPU where it
+    /// has room for them, see `dense_copy_device`, else in host memory), so that LoRAs merge into
+    /// the dense weights and are quantized after (bf16-merge-then-quantize quality) rather than
+    /// into the dequantized ones.
     pub keep_dense_for_lora: bool,
 }
 
@@ -323,6 +324,20 @@ pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
     }
 }
 
+/// Where a quantized model keeps its dense weights for LoRA merges: on the GPU when it has 48 GiB
+/// or more (room for the 12 GB copy beside the model and a 2048x2048 job; merges then cost no
+/// transfer), else in host memory.
+pub fn dense_copy_device(device: &Device) -> Device {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => match crate::cuda::memory_total_mib(dev) {
+            Ok(total) if total >= 48.0 * 1024.0 => device.clone(),
+            _ => Device::Cpu,
+        },
+        _ => device.clone(),
+    }
+}
+
 /// The compute dtype for a device: f32 on CPU, bf16 on accelerators.
 pub fn default_dtype(device: &Device) -> DType {
     if device.is_cpu() {
@@ -382,7 +397,7 @@ impl Pipeline {
         ensure_no_problems("transformer", &problems)?;
         let mut transformer = transformer?;
         if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
-            transformer.keep_dense_on_host()?;
+            transformer.keep_dense(&dense_copy_device(device))?;
         }
         transformer.quantize(opts.quantization)?;
 
@@ -451,7 +466,7 @@ impl Pipeline {
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
         let mut transformer = ZImageTransformer::new(t_cfg, t_vb)?;
         if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
-            transformer.keep_dense_on_host()?;
+            transformer.keep_dense(&dense_copy_device(&device))?;
         }
         transformer.quantize(opts.quantization)?;
         let te_cfg = te_cfg.clone();

@@ -66,9 +66,9 @@ impl FeedForward {
         self.w13.quantize(ctx)?;
         self.w2.quantize(ctx)
     }
-    fn keep_dense_on_host(&mut self) -> Result<()> {
-        self.w13.keep_dense_on_host()?;
-        self.w2.keep_dense_on_host()
+    fn keep_dense(&mut self, on: &Device) -> Result<()> {
+        self.w13.keep_dense(on)?;
+        self.w2.keep_dense(on)
     }
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
         self.forward_input(&self.w13.prepare(x)?)
@@ -179,9 +179,9 @@ impl Attention {
         self.to_qkv.quantize(ctx)?;
         self.to_out.quantize(ctx)
     }
-    fn keep_dense_on_host(&mut self) -> Result<()> {
-        self.to_qkv.keep_dense_on_host()?;
-        self.to_out.keep_dense_on_host()
+    fn keep_dense(&mut self, on: &Device) -> Result<()> {
+        self.to_qkv.keep_dense(on)?;
+        self.to_out.keep_dense(on)
     }
     fn forward(&self, x: &Tensor, rope: &Rope) -> Result<Tensor> {
         self.forward_input(&self.to_qkv.prepare(x)?, rope)
@@ -236,9 +236,9 @@ impl Block {
         self.attention.quantize(ctx)?;
         self.feed_forward.quantize(ctx)
     }
-    fn keep_dense_on_host(&mut self) -> Result<()> {
-        self.attention.keep_dense_on_host()?;
-        self.feed_forward.keep_dense_on_host()
+    fn keep_dense(&mut self, on: &Device) -> Result<()> {
+        self.attention.keep_dense(on)?;
+        self.feed_forward.keep_dense(on)
     }
 
     /// The four norm weights of a modulated block with its adaLN scales and tanh gates folded in,
@@ -419,12 +419,13 @@ impl ZImageTransformer {
     pub fn quantization(&self) -> Quantization {
         self.quantization
     }
-    /// Keeps host-memory copies of the dense weights of every layer `quantize` will quantize, for
-    /// LoRA merges from the dense weights (call before `quantize`; host memory: the blocks'
-    /// linears in the model's dtype, about 12 GB at full size in bf16).
-    pub fn keep_dense_on_host(&mut self) -> Result<()> {
+    /// Keeps the dense weights of every layer `quantize` will quantize, on `on` (the model's
+    /// device: no copy, the memory stays in use; or the host), for LoRA merges from the dense
+    /// weights. Call before `quantize`. Cost: the blocks' linears in the model's dtype, about
+    /// 12 GB at full size in bf16.
+    pub fn keep_dense(&mut self, on: &Device) -> Result<()> {
         for blk in self.noise_refiner.iter_mut().chain(self.context_refiner.iter_mut()).chain(self.layers.iter_mut()) {
-            blk.keep_dense_on_host()?;
+            blk.keep_dense(on)?;
         }
         Ok(())
     }

@@ -151,6 +151,13 @@ engine)
 startup)
   startup_measure
   ;;
+lora_fp8)
+  # FP8 apply/revert with the dense weights kept on the GPU, and steps with and without the LoRA
+  /tmp/zimage lora --make-random /tmp/l32.safetensors --rank 32 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+  export RUNS=${RUNS:-3}
+  bench_mem fp8_1024 --model random --precision fp8 --sizes 1024x1024
+  bench_mem fp8_lora_1024 --model random --precision fp8 --sizes 1024x1024 --lora /tmp/l32.safetensors
+  ;;
 lora)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT

@@ -607,8 +607,9 @@ fn worker(a: WorkerArgs) -> Result<()> {
 }
 
 /// Whether the LoRA folder holds any file at start: a quantized model then keeps its dense block
-/// weights in host memory so LoRAs merge into them (merge-then-quantize quality; about 12 GB of
-/// host memory at full size). Files added later merge into the dequantized weights.
+/// weights so LoRAs merge into them (merge-then-quantize quality; 12 GB at full size, on the GPU
+/// when it has room, see `engine::pipeline::dense_copy_device`). Files added later merge into
+/// the dequantized weights.
 fn folder_has_loras(dir: &std::path::Path) -> bool {
     std::fs::read_dir(dir)
         .map(|rd| rd.flatten().any(|e| e.path().extension().is_some_and(|x| x.eq_ignore_ascii_case("safetensors"))))

@@ -404,7 +404,7 @@ fn kept_dense_weights_make_a_quantized_merge_exactly_merge_then_quantize() {
         let want = layer(&mut want, name);
         // quantized first with the dense weights kept, then merged
         let mut kept = tiny();
-        kept.keep_dense_on_host().unwrap();
+        kept.keep_dense(&Device::Cpu).unwrap();
         kept.quantize(q).unwrap();
         merge_into(&mut kept, &[(&f, 1.0)]).unwrap();
         let got = layer(&mut kept, name);
