@@ -580,7 +580,7 @@ mod tests {
 
     #[test]
     fn the_tiny_model_enhances_and_a_checkpoint_without_the_last_layer_says_why() {
-        let p = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
+        let p = crate::pipeline::Pipeline::tiny(&Device::Cpu, DType::F32).unwrap();
         let req = EnhanceRequest { prompt: "a cat".into(), max_new_tokens: 5, ..Default::default() };
         let out = p.enhance(&req, &mut |_| Control::Continue).unwrap();
         match out.finish {

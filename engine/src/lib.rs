@@ -6,6 +6,7 @@
 
 pub mod chat_template;
 pub mod config;
+pub mod device;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod enhancer;

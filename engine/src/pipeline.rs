@@ -5,6 +5,9 @@
 //! n images with seeds seed+i, and VAE slicing/tiling on decode.
 
 use std::time::{Duration, Instant};
+#[cfg(feature = "cuda")]
+pub use crate::device::open_cuda;
+pub use crate::device::{default_dtype, dense_copy_device, device_memory_used_mib, fp8_supported, LoadOptions, Precision};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -178,101 +181,6 @@ pub struct GenerateOutput {
     pub latents: Tensor,
 }
 
-/// How to hold the model on its device.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct LoadOptions {
-    /// Quantize the transformer blocks' linear layers while loading: FP8 E4M3 or INT8 (half their
-    /// memory; on CUDA the products run as cuBLASLt FP8 or INT8 matmuls).
-    pub quantization: Quantization,
-    /// Do not keep the text encoder resident: load it for each prompt and free it after encoding
-    /// (saves its memory on small cards, costs a load per request).
-    pub free_text_encoder: bool,
-    /// Replay denoiser steps (and text encodings) as CUDA graphs on CUDA devices (see `graph`).
-    pub cuda_graphs: bool,
-    /// With quantization: keep the dense weights of the quantized layers (on the GPU where it
-    /// has room for them, see `dense_copy_device`, else in host memory), so that LoRAs merge into
-    /// the dense weights and are quantized after (bf16-merge-then-quantize quality) rather than
-    /// into the dequantized ones.
-    pub keep_dense_for_lora: bool,
-}
-
-impl Default for LoadOptions {
-    fn default() -> Self {
-        Self {
-            quantization: Quantization::None,
-            free_text_encoder: false,
-            cuda_graphs: crate::graph::enabled_by_env(),
-            keep_dense_for_lora: false,
-        }
-    }
-}
-
-/// Precision of the transformer's block linears.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum Precision {
-    /// FP8 where the GPU runs FP8 matmuls (compute capability 8.9+), else the compute dtype.
-    #[default]
-    Auto,
-    /// FP8 E4M3 (on devices without FP8 matmuls the products are emulated, slowly).
-    Fp8,
-    /// INT8 weights and activations (W8A8), for GPUs with int8 tensor cores and no FP8
-    /// (compute capability 8.0-8.7); elsewhere the integer products are computed in f32, slowly.
-    Int8,
-    /// The compute dtype: bf16 on GPUs, f32 on the CPU.
-    Full,
-}
-
-impl Precision {
-    /// The quantization of the block linears on `device`. `auto` is FP8 on 8.9+ and the compute
-    /// dtype elsewhere: INT8 has not been measured on an 8.x card (A100, RTX 30) yet, so it is
-    /// asked for by name.
-    pub fn quantization_on(self, device: &Device) -> Quantization {
-        match self {
-            Precision::Auto if fp8_supported(device) => Quantization::Fp8,
-            Precision::Auto | Precision::Full => Quantization::None,
-            Precision::Fp8 => Quantization::Fp8,
-            Precision::Int8 => Quantization::Int8,
-        }
-    }
-    /// Whether the block linears run in FP8 on `device`.
-    pub fn fp8_on(self, device: &Device) -> bool {
-        self.quantization_on(device) == Quantization::Fp8
-    }
-}
-
-impl std::str::FromStr for Precision {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
-        match s {
-            "auto" => Ok(Precision::Auto),
-            "fp8" => Ok(Precision::Fp8),
-            "int8" => Ok(Precision::Int8),
-            "bf16" | "full" => Ok(Precision::Full),
-            other => Err(format!("unknown precision `{other}`: use auto, fp8, int8 or bf16")),
-        }
-    }
-}
-
-/// Whether `device` runs FP8 matmuls: CUDA with compute capability 8.9 (Ada) or newer.
-pub fn fp8_supported(device: &Device) -> bool {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => crate::cuda::device_compute_capability(dev).map(|c| c >= (8, 9)).unwrap_or(false),
-        _ => false,
-    }
-}
-
-/// Opens CUDA device `ordinal` for the engine: its own stream, which every thread uses (loading
-/// and generating may happen on different threads), and no per-buffer event tracking (one stream
-/// needs none; it costs two events per allocation and would break CUDA graph capture).
-#[cfg(feature = "cuda")]
-pub fn open_cuda(ordinal: usize) -> Result<Device> {
-    let dev = candle_core::cuda_backend::CudaDevice::new_with_stream(ordinal)?;
-    // SAFETY: the engine uses only this device's one stream.
-    unsafe { dev.disable_event_tracking() };
-    Ok(Device::Cuda(dev))
-}
-
 /// A device fault a test makes the next generations fail with (`Pipeline::inject_fault`), at
 /// their first denoising step, as the real fault would surface from the device.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -315,38 +223,6 @@ pub struct Pipeline {
     injected: std::sync::Mutex<Option<(InjectedFault, usize)>>,
 }
 
-/// Device memory in use (whole device, MiB) where the backend can tell (CUDA), for reports.
-pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => crate::cuda::memory_used_mib(dev).ok(),
-        _ => None,
-    }
-}
-
-/// Where a quantized model keeps its dense weights for LoRA merges: on the GPU when it has 48 GiB
-/// or more (room for the 12 GB copy beside the model and a 2048x2048 job; merges then cost no
-/// transfer), else in host memory.
-pub fn dense_copy_device(device: &Device) -> Device {
-    match device {
-        #[cfg(feature = "cuda")]
-        Device::Cuda(dev) => match crate::cuda::memory_total_mib(dev) {
-            Ok(total) if total >= 48.0 * 1024.0 => device.clone(),
-            _ => Device::Cpu,
-        },
-        _ => device.clone(),
-    }
-}
-
-/// The compute dtype for a device: f32 on CPU, bf16 on accelerators.
-pub fn default_dtype(device: &Device) -> DType {
-    if device.is_cpu() {
-        DType::F32
-    } else {
-        DType::BF16
-    }
-}
-
 impl Pipeline {
     /// Loads a model in the device's default dtype.
     pub fn load(source: &ModelSource, device: &Device) -> Result<Self> {
@@ -355,7 +231,7 @@ impl Pipeline {
 
     pub fn load_with_options(source: &ModelSource, device: &Device, dtype: DType, opts: LoadOptions) -> Result<Self> {
         match source {
-            ModelSource::Tiny => crate::tiny::pipeline_with_options(device, dtype, opts),
+            ModelSource::Tiny => Self::tiny_with_options(device, dtype, opts),
             ModelSource::Dir(dir) => Self::from_files(
                 &ModelFiles::from_dir(dir)?,
                 device,
@@ -445,6 +321,26 @@ impl Pipeline {
             [device_random_var_builder(dtype, device), device_random_var_builder(dtype, device), device_random_var_builder(dtype, device)],
             RANDOM_FULL_SIZE_NAME,
             false,
+            opts,
+        )
+    }
+
+    /// The built-in tiny model (`tiny.rs`), built in memory.
+    pub fn tiny(device: &Device, dtype: DType) -> Result<Self> {
+        Self::tiny_with_options(device, dtype, LoadOptions::default())
+    }
+
+    pub fn tiny_with_options(device: &Device, dtype: DType, opts: LoadOptions) -> Result<Self> {
+        use crate::tiny;
+        Self::from_var_builders(
+            &tiny::transformer_config(),
+            &tiny::text_encoder_config(),
+            &tiny::vae_config(),
+            SchedulerConfig::default(),
+            PromptTokenizer::tiny()?,
+            tiny::var_builders(device, dtype),
+            tiny::TINY_NAME,
+            true,
             opts,
         )
     }
@@ -891,6 +787,19 @@ fn _assert_send_sync() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_folder_written_by_tiny_write_dir_loads_as_the_in_memory_tiny_model() {
+        let dir = std::env::temp_dir().join(format!("zimage-tiny-{}", std::process::id()));
+        crate::tiny::write_dir(&dir).unwrap();
+        let from_disk = Pipeline::load(&ModelSource::Dir(dir.clone()), &Device::Cpu).unwrap();
+        let in_mem = Pipeline::load(&ModelSource::Tiny, &Device::Cpu).unwrap();
+        let req = GenerateRequest { prompt: "a lighthouse at dusk".into(), width: 64, height: 48, steps: 3, seed: 7, ..Default::default() };
+        let a = from_disk.generate(&req, &mut |_| Control::Continue).unwrap();
+        let b = in_mem.generate(&req, &mut |_| Control::Continue).unwrap();
+        assert_eq!(a.images[0], b.images[0]);
+        std::fs::remove_dir_all(&dir).ok();
+    }
     use crate::testutil::{assert_close, expected, expected_json, tiny_model_dir};
 
     fn fixture_pipeline() -> Pipeline {
@@ -1040,7 +949,7 @@ mod tests {
 
     #[test]
     fn warm_up_runs_both_modes() {
-        let p = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
+        let p = Pipeline::tiny(&Device::Cpu, DType::F32).unwrap();
         assert!(p.warm_up().unwrap() > std::time::Duration::ZERO);
     }
 

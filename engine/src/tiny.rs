@@ -7,12 +7,12 @@ use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::{DType, Device, Tensor};
+use candle_nn::VarBuilder;
 use serde_json::json;
 
 use crate::config::{SchedulerConfig, TextEncoderConfig, TransformerConfig, VaeConfig};
 use crate::error::{Error, Result};
-use crate::pipeline::{LoadOptions, Pipeline};
-use crate::tokenizer::{tiny_tokenizer, write_tiny_tokenizer_files, PromptTokenizer};
+use crate::tokenizer::write_tiny_tokenizer_files;
 use crate::weights::{random_var_builder, RandomWeights};
 
 pub const TINY_NAME: &str = "tiny";
@@ -61,24 +61,10 @@ pub fn text_encoder(device: &Device, dtype: DType) -> Result<crate::text_encoder
     crate::text_encoder::TextEncoder::new(&text_encoder_config(), random_var_builder(&te, dtype, device))
 }
 
-/// The tiny pipeline, built directly in memory.
-pub fn pipeline(device: &Device, dtype: DType) -> Result<Pipeline> {
-    pipeline_with_options(device, dtype, LoadOptions::default())
-}
-
-pub fn pipeline_with_options(device: &Device, dtype: DType, opts: LoadOptions) -> Result<Pipeline> {
-    let [t, te, vae] = sources();
-    Pipeline::from_var_builders(
-        &transformer_config(),
-        &text_encoder_config(),
-        &vae_config(),
-        SchedulerConfig::default(),
-        PromptTokenizer::tiny()?,
-        [random_var_builder(&t, dtype, device), random_var_builder(&te, dtype, device), random_var_builder(&vae, dtype, device)],
-        TINY_NAME,
-        true,
-        opts,
-    )
+/// The tiny model's weights, one `VarBuilder` per component (transformer, text encoder, VAE):
+/// `Pipeline::tiny` builds the pipeline from them.
+pub fn var_builders(device: &Device, dtype: DType) -> [VarBuilder<'static>; 3] {
+    sources().map(|w| random_var_builder(&w, dtype, device))
 }
 
 fn write_json(path: &Path, v: &serde_json::Value) -> Result<()> {
@@ -104,19 +90,11 @@ fn save(tensors: BTreeMap<String, Tensor>, path: &Path) -> Result<()> {
 /// Writes the tiny model in the diffusers layout (weights in f32).
 pub fn write_dir(dir: &Path) -> Result<()> {
     let [t, te, vae] = sources();
-    // Building the models pulls every tensor through the random sources, which records them.
+    // Building the components pulls every tensor through the random sources, which records them.
     let cpu = Device::Cpu;
-    let _ = Pipeline::from_var_builders(
-        &transformer_config(),
-        &text_encoder_config(),
-        &vae_config(),
-        SchedulerConfig::default(),
-        PromptTokenizer::new(tiny_tokenizer()?)?,
-        [random_var_builder(&t, DType::F32, &cpu), random_var_builder(&te, DType::F32, &cpu), random_var_builder(&vae, DType::F32, &cpu)],
-        TINY_NAME,
-        true,
-        LoadOptions::default(),
-    )?;
+    crate::transformer::ZImageTransformer::new(&transformer_config(), random_var_builder(&t, DType::F32, &cpu))?;
+    crate::text_encoder::TextEncoder::new(&text_encoder_config(), random_var_builder(&te, DType::F32, &cpu))?;
+    crate::vae::AutoencoderKl::new(&vae_config(), random_var_builder(&vae, DType::F32, &cpu))?;
     write_json(
         &dir.join("model_index.json"),
         &json!({
@@ -137,27 +115,4 @@ pub fn write_dir(dir: &Path) -> Result<()> {
     save(vae.tensors(), &dir.join("vae/diffusion_pytorch_model.safetensors"))?;
     write_tiny_tokenizer_files(dir.join("tokenizer"))?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::loader::ModelSource;
-    use crate::pipeline::{Control, GenerateRequest};
-
-    fn small_request() -> GenerateRequest {
-        GenerateRequest { prompt: "a lighthouse at dusk".into(), width: 64, height: 48, steps: 3, seed: 7, ..Default::default() }
-    }
-
-    #[test]
-    fn written_folder_loads_and_matches_the_in_memory_model() {
-        let dir = std::env::temp_dir().join(format!("zimage-tiny-{}", std::process::id()));
-        write_dir(&dir).unwrap();
-        let from_disk = Pipeline::load(&ModelSource::Dir(dir.clone()), &Device::Cpu).unwrap();
-        let in_mem = Pipeline::load(&ModelSource::Tiny, &Device::Cpu).unwrap();
-        let a = from_disk.generate(&small_request(), &mut |_| Control::Continue).unwrap();
-        let b = in_mem.generate(&small_request(), &mut |_| Control::Continue).unwrap();
-        assert_eq!(a.images[0], b.images[0]);
-        std::fs::remove_dir_all(&dir).ok();
-    }
 }

@@ -544,8 +544,8 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     // kernels, cuDNN convolutions, bf16) against the CPU f32 path, which matches diffusers.
     if !device.is_cpu() {
         let cpu = candle_core::Device::Cpu;
-        let on_dev = engine::tiny::pipeline(device, dtype)?;
-        let on_cpu = engine::tiny::pipeline(&cpu, DType::F32)?;
+        let on_dev = Pipeline::tiny(device, dtype)?;
+        let on_cpu = Pipeline::tiny(&cpu, DType::F32)?;
         for (w, h) in [(256usize, 256usize), (512, 384)] {
             let z = Tensor::randn(0f32, 1.0, (1, 16, h / 8, w / 8), &cpu)?;
             let img_dev = on_dev.vae().decode(&z.to_device(device)?)?;

@@ -69,7 +69,7 @@ fn randn(r: usize, c: usize, seed: u64) -> Tensor {
 }
 
 fn tiny() -> ZImageTransformer {
-    crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap().transformer_snapshot()
+    crate::pipeline::Pipeline::tiny(&Device::Cpu, DType::F32).unwrap().transformer_snapshot()
 }
 
 fn layer(t: &mut ZImageTransformer, name: &str) -> Tensor {
@@ -328,7 +328,7 @@ fn bad_files_are_refused_with_their_reasons() {
 #[test]
 fn patcher_switches_sets_and_reverts_to_the_exact_base() {
     let (dim, _) = dims();
-    let mut pipe = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
+    let mut pipe = crate::pipeline::Pipeline::tiny(&Device::Cpu, DType::F32).unwrap();
     let p = tmp("style.safetensors");
     write_st(&p, &[("transformer.layers.0.attention.to_q.lora_A.weight", &randn(4, dim, 7)), ("transformer.layers.0.attention.to_q.lora_B.weight", &(randn(dim, 4, 8) * 20.0).unwrap())], &[("modelspec.trigger_phrase", "zxc style, neon")]);
     let f = LoraFile::read(&p).unwrap();
@@ -368,7 +368,7 @@ fn quantized_layers_are_requantized_from_the_merged_weight() {
 
 fn quantized_merge(q: crate::ops::Quantization) {
     let (dim, _) = dims();
-    let mut pipe = crate::tiny::pipeline(&Device::Cpu, DType::F32).unwrap();
+    let mut pipe = crate::pipeline::Pipeline::tiny(&Device::Cpu, DType::F32).unwrap();
     pipe.quantize(q).unwrap();
     let p = tmp("fp8.safetensors");
     let (a, b) = (randn(4, dim, 70), randn(dim, 4, 71));
