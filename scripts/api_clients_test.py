@@ -108,6 +108,13 @@ def test_a1111(url, key):
     check(r.info["all_seeds"] == [5, 6], f"all_seeds is [5, 6] ({r.info.get('all_seeds')})")
     check("Seed: 5," in r.info["infotexts"][0] and "Seed: 6," in r.info["infotexts"][1], "infotexts carry the seeds")
 
+    # A1111's variation seed strength is our variation: 0 is the plain image, more moves it
+    plain = api.txt2img(prompt="a red barn", seed=9, width=1024, height=1024)
+    varied = api.txt2img(prompt="a red barn", seed=9, width=1024, height=1024, subseed=-1, subseed_strength=0.5)
+    check("Variation seed: 9, Variation seed strength: 0.5" in varied.info["infotexts"][0] and varied.info["subseed_strength"] == 0.5,
+          f"subseed_strength is the variation, in the infotext ({varied.info['infotexts'][0][-160:]})")
+    check(plain.image.tobytes() != varied.image.tobytes(), "a variation changes the image")
+
     loras = api.get_loras()
     check([l["name"] for l in loras] == ["style"] and len(loras[0]["metadata"]["sshs_model_hash"]) == 12,
           f"get_loras lists the folder's LoRA with its short hash ({loras})")

@@ -17,6 +17,8 @@ pub struct Restored {
     pub strength: Option<f32>,
     /// LoRAs named in the prompt's `<lora:name:weight>` tags (the page checks its folder has them).
     pub loras: Vec<LoraChoice>,
+    /// A1111's "Variation seed strength" (ours: the variation).
+    pub variation: Option<f32>,
     /// What was restored, e.g. ["prompt", "style", "steps", "seed"].
     pub restored: Vec<&'static str>,
     /// What was not, with the reason.
@@ -170,6 +172,13 @@ pub fn parse_parameters(text: &str) -> Restored {
                     }
                 }
             }
+            "Variation seed strength" => match value.parse::<f32>() {
+                Ok(v) if (0.0..=1.0).contains(&v) => {
+                    r.variation = Some(v);
+                    r.restored.push("variation");
+                }
+                _ => r.not_restored.push(format!("variation {value} (0-1)")),
+            },
             "Sampler" if value != "Euler" => r.not_restored.push(format!("sampler {value} (this model runs Euler)")),
             "CFG scale" if value.parse::<f32>().map(|c| c > 1.0).unwrap_or(false) => {
                 r.not_restored.push(format!("CFG scale {value} (Turbo runs without guidance)"))
@@ -240,8 +249,9 @@ mod tests {
 
     #[test]
     fn lora_tags_become_the_lora_list() {
-        let text = "a fox <lora:ink style:0.7> <lora:detail:-1>\nSteps: 8, Sampler: Euler, Seed: 3, Size: 1024x1024, Lora hashes: \"ink style: 0123456789ab, detail: ba9876543210\"";
+        let text = "a fox <lora:ink style:0.7> <lora:detail:-1>\nSteps: 8, Sampler: Euler, Seed: 3, Size: 1024x1024, Variation seed: 3, Variation seed strength: 0.4, Lora hashes: \"ink style: 0123456789ab, detail: ba9876543210\"";
         let r = parse_parameters(text);
+        assert_eq!(r.variation, Some(0.4));
         assert_eq!(r.prompt, "a fox");
         assert_eq!(r.loras, vec![LoraChoice::new("ink style", 0.7), LoraChoice::new("detail", -1.0)]);
         assert!(r.restored.contains(&"LoRAs"));

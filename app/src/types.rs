@@ -255,6 +255,17 @@ pub struct JobRequest {
     /// LoRAs of the server's LoRA folder applied for this job, in order.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraChoice>,
+    /// 0-1: how far the text conditioning is moved by a perturbation from the variation seed, so
+    /// that seeds give more different compositions; 0 (default) is the plain image.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub variation: f32,
+    /// The perturbation's seed (A1111's `subseed`); none: the image's own seed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation_seed: Option<u64>,
+}
+
+fn is_zero(v: &f32) -> bool {
+    *v == 0.0
 }
 
 /// One LoRA of a job: a file of the server's LoRA folder by name (its file stem) at a strength.
@@ -324,7 +335,7 @@ pub fn validate_loras(loras: &[LoraChoice]) -> Result<(), StudioError> {
 }
 
 /// Takes A1111's `<lora:name>` / `<lora:name:weight>` tags out of a prompt: the prompt without
-/// them (spaces tidied) and the LoRAs in order. A weight that is not a number is an error.
+/// them (each with the space before it; the rest of the text as it was) and the LoRAs in order. A weight that is not a number is an error.
 pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraChoice>), StudioError> {
     let mut rest = prompt;
     let mut text = String::with_capacity(prompt.len());
@@ -332,6 +343,10 @@ pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraChoice>), StudioE
     while let Some(start) = rest.find("<lora:") {
         let Some(len) = rest[start..].find('>') else { break };
         text.push_str(&rest[..start]);
+        // the space that separated the tag from the text goes with it
+        if text.ends_with(' ') {
+            text.pop();
+        }
         let inner = &rest[start + "<lora:".len()..start + len];
         let (name, scale) = match inner.rsplit_once(':') {
             Some((n, w)) => {
@@ -349,8 +364,7 @@ pub fn take_lora_tags(prompt: &str) -> Result<(String, Vec<LoraChoice>), StudioE
         return Ok((prompt.to_string(), tags));
     }
     text.push_str(rest);
-    let tidy = text.split_whitespace().collect::<Vec<_>>().join(" ").replace(" ,", ",");
-    Ok((tidy.trim_matches(|c: char| c == ',' || c.is_whitespace()).to_string(), tags))
+    Ok((text.trim().to_string(), tags))
 }
 
 /// A LoRA of the server's folder, as the page lists it.
@@ -398,6 +412,14 @@ impl JobRequest {
             return Err(StudioError::invalid("The negative prompt contains a NUL character."));
         }
         validate_loras(&self.loras)?;
+        if !self.variation.is_finite() || !(0.0..=1.0).contains(&self.variation) {
+            return Err(StudioError::invalid(format!("Variation must be between 0 and 1 (got {}).", self.variation)));
+        }
+        if let Some(s) = self.variation_seed {
+            if s > limits::MAX_SEED {
+                return Err(StudioError::invalid(format!("The variation seed must be between 0 and {} (got {s}).", limits::MAX_SEED)));
+            }
+        }
         if !(limits::MIN_STEPS..=limits::MAX_STEPS).contains(&self.steps) {
             return Err(StudioError::invalid(format!(
                 "Steps must be between {} and {} (got {}).",
@@ -524,6 +546,11 @@ pub struct JobResult {
     /// The LoRAs applied, with their files' hashes.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub loras: Vec<LoraChoice>,
+    /// The variation strength (0: none) and the seed its perturbation came from.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub variation: f32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variation_seed: Option<u64>,
 }
 
 impl JobResult {
@@ -933,6 +960,8 @@ mod tests {
             seed: Some(42),
             kind: JobKind::Generate { width: 1024, height: 1024 },
             loras: vec![],
+            variation: 0.0,
+            variation_seed: None,
         }
     }
 

@@ -178,17 +178,22 @@ fn generate_request() -> impl Strategy<Value = JobRequest> {
         0..=limits::MAX_SEED,
         prop::sample::select(ASPECT_RATIOS.to_vec()),
         prop_oneof![Just(String::new()), prompt_text()],
+        (0u32..=20).prop_map(|v| v as f32 / 20.0),
+        prop::collection::vec(("[a-z][a-z0-9 _-]{0,11}[a-z0-9]", -40i32..=40), 0..3),
     )
-        .prop_map(|(prompt, style, steps, seed, ratio, negative_prompt)| JobRequest {
+        .prop_map(|(prompt, style, steps, seed, ratio, negative_prompt, variation, loras)| JobRequest {
             prompt,
             style,
             steps,
             seed: Some(seed),
             kind: JobKind::Generate { width: ratio.width, height: ratio.height },
             negative_prompt,
+            loras: loras.into_iter().map(|(name, s)| app::types::LoraChoice::new(name, s as f32 / 20.0)).collect(),
+            variation,
+            variation_seed: None,
         })
         .prop_filter("valid and carried by the A1111 layout", |r| {
-            r.validate().is_ok() && carried_by_the_layout(&r.prompt) && carried_by_the_layout(&r.negative_prompt)
+            r.validate().is_ok() && carried_by_the_layout(&r.prompt) && carried_by_the_layout(&r.negative_prompt) && !r.prompt.contains("<lora:")
         })
 }
 
@@ -205,6 +210,12 @@ fn server_png(req: &JobRequest, width: u32, height: u32, strength: Option<f32>) 
         model: "tiny".into(),
         strength,
         guidance_scale: 0.0,
+        loras: req
+            .loras
+            .iter()
+            .map(|l| engine::png_meta::LoraUse { name: l.name.clone(), scale: l.scale, sha256: "0123456789abcdef".into() })
+            .collect(),
+        variation: Some((req.seed.expect("the generator sets a seed"), req.variation)),
     };
     engine::png_meta::encode_png(&image::RgbImage::new(4, 4), &params).expect("encodes")
 }
@@ -225,6 +236,8 @@ proptest! {
         prop_assert_eq!(r.steps, Some(req.steps));
         prop_assert_eq!(r.seed, req.seed);
         prop_assert_eq!(r.ratio, AspectRatio::find(width, height));
+        prop_assert_eq!(&r.loras, &req.loras);
+        prop_assert_eq!(r.variation, (req.variation > 0.0).then_some(req.variation));
         prop_assert!(r.not_restored.is_empty(), "{:?} from {:?}", r.not_restored, text);
     }
 
@@ -279,7 +292,17 @@ fn any_request() -> impl Strategy<Value = JobRequest> {
         ("[0-9a-f]{32}", -1.0f32..2.0).prop_map(|(upload_id, strength)| JobKind::Transform { upload_id, strength }),
     ];
     (any::<String>(), prop::sample::select(Style::ALL.to_vec()), any::<u32>(), any::<Option<u64>>(), kind, any::<String>())
-        .prop_map(|(prompt, style, steps, seed, kind, negative_prompt)| JobRequest { prompt, style, steps, seed, kind, negative_prompt })
+        .prop_map(|(prompt, style, steps, seed, kind, negative_prompt)| JobRequest {
+            prompt,
+            style,
+            steps,
+            seed,
+            kind,
+            negative_prompt,
+            loras: vec![],
+            variation: 0.0,
+            variation_seed: None,
+        })
 }
 
 proptest! {

@@ -57,6 +57,12 @@ pub struct GenerateRequest {
     pub noise: Option<Tensor>,
     /// Compute a preview image of the denoised estimate at every step.
     pub preview: bool,
+    /// 0..=1: how far each image's text conditioning is moved by a perturbation drawn from its
+    /// variation seed (`vary_conditioning`); 0 is the plain conditioning, bit for bit.
+    pub variation: f32,
+    /// The perturbation's seed for image 0 (image i: + i); `None`: the image's own seed, so that
+    /// every seed gets its own variation (A1111's `subseed`, when given).
+    pub variation_seed: Option<u64>,
 }
 
 impl Default for GenerateRequest {
@@ -76,6 +82,8 @@ impl Default for GenerateRequest {
             strength: 0.6,
             noise: None,
             preview: false,
+            variation: 0.0,
+            variation_seed: None,
         }
     }
 }
@@ -125,6 +133,9 @@ impl GenerateRequest {
                 return bad("the input image is empty".into());
             }
             img2img_start_step(self.steps, self.strength)?;
+        }
+        if !self.variation.is_finite() || !(0.0..=1.0).contains(&self.variation) {
+            return bad(format!("variation must be between 0 and 1, got {}", self.variation));
         }
         if let Some(noise) = &self.noise {
             let want = [self.n, 16, self.height / 8, self.width / 8];
@@ -179,6 +190,30 @@ pub struct GenerateOutput {
     pub prompt_truncated: Option<usize>,
     /// Final latents (n, 16, h, w) f32, before the VAE.
     pub latents: Tensor,
+}
+
+/// Salt of the variation perturbation's generator: its draws differ from the starting noise's
+/// for the same seed.
+const VARIATION_SALT: u64 = 0x7A5E_ED0F_A51A_7100;
+
+/// The text conditioning (tokens, hidden) moved by `variation` times a Gaussian perturbation
+/// from `seed`, scaled per token to the token's RMS (its norm grows by about
+/// sqrt(1 + variation^2)). Why the conditioning and not the starting noise: the noise already
+/// differs between seeds, and Turbo's few distilled steps map different noises to near-identical
+/// compositions; moving the conditioning moves what the steps converge to. At 0 it returns
+/// `caption` itself, bit for bit.
+pub fn vary_conditioning(caption: &Tensor, variation: f32, seed: u64) -> Result<Tensor> {
+    if variation == 0.0 {
+        return Ok(caption.clone());
+    }
+    let dims = caption.dims().to_vec();
+    let count: usize = dims.iter().product();
+    let noise = Tensor::from_vec(crate::rng::normal_vec(seed ^ VARIATION_SALT, count), dims.as_slice(), &Device::Cpu)?
+        .to_device(caption.device())?;
+    let c = caption.to_dtype(DType::F32)?;
+    let rms = c.sqr()?.mean_keepdim(candle_core::D::Minus1)?.sqrt()?;
+    let moved = (&c + noise.broadcast_mul(&rms)?.affine(variation as f64, 0.0)?)?;
+    Ok(moved.to_dtype(caption.dtype())?)
 }
 
 /// A device fault a test makes the next generations fail with (`Pipeline::inject_fault`), at
@@ -673,7 +708,10 @@ impl Pipeline {
         let t_loop = Instant::now();
         let n = req.n;
         let latent = (1, h, w);
-        let cond_pos = self.transformer.condition(&Tensor::stack(&vec![pos; n], 0)?, latent)?;
+        let captions = (0..n)
+            .map(|i| vary_conditioning(&pos, req.variation, req.variation_seed.unwrap_or(req.seed) + i as u64))
+            .collect::<Result<Vec<_>>>()?;
+        let cond_pos = self.transformer.condition(&Tensor::stack(&captions, 0)?, latent)?;
         let cond_neg = neg.map(|neg| self.transformer.condition(&Tensor::stack(&vec![neg; n], 0)?, latent)).transpose()?;
         let times: Vec<f32> = (first_step..req.steps).map(|i| schedule.model_time(i)).collect();
         let modulations = self.transformer.modulations(&times)?;
@@ -787,6 +825,44 @@ fn _assert_send_sync() {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn variation_zero_is_todays_image_and_variation_moves_it_per_seed() {
+        let p = Pipeline::tiny(&Device::Cpu, DType::F32).unwrap();
+        let base = GenerateRequest { prompt: "a lighthouse".into(), width: 64, height: 64, steps: 3, seed: 11, ..Default::default() };
+        let run = |req: &GenerateRequest| p.generate(req, &mut |_| Control::Continue).unwrap().images;
+        // mean absolute difference of two images, in 8-bit levels
+        let diff = |a: &image::RgbImage, b: &image::RgbImage| {
+            a.as_raw().iter().zip(b.as_raw()).map(|(x, y)| (*x as f64 - *y as f64).abs()).sum::<f64>() / a.as_raw().len() as f64
+        };
+        let plain = run(&base);
+        // 0 is exactly the plain image, whatever the variation seed
+        assert!(run(&GenerateRequest { variation: 0.0, variation_seed: Some(99), ..base.clone() }) == plain, "variation 0 is bit for bit today's image");
+        let varied = run(&GenerateRequest { variation: 0.6, ..base.clone() });
+        let moved = diff(&varied[0], &plain[0]);
+        assert!(moved > 2.0, "variation changes the image ({moved:.2} levels)");
+        assert!(run(&GenerateRequest { variation: 0.6, ..base.clone() }) == varied, "deterministic");
+        let other_seed = run(&GenerateRequest { variation: 0.6, variation_seed: Some(12), ..base.clone() });
+        assert!(diff(&other_seed[0], &varied[0]) > 2.0, "the variation seed picks the perturbation");
+        // image i of a batch is the single image of seed + i, variation included (up to the
+        // batched matmuls' rounding)
+        let batch = run(&GenerateRequest { n: 2, variation: 0.6, ..base.clone() });
+        assert!(diff(&batch[0], &varied[0]) < 0.5);
+        let second = run(&GenerateRequest { seed: 12, variation: 0.6, ..base.clone() });
+        assert!(diff(&batch[1], &second[0]) < 0.5);
+        assert!(GenerateRequest { variation: 1.5, ..base.clone() }.validate().is_err());
+    }
+
+    #[test]
+    fn the_conditioning_perturbation_scales_with_each_token() {
+        let c = Tensor::from_vec((0..8 * 256).map(|i| ((i % 256) as f32 / 64.0) * if i / 256 % 2 == 0 { 1.0 } else { 10.0 }).collect::<Vec<_>>(), (8, 256), &Device::Cpu).unwrap();
+        let moved = vary_conditioning(&c, 0.5, 3).unwrap();
+        let rms = |t: &Tensor| t.sqr().unwrap().mean_keepdim(1).unwrap().sqrt().unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let delta = rms(&(&moved - &c).unwrap());
+        for (d, r) in delta.iter().zip(rms(&c)) {
+            assert!((d / r - 0.5).abs() < 0.08, "perturbation {d} vs token rms {r}");
+        }
+    }
 
     #[test]
     fn a_folder_written_by_tiny_write_dir_loads_as_the_in_memory_tiny_model() {

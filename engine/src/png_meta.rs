@@ -18,6 +18,9 @@ pub struct Parameters {
     pub guidance_scale: f32,
     /// LoRAs merged into the weights, in order.
     pub loras: Vec<LoraUse>,
+    /// (variation seed, strength) when the conditioning was varied (A1111's "Variation seed" and
+    /// "Variation seed strength").
+    pub variation: Option<(u64, f32)>,
 }
 
 /// A LoRA as the parameters name it: A1111's `<lora:name:scale>` after the prompt and
@@ -46,6 +49,9 @@ impl Parameters {
         ));
         if let Some(st) = self.strength {
             s.push_str(&format!(", Denoising strength: {st}"));
+        }
+        if let Some((seed, strength)) = self.variation.filter(|(_, v)| *v > 0.0) {
+            s.push_str(&format!(", Variation seed: {seed}, Variation seed strength: {strength}"));
         }
         if !self.loras.is_empty() {
             let hashes: Vec<String> = self.loras.iter().map(|l| format!("{}: {}", l.name, &l.sha256[..l.sha256.len().min(12)])).collect();
@@ -109,6 +115,7 @@ mod tests {
             strength,
             guidance_scale: 0.0,
             loras: vec![],
+            variation: None,
         }
     }
 
@@ -138,6 +145,8 @@ mod tests {
         let t = p.to_a1111();
         assert!(t.starts_with("a cat <lora:ink style:0.8> <lora:detail:-1>\nSteps: 8"), "{t}");
         assert!(t.ends_with(", Lora hashes: \"ink style: 0123456789ab, detail: fedcba987654\""), "{t}");
+        p.variation = Some((77, 0.35));
+        assert!(p.to_a1111().contains(", Model: tiny, Variation seed: 77, Variation seed strength: 0.35, Lora hashes"), "{}", p.to_a1111());
     }
 
     #[test]

@@ -271,6 +271,7 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
         strength: None,
         guidance_scale: 0.0,
         loras: vec![],
+        variation: None,
     };
     let bytes = engine::png_meta::encode_png(&out.images[0], &params)?;
     let png_encode_ms = ms(t.elapsed());

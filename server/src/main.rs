@@ -213,6 +213,13 @@ struct GenerateArgs {
     /// Apply a LoRA (repeatable); SCALE defaults to 1.0 and may be negative.
     #[arg(long = "lora", value_name = "FILE[:SCALE]")]
     loras: Vec<String>,
+    /// 0-1: move each image's text conditioning by a perturbation from its seed, so that seeds
+    /// give more different pictures (0: the plain image).
+    #[arg(long, default_value_t = 0.0)]
+    variation: f32,
+    /// The perturbation's seed for the first image (default: each image's own seed).
+    #[arg(long)]
+    variation_seed: Option<u64>,
     #[command(flatten)]
     model: ModelArgs,
 }
@@ -388,6 +395,8 @@ fn generate(args: GenerateArgs) -> Result<()> {
         strength: args.strength,
         noise: args.noise.as_deref().map(load_noise).transpose()?,
         preview: args.preview_dir.is_some(),
+        variation: args.variation,
+        variation_seed: args.variation_seed,
     };
     req.validate()?;
     let loras = lora_cli::read_specs(&args.loras)?;
@@ -466,6 +475,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                     sha256: f.sha256.clone(),
                 })
                 .collect(),
+            variation: Some((req.variation_seed.unwrap_or(req.seed) + i as u64, req.variation)),
         };
         let path = output_path(&args.out, i, out.images.len());
         let bytes = engine::png_meta::encode_png(img, &params)?;

@@ -140,6 +140,20 @@ fn loras_from_the_folder_change_the_image_and_come_off_exactly() {
     let (again_styled, _) = generate(addr, r#"[{"name":"style","scale":2}]"#).unwrap();
     assert_eq!(pixels(&again_styled), pixels(&styled_png), "the same set gives the same image");
 
+    // variation: 0 is the plain image; a variation moves it and is named in the PNG
+    let variation = |v: &str| {
+        let body = format!(r#"{{"prompt":"a lighthouse","steps":4,"seed":7,"kind":{{"mode":"generate","width":1024,"height":1024}},"variation":{v}}}"#);
+        let (status, _, answer) = http(addr, "POST", "/api/generate", Some(&body));
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+        let (_, _, png) = http(addr, "GET", json(&answer)["image_url"].as_str().unwrap(), None);
+        png
+    };
+    assert_eq!(pixels(&variation("0")), pixels(&base_png), "variation 0 is the plain image");
+    let varied = variation("0.5");
+    assert_ne!(pixels(&varied), pixels(&base_png));
+    let params = engine::png_meta::read_parameters(&varied).unwrap();
+    assert!(params.contains("Variation seed: 7, Variation seed strength: 0.5"), "{params}");
+
     // refusals with their reasons; the server goes on
     let (status, why) = generate(addr, r#"[{"name":"nope","scale":1}]"#).unwrap_err();
     assert_eq!(status, 400);

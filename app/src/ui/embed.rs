@@ -43,6 +43,8 @@ pub fn EmbedPage() -> impl IntoView {
             seed: None,
             kind: JobKind::Generate { width: r.width, height: r.height },
             loras: Vec::new(),
+            variation: 0.0,
+            variation_seed: None,
         });
     });
 

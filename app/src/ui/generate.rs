@@ -122,6 +122,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
                     <RatioSelect ratio id="gen-ratio" />
                 </div>
                 <StepsSlider steps id="gen-steps" />
+                <VariationSlider variation=form.variation id="gen-variation" />
                 <div class="grid2">
                     <SeedField seed id="gen-seed" />
                     <CountSelect count id="gen-count" />

@@ -178,6 +178,7 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
                     </label>
                 </div>
                 <StepsSlider steps id="tr-steps" />
+                <VariationSlider variation=form.variation id="tr-variation" />
                 <div class="grid2">
                     <SeedField seed id="tr-seed" />
                     <CountSelect count id="tr-count" />

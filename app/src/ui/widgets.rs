@@ -115,6 +115,33 @@ pub(crate) fn StepsSlider(steps: RwSignal<u32>, #[prop(into)] id: String) -> imp
     }
 }
 
+/// "Variation" 0-1: moves each seed's text conditioning so that seeds differ more (0: off).
+#[component]
+pub(crate) fn VariationSlider(variation: RwSignal<f32>, #[prop(into)] id: String) -> impl IntoView {
+    view! {
+        <label class="field">
+            <span class="label">
+                "Variation "
+                <output>{move || match variation.get() { v if v == 0.0 => "off".to_string(), v => format!("{v:.2}") }}</output>
+            </span>
+            <input
+                id=id
+                type="range"
+                min="0"
+                max="1"
+                step="0.05"
+                prop:value=move || variation.get().to_string()
+                on:input=move |ev| {
+                    if let Ok(v) = event_target_value(&ev).parse::<f32>() {
+                        variation.set(v.clamp(0.0, 1.0))
+                    }
+                }
+            />
+            <span class="hint">"More different pictures between seeds; 0 keeps the plain image."</span>
+        </label>
+    }
+}
+
 /// Seed field with a "random" toggle.
 #[derive(Clone, Copy)]
 pub(crate) struct SeedState {
@@ -204,6 +231,8 @@ pub(crate) struct FormState {
     pub(crate) count: RwSignal<u32>,
     /// LoRAs picked from the server's folder, each at its strength.
     pub(crate) loras: RwSignal<Vec<LoraChoice>>,
+    /// 0-1 (0: off).
+    pub(crate) variation: RwSignal<f32>,
 }
 
 impl FormState {
@@ -218,6 +247,7 @@ impl FormState {
             seed: SeedState::new(),
             count: RwSignal::new(1),
             loras: RwSignal::new(Vec::new()),
+            variation: RwSignal::new(0.0),
         }
     }
 
@@ -233,6 +263,8 @@ impl FormState {
                 seed: Some(seed),
                 kind: kind(),
                 loras: self.loras.get_untracked(),
+                variation: self.variation.get_untracked(),
+                variation_seed: None,
             })
             .collect()
     }
@@ -259,6 +291,7 @@ impl FormState {
             self.seed.random.set(false);
         }
         self.loras.set(r.loras.clone());
+        self.variation.set(r.variation.unwrap_or(0.0));
     }
 
     /// Fills the form with a finished image's settings (its seed fixed, not random).
@@ -276,6 +309,7 @@ impl FormState {
         self.seed.text.set(r.seed.to_string());
         self.seed.random.set(false);
         self.loras.set(r.loras.iter().map(|l| LoraChoice::new(l.name.clone(), l.scale)).collect());
+        self.variation.set(r.variation);
     }
 }
 

@@ -133,6 +133,9 @@ struct Common {
     parameters: Map<String, Value>,
     /// From the prompt's `<lora:name:weight>` tags (taken out of the prompt the model sees).
     loras: Vec<LoraChoice>,
+    /// `subseed_strength` (our variation) and `subseed` (-1 or absent: each image's own seed).
+    variation: f32,
+    subseed: Option<u64>,
 }
 
 fn common(m: &Map<String, Value>) -> Result<Common, ApiError> {
@@ -168,7 +171,12 @@ fn common(m: &Map<String, Value>) -> Result<Common, ApiError> {
         _ => return Err(ApiError::unprocessable("Give both `width` and `height`, or neither.")),
     };
     let cfg_scale = get_float(m, "cfg_scale")?.unwrap_or(1.0);
-    Ok(Common { prompt, negative_prompt, steps, seeds: (0..total).map(|i| first + i).collect(), size, cfg_scale, parameters: m.clone(), loras })
+    let variation = get_float(m, "subseed_strength")?.unwrap_or(0.0);
+    if !(0.0..=1.0).contains(&variation) {
+        return Err(ApiError::unprocessable(format!("`subseed_strength` must be between 0 and 1 (got {variation}).")));
+    }
+    let subseed = get_int(m, "subseed", -1, (limits::MAX_SEED - total + 1) as i64)?.filter(|s| *s >= 0).map(|s| s as u64);
+    Ok(Common { prompt, negative_prompt, steps, seeds: (0..total).map(|i| first + i).collect(), size, cfg_scale, parameters: m.clone(), loras, variation: variation as f32, subseed })
 }
 
 impl A1111 {
@@ -187,7 +195,8 @@ impl A1111 {
         let reqs: Vec<JobRequest> = c
             .seeds
             .iter()
-            .map(|&seed| JobRequest {
+            .enumerate()
+            .map(|(i, &seed)| JobRequest {
                 prompt: c.prompt.clone(),
                 style: Default::default(),
                 steps: c.steps,
@@ -195,6 +204,8 @@ impl A1111 {
                 kind: kind_of(),
                 negative_prompt: c.negative_prompt.clone(),
                 loras: c.loras.clone(),
+                variation: c.variation,
+                variation_seed: c.subseed.map(|s| s + i as u64),
             })
             .collect();
         let mut first_job = String::new();
@@ -224,9 +235,9 @@ impl A1111 {
             "all_negative_prompts": vec![c.negative_prompt.clone(); results.len()],
             "seed": first.seed,
             "all_seeds": results.iter().map(|r| r.seed).collect::<Vec<_>>(),
-            "subseed": -1,
-            "all_subseeds": vec![-1; results.len()],
-            "subseed_strength": 0,
+            "subseed": first.variation_seed.map(|s| s as i64).unwrap_or(first.seed as i64),
+            "all_subseeds": results.iter().map(|r| r.variation_seed.unwrap_or(r.seed)).collect::<Vec<_>>(),
+            "subseed_strength": c.variation,
             "width": first.width,
             "height": first.height,
             "sampler_name": "Euler",

@@ -255,6 +255,8 @@ mod tests {
             created_unix: created,
             source,
             loras: vec![],
+            variation: 0.0,
+            variation_seed: None,
         }
     }
 

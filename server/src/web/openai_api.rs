@@ -155,6 +155,7 @@ struct Common {
     steps: u32,
     style: Style,
     loras: Vec<LoraChoice>,
+    variation: f32,
 }
 
 fn common(f: &Fields, studio: &Studio) -> Result<Common, ApiError> {
@@ -181,7 +182,14 @@ fn common(f: &Fields, studio: &Studio) -> Result<Common, ApiError> {
     let style = f.str("style")?.map(parse_style).transpose()?.unwrap_or_default();
     let size = f.str("size")?.filter(|s| *s != "auto").map(parse_size).transpose()?;
     let loras = f.loras()?;
-    Ok(Common { prompt, negative_prompt: f.str("negative_prompt")?.unwrap_or_default().to_string(), n, size, format, seed, steps, style, loras })
+    let variation = match f.0.get("variation") {
+        None | Some(Value::Null) => 0.0,
+        Some(v) => match v.as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())) {
+            Some(x) if (0.0..=1.0).contains(&x) => x as f32,
+            _ => return Err(ApiError::invalid("variation", "`variation` must be a number between 0 and 1.")),
+        },
+    };
+    Ok(Common { prompt, negative_prompt: f.str("negative_prompt")?.unwrap_or_default().to_string(), n, size, format, seed, steps, style, loras, variation })
 }
 
 /// The seeds of n images: seed..seed+n-1, the first random when none was given.
@@ -209,6 +217,8 @@ async fn answer(studio: &Arc<Studio>, client: &ClientId, c: &Common, kind_of: im
             kind: kind_of(),
             negative_prompt: c.negative_prompt.clone(),
             loras: c.loras.clone(),
+            variation: c.variation,
+            variation_seed: None,
         })
         .collect();
     let revised = reqs[0].full_prompt();

@@ -615,6 +615,8 @@ fn run_job(
         init_image,
         strength: strength.unwrap_or(1.0),
         preview: true,
+        variation: job.request.variation,
+        variation_seed: job.request.variation_seed,
         ..GenerateRequest::default()
     };
     let mut first_step_at: Option<Duration> = None;
@@ -702,6 +704,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
             .iter()
             .map(|l| engine::png_meta::LoraUse { name: l.name.clone(), scale: l.scale, sha256: l.sha256.clone().unwrap_or_default() })
             .collect(),
+        variation: Some((job.request.variation_seed.unwrap_or(seed), job.request.variation)),
     };
     let png = match engine::png_meta::encode_png(img, &params) {
         Ok(p) => p,
@@ -738,6 +741,8 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         negative_prompt: job.request.negative_prompt.clone(),
         source: job.source,
         loras: job.request.loras.clone(),
+        variation: job.request.variation,
+        variation_seed: (job.request.variation > 0.0).then(|| job.request.variation_seed.unwrap_or(seed)),
     };
     match sink {
         ResultSink::Store { history } => save_result(store, history, job_id, &png, result),

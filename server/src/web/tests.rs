@@ -104,6 +104,8 @@ fn gen_req(prompt: &str, steps: u32) -> JobRequest {
         seed: Some(7),
         kind: JobKind::Generate { width: 1344, height: 768 },
         loras: vec![],
+        variation: 0.0,
+        variation_seed: None,
     }
 }
 
