@@ -15,7 +15,9 @@ cd "$(dirname "$0")/.."
 STAGES=()
 stage_start=$(date +%s)
 begin() { stage_name=$1; stage_start=$(date +%s); echo "== $1"; }
-end() { STAGES+=("$(printf '%6ss  %s' "$(( $(date +%s) - stage_start ))" "$stage_name")"); }
+# free disk after each stage: a full disk shows up as a linker "Bus error" (lld writes through mmap)
+free_disk() { df -h . | awk 'NR==2 {print $4}'; }
+end() { STAGES+=("$(printf '%6ss  %s (disk free after: %s)' "$(( $(date +%s) - stage_start ))" "$stage_name" "$(free_disk)")"); }
 report() {
   echo "== stage times"
   for s in "${STAGES[@]}"; do echo "$s"; done
@@ -23,6 +25,11 @@ report() {
 }
 all_start=$(date +%s)
 trap 'report' EXIT
+# the workspace's test build, the site and the tools take about 12 GB
+free_kb=$(df -Pk . | awk 'NR==2 {print $4}')
+if [ "$free_kb" -lt $((12 * 1024 * 1024)) ]; then
+  echo "warning: only $(free_disk) free on this disk; the build needs about 12 GB and may fail with a linker Bus error" >&2
+fi
 
 begin "setup (system libraries, wasm toolchain, Chromium, Playwright)"
 if ! dpkg -s libssl-dev pkg-config >/dev/null 2>&1; then
