@@ -100,3 +100,16 @@ export async function axeViolations(page: Page): Promise<string[]> {
     v.nodes.map((n) => `${v.id} (${v.impact}): ${v.help} at ${n.target.join(" ")} — ${n.failureSummary?.replace(/\s+/g, " ")}`),
   );
 }
+
+/** The fixture photo with a `parameters` tEXt chunk inserted after IHDR. */
+export function pngWithParameters(text: string): Buffer {
+  const src = fs.readFileSync(path.resolve(__dirname, "..", "fixtures", "photo-640x480.png"));
+  const data = Buffer.concat([Buffer.from("parameters\0", "latin1"), Buffer.from(text, "latin1")]);
+  const len = Buffer.alloc(4);
+  len.writeUInt32BE(data.length);
+  const type = Buffer.from("tEXt", "latin1");
+  const crc = Buffer.alloc(4);
+  crc.writeUInt32BE(zlib.crc32(Buffer.concat([type, data])) >>> 0);
+  const ihdrEnd = 8 + 12 + 13;
+  return Buffer.concat([src.subarray(0, ihdrEnd), len, type, data, crc, src.subarray(ihdrEnd)]);
+}

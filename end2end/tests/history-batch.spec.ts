@@ -1,8 +1,7 @@
 import { test, expect, Page } from "@playwright/test";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import * as zlib from "node:zlib";
-import { gotoHydrated, pngText, shot, watchConsole } from "./helpers";
+import { gotoHydrated, pngText, pngWithParameters, shot, watchConsole } from "./helpers";
 
 /** Sets a range input's value the way a user's drag does (an input event). */
 async function setRange(page: Page, selector: string, value: string) {
@@ -96,19 +95,6 @@ test("history: search, open an image, use its settings, delete it", async ({ pag
   expect((await request.get(src!)).status()).toBe(404);
   expect(errors.filter((e) => !/404/.test(e))).toEqual([]);
 });
-
-/** The fixture photo with a `parameters` tEXt chunk inserted after IHDR. */
-function pngWithParameters(text: string): Buffer {
-  const src = fs.readFileSync(path.resolve(__dirname, "..", "fixtures", "photo-640x480.png"));
-  const data = Buffer.concat([Buffer.from("parameters\0", "latin1"), Buffer.from(text, "latin1")]);
-  const len = Buffer.alloc(4);
-  len.writeUInt32BE(data.length);
-  const type = Buffer.from("tEXt", "latin1");
-  const crc = Buffer.alloc(4);
-  crc.writeUInt32BE(zlib.crc32(Buffer.concat([type, data])) >>> 0);
-  const ihdrEnd = 8 + 12 + 13;
-  return Buffer.concat([src.subarray(0, ihdrEnd), len, type, data, crc, src.subarray(ihdrEnd)]);
-}
 
 test("restore settings from a PNG: ours fill the form, A1111's say what was not restored", async ({ page }) => {
   const errors = watchConsole(page);

@@ -20,6 +20,20 @@ fn restore_from_png(file: web_sys::File, form: FormState, note: RwSignal<Option<
                 if !r.not_restored.is_empty() {
                     m.push_str(&format!(" Not restored: {}.", r.not_restored.join("; ")));
                 }
+                // LoRAs the image names that this server's folder lacks (or cannot use)
+                if !r.loras.is_empty() {
+                    if let Ok(list) = crate::api::list_loras().await {
+                        let missing: Vec<String> = r
+                            .loras
+                            .iter()
+                            .filter(|l| !list.iter().any(|x| x.name == l.name && x.usable))
+                            .map(|l| format!("“{}”", l.name))
+                            .collect();
+                        if !missing.is_empty() {
+                            m.push_str(&format!(" Not on this server: LoRA {}.", missing.join(", ")));
+                        }
+                    }
+                }
                 m
             }
         };
