@@ -113,3 +113,11 @@ export function pngWithParameters(text: string): Buffer {
   const ihdrEnd = 8 + 12 + 13;
   return Buffer.concat([src.subarray(0, ihdrEnd), len, type, data, crc, src.subarray(ihdrEnd)]);
 }
+
+/** Sets a range input's value the way a user's drag does (an input event). */
+export async function setRange(page: Page, selector: string, value: string) {
+  await page.locator(selector).evaluate((el: HTMLInputElement, v) => {
+    el.value = v;
+    el.dispatchEvent(new Event("input", { bubbles: true }));
+  }, value);
+}

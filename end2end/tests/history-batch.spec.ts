@@ -1,15 +1,8 @@
 import { test, expect, Page } from "@playwright/test";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { gotoHydrated, pngText, pngWithParameters, shot, watchConsole } from "./helpers";
+import { gotoHydrated, pngText, pngWithParameters, setRange, shot, watchConsole } from "./helpers";
 
-/** Sets a range input's value the way a user's drag does (an input event). */
-async function setRange(page: Page, selector: string, value: string) {
-  await page.locator(selector).evaluate((el: HTMLInputElement, v) => {
-    el.value = v;
-    el.dispatchEvent(new Event("input", { bubbles: true }));
-  }, value);
-}
 
 test("batches: two images with consecutive seeds in a small gallery, image k of n", async ({ page, request }) => {
   const errors = watchConsole(page);

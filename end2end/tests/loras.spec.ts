@@ -1,7 +1,7 @@
 import { test, expect, Page } from "@playwright/test";
 import * as fs from "node:fs";
 import * as path from "node:path";
-import { gotoHydrated, pngText, pngWithParameters, shot, watchConsole } from "./helpers";
+import { gotoHydrated, pngText, pngWithParameters, setRange, shot, watchConsole } from "./helpers";
 
 // The server's LoRA folder: the e2e server's data folder (playwright.config.ts) + /loras.
 const ROOT = path.resolve(__dirname, "..", "..");
@@ -9,12 +9,6 @@ const LORAS = path.join(ROOT, "target", "e2e-data", "loras");
 // an ai-toolkit layout LoRA for the tiny model (the engine's diffusers parity fixture)
 const FIXTURE = path.join(ROOT, "engine", "tests", "fixtures", "lora", "aitoolkit.safetensors");
 
-async function setRange(page: Page, selector: string, value: string) {
-  await page.locator(selector).evaluate((el: HTMLInputElement, v) => {
-    el.value = v;
-    el.dispatchEvent(new Event("input", { bubbles: true }));
-  }, value);
-}
 
 test("LoRAs: a file dropped in the folder is picked, applied, kept in the PNG and the history; uploads are checked", async ({ page, request }) => {
   const errors = watchConsole(page, [/400/]);

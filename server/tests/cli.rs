@@ -1,6 +1,9 @@
 //! The `zimage` command line, run as a user would: generate on the tiny model, read the PNG's
 //! parameters back, write the tiny model and load it as a folder, and clear errors for bad input.
 
+mod common;
+
+use common::Scratch;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -8,32 +11,8 @@ fn zimage() -> Command {
     Command::new(env!("CARGO_BIN_EXE_zimage"))
 }
 
-/// A scratch folder removed when the test ends, so repeated runs do not fill the disk.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = std::path::Path;
-    fn deref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl AsRef<std::path::Path> for Scratch {
-    fn as_ref(&self) -> &std::path::Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn tmp(name: &str) -> Scratch {
-    let d = std::env::temp_dir().join(format!("zimage-cli-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    Scratch(d)
+    Scratch::new(&format!("cli-{name}"))
 }
 
 fn run(args: &[&str]) -> (bool, String, String) {

@@ -9,7 +9,7 @@
 
 mod common;
 
-use common::{http, Proc};
+use common::{http, Proc, Scratch};
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -19,33 +19,8 @@ const REPO: &str = "test-org/tiny-zimage";
 const COMMIT: &str = "5eed0c0ffee5eed0c0ffee5eed0c0ffee5eed0c0";
 const LIMIT: Duration = Duration::from_secs(240);
 
-/// A scratch folder removed when the test ends, so repeated runs do not fill the disk.
-struct Scratch(PathBuf);
-
-impl std::ops::Deref for Scratch {
-    type Target = Path;
-    fn deref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl AsRef<Path> for Scratch {
-    fn as_ref(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn tmp(name: &str) -> Scratch {
-    let p = std::env::temp_dir().join(format!("zimage-dl-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&p);
-    std::fs::create_dir_all(&p).unwrap();
-    Scratch(p)
+    Scratch::new(&format!("dl-{name}"))
 }
 
 /// The tiny model as a hub repository: its diffusers folder, a chat template in the tokenizer

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{http, Proc};
+use common::{http, Proc, Scratch};
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
@@ -18,14 +18,6 @@ use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(300);
-
-struct Scratch(PathBuf);
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A safetensors file of `tensors` (name, shape), f32 zeros.
 fn safetensors(path: &Path, tensors: &[(&str, &[usize])]) {
@@ -86,9 +78,7 @@ fn pixels(png: &[u8]) -> Vec<u8> {
 
 #[test]
 fn loras_from_the_folder_change_the_image_and_come_off_exactly() {
-    let root = std::env::temp_dir().join(format!("zimage-loras-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&root);
-    let _scratch = Scratch(root.clone());
+    let root = Scratch::new("loras");
     let loras = root.join("loras");
     std::fs::create_dir_all(&loras).unwrap();
     // an ai-toolkit layout LoRA for the tiny model (the engine's diffusers parity fixture)

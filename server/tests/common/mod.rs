@@ -117,3 +117,36 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
 pub fn header<'a>(head: &'a str, name: &str) -> Option<&'a str> {
     head.lines().find_map(|l| l.strip_prefix(&format!("{name}: ")))
 }
+
+/// A scratch folder (made empty at creation) removed when the test ends, so repeated runs do not
+/// fill the disk.
+pub struct Scratch(pub std::path::PathBuf);
+
+impl Scratch {
+    /// `<temp>/zimage-<name>-<pid>`, empty.
+    pub fn new(name: &str) -> Scratch {
+        let p = std::env::temp_dir().join(format!("zimage-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        Scratch(p)
+    }
+}
+
+impl std::ops::Deref for Scratch {
+    type Target = std::path::Path;
+    fn deref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::path::Path> for Scratch {
+    fn as_ref(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
