@@ -43,6 +43,7 @@ pub fn EmbedPage() -> impl IntoView {
             seed: None,
             kind: JobKind::Generate { width: r.width, height: r.height },
             loras: Vec::new(),
+            written_prompt: None,
         });
     });
 

@@ -204,6 +204,8 @@ pub(crate) struct FormState {
     pub(crate) count: RwSignal<u32>,
     /// LoRAs picked from the server's folder, each at its strength.
     pub(crate) loras: RwSignal<Vec<LoraChoice>>,
+    /// The prompt the user wrote, while the box holds its enhanced rewrite (Revert puts it back).
+    pub(crate) written: RwSignal<Option<String>>,
 }
 
 impl FormState {
@@ -218,7 +220,14 @@ impl FormState {
             seed: SeedState::new(),
             count: RwSignal::new(1),
             loras: RwSignal::new(Vec::new()),
+            written: RwSignal::new(None),
         }
+    }
+
+    /// The prompt the user wrote, when the box holds another (its enhanced rewrite).
+    pub(crate) fn written_prompt(&self) -> Option<String> {
+        let prompt = self.prompt.get_untracked();
+        self.written.get_untracked().filter(|w| w.trim() != prompt.trim())
     }
 
     /// One request per seed from the form's settings, each of `kind`.
@@ -233,6 +242,7 @@ impl FormState {
                 seed: Some(seed),
                 kind: kind(),
                 loras: self.loras.get_untracked(),
+                written_prompt: self.written_prompt(),
             })
             .collect()
     }
@@ -242,6 +252,7 @@ impl FormState {
     pub(crate) fn apply_restored(&self, r: &crate::restore::Restored) {
         if !r.prompt.is_empty() {
             self.prompt.set(r.prompt.clone());
+            self.written.set(None);
         }
         self.negative_prompt.set(r.negative_prompt.clone());
         self.style.set(r.style);
@@ -264,6 +275,7 @@ impl FormState {
     /// Fills the form with a finished image's settings (its seed fixed, not random).
     pub(crate) fn apply(&self, r: &JobResult) {
         self.prompt.set(r.prompt.clone());
+        self.written.set(r.written_prompt.clone());
         self.negative_prompt.set(r.negative_prompt.clone());
         self.style.set(r.style);
         if let Some(ar) = AspectRatio::find(r.width, r.height) {

@@ -195,6 +195,7 @@ impl A1111 {
                 kind: kind_of(),
                 negative_prompt: c.negative_prompt.clone(),
                 loras: c.loras.clone(),
+                written_prompt: None,
             })
             .collect();
         let mut first_job = String::new();

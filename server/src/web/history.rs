@@ -255,6 +255,7 @@ mod tests {
             created_unix: created,
             source,
             loras: vec![],
+            written_prompt: None,
         }
     }
 

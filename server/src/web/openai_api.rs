@@ -209,6 +209,7 @@ async fn answer(studio: &Arc<Studio>, client: &ClientId, c: &Common, kind_of: im
             kind: kind_of(),
             negative_prompt: c.negative_prompt.clone(),
             loras: c.loras.clone(),
+            written_prompt: None,
         })
         .collect();
     let revised = reqs[0].full_prompt();

@@ -104,6 +104,7 @@ fn gen_req(prompt: &str, steps: u32) -> JobRequest {
         seed: Some(7),
         kind: JobKind::Generate { width: 1344, height: 768 },
         loras: vec![],
+        written_prompt: None,
     }
 }
 
