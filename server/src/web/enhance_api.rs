@@ -357,7 +357,7 @@ mod tests {
     use axum::body::Body;
     use axum::http::{Method, Request, StatusCode};
     use axum::Router;
-    use engine::enhancer::{EnhanceEvent, EnhanceOutput, FinishReason};
+    use engine::enhancer::{EnhanceEvent, EnhanceOutput};
     use engine::pipeline::{Control, GenerateOutput, GenerateRequest, StepEvent, Timings};
     use futures::StreamExt;
     use serde_json::{json, Value};
@@ -432,6 +432,12 @@ mod tests {
         let (_, _, b) = send(&app, post("/api/enhance", req.clone())).await;
         let second: Value = serde_json::from_str(&b).unwrap();
         assert_eq!(first["text"], second["text"]);
+        // the page's request (every default: our instructions, sampling) fits the tiny model
+        let (s, _, b) = send(&app, post("/api/enhance", json!({"prompt": "a lighthouse at dusk"}))).await;
+        assert_eq!(s, StatusCode::OK, "{b}");
+        let defaults: Value = serde_json::from_str(&b).unwrap();
+        assert!((1..=64).contains(&defaults["tokens"].as_u64().unwrap()), "{defaults}");
+        assert!(defaults["prompt_tokens"].as_u64().unwrap() > 500, "our instructions were sent: {defaults}");
 
         // events: queued, started, text deltas, done, the deltas adding up to the text
         let mut streamed = req.clone();
@@ -640,6 +646,36 @@ mod tests {
         studio.cancel(&ticket.job_id).unwrap();
         assert!(matches!(terminal_of(&mut rx, &ticket.job_id).await, JobEvent::Cancelled { .. }));
         assert!(!studio.queue.is_pending_enhancement(&ticket.job_id));
+        studio.shutdown();
+        std::fs::remove_dir_all(dir).ok();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_closed_websocket_cancels_the_enhancement_it_watched() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let talker = Arc::new(Talker { gate: Arc::new((Mutex::new(true), Condvar::new())), tokens_written: AtomicUsize::new(0) });
+        let (studio, app, dir) = studio_with(talker.clone());
+        let mut rx = studio.queue.subscribe();
+        let ticket = studio.enhance(app::types::EnhanceRequest::new("a cat"), &ClientId::new("ip:127.0.0.1")).unwrap();
+        let (addr, stop) = super::super::tests::serve_on_socket(app, Duration::from_secs(5)).await;
+        let mut s = super::super::tests::websocket_upgrade(addr).await;
+        // one masked text frame (mask 0: the payload goes as it is)
+        let watch = json!({"type": "watch", "job_id": ticket.job_id}).to_string();
+        let mut frame = vec![0x81, 0x80 | watch.len() as u8, 0, 0, 0, 0];
+        frame.extend_from_slice(watch.as_bytes());
+        s.write_all(&frame).await.unwrap();
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while got.windows(12).filter(|w| w == b"enhance_text").count() < 2 {
+            let n = tokio::time::timeout(Duration::from_secs(20), s.read(&mut buf)).await.unwrap().unwrap();
+            assert!(n > 0, "the socket closed: {}", String::from_utf8_lossy(&got));
+            got.extend_from_slice(&buf[..n]);
+        }
+        drop(s);
+        let end = terminal_of(&mut rx, &ticket.job_id).await;
+        assert!(matches!(end, JobEvent::Cancelled { .. }), "{end:?}");
+        assert!(talker.tokens_written.load(Ordering::SeqCst) < 4000);
+        stop.send_replace(true);
         studio.shutdown();
         std::fs::remove_dir_all(dir).ok();
     }

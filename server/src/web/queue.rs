@@ -762,7 +762,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         model: model.clone(),
         strength,
         guidance_scale: 0.0,
-        loras: job
+        loras: image
             .request
             .loras
             .iter()

@@ -34,6 +34,9 @@ impl StudioLimits {
     }
 }
 
+/// New tokens an enhancement on the tiny model writes when the request does not say.
+const TINY_DEFAULT_ENHANCE_TOKENS: usize = 64;
+
 pub struct Studio {
     /// The jobs' events and latest states as this process knows them (the websockets and the
     /// HTTP APIs read them here); with no `redis`, also the queue the local workers run.
@@ -242,7 +245,13 @@ impl Studio {
         let engine_req = engine::enhancer::EnhanceRequest {
             prompt: req.prompt.trim().to_string(),
             system: req.system,
-            max_new_tokens: req.max_new_tokens.unwrap_or(app::types::limits::DEFAULT_ENHANCE_TOKENS),
+            max_new_tokens: req.max_new_tokens.unwrap_or(if self.info().tiny_model {
+                // the tiny model's 1024 positions hold our instructions (~770 tokens of its byte
+                // tokenizer) and little more
+                TINY_DEFAULT_ENHANCE_TOKENS
+            } else {
+                app::types::limits::DEFAULT_ENHANCE_TOKENS
+            }),
             temperature: req.temperature.unwrap_or(EnhanceRequest::DEFAULT_TEMPERATURE),
             top_p: req.top_p.unwrap_or(EnhanceRequest::DEFAULT_TOP_P),
             seed,
