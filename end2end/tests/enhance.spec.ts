@@ -19,15 +19,21 @@ test("enhance: the new prompt streams into the box, reverts, and makes the image
   const mine = "a small red boat on a calm lake";
   await box.fill(mine);
 
-  // record every value the box shows while the text is written
+  // record every value the page puts into the box while the text is written
   await box.evaluate((el: HTMLTextAreaElement) => {
-    (window as any).__promptValues = [];
-    const seen = (window as any).__promptValues as string[];
-    const tick = () => {
-      if (seen[seen.length - 1] !== el.value) seen.push(el.value);
-      requestAnimationFrame(tick);
-    };
-    tick();
+    const seen: string[] = [el.value];
+    (window as any).__promptValues = seen;
+    const native = Object.getOwnPropertyDescriptor(HTMLTextAreaElement.prototype, "value")!;
+    Object.defineProperty(el, "value", {
+      configurable: true,
+      get() {
+        return native.get!.call(this);
+      },
+      set(v: string) {
+        if (seen[seen.length - 1] !== v) seen.push(v);
+        native.set!.call(this, v);
+      },
+    });
   });
   await page.getByTestId("gen-enhance").click();
   await expect(page.getByTestId("gen-enhance-revert")).toBeVisible();
@@ -45,9 +51,10 @@ test("enhance: the new prompt streams into the box, reverts, and makes the image
   const values: string[] = await page.evaluate(() => (window as any).__promptValues);
   expect(values[0]).toBe(mine);
   expect(values[values.length - 1]).toBe(enhanced);
-  if (mineEvents.filter((t) => t === "enhance_text").length > 1) {
-    expect(values.length).toBeGreaterThan(2);
-  }
+  // one value per text delta: the box grew as the text was written
+  const deltas = events.filter((e) => e.job_id === done.job_id && e.type === "enhance_text" && e.delta !== "");
+  expect(values.length).toBeGreaterThanOrEqual(Math.min(deltas.length, 3));
+  for (let i = 2; i < values.length; i++) expect(values[i].startsWith(values[i - 1].trimEnd())).toBe(true);
   await page.screenshot({ path: shot("enhance-done"), fullPage: true });
 
   // Revert gives the written prompt back

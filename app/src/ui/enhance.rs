@@ -116,7 +116,7 @@ pub(crate) fn EnhanceBar(form: FormState, #[prop(into)] id: String) -> impl Into
                 disabled=move || running() || prompt.with(|p| p.trim().is_empty())
                 on:click=enhance
             >
-                "✨ Enhance"
+                "Enhance"
             </button>
             <Show when=running>
                 <button type="button" class="btn small" data-testid=cancel_id.clone() on:click=cancel>
