@@ -51,6 +51,8 @@ test("enhance: the new prompt streams into the box, reverts, and makes the image
   const values: string[] = await page.evaluate(() => (window as any).__promptValues);
   expect(values[0]).toBe(mine);
   expect(values[values.length - 1]).toBe(enhanced);
+  const written = events.filter((e) => e.job_id === done.job_id && e.type === "enhance_text").map((e) => e.delta).join("");
+  expect(written.trim()).toBe(enhanced);
   // one value per text delta: the box grew as the text was written
   const deltas = events.filter((e) => e.job_id === done.job_id && e.type === "enhance_text" && e.delta !== "");
   expect(values.length).toBeGreaterThanOrEqual(Math.min(deltas.length, 3));

@@ -834,6 +834,9 @@ fn run_enhancement(queue: &JobQueue, generator: &dyn Generator, job: &Job, req: 
     }
     let started = Instant::now();
     queue.publish(JobEvent::EnhanceStarted { job_id: job_id.clone() });
+    // the deltas sent, so that the end can send what the engine held back (an incomplete
+    // character at the end of the text so far): the deltas always add up to the final text
+    let mut shown = String::new();
     let mut on_event = |ev: &EnhanceEvent| -> Control {
         if let Some(limit) = queue.limits.job_timeout {
             if started.elapsed() > limit {
@@ -843,32 +846,41 @@ fn run_enhancement(queue: &JobQueue, generator: &dyn Generator, job: &Job, req: 
         if job.cancelled() {
             return Control::Cancel;
         }
-        if !ev.delta.is_empty() {
-            queue.publish(JobEvent::EnhanceText { job_id: job_id.clone(), delta: printable(ev.delta), tokens: ev.new_tokens });
+        let delta = printable(ev.delta);
+        if !delta.is_empty() {
+            shown.push_str(&delta);
+            queue.publish(JobEvent::EnhanceText { job_id: job_id.clone(), delta, tokens: ev.new_tokens });
         }
         Control::Continue
     };
-    match generator.enhance(req, &mut on_event) {
-        Ok(out) => JobEvent::EnhanceDone {
-            job_id: job_id.clone(),
-            result: EnhanceResult {
-                truncation_note: out.truncation_note(),
-                text: printable(&out.text),
-                tokens: out.token_ids.len(),
-                prompt_tokens: out.prompt_tokens,
-                finish_reason: match out.finish {
-                    FinishReason::Stop => "stop",
-                    FinishReason::Length => "length",
-                }
-                .into(),
-                seed: req.seed,
-                model: generator.model_name(),
-                tiny_model: generator.has_random_weights(),
-                queued_ms: ms(queued),
-                first_token_ms: ms(out.first_token),
-                total_ms: ms(out.total),
-            },
-        },
+    let outcome = generator.enhance(req, &mut on_event);
+    match outcome {
+        Ok(out) => {
+            let text = printable(&out.text);
+            if let Some(rest) = text.strip_prefix(shown.as_str()).filter(|r| !r.is_empty()) {
+                queue.publish(JobEvent::EnhanceText { job_id: job_id.clone(), delta: rest.to_string(), tokens: out.token_ids.len() });
+            }
+            JobEvent::EnhanceDone {
+                job_id: job_id.clone(),
+                result: EnhanceResult {
+                    truncation_note: out.truncation_note(),
+                    text,
+                    tokens: out.token_ids.len(),
+                    prompt_tokens: out.prompt_tokens,
+                    finish_reason: match out.finish {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                    }
+                    .into(),
+                    seed: req.seed,
+                    model: generator.model_name(),
+                    tiny_model: generator.has_random_weights(),
+                    queued_ms: ms(queued),
+                    first_token_ms: ms(out.first_token),
+                    total_ms: ms(out.total),
+                },
+            }
+        }
         Err(engine::Error::Cancelled) => job.cancelled_event(),
         Err(engine::Error::InvalidRequest(m)) => JobEvent::Error { job_id, reason: m },
         Err(e) => {
