@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """The script APIs tested with the clients people use: the official `openai` package against
-/v1/images/*, and `webuiapi` (the AUTOMATIC1111 API client) against /sdapi/v1/*, on a running
+/v1/images/* and /v1/chat/completions (the prompt enhancer), and `webuiapi` (the AUTOMATIC1111 API client) against /sdapi/v1/*, on a running
 `zimage serve --model tiny --api-key KEY` (scripts/api-clients.sh starts it).
 
   api_clients_test.py --url http://127.0.0.1:3200 --key KEY
@@ -93,6 +93,43 @@ def test_openai(url, key):
         check(e.status_code == 401, "a wrong key is a 401 in OpenAI's shape")
 
 
+def test_openai_chat(url, key):
+    """The prompt enhancer through chat completions (the tiny model writes gibberish: the checks are
+    on the protocol, not the words). Few tokens keep it quick on a CPU."""
+    client = openai.OpenAI(base_url=url + "/v1", api_key=key, max_retries=0, timeout=300)
+    messages = [{"role": "user", "content": "a lighthouse at dusk"}]
+    r = client.chat.completions.create(model="z-image-turbo", messages=messages, max_tokens=8, temperature=0, seed=1)
+    text = r.choices[0].message.content
+    check(r.object == "chat.completion" and r.choices[0].message.role == "assistant" and isinstance(text, str),
+          f"chat.completions answers an assistant message ({text!r})")
+    check(1 <= r.usage.completion_tokens <= 8 and r.usage.prompt_tokens > 0
+          and r.choices[0].finish_reason in ("stop", "length"),
+          f"usage and finish_reason are filled ({r.usage}, {r.choices[0].finish_reason})")
+    again = client.chat.completions.create(model="z-image-turbo", messages=messages, max_tokens=8, temperature=0, seed=1)
+    check(again.choices[0].message.content == text, "temperature 0 gives the same text again")
+
+    stream = client.chat.completions.create(model="z-image-turbo", messages=messages, max_tokens=8, temperature=0,
+                                            seed=1, stream=True)
+    chunks = list(stream)
+    pieces = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    check(len(chunks) >= 2 and chunks[0].choices[0].delta.role == "assistant" and finish == [r.choices[0].finish_reason],
+          f"stream=True gives chunks: the role first, one finish_reason at the end ({len(chunks)} chunks, {finish})")
+    check(pieces.strip() == text.strip() and len(chunks) >= 3,
+          f"the streamed deltas add up to the whole answer ({pieces!r} vs {text!r})")
+    try:
+        client.chat.completions.create(model="z-image-turbo", messages=[{"role": "system", "content": "x"}])
+        check(False, "a chat without a user message is refused")
+    except openai.BadRequestError as e:
+        check(e.status_code == 400 and "user message" in str(e.body), f"no user message is a 400 saying so ({e.body})")
+    try:
+        openai.OpenAI(base_url=url + "/v1", api_key="wrong", max_retries=0).chat.completions.create(
+            model="z-image-turbo", messages=messages)
+        check(False, "a wrong key is refused for chat")
+    except openai.AuthenticationError as e:
+        check(e.status_code == 401, "chat completions need the API key (401)")
+
+
 def test_a1111(url, key):
     host, port = url.split("//")[1].split(":")
     api = webuiapi.WebUIApi(host=host, port=int(port), sampler="Euler", steps=STEPS)
@@ -179,6 +216,7 @@ def main():
     a = ap.parse_args()
     t0 = time.time()
     test_openai(a.url, a.key)
+    test_openai_chat(a.url, a.key)
     test_a1111(a.url, a.key)
     print(f"api client tests passed in {time.time() - t0:.0f} s")
 

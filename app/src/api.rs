@@ -2,7 +2,7 @@
 //! Errors are [`StudioError`]s, sent as JSON with the HTTP status of their kind.
 
 use crate::error::StudioError;
-use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
+use crate::types::{EnhanceRequest, EnhanceTicket, HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
 use leptos::prelude::*;
 use server_fn::codec::{Json, MultipartData, MultipartFormData};
 
@@ -55,6 +55,18 @@ pub async fn submit_job(req: JobRequest) -> Result<JobTicket, StudioError> {
         let client: crate::backend::ClientId =
             leptos_axum::extract().await.map_err(|e| StudioError::internal(e.to_string()))?;
         ssr::backend().await?.submit(req, &client)
+    }
+    .await;
+    ssr::respond(r)
+}
+
+/// Enqueues a prompt enhancement (the Enhance button). Its text comes over `/ws` as it is written.
+#[server(endpoint = "submit_enhance", input = Json)]
+pub async fn submit_enhance(req: EnhanceRequest) -> Result<EnhanceTicket, StudioError> {
+    let r = async {
+        let client: crate::backend::ClientId =
+            leptos_axum::extract().await.map_err(|e| StudioError::internal(e.to_string()))?;
+        ssr::backend().await?.enhance(req, &client)
     }
     .await;
     ssr::respond(r)

@@ -2,7 +2,7 @@
 //! store), reached from a server function through an axum extractor on the request's extensions.
 
 use crate::error::StudioError;
-use crate::types::{HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
+use crate::types::{EnhanceRequest, EnhanceTicket, HistoryPage, JobRequest, JobResult, JobTicket, LoraInfo, ServerInfo, UploadInfo};
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
 use std::sync::Arc;
@@ -25,6 +25,9 @@ pub trait Backend: Send + Sync + 'static {
     fn delete_image(&self, image_id: &str) -> Result<(), StudioError>;
     /// The LoRA folder's files, each saying whether it can be used with this model. Blocking.
     fn loras(&self) -> Result<Vec<LoraInfo>, StudioError>;
+    /// Validates and enqueues a prompt enhancement for `client` (the same queue and limits as
+    /// images); its text comes as `enhance_*` job events.
+    fn enhance(&self, req: EnhanceRequest, client: &ClientId) -> Result<EnhanceTicket, StudioError>;
 }
 
 /// The backend, put into every request's extensions by the server (`axum::Extension` layer) and

@@ -9,6 +9,9 @@
 //! * [`UploadInfo`]  — an uploaded Transform input after it was resized.
 //! * [`ServerInfo`]  — which model is loaded, whether it is the random-weight tiny model.
 //! * [`Readiness`]   — what the server is doing (downloading, loading, ready…): `/readyz`'s JSON.
+//! * [`EnhanceRequest`] / [`EnhanceTicket`] / [`EnhanceResult`] — a prompt to rewrite into a
+//!   detailed one (the Enhance button, `/api/enhance`, `/v1/chat/completions`), its place in the
+//!   queue, and the finished text.
 
 use crate::error::StudioError;
 use serde::{Deserialize, Serialize};
@@ -41,6 +44,11 @@ pub mod limits {
     pub const MAX_LORA_SCALE: f32 = 2.0;
     /// Largest LoRA file the page may upload, in bytes.
     pub const MAX_LORA_UPLOAD_BYTES: usize = 1024 * 1024 * 1024;
+    /// New tokens one enhancement may write (the Enhance button asks for the default).
+    pub const MAX_ENHANCE_TOKENS: usize = 1024;
+    pub const DEFAULT_ENHANCE_TOKENS: usize = 300;
+    /// Characters of instructions (a system message) an enhancement may carry.
+    pub const MAX_SYSTEM_CHARS: usize = 8000;
 }
 
 /// The seed Space's 10 style presets. Each appends a suffix to the prompt.
@@ -262,6 +270,9 @@ pub struct JobRequest {
     /// The perturbation's seed (A1111's `subseed`); none: the image's own seed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variation_seed: Option<u64>,
+    /// The prompt the user wrote when `prompt` is its enhanced rewrite (kept in the history).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_prompt: Option<String>,
 }
 
 fn is_zero(v: &f32) -> bool {
@@ -411,6 +422,14 @@ impl JobRequest {
         if self.negative_prompt.contains('\0') {
             return Err(StudioError::invalid("The negative prompt contains a NUL character."));
         }
+        if let Some(written) = &self.written_prompt {
+            if written.chars().count() > limits::MAX_PROMPT_CHARS || written.contains('\0') {
+                return Err(StudioError::invalid(format!(
+                    "The original (written) prompt must be at most {} characters without NUL characters.",
+                    limits::MAX_PROMPT_CHARS
+                )));
+            }
+        }
         validate_loras(&self.loras)?;
         if !self.variation.is_finite() || !(0.0..=1.0).contains(&self.variation) {
             return Err(StudioError::invalid(format!("Variation must be between 0 and 1 (got {}).", self.variation)));
@@ -551,6 +570,9 @@ pub struct JobResult {
     pub variation: f32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variation_seed: Option<u64>,
+    /// The prompt the user wrote, when `prompt` (what made the image) is its enhanced rewrite.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub written_prompt: Option<String>,
 }
 
 impl JobResult {
@@ -634,6 +656,12 @@ pub enum JobEvent {
     /// The job's worker was lost (a Redis deployment: the process died mid-job); another worker
     /// runs it again from the start. Its steps count again from 0.
     Restarted { job_id: String, reason: String },
+    /// A worker began rewriting an enhancement job's prompt (it waited in the queue until now).
+    EnhanceStarted { job_id: String },
+    /// More of an enhancement's text: `delta` follows what came before; `tokens` new tokens so far.
+    EnhanceText { job_id: String, delta: String, tokens: usize },
+    /// An enhancement finished (its text whole).
+    EnhanceDone { job_id: String, result: EnhanceResult },
 }
 
 impl JobEvent {
@@ -645,11 +673,17 @@ impl JobEvent {
             | JobEvent::Done { job_id, .. }
             | JobEvent::Error { job_id, .. }
             | JobEvent::Cancelled { job_id }
-            | JobEvent::Restarted { job_id, .. } => job_id,
+            | JobEvent::Restarted { job_id, .. }
+            | JobEvent::EnhanceStarted { job_id }
+            | JobEvent::EnhanceText { job_id, .. }
+            | JobEvent::EnhanceDone { job_id, .. } => job_id,
         }
     }
     pub fn is_terminal(&self) -> bool {
-        matches!(self, JobEvent::Done { .. } | JobEvent::Error { .. } | JobEvent::Cancelled { .. })
+        matches!(
+            self,
+            JobEvent::Done { .. } | JobEvent::Error { .. } | JobEvent::Cancelled { .. } | JobEvent::EnhanceDone { .. }
+        )
     }
 }
 
@@ -746,6 +780,8 @@ impl JobState {
                 };
                 self.phase = JobPhase::Running { step: 0, total, elapsed_ms: 0, eta_ms: 0 };
             }
+            // an image job has none of these (an enhancement's state is `EnhanceState`)
+            JobEvent::EnhanceStarted { .. } | JobEvent::EnhanceText { .. } | JobEvent::EnhanceDone { .. } => {}
         }
     }
 
@@ -762,6 +798,171 @@ impl JobState {
             }
             JobPhase::Done(_) => 1.0,
             JobPhase::Failed(_) | JobPhase::Cancelled => 0.0,
+        }
+    }
+}
+
+/// A prompt to rewrite into one detailed image prompt by the model's own text encoder run as a
+/// language model. Missing fields take the defaults (our instructions, 300 new tokens, sampling at
+/// temperature 0.7 / top-p 0.8 with a random seed).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnhanceRequest {
+    pub prompt: String,
+    /// The instructions (system message); `None`: ours; `""`: none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub system: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
+    /// 0: greedy (the same text every time).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub temperature: Option<f32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub top_p: Option<f32>,
+    /// Sampling seed: the same seed gives the same text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub seed: Option<u64>,
+    /// Answer with server-sent events (`/api/enhance`; the page and the server functions ignore it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stream: bool,
+}
+
+impl EnhanceRequest {
+    pub const DEFAULT_TEMPERATURE: f32 = 0.7;
+    pub const DEFAULT_TOP_P: f32 = 0.8;
+
+    pub fn new(prompt: impl Into<String>) -> EnhanceRequest {
+        EnhanceRequest { prompt: prompt.into(), system: None, max_new_tokens: None, temperature: None, top_p: None, seed: None, stream: false }
+    }
+
+    /// Checks everything that can be checked without the model.
+    pub fn validate(&self) -> Result<(), StudioError> {
+        let prompt = self.prompt.trim();
+        if prompt.is_empty() {
+            return Err(StudioError::invalid("Please enter a prompt to enhance."));
+        }
+        let chars = prompt.chars().count();
+        if chars > limits::MAX_PROMPT_CHARS {
+            return Err(StudioError::invalid(format!(
+                "The prompt is too long ({chars} characters; at most {}).",
+                limits::MAX_PROMPT_CHARS
+            )));
+        }
+        if let Some(system) = &self.system {
+            if system.chars().count() > limits::MAX_SYSTEM_CHARS {
+                return Err(StudioError::invalid(format!("The instructions are too long (at most {} characters).", limits::MAX_SYSTEM_CHARS)));
+            }
+        }
+        if prompt.contains('\0') || self.system.as_deref().is_some_and(|s| s.contains('\0')) {
+            return Err(StudioError::invalid("The prompt contains a NUL character."));
+        }
+        if let Some(n) = self.max_new_tokens {
+            if n == 0 || n > limits::MAX_ENHANCE_TOKENS {
+                return Err(StudioError::invalid(format!(
+                    "max_new_tokens must be between 1 and {} (got {n}).",
+                    limits::MAX_ENHANCE_TOKENS
+                )));
+            }
+        }
+        if let Some(t) = self.temperature {
+            if !t.is_finite() || !(0.0..=2.0).contains(&t) {
+                return Err(StudioError::invalid(format!("temperature must be between 0 and 2 (got {t}).")));
+            }
+        }
+        if let Some(p) = self.top_p {
+            if !p.is_finite() || p <= 0.0 || p > 1.0 {
+                return Err(StudioError::invalid(format!("top_p must be above 0 and at most 1 (got {p}).")));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The answer to an enhancement's submission; its text comes over `/ws` as `enhance_*` events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnhanceTicket {
+    pub job_id: String,
+    /// 1-based place in the queue it shares with the images.
+    pub position: usize,
+    /// The sampling seed used (picked by the server when the request had none).
+    pub seed: u64,
+}
+
+/// A finished enhancement.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnhanceResult {
+    /// The new prompt (think blocks removed, trimmed).
+    pub text: String,
+    /// New tokens written.
+    pub tokens: usize,
+    /// Tokens of the templated prompt the model read.
+    pub prompt_tokens: usize,
+    /// `stop` (the model ended) or `length` (`max_new_tokens` reached), as OpenAI says it.
+    pub finish_reason: String,
+    pub seed: u64,
+    /// Set when the prompt was cut to fit the context.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncation_note: Option<String>,
+    pub model: String,
+    /// Random weights: the text is gibberish.
+    pub tiny_model: bool,
+    pub queued_ms: u64,
+    pub first_token_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Where an enhancement stands, as the page shows it, folded from its events.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum EnhancePhase {
+    Queued { position: usize },
+    Writing,
+    Done(Box<EnhanceResult>),
+    Failed(String),
+    Cancelled,
+}
+
+/// Client-side state of one enhancement: the text so far.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct EnhanceState {
+    pub job_id: String,
+    pub phase: EnhancePhase,
+    pub text: String,
+    pub tokens: usize,
+}
+
+impl EnhanceState {
+    pub fn from_ticket(t: &EnhanceTicket) -> EnhanceState {
+        EnhanceState { job_id: t.job_id.clone(), phase: EnhancePhase::Queued { position: t.position }, text: String::new(), tokens: 0 }
+    }
+
+    pub fn is_terminal(&self) -> bool {
+        matches!(self.phase, EnhancePhase::Done(_) | EnhancePhase::Failed(_) | EnhancePhase::Cancelled)
+    }
+
+    /// Applies one event; events of other jobs are ignored, a finished enhancement stays finished.
+    pub fn apply(&mut self, ev: &JobEvent) {
+        if ev.job_id() != self.job_id || self.is_terminal() {
+            return;
+        }
+        match ev {
+            JobEvent::Queued { position, .. } => self.phase = EnhancePhase::Queued { position: *position },
+            JobEvent::EnhanceStarted { .. } => {
+                self.phase = EnhancePhase::Writing;
+                self.text.clear();
+            }
+            JobEvent::EnhanceText { delta, tokens, .. } => {
+                self.phase = EnhancePhase::Writing;
+                self.text.push_str(delta);
+                self.tokens = *tokens;
+            }
+            JobEvent::EnhanceDone { result, .. } => {
+                self.text = result.text.clone();
+                self.tokens = result.tokens;
+                self.phase = EnhancePhase::Done(Box::new(result.clone()));
+            }
+            JobEvent::Error { reason, .. } => self.phase = EnhancePhase::Failed(reason.clone()),
+            JobEvent::Cancelled { .. } => self.phase = EnhancePhase::Cancelled,
+            JobEvent::Started { .. } | JobEvent::Step { .. } | JobEvent::Done { .. } | JobEvent::Restarted { .. } => {}
         }
     }
 }
@@ -962,6 +1163,7 @@ mod tests {
             loras: vec![],
             variation: 0.0,
             variation_seed: None,
+            written_prompt: None,
         }
     }
 
@@ -1088,5 +1290,38 @@ mod tests {
         assert_eq!(st.phase, JobPhase::Cancelled);
         st.apply(&JobEvent::Queued { job_id: "j".into(), position: 1 });
         assert_eq!(st.phase, JobPhase::Cancelled, "terminal states are sticky");
+    }
+    #[test]
+    fn enhance_requests_are_checked_and_events_fold() {
+        assert!(EnhanceRequest::new("a cat").validate().is_ok());
+        let bad = |f: &dyn Fn(&mut EnhanceRequest), why: &str| {
+            let mut r = EnhanceRequest::new("a cat");
+            f(&mut r);
+            let e = r.validate().unwrap_err().reason;
+            assert!(e.contains(why), "{why}: {e}");
+        };
+        bad(&|r| r.prompt = "  ".into(), "enter a prompt");
+        bad(&|r| r.max_new_tokens = Some(0), "max_new_tokens");
+        bad(&|r| r.max_new_tokens = Some(limits::MAX_ENHANCE_TOKENS + 1), "max_new_tokens");
+        bad(&|r| r.temperature = Some(f32::NAN), "temperature");
+        bad(&|r| r.temperature = Some(-1.0), "temperature");
+        bad(&|r| r.top_p = Some(0.0), "top_p");
+        bad(&|r| r.prompt = "x".repeat(limits::MAX_PROMPT_CHARS + 1), "too long");
+        assert!(serde_json::from_str::<EnhanceRequest>(r#"{"prompt":"x","temprature":1}"#).is_err(), "unknown fields are refused");
+        let t = EnhanceTicket { job_id: "e".into(), position: 2, seed: 5 };
+        let mut st = EnhanceState::from_ticket(&t);
+        st.apply(&JobEvent::EnhanceStarted { job_id: "e".into() });
+        st.apply(&JobEvent::EnhanceText { job_id: "e".into(), delta: "a red".into(), tokens: 2 });
+        st.apply(&JobEvent::EnhanceText { job_id: "other".into(), delta: "zzz".into(), tokens: 9 });
+        st.apply(&JobEvent::EnhanceText { job_id: "e".into(), delta: " fox".into(), tokens: 3 });
+        assert_eq!((st.text.as_str(), st.tokens, &st.phase), ("a red fox", 3, &EnhancePhase::Writing));
+        let ev = JobEvent::EnhanceText { job_id: "e".into(), delta: "x".into(), tokens: 4 };
+        assert_eq!(serde_json::to_string(&ev).unwrap(), r#"{"type":"enhance_text","job_id":"e","delta":"x","tokens":4}"#);
+        st.apply(&JobEvent::Cancelled { job_id: "e".into() });
+        assert!(st.is_terminal());
+        // an image job's state ignores enhancement events
+        let mut img = JobState::from_ticket(&JobTicket { job_id: "e".into(), position: 1, seed: 1, width: 1024, height: 1024 });
+        img.apply(&ev);
+        assert_eq!(img.phase, JobPhase::Queued { position: 1 });
     }
 }

@@ -191,6 +191,7 @@ fn generate_request() -> impl Strategy<Value = JobRequest> {
             loras: loras.into_iter().map(|(name, s)| app::types::LoraChoice::new(name, s as f32 / 20.0)).collect(),
             variation,
             variation_seed: None,
+            written_prompt: None,
         })
         .prop_filter("valid and carried by the A1111 layout", |r| {
             r.validate().is_ok() && carried_by_the_layout(&r.prompt) && carried_by_the_layout(&r.negative_prompt) && !r.prompt.contains("<lora:")
@@ -302,6 +303,7 @@ fn any_request() -> impl Strategy<Value = JobRequest> {
             loras: vec![],
             variation: 0.0,
             variation_seed: None,
+            written_prompt: None,
         })
 }
 

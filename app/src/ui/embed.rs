@@ -45,6 +45,7 @@ pub fn EmbedPage() -> impl IntoView {
             loras: Vec::new(),
             variation: 0.0,
             variation_seed: None,
+            written_prompt: None,
         });
     });
 

@@ -85,6 +85,7 @@ pub(crate) fn GenerateTab(form: FormState) -> impl IntoView {
                 }
             >
                 <PromptBox prompt on_submit=submit id="gen-prompt" />
+                <EnhanceBar form id="gen" />
                 <NegativePrompt text=negative_prompt id="gen-negative" />
                 <LoraPicker form id="gen" />
                 <div class="restore">

@@ -205,6 +205,7 @@ fn HistoryDetail(
             </a>
             <table class="settings" data-testid="history-settings">
                 {row("Prompt", r.prompt.clone())}
+                {r.written_prompt.clone().map(|w| row("Written prompt (before Enhance)", w))}
                 {(!r.negative_prompt.is_empty()).then(|| row("Negative prompt", r.negative_prompt.clone()))}
                 {(!r.loras.is_empty()).then(|| row("LoRAs", r.loras_text()))}
                 {row("Style", r.style.label().to_string())}

@@ -17,11 +17,13 @@ pub struct JobSlot {
 #[derive(Clone, Copy)]
 pub struct Jobs {
     slots: StoredValue<Vec<JobSlot>>,
+    /// The Enhance buttons' states (their events come over the same socket).
+    enhancements: StoredValue<Vec<RwSignal<Option<crate::types::EnhanceState>>>>,
     pub connected: RwSignal<bool>,
 }
 
 pub fn provide_jobs() {
-    let jobs = Jobs { slots: StoredValue::new(Vec::new()), connected: RwSignal::new(true) };
+    let jobs = Jobs { slots: StoredValue::new(Vec::new()), enhancements: StoredValue::new(Vec::new()), connected: RwSignal::new(true) };
     provide_context(jobs);
     browser_effect(move |_| {
         client::ws_start(
@@ -34,11 +36,29 @@ pub fn provide_jobs() {
                             }
                         });
                     }
+                });
+                jobs.enhancements.with_value(|states| {
+                    for state in states {
+                        if state.with_untracked(|s| s.as_ref().is_some_and(|s| s.job_id == ev.job_id())) {
+                            state.update(|s| {
+                                if let Some(s) = s {
+                                    s.apply(&ev)
+                                }
+                            });
+                        }
+                    }
                 })
             },
             move |up| jobs.connected.set(up),
         );
     });
+}
+
+impl Jobs {
+    /// Folds the socket's enhancement events into `state` (an Enhance button's).
+    pub(crate) fn add_enhancement(&self, state: RwSignal<Option<crate::types::EnhanceState>>) {
+        self.enhancements.update_value(|v| v.push(state));
+    }
 }
 
 impl JobSlot {

@@ -17,6 +17,7 @@ use std::time::Duration;
 
 mod chrome;
 mod embed;
+mod enhance;
 mod generate;
 mod history;
 mod jobs;
@@ -33,6 +34,7 @@ pub use jobs::provide_jobs;
 pub use share::SharePage;
 pub use status::provide_server_status;
 use chrome::*;
+use enhance::*;
 use generate::*;
 use history::*;
 use jobs::*;

@@ -155,6 +155,7 @@ pub(crate) fn TransformTab(active: Signal<bool>, form: FormState) -> impl IntoVi
                     </Show>
                 </div>
                 <PromptBox prompt on_submit=submit id="tr-prompt" />
+                <EnhanceBar form id="tr" />
                 <NegativePrompt text=negative_prompt id="tr-negative" />
                 <LoraPicker form id="tr" />
                 <div class="grid2">

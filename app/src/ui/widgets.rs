@@ -233,6 +233,8 @@ pub(crate) struct FormState {
     pub(crate) loras: RwSignal<Vec<LoraChoice>>,
     /// 0-1 (0: off).
     pub(crate) variation: RwSignal<f32>,
+    /// The prompt the user wrote, while the box holds its enhanced rewrite (Revert puts it back).
+    pub(crate) written: RwSignal<Option<String>>,
 }
 
 impl FormState {
@@ -248,7 +250,14 @@ impl FormState {
             count: RwSignal::new(1),
             loras: RwSignal::new(Vec::new()),
             variation: RwSignal::new(0.0),
+            written: RwSignal::new(None),
         }
+    }
+
+    /// The prompt the user wrote, when the box holds another (its enhanced rewrite).
+    pub(crate) fn written_prompt(&self) -> Option<String> {
+        let prompt = self.prompt.get_untracked();
+        self.written.get_untracked().filter(|w| w.trim() != prompt.trim())
     }
 
     /// One request per seed from the form's settings, each of `kind`.
@@ -265,6 +274,7 @@ impl FormState {
                 loras: self.loras.get_untracked(),
                 variation: self.variation.get_untracked(),
                 variation_seed: None,
+                written_prompt: self.written_prompt(),
             })
             .collect()
     }
@@ -274,6 +284,7 @@ impl FormState {
     pub(crate) fn apply_restored(&self, r: &crate::restore::Restored) {
         if !r.prompt.is_empty() {
             self.prompt.set(r.prompt.clone());
+            self.written.set(None);
         }
         self.negative_prompt.set(r.negative_prompt.clone());
         self.style.set(r.style);
@@ -297,6 +308,7 @@ impl FormState {
     /// Fills the form with a finished image's settings (its seed fixed, not random).
     pub(crate) fn apply(&self, r: &JobResult) {
         self.prompt.set(r.prompt.clone());
+        self.written.set(r.written_prompt.clone());
         self.negative_prompt.set(r.negative_prompt.clone());
         self.style.set(r.style);
         if let Some(ar) = AspectRatio::find(r.width, r.height) {

@@ -206,6 +206,7 @@ impl A1111 {
                 loras: c.loras.clone(),
                 variation: c.variation,
                 variation_seed: c.subseed.map(|s| s + i as u64),
+                written_prompt: None,
             })
             .collect();
         let mut first_job = String::new();

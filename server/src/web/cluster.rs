@@ -300,7 +300,10 @@ impl RedisFrontEnd {
 
     /// Puts a job on the stream; its place in line.
     pub fn submit(&self, job: Job) -> Result<usize, StudioError> {
-        let upload = match &job.request.kind {
+        let Some(image) = job.image() else {
+            return Err(enhancement_on_redis());
+        };
+        let upload = match &image.request.kind {
             JobKind::Transform { upload_id, .. } => {
                 let path = self.store.upload_path(upload_id).ok_or_else(|| StudioError::not_found("No such upload."))?;
                 std::fs::read(&path).map_err(|_| StudioError::not_found("This upload has expired; please upload the image again."))?
@@ -309,10 +312,10 @@ impl RedisFrontEnd {
         };
         let queued = QueuedJob {
             id: job.id.clone(),
-            request: job.request.clone(),
-            seed: job.seed,
-            width: job.width,
-            height: job.height,
+            request: image.request.clone(),
+            seed: image.seed,
+            width: image.width,
+            height: image.height,
             source: job.source,
             client: job.client.0.to_string(),
             submitted_unix_ms: unix_ms(),
@@ -741,4 +744,13 @@ async fn hear_cancels(client: redis::Client, local: Arc<JobQueue>) {
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+/// The refusal of a prompt enhancement on a Redis front end: the workers' protocol carries image
+/// jobs only.
+pub fn enhancement_on_redis() -> StudioError {
+    StudioError::new(
+        ErrorKind::Unavailable,
+        "Prompt enhancement is not available on a server whose jobs run on Redis workers (--queue redis://); it runs on servers that hold the model themselves.",
+    )
 }

@@ -257,6 +257,7 @@ mod tests {
             loras: vec![],
             variation: 0.0,
             variation_seed: None,
+            written_prompt: None,
         }
     }
 

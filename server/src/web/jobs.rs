@@ -12,9 +12,9 @@ use super::studio::Studio;
 
 /// Cancels the jobs still listed when dropped (the handler's future was dropped: the client went
 /// away, or another job of the request failed).
-struct CancelOnDrop {
-    studio: Arc<Studio>,
-    pending: Vec<String>,
+pub(super) struct CancelOnDrop {
+    pub(super) studio: Arc<Studio>,
+    pub(super) pending: Vec<String>,
 }
 
 impl Drop for CancelOnDrop {

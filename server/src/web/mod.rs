@@ -3,7 +3,9 @@
 //!
 //! Routes:
 //! * `/`, `/embed`, `/share/{id}` — Leptos pages (SSR, hydrated by the wasm in `/pkg`)
-//! * `/api/*` — server functions (`app::api`), errors as JSON `{kind, reason}` with a status
+//! * `/api/*` — server functions (`app::api`), errors as JSON `{kind, reason}` with a status;
+//!   `/api/generate` and `/api/enhance` (JSON or server-sent events) for scripts
+//! * `/v1/*` — OpenAI's images and chat completions (the enhancer); `/sdapi/*` — A1111's
 //! * `/ws` — job events (JSON, `app::types::JobEvent`)
 //! * `/images/{id}.png`, `/uploads/{id}.png` — stored PNGs under unguessable ids
 //! * `/healthz` — liveness; `/readyz` — readiness (503 while the model loads or the server
@@ -16,6 +18,7 @@
 mod a1111_api;
 mod bodies;
 mod cluster;
+mod enhance_api;
 mod generate_api;
 mod history;
 mod jobs;
@@ -455,6 +458,7 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
     let openai = Router::new()
         .route("/v1/images/generations", axum::routing::post(openai_api::generations))
         .route("/v1/images/edits", axum::routing::post(openai_api::edits))
+        .route("/v1/chat/completions", axum::routing::post(enhance_api::chat_completions))
         .route("/v1/models", get(openai_api::models))
         .route("/v1/models/{id}", get(openai_api::model))
         .route_layer(axum::middleware::from_fn_with_state(key.clone(), openai_auth));
@@ -477,6 +481,7 @@ pub fn router_with(studio: Arc<Studio>, options: LeptosOptions, frames: FramePol
         .merge(sdapi)
         .route("/ws", get(ws::ws_handler))
         .route("/api/generate", axum::routing::post(generate_api::generate))
+        .route("/api/enhance", axum::routing::post(enhance_api::enhance))
         .route("/api/loras", get(loras::list))
         .route(
             "/api/loras/{name}",

@@ -219,6 +219,7 @@ async fn answer(studio: &Arc<Studio>, client: &ClientId, c: &Common, kind_of: im
             loras: c.loras.clone(),
             variation: c.variation,
             variation_seed: None,
+            written_prompt: None,
         })
         .collect();
     let revised = reqs[0].full_prompt();

@@ -127,4 +127,13 @@ impl Generator for PipelineGenerator {
         }
         pipe.generate(req, on_step)
     }
+    fn enhance(
+        &self,
+        req: &engine::enhancer::EnhanceRequest,
+        on_event: &mut dyn FnMut(&engine::enhancer::EnhanceEvent) -> Control,
+    ) -> engine::Result<engine::enhancer::EnhanceOutput> {
+        // the text encoder's weights are not touched by LoRAs (they patch the transformer only)
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.pipe.enhance(req, on_event)
+    }
 }

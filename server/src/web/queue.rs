@@ -2,10 +2,15 @@
 //! the clients taking turns), one worker thread per device. Every state change is published as a
 //! [`JobEvent`] on a broadcast channel (the websocket sessions filter it by job id) and kept as the
 //! job's latest snapshot, so a client that (re)connects gets the current state at once.
+//!
+//! A job makes an image or rewrites a prompt (the enhancer runs the text encoder on the same
+//! device, so enhancements wait in the same line); an enhancement streams its text as
+//! `enhance_text` events and stops at the next token when cancelled.
 
 use app::backend::ClientId;
-use app::types::{JobEvent, JobKind, JobRequest, JobResult, JobSource, TimingsMs};
+use app::types::{EnhanceResult, JobEvent, JobKind, JobRequest, JobResult, JobSource, TimingsMs};
 use app::{ErrorKind, StudioError};
+use engine::enhancer::{EnhanceEvent, EnhanceOutput, EnhanceRequest, FinishReason};
 use engine::pipeline::{Control, GenerateOutput, GenerateRequest, StepEvent};
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -66,6 +71,15 @@ pub trait Generator: Send + Sync + 'static {
         loras: &[app::types::LoraChoice],
         on_step: &mut dyn FnMut(&StepEvent) -> Control,
     ) -> engine::Result<GenerateOutput>;
+    /// Rewrites `req.prompt` with the model's text encoder run as a language model; `on_event`
+    /// gets the text as it grows and stops it with `Control::Cancel`.
+    fn enhance(
+        &self,
+        _req: &EnhanceRequest,
+        _on_event: &mut dyn FnMut(&EnhanceEvent) -> Control,
+    ) -> engine::Result<EnhanceOutput> {
+        Err(engine::Error::InvalidRequest("this worker cannot enhance prompts".into()))
+    }
 }
 
 /// A validated job.
@@ -75,12 +89,7 @@ pub struct Job {
     pub source: JobSource,
     /// Who submitted it (the fair queue's turns and the cap per client).
     pub client: ClientId,
-    pub request: JobRequest,
-    /// Prompt with the style suffix.
-    pub full_prompt: String,
-    pub seed: u64,
-    pub width: u32,
-    pub height: u32,
+    pub work: Work,
     pub submitted: Instant,
     cancel: AtomicBool,
     /// Set when the server, not the client, stopped the job (timeout, shutdown): the job then
@@ -88,21 +97,53 @@ pub struct Job {
     stop_reason: OnceLock<String>,
 }
 
+/// What a job does.
+pub enum Work {
+    Image(ImageWork),
+    /// Rewrite a prompt (the engine's request, its seed fixed).
+    Enhance(EnhanceRequest),
+}
+
+/// An image job's request and what the server settled for it.
+pub struct ImageWork {
+    pub request: JobRequest,
+    /// Prompt with the style suffix.
+    pub full_prompt: String,
+    pub seed: u64,
+    pub width: u32,
+    pub height: u32,
+}
+
 impl Job {
+    /// An image job.
     pub fn new(request: JobRequest, seed: u64, width: u32, height: u32, source: JobSource, client: ClientId) -> Job {
+        let work = Work::Image(ImageWork { full_prompt: request.full_prompt(), request, seed, width, height });
+        Job::with_work(work, source, client)
+    }
+    /// A prompt enhancement.
+    pub fn enhancement(request: EnhanceRequest, source: JobSource, client: ClientId) -> Job {
+        Job::with_work(Work::Enhance(request), source, client)
+    }
+    fn with_work(work: Work, source: JobSource, client: ClientId) -> Job {
         Job {
             id: new_id(),
             source,
             client,
-            full_prompt: request.full_prompt(),
-            request,
-            seed,
-            width,
-            height,
+            work,
             submitted: Instant::now(),
             cancel: AtomicBool::new(false),
             stop_reason: OnceLock::new(),
         }
+    }
+    /// The image part of an image job.
+    pub fn image(&self) -> Option<&ImageWork> {
+        match &self.work {
+            Work::Image(w) => Some(w),
+            Work::Enhance(_) => None,
+        }
+    }
+    pub fn is_enhancement(&self) -> bool {
+        matches!(self.work, Work::Enhance(_))
     }
     /// The job under the id and submission time a front end gave it (a Redis worker running a
     /// job a front end accepted).
@@ -252,6 +293,14 @@ impl JobQueue {
         self.lock().snapshots.get(job_id).map(|s| s.event.clone())
     }
 
+    /// Whether `job_id` is an enhancement still waiting or running.
+    pub fn is_pending_enhancement(&self, job_id: &str) -> bool {
+        let inner = self.lock();
+        inner.running.get(job_id).map(|j| j.is_enhancement()).unwrap_or_else(|| {
+            inner.waiting.by_client.values().flatten().any(|j| j.id == job_id && j.is_enhancement())
+        })
+    }
+
     pub fn waiting_len(&self) -> usize {
         self.lock().waiting.len()
     }
@@ -268,7 +317,7 @@ impl JobQueue {
     fn publish_locked(&self, inner: &mut Inner, ev: JobEvent) {
         let finished = ev.is_terminal().then(Instant::now);
         let outcome = match &ev {
-            JobEvent::Done { .. } => Some("done"),
+            JobEvent::Done { .. } | JobEvent::EnhanceDone { .. } => Some("done"),
             JobEvent::Error { .. } => Some("error"),
             JobEvent::Cancelled { .. } => Some("cancelled"),
             _ => None,
@@ -518,6 +567,17 @@ pub fn spawn_worker_with(
         .spawn(move || {
             while let Some(job) = queue.next_job() {
                 let started = Instant::now();
+                if let Work::Enhance(req) = &job.work {
+                    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run_enhancement(&queue, &*generator, &job, req)));
+                    queue.metrics.job_seconds.observe(started.elapsed().as_secs_f64());
+                    // the deltas went out from this thread; the end follows them (after any step
+                    // post of an earlier image job still on its way: that job is another's)
+                    queue.finish(outcome.unwrap_or_else(|_| JobEvent::Error {
+                        job_id: job.id.clone(),
+                        reason: "The enhancement crashed; the error was logged on the server.".into(),
+                    }));
+                    continue;
+                }
                 let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
                     run_job(&queue, &*generator, &store, &job, &posts)
                 }));
@@ -588,16 +648,19 @@ fn run_job(
     if job.cancelled() {
         return Err(job.cancelled_event());
     }
+    let Some(image) = job.image() else {
+        return Err(JobEvent::Error { job_id, reason: "An enhancement reached the image runner.".into() });
+    };
     let started = Instant::now();
     let mut last_step_elapsed = Duration::ZERO;
     queue.publish(JobEvent::Started {
         job_id: job_id.clone(),
-        width: job.width,
-        height: job.height,
-        steps: job.request.steps,
-        seed: job.seed,
+        width: image.width,
+        height: image.height,
+        steps: image.request.steps,
+        seed: image.seed,
     });
-    let (init_image, strength) = match &job.request.kind {
+    let (init_image, strength) = match &image.request.kind {
         JobKind::Generate { .. } => (None, None),
         JobKind::Transform { upload_id, strength } => match store.load_upload(upload_id) {
             Ok(img) => (Some(img), Some(*strength)),
@@ -605,18 +668,18 @@ fn run_job(
         },
     };
     let req = GenerateRequest {
-        prompt: job.full_prompt.clone(),
-        negative_prompt: job.request.negative_prompt.clone(),
-        width: job.width as usize,
-        height: job.height as usize,
-        steps: job.request.steps as usize,
-        seed: job.seed,
+        prompt: image.full_prompt.clone(),
+        negative_prompt: image.request.negative_prompt.clone(),
+        width: image.width as usize,
+        height: image.height as usize,
+        steps: image.request.steps as usize,
+        seed: image.seed,
         n: 1,
         init_image,
         strength: strength.unwrap_or(1.0),
         preview: true,
-        variation: job.request.variation,
-        variation_seed: job.request.variation_seed,
+        variation: image.request.variation,
+        variation_seed: image.request.variation_seed,
         ..GenerateRequest::default()
     };
     let mut first_step_at: Option<Duration> = None;
@@ -662,7 +725,7 @@ fn run_job(
             Control::Continue
         }
     };
-    let out = match generator.generate(&req, &job.request.loras, &mut on_step) {
+    let out = match generator.generate(&req, &image.request.loras, &mut on_step) {
         Ok(out) => out,
         Err(engine::Error::Cancelled) => return Err(job.cancelled_event()),
         Err(engine::Error::InvalidRequest(m)) => return Err(JobEvent::Error { job_id, reason: m }),
@@ -683,28 +746,31 @@ fn run_job(
 /// PNG-encodes and stores a finished generation; returns the job's final event.
 fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Generated) -> JobEvent {
     let job_id = job.id.clone();
+    let Some(image) = job.image() else {
+        return JobEvent::Error { job_id, reason: "An enhancement reached the image store.".into() };
+    };
     let Generated { out, strength, queued, model, tiny } = generated;
     let Some(img) = out.images.first() else {
         return JobEvent::Error { job_id, reason: "The model returned no image.".into() };
     };
-    let seed = out.seeds.first().copied().unwrap_or(job.seed);
+    let seed = out.seeds.first().copied().unwrap_or(image.seed);
     let params = engine::png_meta::Parameters {
-        prompt: job.full_prompt.clone(),
-        negative_prompt: job.request.negative_prompt.clone(),
-        steps: job.request.steps as usize,
+        prompt: image.full_prompt.clone(),
+        negative_prompt: image.request.negative_prompt.clone(),
+        steps: image.request.steps as usize,
         seed,
         width: img.width(),
         height: img.height(),
         model: model.clone(),
         strength,
         guidance_scale: 0.0,
-        loras: job
+        loras: image
             .request
             .loras
             .iter()
             .map(|l| engine::png_meta::LoraUse { name: l.name.clone(), scale: l.scale, sha256: l.sha256.clone().unwrap_or_default() })
             .collect(),
-        variation: Some((job.request.variation_seed.unwrap_or(seed), job.request.variation)),
+        variation: Some((image.request.variation_seed.unwrap_or(seed), image.request.variation)),
     };
     let png = match engine::png_meta::encode_png(img, &params) {
         Ok(p) => p,
@@ -716,10 +782,10 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         image_url: format!("/images/{image_id}.png"),
         share_url: format!("/share/{image_id}"),
         image_id,
-        prompt: job.request.prompt.trim().to_string(),
-        style: job.request.style,
+        prompt: image.request.prompt.trim().to_string(),
+        style: image.request.style,
         seed,
-        steps: job.request.steps,
+        steps: image.request.steps,
         width: img.width(),
         height: img.height(),
         strength,
@@ -738,11 +804,12 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
             .duration_since(SystemTime::UNIX_EPOCH)
             .map(|d| d.as_secs())
             .unwrap_or(0),
-        negative_prompt: job.request.negative_prompt.clone(),
+        negative_prompt: image.request.negative_prompt.clone(),
         source: job.source,
-        loras: job.request.loras.clone(),
-        variation: job.request.variation,
-        variation_seed: (job.request.variation > 0.0).then(|| job.request.variation_seed.unwrap_or(seed)),
+        loras: image.request.loras.clone(),
+        variation: image.request.variation,
+        variation_seed: (image.request.variation > 0.0).then(|| image.request.variation_seed.unwrap_or(seed)),
+        written_prompt: image.request.written_prompt.clone(),
     };
     match sink {
         ResultSink::Store { history } => save_result(store, history, job_id, &png, result),
@@ -761,4 +828,75 @@ pub fn save_result(store: &ImageStore, history: &History, job_id: String, png: &
         eprintln!("[web] job {job_id}: adding it to the history failed: {}", e.reason);
     }
     JobEvent::Done { job_id, result }
+}
+
+/// Runs one enhancement on the worker, publishing its text as it grows; the job's final event.
+fn run_enhancement(queue: &JobQueue, generator: &dyn Generator, job: &Job, req: &EnhanceRequest) -> JobEvent {
+    let job_id = job.id.clone();
+    let queued = job.submitted.elapsed();
+    if job.cancelled() {
+        return job.cancelled_event();
+    }
+    let started = Instant::now();
+    queue.publish(JobEvent::EnhanceStarted { job_id: job_id.clone() });
+    // the deltas sent, so that the end can send what the engine held back (an incomplete
+    // character at the end of the text so far): the deltas always add up to the final text
+    let mut shown = String::new();
+    let mut on_event = |ev: &EnhanceEvent| -> Control {
+        if let Some(limit) = queue.limits.job_timeout {
+            if started.elapsed() > limit {
+                job.stop(format!("The enhancement ran longer than this server's limit of {} s per job and was stopped.", limit.as_secs()));
+            }
+        }
+        if job.cancelled() {
+            return Control::Cancel;
+        }
+        let delta = printable(ev.delta);
+        if !delta.is_empty() {
+            shown.push_str(&delta);
+            queue.publish(JobEvent::EnhanceText { job_id: job_id.clone(), delta, tokens: ev.new_tokens });
+        }
+        Control::Continue
+    };
+    let outcome = generator.enhance(req, &mut on_event);
+    match outcome {
+        Ok(out) => {
+            let text = printable(&out.text);
+            if let Some(rest) = text.strip_prefix(shown.as_str()).filter(|r| !r.is_empty()) {
+                queue.publish(JobEvent::EnhanceText { job_id: job_id.clone(), delta: rest.to_string(), tokens: out.token_ids.len() });
+            }
+            JobEvent::EnhanceDone {
+                job_id: job_id.clone(),
+                result: EnhanceResult {
+                    truncation_note: out.truncation_note(),
+                    text,
+                    tokens: out.token_ids.len(),
+                    prompt_tokens: out.prompt_tokens,
+                    finish_reason: match out.finish {
+                        FinishReason::Stop => "stop",
+                        FinishReason::Length => "length",
+                    }
+                    .into(),
+                    seed: req.seed,
+                    model: generator.model_name(),
+                    tiny_model: generator.has_random_weights(),
+                    queued_ms: ms(queued),
+                    first_token_ms: ms(out.first_token),
+                    total_ms: ms(out.total),
+                },
+            }
+        }
+        Err(engine::Error::Cancelled) => job.cancelled_event(),
+        Err(engine::Error::InvalidRequest(m)) => JobEvent::Error { job_id, reason: m },
+        Err(e) => {
+            eprintln!("[web] enhancement {job_id} failed: {e}");
+            JobEvent::Error { job_id, reason: format!("The enhancement failed: {e}") }
+        }
+    }
+}
+
+/// `text` without control characters but line breaks and tabs: the text goes into a prompt box
+/// and a prompt, which refuse NUL (a model with random weights writes any byte).
+fn printable(text: &str) -> String {
+    text.chars().filter(|c| !c.is_control() || *c == '\n' || *c == '\t').collect()
 }

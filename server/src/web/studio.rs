@@ -3,7 +3,7 @@
 
 use app::backend::{Backend, ClientId};
 use app::types::{
-    is_valid_id, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, QueueDepth, Readiness, ServerInfo,
+    is_valid_id, EnhanceRequest, EnhanceTicket, HistoryPage, JobEvent, JobKind, JobRequest, JobResult, JobSource, JobTicket, QueueDepth, Readiness, ServerInfo,
     ServerState, UploadInfo, WorkerCounts,
 };
 use app::{ErrorKind, StudioError};
@@ -33,6 +33,9 @@ impl StudioLimits {
         StudioLimits { queue: QueueLimits::capacity(capacity), submissions_per_minute: 0 }
     }
 }
+
+/// New tokens an enhancement on the tiny model writes when the request does not say.
+const TINY_DEFAULT_ENHANCE_TOKENS: usize = 64;
 
 pub struct Studio {
     /// The jobs' events and latest states as this process knows them (the websockets and the
@@ -220,6 +223,51 @@ impl Studio {
         if let Some(s) = strength {
             engine::scheduler::img2img_start_step(req.steps as usize, s).map_err(engine_reason)?;
         }
+        self.admit(client)?;
+        let job = Job::new(req, seed, width, height, source, client.clone());
+        let job_id = job.id.clone();
+        let position = match &self.redis {
+            Some(redis) => redis.submit(job)?,
+            None => self.queue.submit(job)?,
+        };
+        Ok(JobTicket { job_id, position, seed, width, height })
+    }
+
+    /// Validates and enqueues a prompt enhancement from `client` that came in by `source`: the
+    /// same queue, limits and readiness as images. Refused on a Redis front end (its workers'
+    /// protocol carries image jobs only).
+    pub fn enhance_from(&self, req: EnhanceRequest, source: JobSource, client: &ClientId) -> Result<EnhanceTicket, StudioError> {
+        req.validate()?;
+        if self.redis.is_some() {
+            return Err(super::cluster::enhancement_on_redis());
+        }
+        let seed = req.seed.unwrap_or_else(random_seed);
+        let engine_req = engine::enhancer::EnhanceRequest {
+            prompt: req.prompt.trim().to_string(),
+            system: req.system,
+            max_new_tokens: req.max_new_tokens.unwrap_or(if self.info().tiny_model {
+                // the tiny model's 1024 positions hold our instructions (~770 tokens of its byte
+                // tokenizer) and little more
+                TINY_DEFAULT_ENHANCE_TOKENS
+            } else {
+                app::types::limits::DEFAULT_ENHANCE_TOKENS
+            }),
+            temperature: req.temperature.unwrap_or(EnhanceRequest::DEFAULT_TEMPERATURE),
+            top_p: req.top_p.unwrap_or(EnhanceRequest::DEFAULT_TOP_P),
+            seed,
+            context_limit: engine::enhancer::DEFAULT_CONTEXT_LIMIT,
+        };
+        engine_req.validate().map_err(engine_reason)?;
+        self.admit(client)?;
+        let job = Job::enhancement(engine_req, source, client.clone());
+        let job_id = job.id.clone();
+        let position = self.queue.submit(job)?;
+        Ok(EnhanceTicket { job_id, position, seed })
+    }
+
+    /// Whether a new job may be taken now: not draining, the model ready, the client within its
+    /// rate.
+    fn admit(&self, client: &ClientId) -> Result<(), StudioError> {
         if self.queue.is_draining() {
             return Err(super::queue::shutting_down());
         }
@@ -235,13 +283,7 @@ impl Studio {
             self.queue.metrics.refusals.with_label_values(&["rate_limited"]).inc();
             return Err(e);
         }
-        let job = Job::new(req, seed, width, height, source, client.clone());
-        let job_id = job.id.clone();
-        let position = match &self.redis {
-            Some(redis) => redis.submit(job)?,
-            None => self.queue.submit(job)?,
-        };
-        Ok(JobTicket { job_id, position, seed, width, height })
+        Ok(())
     }
 
     /// `/readyz`'s answer: ready when the model is loaded and the server is not draining; what
@@ -370,6 +412,10 @@ impl Backend for Studio {
 
     fn loras(&self) -> Result<Vec<app::types::LoraInfo>, StudioError> {
         self.lora_list()
+    }
+
+    fn enhance(&self, req: EnhanceRequest, client: &ClientId) -> Result<EnhanceTicket, StudioError> {
+        self.enhance_from(req, JobSource::Studio, client)
     }
 }
 

@@ -106,6 +106,7 @@ fn gen_req(prompt: &str, steps: u32) -> JobRequest {
         loras: vec![],
         variation: 0.0,
         variation_seed: None,
+        written_prompt: None,
     }
 }
 
@@ -979,7 +980,7 @@ fn drain_fails_waiting_jobs_and_stopped_running_ones_with_a_reason() {
 // --- over real sockets: what a client library sees ----------------------------------------
 
 /// Serves `app` on 127.0.0.1:0 with our accept loop; the address, and the switch that stops it.
-async fn serve_on_socket(app: Router, header_timeout: Duration) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
+pub(super) async fn serve_on_socket(app: Router, header_timeout: Duration) -> (std::net::SocketAddr, tokio::sync::watch::Sender<bool>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (_app_tx, app_rx) = tokio::sync::watch::channel(app);
@@ -992,7 +993,7 @@ async fn serve_on_socket(app: Router, header_timeout: Duration) -> (std::net::So
 }
 
 /// A raw socket that has asked for `/ws`'s upgrade (the answer is left for the caller to read).
-async fn websocket_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
+pub(super) async fn websocket_upgrade(addr: std::net::SocketAddr) -> tokio::net::TcpStream {
     use tokio::io::AsyncWriteExt;
     let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
     s.write_all(

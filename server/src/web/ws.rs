@@ -1,7 +1,9 @@
 //! `/ws`: pushes [`JobEvent`]s of the jobs a browser watches. A `watch` is answered at once with
 //! the job's latest state, so a reconnecting client picks up where it was. The server pings; a
 //! socket that sends nothing back (not even the pong browsers send by themselves) for the idle
-//! timeout is closed, and so is every socket when the server stops.
+//! timeout is closed, and so is every socket when the server stops. Enhancements the socket
+//! watched are cancelled when it closes (the page that asked for the text is gone), which frees
+//! the worker at the next token; images go on (they land in the history).
 
 use app::types::{is_valid_id, JobEvent, WsClientMsg};
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
@@ -49,7 +51,7 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
     let mut ping = tokio::time::interval(PING_EVERY.min(idle / 3).max(Duration::from_millis(100)));
     ping.tick().await;
     let mut last_heard = tokio::time::Instant::now();
-    loop {
+    'session: loop {
         tokio::select! {
             msg = stream.next() => {
                 let Some(Ok(msg)) = msg else { break };
@@ -97,7 +99,7 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
                     let snaps: Vec<JobEvent> = watched.iter().filter_map(|id| studio.queue.snapshot(id)).collect();
                     for ev in snaps {
                         if ev.is_terminal() { watched.remove(ev.job_id()); }
-                        if sink.send(text(&ev)).await.is_err() { return }
+                        if sink.send(text(&ev)).await.is_err() { break 'session }
                     }
                 }
                 Err(RecvError::Closed) => break,
@@ -114,6 +116,11 @@ async fn session(socket: WebSocket, studio: Arc<Studio>, idle: Duration) {
                 let _ = sink.send(close(1012, "the server is restarting")).await;
                 break;
             }
+        }
+    }
+    for job_id in &watched {
+        if studio.queue.is_pending_enhancement(job_id) {
+            let _ = studio.queue.cancel(job_id);
         }
     }
 }
