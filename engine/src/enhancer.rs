@@ -207,7 +207,7 @@ pub fn generate_ids(
     on_token: &mut dyn FnMut(u32, &[u32]) -> Control,
 ) -> Result<(Vec<u32>, FinishReason)> {
     let mut rng = Rng::new(sampling.seed);
-    let mut cache = KvCache::default();
+    let mut cache = KvCache::with_capacity(prompt_ids.len() + max_new);
     let mut logits = te.lm_step(prompt_ids, &mut cache)?;
     let mut out = Vec::new();
     loop {
@@ -377,6 +377,10 @@ impl Enhancer {
 
     pub fn text_encoder(&self) -> &TextEncoder {
         &self.te
+    }
+    /// For switching CUDA graphs off and on (`bench --enhance` compares the two).
+    pub fn text_encoder_mut(&mut self) -> &mut TextEncoder {
+        &mut self.te
     }
     pub fn tokenizer(&self) -> &PromptTokenizer {
         &self.tok

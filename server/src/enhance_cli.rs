@@ -107,12 +107,16 @@ struct EnhanceReport {
     runs: Vec<EnhanceRun>,
     median_first_token_ms: f64,
     median_decode_tokens_per_s: f64,
+    /// The same greedy run without CUDA graphs: tokens/s, and how many leading tokens agree with
+    /// the graph replays' (all of them when the replays compute what the eager steps compute).
+    eager_decode_tokens_per_s: f64,
+    eager_tokens_agreeing: usize,
 }
 
 /// `bench --enhance`: greedy decoding of `new_tokens` tokens (stop tokens ignored, so every run
 /// decodes the same count) after the templated `prompt` without a system message.
 pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, runs: usize, out: Option<&std::path::Path>) -> Result<()> {
-    let (enhancer, device) = load(Some(model), device_spec)?;
+    let (mut enhancer, device) = load(Some(model), device_spec)?;
     let te = enhancer.text_encoder();
     let tok = enhancer.tokenizer();
     let cfg = te.config();
@@ -123,6 +127,8 @@ pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, ru
     let req = EnhanceRequest { prompt: prompt.into(), system: Some(String::new()), ..Default::default() };
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
     let mut results = Vec::new();
+    let mut last_ids = Vec::new();
+    let mut prompt_ids = Vec::new();
     for r in 0..=runs {
         let t = Instant::now();
         let text = tok.chat_template()?.render(&req.messages(prompt), false)?;
@@ -135,6 +141,8 @@ pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, ru
         let (got, _) = engine::enhancer::generate_ids(te, &ids, &[], new_tokens, &greedy, &mut on_token)?;
         device.synchronize()?;
         let total = t.elapsed();
+        last_ids = got.clone();
+        prompt_ids = ids.clone();
         let first = first.context("no token was generated")?;
         let run = EnhanceRun {
             prompt_tokens: ids.len(),
@@ -147,6 +155,27 @@ pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, ru
             results.push(run);
         }
     }
+    let graph_ids = last_ids.clone();
+    // The same run with every step eager: the replays' tokens must be the eager steps' tokens.
+    enhancer.text_encoder_mut().set_cuda_graphs(false);
+    let te = enhancer.text_encoder();
+    let (eager_ids, eager_rate) = {
+        let t = Instant::now();
+        let mut first = None;
+        let mut on_token = |_: u32, _: &[u32]| {
+            first.get_or_insert(t.elapsed());
+            Control::Continue
+        };
+        let (got, _) = engine::enhancer::generate_ids(te, &prompt_ids, &[], new_tokens, &greedy, &mut on_token)?;
+        device.synchronize()?;
+        let first = first.context("no token was generated")?;
+        let rate = got.len().saturating_sub(1) as f64 / (t.elapsed() - first).as_secs_f64().max(1e-9);
+        (got, rate)
+    };
+    let dtype = format!("{:?}", te.dtype());
+    enhancer.text_encoder_mut().set_cuda_graphs(true);
+    let agreeing = graph_ids.iter().zip(&eager_ids).take_while(|(a, b)| a == b).count();
+    eprintln!("without CUDA graphs: {eager_rate:.1} tokens/s; {agreeing} of {} tokens agree with the replays", graph_ids.len());
     let median = |mut v: Vec<f64>| {
         v.sort_by(|a, b| a.total_cmp(b));
         v.get(v.len() / 2).copied().unwrap_or(0.0)
@@ -154,11 +183,13 @@ pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, ru
     let report = EnhanceReport {
         model: enhancer.model_name().to_string(),
         device: format!("{device:?}"),
-        dtype: format!("{:?}", te.dtype()),
+        dtype,
         weight_bytes_per_token,
         median_first_token_ms: median(results.iter().map(|r| r.first_token_ms).collect()),
         median_decode_tokens_per_s: median(results.iter().map(|r| r.decode_tokens_per_s).collect()),
         runs: results,
+        eager_decode_tokens_per_s: eager_rate,
+        eager_tokens_agreeing: agreeing,
     };
     let json = serde_json::to_string_pretty(&report)?;
     println!("{json}");

@@ -17,8 +17,9 @@
 //! tokens' outputs).
 //!
 //! The same weights are a causal LM (the prompt enhancer, `enhancer.rs`): when the checkpoint has
-//! the last layer and `norm.weight` they are loaded too, and [`TextEncoder::lm_step`] runs every
-//! layer over new tokens with a KV cache, the final norm, and logits through the tied embedding.
+//! the last layer and `norm.weight` they are loaded too, and [`TextEncoder::lm_step`] (`lm.rs`)
+//! runs every layer over new tokens with a KV cache, the final norm, and logits through the tied
+//! embedding.
 
 use candle_core::{DType, Device, Tensor, D};
 use candle_nn::VarBuilder;
@@ -27,6 +28,9 @@ use crate::config::TextEncoderConfig;
 use crate::error::{Error, Result};
 use crate::graph::GraphCache;
 use crate::ops::AttentionKernel;
+
+mod lm;
+pub use lm::KvCache;
 
 /// Token counts are padded up to a multiple of this for CUDA graph replays.
 const GRAPH_BUCKET: usize = 64;
@@ -271,6 +275,10 @@ pub struct TextEncoder {
     device: Device,
     dtype: DType,
     graphs: GraphCache<(usize, AttentionKernel)>,
+    /// The causal LM's decoding step, one capture per KV buffer set (`lm.rs`).
+    decode_graphs: GraphCache<(usize, u64)>,
+    /// KV buffer sets free for the next generation (their captures stay valid).
+    kv_pool: lm::KvPool,
 }
 
 impl TextEncoder {
@@ -348,6 +356,8 @@ impl TextEncoder {
             device,
             dtype,
             graphs: GraphCache::new(crate::graph::enabled_by_env(), 512 / GRAPH_BUCKET),
+            decode_graphs: GraphCache::new(crate::graph::enabled_by_env(), lm::KV_POOL_SIZE),
+            kv_pool: lm::KvPool::default(),
         })
     }
 
@@ -355,6 +365,7 @@ impl TextEncoder {
     /// `ZIMAGE_CUDA_GRAPHS=0`); they apply on CUDA devices only.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.graphs = GraphCache::new(on, 512 / GRAPH_BUCKET);
+        self.decode_graphs = GraphCache::new(on, lm::KV_POOL_SIZE);
     }
 
     pub fn config(&self) -> &TextEncoderConfig {
@@ -477,127 +488,6 @@ impl TextEncoder {
         };
         let out = self.graphs.run(&(padded, kernel), &[&x], &constants, &f)?;
         Ok(if padded == l { out } else { out.narrow(0, 0, l)? })
-    }
-}
-
-/// Keys and values of the tokens a causal LM has seen, per layer: (kv heads, tokens, head_dim).
-#[derive(Default)]
-pub struct KvCache {
-    layers: Vec<(Tensor, Tensor)>,
-    len: usize,
-}
-
-impl KvCache {
-    /// How many tokens the cache holds (the next token's position).
-    pub fn len(&self) -> usize {
-        self.len
-    }
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-}
-
-impl Attention {
-    /// Attention of `x` (n new tokens at positions `offset..offset+n`) over the cached keys and
-    /// values plus its own; appends its keys and values to `cache` (composed math, any device).
-    fn forward_cached(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut Option<(Tensor, Tensor)>, offset: usize) -> Result<Tensor> {
-        let n = x.dim(0)?;
-        let (nh, nkv, hd) = (self.n_heads, self.n_kv_heads, self.head_dim);
-        let rep = nh / nkv;
-        let qkv = linear(x, &self.qkv_proj)?.reshape((n, nh + 2 * nkv, hd))?;
-        let (q, k, v) = (qkv.narrow(1, 0, nh)?, qkv.narrow(1, nh, nkv)?, qkv.narrow(1, nh + nkv, nkv)?);
-        let q = rms_norm_fast(&q, &self.q_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let k = rms_norm_fast(&k, &self.k_norm, self.eps)?.transpose(0, 1)?.contiguous()?.unsqueeze(0)?;
-        let q = candle_nn::rotary_emb::rope(&q, cos, sin)?.squeeze(0)?; // (nh, n, hd)
-        let k = candle_nn::rotary_emb::rope(&k, cos, sin)?.squeeze(0)?; // (nkv, n, hd)
-        let v = v.transpose(0, 1)?.contiguous()?;
-        let (k, v) = match cache.take() {
-            Some((pk, pv)) => (Tensor::cat(&[&pk, &k], 1)?, Tensor::cat(&[&pv, &v], 1)?),
-            None => (k, v),
-        };
-        *cache = Some((k.clone(), v.clone()));
-        let total = k.dim(1)?;
-        let q = q.reshape((nkv, rep * n, hd))?;
-        let scale = 1.0 / (hd as f64).sqrt();
-        let scores = (crate::ops::matmul(&q, &k.t()?)? * scale)?.to_dtype(DType::F32)?.reshape((nh, n, total))?;
-        let scores = if n > 1 {
-            // new token i (position offset+i) sees keys 0..=offset+i
-            let m: Vec<f32> = (0..n)
-                .flat_map(|i| (0..total).map(move |j| if j > offset + i { f32::NEG_INFINITY } else { 0.0 }))
-                .collect();
-            scores.broadcast_add(&Tensor::from_vec(m, (n, total), x.device())?)?
-        } else {
-            scores
-        };
-        let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
-        let out = crate::ops::matmul(&probs.reshape((nkv, rep * n, total))?, &v)?;
-        let out = out.reshape((nh, n, hd))?.transpose(0, 1)?.reshape((n, nh * hd))?;
-        linear(&out, &self.o_proj)
-    }
-}
-
-impl DecoderLayer {
-    fn forward_cached(&self, x: &Tensor, cos: &Tensor, sin: &Tensor, cache: &mut Option<(Tensor, Tensor)>, offset: usize) -> Result<Tensor> {
-        let h = self.attn.forward_cached(&rms_norm_fast(x, &self.input_layernorm, self.eps)?, cos, sin, cache, offset)?;
-        let x = (x + h)?;
-        let h = self.mlp.forward(&rms_norm_fast(&x, &self.post_attention_layernorm, self.eps)?)?;
-        Ok((x + h)?)
-    }
-}
-
-impl TextEncoder {
-    /// Whether the checkpoint had the last layer and the final norm (the causal LM can run).
-    pub fn has_lm_head(&self) -> bool {
-        self.lm_tail.is_some()
-    }
-
-    /// Runs the causal LM (every layer, the final norm, the tied embedding as the head) over
-    /// `ids`, the tokens that follow those in `cache`, and appends them to it. Returns the f32
-    /// logits (vocab,) of the last of `ids`: the distribution of the next token.
-    pub fn lm_step(&self, ids: &[u32], cache: &mut KvCache) -> Result<Tensor> {
-        let Some((last, norm)) = &self.lm_tail else {
-            return Err(Error::InvalidRequest(
-                "this text encoder checkpoint has no last layer or final norm, so it cannot generate text".into(),
-            ));
-        };
-        if ids.is_empty() {
-            return Err(Error::InvalidRequest("no tokens to run".into()));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::InvalidRequest(format!("token id {bad} is outside the vocabulary ({} ids)", self.cfg.vocab_size)));
-        }
-        let offset = cache.len;
-        let n = ids.len();
-        if offset + n > self.cfg.max_position_embeddings {
-            return Err(Error::InvalidRequest(format!(
-                "{} tokens exceed the model's {} positions",
-                offset + n,
-                self.cfg.max_position_embeddings
-            )));
-        }
-        let idt = Tensor::from_vec(ids.to_vec(), n, self.embed_tokens.device())?;
-        let mut x = self.embed_tokens.index_select(&idt, 0)?.to_device(&self.device)?;
-        let (cos, sin) = self.rope_tables_at(offset, n)?;
-        let n_layers = self.layers.len() + 1;
-        if cache.layers.len() != n_layers {
-            cache.layers.clear();
-        }
-        let mut slots: Vec<Option<(Tensor, Tensor)>> = std::mem::take(&mut cache.layers).into_iter().map(Some).collect();
-        slots.resize(n_layers, None);
-        for (i, layer) in self.layers.iter().chain(std::iter::once(last)).enumerate() {
-            x = layer.forward_cached(&x, &cos, &sin, &mut slots[i], offset)?;
-        }
-        cache.layers = slots.into_iter().map(|s| s.expect("every layer filled its slot")).collect();
-        cache.len = offset + n;
-        let h = rms_norm_fast(&x.narrow(0, n - 1, 1)?, norm, self.cfg.rms_norm_eps)?;
-        let head = match self.lm_head.get() {
-            Some(h) => h,
-            None => {
-                let on_device = self.embed_tokens.to_device(&self.device)?;
-                self.lm_head.get_or_init(|| on_device)
-            }
-        };
-        Ok(linear(&h, head)?.squeeze(0)?.to_dtype(DType::F32)?)
     }
 }
 
