@@ -18,11 +18,11 @@ use crate::ops::Quantization;
 use crate::graph::GraphCache;
 use crate::loader::{read_config, resolve_hub_model, ModelFiles, ModelSource};
 use crate::scheduler::{img2img_start_step, Schedule, MAX_STEPS};
-use crate::text_encoder::TextEncoder;
+use crate::text_encoder::{encode_streamed, TextEncoder};
 use crate::tokenizer::PromptTokenizer;
 use crate::transformer::{Conditioning, ZImageTransformer};
 use crate::vae::{AutoencoderKl, TilingOptions};
-use crate::weights::{checked_var_builder, ensure_no_problems};
+use crate::weights::{checked_var_builder, ensure_no_problems, lazy_checked_var_builder};
 
 /// The model name of `Pipeline::random_full_size`.
 pub const RANDOM_FULL_SIZE_NAME: &str = "random-full-size";
@@ -233,11 +233,14 @@ pub enum InjectedFault {
 type DenoiseKey = ([usize; 5], usize, crate::ops::AttentionKernel);
 
 type TextEncoderLoader = Box<dyn Fn() -> Result<TextEncoder> + Send + Sync>;
+type StreamedEncoder = Box<dyn Fn(&[u32]) -> Result<Tensor> + Send + Sync>;
 
 enum TextEncoderSlot {
     Resident(TextEncoder),
-    /// Loaded per prompt; `hidden` is the configured width, checked against the transformer once.
-    OnDemand { load: TextEncoderLoader, hidden: usize },
+    /// Not kept in memory: a prompt is encoded one layer at a time from the weights (`encode`, so
+    /// the device never holds more than one layer of it); the enhancer loads it whole for its call
+    /// (`load`). `hidden` is the configured width, checked against the transformer once.
+    OnDemand { load: TextEncoderLoader, encode: StreamedEncoder, hidden: usize },
 }
 
 /// A loaded model, ready to generate. Holds no per-request state, so one instance can serve
@@ -315,6 +318,7 @@ impl Pipeline {
         let hidden = te_cfg.hidden_size;
         let te_weights = files.text_encoder.weights.clone();
         let te_device = device.clone();
+        let (stream_weights, stream_device, stream_cfg) = (te_weights.clone(), te_device.clone(), te_cfg.clone());
         let load_te: TextEncoderLoader = Box::new(move || {
             let (vb, problems) = checked_var_builder(&te_weights, dtype, &te_device)?;
             let text_encoder = TextEncoder::new(&te_cfg, vb);
@@ -323,7 +327,13 @@ impl Pipeline {
             text_encoder.set_cuda_graphs(opts.cuda_graphs);
             Ok(text_encoder)
         });
-        let text_encoder = Self::text_encoder_slot(load_te, hidden, opts)?;
+        let encode: StreamedEncoder = Box::new(move |ids| {
+            let (vb, problems) = lazy_checked_var_builder(&stream_weights, dtype, &stream_device)?;
+            let out = encode_streamed(&stream_cfg, vb, ids);
+            ensure_no_problems("text_encoder", &problems)?;
+            out
+        });
+        let text_encoder = Self::text_encoder_slot(load_te, encode, hidden, opts)?;
 
         let (vb, problems) = checked_var_builder(&files.vae.weights, dtype, device)?;
         let vae = AutoencoderKl::new(&vae_cfg, vb);
@@ -333,9 +343,9 @@ impl Pipeline {
         Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny, opts)
     }
 
-    fn text_encoder_slot(load: TextEncoderLoader, hidden: usize, opts: LoadOptions) -> Result<TextEncoderSlot> {
+    fn text_encoder_slot(load: TextEncoderLoader, encode: StreamedEncoder, hidden: usize, opts: LoadOptions) -> Result<TextEncoderSlot> {
         Ok(if opts.free_text_encoder {
-            TextEncoderSlot::OnDemand { load, hidden }
+            TextEncoderSlot::OnDemand { load, encode, hidden }
         } else {
             TextEncoderSlot::Resident(load()?)
         })
@@ -402,13 +412,14 @@ impl Pipeline {
         transformer.quantize(opts.quantization)?;
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
-        let text_encoder =
-            Self::text_encoder_slot(
+        let (stream_cfg, stream_vb) = (te_cfg.clone(), te_vb.clone());
+        let text_encoder = Self::text_encoder_slot(
             Box::new(move || {
                 let mut te = TextEncoder::new(&te_cfg, te_vb.clone())?;
                 te.set_cuda_graphs(opts.cuda_graphs);
                 Ok(te)
             }),
+            Box::new(move |ids| encode_streamed(&stream_cfg, stream_vb.clone(), ids)),
             hidden,
             opts,
         )?;
@@ -492,7 +503,7 @@ impl Pipeline {
     pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
         match &self.text_encoder {
             TextEncoderSlot::Resident(te) => te.encode_ids(ids),
-            TextEncoderSlot::OnDemand { load, .. } => load()?.encode_ids(ids),
+            TextEncoderSlot::OnDemand { encode, .. } => encode(ids),
         }
     }
     pub fn is_fp8(&self) -> bool {

@@ -131,6 +131,26 @@ pub fn checked_var_builder(
     dtype: DType,
     device: &Device,
 ) -> Result<(VarBuilder<'static>, std::sync::Arc<Problems>)> {
+    checked_var_builder_with(files, dtype, device, true)
+}
+
+/// [`checked_var_builder`] without the preload: each tensor is read from the files when asked
+/// for, so a caller that frees what it has used holds only part of the component at a time (the
+/// streamed text encoder).
+pub fn lazy_checked_var_builder(
+    files: &[impl AsRef<Path>],
+    dtype: DType,
+    device: &Device,
+) -> Result<(VarBuilder<'static>, std::sync::Arc<Problems>)> {
+    checked_var_builder_with(files, dtype, device, false)
+}
+
+fn checked_var_builder_with(
+    files: &[impl AsRef<Path>],
+    dtype: DType,
+    device: &Device,
+    preload_all: bool,
+) -> Result<(VarBuilder<'static>, std::sync::Arc<Problems>)> {
     for f in files {
         if !f.as_ref().exists() {
             return Err(Error::MissingFiles {
@@ -146,7 +166,7 @@ pub fn checked_var_builder(
         reason: format!("cannot read safetensors: {e}"),
     })?;
     let problems = std::sync::Arc::new(Problems::default());
-    let preloaded = Mutex::new(preload(&inner, dtype, device));
+    let preloaded = Mutex::new(if preload_all { preload(&inner, dtype, device) } else { Default::default() });
     let backend = CheckedSafetensors { inner, preloaded, problems: problems.clone() };
     Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), problems))
 }

@@ -281,6 +281,124 @@ pub struct TextEncoder {
     kv_pool: lm::KvPool,
 }
 
+/// Refuses configs the encoder cannot run.
+fn check_config(cfg: &TextEncoderConfig) -> Result<()> {
+    let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+    if cfg.num_hidden_layers == 0
+        || cfg.num_attention_heads == 0
+        || cfg.num_key_value_heads == 0
+        || !cfg
+            .num_attention_heads
+            .is_multiple_of(cfg.num_key_value_heads)
+        || !cfg.head_dim().is_multiple_of(2)
+    {
+        return Err(bad(vec![format!(
+            "unsupported config: {} layers, {} heads, {} kv heads, head_dim {} (need >= 1 layer, heads a multiple of kv heads, even head_dim)",
+            cfg.num_hidden_layers,
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.head_dim()
+        )]));
+    }
+    Ok(())
+}
+
+/// A prompt's ids: at least one, each inside the vocabulary.
+fn check_prompt_ids(cfg: &TextEncoderConfig, ids: &[u32]) -> Result<()> {
+    if ids.is_empty() {
+        return Err(Error::InvalidRequest("the prompt produced no tokens".into()));
+    }
+    if let Some(&bad) = ids.iter().find(|&&i| i as usize >= cfg.vocab_size) {
+        return Err(Error::InvalidRequest(format!(
+            "token id {bad} is outside the text encoder's vocabulary ({} ids); tokenizer and model do not match",
+            cfg.vocab_size
+        )));
+    }
+    Ok(())
+}
+
+/// The attention kernel of the encoder's prompt pass: causal flash attention on CUDA in bf16 with
+/// head_dim 128, the composed math (with a mask) elsewhere.
+fn encoder_kernel(cfg: &TextEncoderConfig, device: &Device, dtype: DType) -> AttentionKernel {
+    let kernel = AttentionKernel::for_device(device);
+    let flash = kernel != AttentionKernel::Composed && dtype == DType::BF16 && cfg.head_dim() == 128;
+    if flash { kernel } else { AttentionKernel::Composed }
+}
+
+/// Keys under `model.` (a `Qwen3ForCausalLM` checkpoint) or at the top (a saved `Qwen3Model`).
+fn model_prefix(vb: VarBuilder) -> VarBuilder {
+    if !vb.contains_tensor("embed_tokens.weight") && vb.contains_tensor("model.embed_tokens.weight") {
+        vb.pp("model")
+    } else {
+        vb
+    }
+}
+
+/// The prompt embeddings `TextEncoder::new(cfg, vb)?.encode_ids(ids)` gives, computed one decoder
+/// layer at a time: each layer's weights are read, run and freed before the next, and the
+/// embedding rows are gathered on the host. The device holds one layer (~0.2 GB for Qwen3-4B in
+/// bf16) instead of the whole encoder (~8 GB): what a freed text encoder (`--free-text-encoder`)
+/// needs to fit beside the transformer on a small card. `vb` should read lazily (not preload).
+pub fn encode_streamed(cfg: &TextEncoderConfig, vb: VarBuilder, ids: &[u32]) -> Result<Tensor> {
+    check_config(cfg)?;
+    check_prompt_ids(cfg, ids)?;
+    let vb = model_prefix(vb);
+    let (device, dtype) = (vb.device().clone(), vb.dtype());
+    let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+    let mut ld = Loader { vb: vb.clone(), problems: vec![] };
+    let x = {
+        let mut host = Loader { vb: vb.set_device(Device::Cpu), problems: vec![] };
+        let embed = host.get(&[cfg.vocab_size, cfg.hidden_size], "embed_tokens.weight");
+        ld.absorb(host);
+        let Some(embed) = embed else { return Err(bad(ld.problems)) };
+        embed.index_select(&Tensor::from_vec(ids.to_vec(), ids.len(), &Device::Cpu)?, 0)?.to_device(&device)?
+    };
+    let kernel = encoder_kernel(cfg, &device, dtype);
+    let (cos, sin) = rope_tables(cfg, 0, ids.len(), &device, dtype)?;
+    let mask = if kernel == AttentionKernel::Composed { Some(causal_mask(ids.len(), &device)?) } else { None };
+    let mut x = x;
+    for i in 0..cfg.num_hidden_layers - 1 {
+        let mut l = ld.pp(format!("layers.{i}"));
+        let layer = DecoderLayer::load(cfg, &mut l);
+        ld.absorb(l);
+        let Some(layer) = layer.filter(|_| ld.problems.is_empty()) else { return Err(bad(ld.problems)) };
+        x = layer.forward(&x, &cos, &sin, mask.as_ref(), kernel)?;
+    }
+    Ok(x)
+}
+
+/// RoPE tables of positions `start..start + l`: (l, head_dim/2) cos and sin, computed in f32 as
+/// transformers does, then cast to `dtype`.
+fn rope_tables(cfg: &TextEncoderConfig, start: usize, l: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
+    let hd = cfg.head_dim();
+    let theta = cfg.rope_theta() as f32;
+    let inv_freq: Vec<f32> = (0..hd)
+        .step_by(2)
+        .map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32))
+        .collect();
+    let half = inv_freq.len();
+    let mut cos = Vec::with_capacity(l * half);
+    let mut sin = Vec::with_capacity(l * half);
+    for p in start..start + l {
+        for &f in &inv_freq {
+            let a = p as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    let cos = Tensor::from_vec(cos, (l, half), device)?.to_dtype(dtype)?;
+    let sin = Tensor::from_vec(sin, (l, half), device)?.to_dtype(dtype)?;
+    Ok((cos, sin))
+}
+
+/// Additive causal mask (l, l) in f32: 0 on and below the diagonal, -inf above.
+fn causal_mask(l: usize, device: &Device) -> Result<Tensor> {
+    let m: Vec<f32> = (0..l)
+        .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+        .collect();
+    Ok(Tensor::from_vec(m, (l, l), device)?)
+}
+
 impl TextEncoder {
     /// Loads the embedding and the first `num_hidden_layers - 1` decoder layers. Accepts the keys
     /// of a saved `Qwen3Model` (`embed_tokens.weight`, `layers.{i}....`) or the same under
@@ -290,29 +408,8 @@ impl TextEncoder {
             component: "text_encoder".into(),
             problems,
         };
-        if cfg.num_hidden_layers == 0
-            || cfg.num_attention_heads == 0
-            || cfg.num_key_value_heads == 0
-            || !cfg
-                .num_attention_heads
-                .is_multiple_of(cfg.num_key_value_heads)
-            || !cfg.head_dim().is_multiple_of(2)
-        {
-            return Err(bad(vec![format!(
-                "unsupported config: {} layers, {} heads, {} kv heads, head_dim {} (need >= 1 layer, heads a multiple of kv heads, even head_dim)",
-                cfg.num_hidden_layers,
-                cfg.num_attention_heads,
-                cfg.num_key_value_heads,
-                cfg.head_dim()
-            )]));
-        }
-        let vb = if !vb.contains_tensor("embed_tokens.weight")
-            && vb.contains_tensor("model.embed_tokens.weight")
-        {
-            vb.pp("model")
-        } else {
-            vb
-        };
+        check_config(cfg)?;
+        let vb = model_prefix(vb);
         let device = vb.device().clone();
         let dtype = vb.dtype();
         let mut ld = Loader {
@@ -392,33 +489,12 @@ impl TextEncoder {
     /// The rotary tables of positions `start..start + l` only (a decoding step needs one row,
     /// not the whole prefix again).
     fn rope_tables_at(&self, start: usize, l: usize) -> Result<(Tensor, Tensor)> {
-        let hd = self.cfg.head_dim();
-        let theta = self.cfg.rope_theta() as f32;
-        let inv_freq: Vec<f32> = (0..hd)
-            .step_by(2)
-            .map(|i| 1.0f32 / theta.powf(i as f32 / hd as f32))
-            .collect();
-        let half = inv_freq.len();
-        let mut cos = Vec::with_capacity(l * half);
-        let mut sin = Vec::with_capacity(l * half);
-        for p in start..start + l {
-            for &f in &inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (l, half), &self.device)?.to_dtype(self.dtype)?;
-        let sin = Tensor::from_vec(sin, (l, half), &self.device)?.to_dtype(self.dtype)?;
-        Ok((cos, sin))
+        rope_tables(&self.cfg, start, l, &self.device, self.dtype)
     }
 
     /// Additive causal mask (l, l) in f32: 0 on and below the diagonal, -inf above.
     fn causal_mask(&self, l: usize) -> Result<Tensor> {
-        let m: Vec<f32> = (0..l)
-            .flat_map(|i| (0..l).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        Ok(Tensor::from_vec(m, (l, l), &self.device)?)
+        causal_mask(l, &self.device)
     }
 
     /// Prompt embeddings for token ids of shape (1, L) or (L) (u32 or i64): the output of
@@ -448,17 +524,7 @@ impl TextEncoder {
     /// Same as [`forward`](Self::forward) from a slice of ids.
     pub fn encode_ids(&self, ids: &[u32]) -> Result<Tensor> {
         let l = ids.len();
-        if l == 0 {
-            return Err(Error::InvalidRequest(
-                "the prompt produced no tokens".into(),
-            ));
-        }
-        if let Some(&bad) = ids.iter().find(|&&i| i as usize >= self.cfg.vocab_size) {
-            return Err(Error::InvalidRequest(format!(
-                "token id {bad} is outside the text encoder's vocabulary ({} ids); tokenizer and model do not match",
-                self.cfg.vocab_size
-            )));
-        }
+        check_prompt_ids(&self.cfg, ids)?;
         // Padded to a bucket for graph replays (the pad ids' rows come after every real row).
         let padded = if self.graphs.enabled() && self.device.is_cuda() { l.div_ceil(GRAPH_BUCKET) * GRAPH_BUCKET } else { l };
         self.encode_padded(ids, padded)
@@ -468,9 +534,8 @@ impl TextEncoder {
     /// tokens' rows: under causal attention they equal the unpadded run's.
     fn encode_padded(&self, ids: &[u32], padded: usize) -> Result<Tensor> {
         let l = ids.len();
-        let kernel = AttentionKernel::for_device(&self.device);
-        let flash = kernel != AttentionKernel::Composed && self.dtype == DType::BF16 && self.cfg.head_dim() == 128;
-        let kernel = if flash { kernel } else { AttentionKernel::Composed };
+        let kernel = encoder_kernel(&self.cfg, &self.device, self.dtype);
+        let flash = kernel != AttentionKernel::Composed;
         let mut all_ids = ids.to_vec();
         all_ids.resize(padded, 0);
         let ids = Tensor::from_vec(all_ids, padded, self.embed_tokens.device())?;
@@ -621,6 +686,33 @@ mod tests {
         let got = enc.forward(&exp["te.input_ids"]).unwrap();
         let reference = load_tiny().forward(&exp["te.input_ids"]).unwrap();
         assert_eq!(compare(&got, &reference).0, 0.0);
+    }
+
+    #[test]
+    fn encoding_one_layer_at_a_time_equals_the_resident_encoder() {
+        let path = fixtures().join("tiny_model/text_encoder/model.safetensors");
+        let ids: Vec<u32> = (0..37).map(|i| (i * 13 % 250) as u32).collect();
+        let (vb, problems) = crate::weights::lazy_checked_var_builder(&[&path], DType::F32, &Device::Cpu).unwrap();
+        let streamed = encode_streamed(&tiny_config(), vb, &ids).unwrap();
+        assert!(problems.take().is_empty());
+        let resident = load_tiny().encode_ids(&ids).unwrap();
+        assert_eq!(streamed.to_vec2::<f32>().unwrap(), resident.to_vec2::<f32>().unwrap());
+    }
+
+    #[test]
+    fn the_streamed_encoder_names_a_missing_layer_weight() {
+        let mut weights = tiny_weights();
+        let last_run = tiny_config().num_hidden_layers - 2;
+        weights.remove(&format!("layers.{last_run}.mlp.down_proj.weight"));
+        let vb = VarBuilder::from_tensors(weights, DType::F32, &Device::Cpu);
+        match encode_streamed(&tiny_config(), vb, &[1, 2, 3]) {
+            Err(Error::WeightMismatch { problems, .. }) => {
+                assert_eq!(problems.len(), 1, "{problems:?}");
+                assert!(problems[0].contains(&format!("layers.{last_run}.mlp.down_proj.weight")), "{problems:?}");
+            }
+            other => panic!("expected a weight mismatch, got {:?}", other.map(|t| t.dims().to_vec())),
+        }
+        assert!(matches!(encode_streamed(&tiny_config(), VarBuilder::from_tensors(tiny_weights(), DType::F32, &Device::Cpu), &[]), Err(Error::InvalidRequest(_))));
     }
 
     #[test]
