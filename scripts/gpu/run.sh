@@ -17,6 +17,10 @@
 #   scripts/gpu/run.sh lora     # LoRA (issue 18): apply + revert of a rank-32 all-module LoRA at full size
 #                               # (FP8 with dense weights kept, bf16) and step time with and without it;
 #                               # the enhancer's tokens/s and first token (issue 19); then `startup`
+#   scripts/gpu/run.sh memory_lm  # the enhancer with one CUDA graph per decode step (tokens/s, first token,
+#                               # replays vs eager token for token); --free-text-encoder peaks with the
+#                               # streamed encoder (FP8, INT8) beside the resident one; FP8 LoRA apply with
+#                               # the dense weights kept on the GPU, steps with and without it
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -150,6 +154,25 @@ engine)
   ;;
 startup)
   startup_measure
+  ;;
+memory_lm)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 240 /tmp/zimage bench --enhance --model random --device cuda --runs 3 --out "$OUT/enhance.json" 2>&1 | grep -v '^ ' | tail -8 | tee -a "$OUT/summary.txt" || echo "FAILED: enhance" | tee -a "$OUT/summary.txt"
+  export RUNS=2
+  for p in fp8 int8; do
+    bench_mem ${p}_free_te_1024 --model random --precision $p --free-text-encoder --sizes 1024x1024 || echo "FAILED: $p free-te" | tee -a "$OUT/summary.txt"
+  done
+  bench_mem fp8_resident_te_1024 --model random --precision fp8 --sizes 1024x1024 || echo "FAILED: fp8" | tee -a "$OUT/summary.txt"
+  /tmp/zimage lora --make-random /tmp/l32.safetensors --rank 32 2>&1 | tail -1 | tee -a "$OUT/summary.txt"
+  RUNS=3 bench_mem fp8_lora_1024 --model random --precision fp8 --sizes 1024x1024 --lora /tmp/l32.safetensors || echo "FAILED: fp8 lora" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  python3 - <<'PY' | tee -a "$OUT/summary.txt"
+import json, glob, os
+for f in sorted(glob.glob("/tmp/res/zimage_*lora*.json")):
+    r = json.load(open(f)); l = r.get("lora") or {}
+    print(f"{os.path.basename(f)}: apply {l.get('apply_ms')} ms, revert {l.get('revert_ms')} ms, layers {l.get('layers_patched')}, memory with it applied {l.get('memory_applied_mib')} MiB")
+PY
   ;;
 lora_fp8)
   # FP8 apply/revert with the dense weights kept on the GPU, and steps with and without the LoRA

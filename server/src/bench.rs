@@ -42,7 +42,7 @@ pub struct BenchArgs {
     /// Run steps as kernel launches instead of CUDA graph replays.
     #[arg(long)]
     no_cuda_graphs: bool,
-    /// Load the text encoder per request and free it after encoding.
+    /// Encode each prompt one text-encoder layer at a time from the weights (see `serve`).
     #[arg(long)]
     free_text_encoder: bool,
     /// Instead of timing: check the fused kernels against the candle ops they replace (and the
