@@ -33,7 +33,24 @@ struct CheckedSafetensors {
     /// Every tensor of the files, already in the builder's dtype on its device (see `preload`);
     /// `get` takes them out, so what the model does not ask for is freed with the builder.
     preloaded: Mutex<std::collections::HashMap<String, Tensor>>,
+    /// Lazy builders: a tensor of a numbered block (`layers.7.…`) that is asked for brings the
+    /// rest of its block with it, loaded by the same pool of threads, so a caller that walks the
+    /// blocks in turn holds about one block and still reads with every core.
+    block_preload: bool,
     problems: std::sync::Arc<Problems>,
+}
+
+/// `model.layers.7.mlp.up_proj.weight` -> `model.layers.7.`: the name up to its first numeric
+/// component (the block), or `None` outside numbered blocks.
+fn block_of(name: &str) -> Option<&str> {
+    let mut end = 0;
+    for part in name.split('.') {
+        end += part.len() + 1;
+        if !part.is_empty() && part.bytes().all(|b| b.is_ascii_digit()) {
+            return (end < name.len()).then(|| &name[..end]);
+        }
+    }
+    None
 }
 
 /// Loads every tensor of `inner` in `dtype` onto `device` with a pool of threads: the copy out of
@@ -42,8 +59,13 @@ struct CheckedSafetensors {
 /// the cores and the bus mostly idle (18 s for 20 GB from the page cache on an H200 machine).
 /// Tensors that fail to load are left out; `get` then loads them itself and reports the error.
 fn preload(inner: &MmapedSafetensors, dtype: DType, device: &Device) -> std::collections::HashMap<String, Tensor> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
     let names: Vec<String> = inner.tensors().into_iter().map(|(name, _)| name).collect();
+    preload_names(inner, names, dtype, device)
+}
+
+/// `preload` of the tensors named.
+fn preload_names(inner: &MmapedSafetensors, names: Vec<String>, dtype: DType, device: &Device) -> std::collections::HashMap<String, Tensor> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
     let threads = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1).clamp(1, 8).min(names.len().max(1));
     let next = AtomicUsize::new(0);
     let loaded = Mutex::new(std::collections::HashMap::with_capacity(names.len()));
@@ -86,6 +108,15 @@ impl SimpleBackend for CheckedSafetensors {
                 s.dims()
             ));
             return placeholder(s, dtype);
+        }
+        if self.block_preload {
+            if let Some(block) = block_of(name) {
+                let mut preloaded = self.preloaded.lock().expect("preload lock");
+                if !preloaded.contains_key(name) {
+                    let names = self.inner.tensors().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(block)).collect();
+                    preloaded.extend(preload_names(&self.inner, names, dtype, dev));
+                }
+            }
         }
         if let Some(t) = self.preloaded.lock().expect("preload lock").remove(name) {
             let t = if t.dtype() != dtype { t.to_dtype(dtype)? } else { t };
@@ -134,9 +165,9 @@ pub fn checked_var_builder(
     checked_var_builder_with(files, dtype, device, true)
 }
 
-/// [`checked_var_builder`] without the preload: each tensor is read from the files when asked
-/// for, so a caller that frees what it has used holds only part of the component at a time (the
-/// streamed text encoder).
+/// [`checked_var_builder`] without the preload of everything: a tensor is read when asked for,
+/// with the rest of its numbered block (`layers.N.`), so a caller that frees each block after
+/// using it holds about one block at a time (the streamed text encoder).
 pub fn lazy_checked_var_builder(
     files: &[impl AsRef<Path>],
     dtype: DType,
@@ -167,7 +198,7 @@ fn checked_var_builder_with(
     })?;
     let problems = std::sync::Arc::new(Problems::default());
     let preloaded = Mutex::new(if preload_all { preload(&inner, dtype, device) } else { Default::default() });
-    let backend = CheckedSafetensors { inner, preloaded, problems: problems.clone() };
+    let backend = CheckedSafetensors { inner, preloaded, block_preload: !preload_all, problems: problems.clone() };
     Ok((VarBuilder::from_backend(Box::new(backend), dtype, device.clone()), problems))
 }
 
@@ -273,4 +304,18 @@ impl SimpleBackend for DeviceRandom {
 
 pub fn device_random_var_builder(dtype: DType, device: &Device) -> VarBuilder<'static> {
     VarBuilder::from_backend(Box::new(DeviceRandom), dtype, device.clone())
+}
+
+#[cfg(test)]
+mod block_tests {
+    use super::block_of;
+
+    #[test]
+    fn a_tensor_name_names_its_numbered_block() {
+        assert_eq!(block_of("model.layers.7.mlp.up_proj.weight"), Some("model.layers.7."));
+        assert_eq!(block_of("layers.12.self_attn.q_norm.weight"), Some("layers.12."));
+        assert_eq!(block_of("model.embed_tokens.weight"), None);
+        assert_eq!(block_of("norm.weight"), None);
+        assert_eq!(block_of("layers.3"), None);
+    }
 }

@@ -21,6 +21,8 @@
 #                               # replays vs eager token for token); --free-text-encoder peaks with the
 #                               # streamed encoder (FP8, INT8) beside the resident one; FP8 LoRA apply with
 #                               # the dense weights kept on the GPU, steps with and without it
+#   scripts/gpu/run.sh memory_disk  # the enhancer bench, then --free-text-encoder (streamed) against the
+#                               # resident encoder with weights from a full-size folder on local disk
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -173,6 +175,17 @@ for f in sorted(glob.glob("/tmp/res/zimage_*lora*.json")):
     r = json.load(open(f)); l = r.get("lora") or {}
     print(f"{os.path.basename(f)}: apply {l.get('apply_ms')} ms, revert {l.get('revert_ms')} ms, layers {l.get('layers_patched')}, memory with it applied {l.get('memory_applied_mib')} MiB")
 PY
+  ;;
+memory_disk)
+  # the streamed text encoder from a full-size diffusers folder on local disk (what users run)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 240 /tmp/zimage bench --enhance --model random --device cuda --runs 3 --out "$OUT/enhance.json" 2>&1 | grep -v '^ ' | tail -8 | tee -a "$OUT/summary.txt" || echo "FAILED: enhance" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  export RUNS=3
+  bench_mem disk_fp8_free_te_1024 --model /tmp/zfull --precision fp8 --free-text-encoder --sizes 1024x1024 || echo "FAILED: disk free-te" | tee -a "$OUT/summary.txt"
+  bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
   ;;
 lora_fp8)
   # FP8 apply/revert with the dense weights kept on the GPU, and steps with and without the LoRA
