@@ -306,14 +306,18 @@ impl Pipeline {
             crate::weights::prefetch(files.text_encoder.weights.clone());
         }
         crate::weights::prefetch(files.vae.weights.clone());
-        let (vb, problems) = checked_var_builder(&files.transformer.weights, dtype, device)?;
-        let transformer = ZImageTransformer::new(&t_cfg, vb);
+        // Quantized: read block by block and quantize each as it arrives (the device never holds
+        // the whole dense model); dense: everything at once with the pool of threads.
+        let quantizing = opts.quantization != Quantization::None;
+        let (vb, problems) = if quantizing {
+            lazy_checked_var_builder(&files.transformer.weights, dtype, device)?
+        } else {
+            checked_var_builder(&files.transformer.weights, dtype, device)?
+        };
+        let dense_on = (opts.keep_dense_for_lora && quantizing).then(|| dense_copy_device(device));
+        let transformer = ZImageTransformer::new_quantized(&t_cfg, vb, opts.quantization, dense_on.as_ref());
         ensure_no_problems("transformer", &problems)?;
-        let mut transformer = transformer?;
-        if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
-            transformer.keep_dense(&dense_copy_device(device))?;
-        }
-        transformer.quantize(opts.quantization)?;
+        let transformer = transformer?;
 
         let hidden = te_cfg.hidden_size;
         let te_weights = files.text_encoder.weights.clone();
@@ -405,11 +409,8 @@ impl Pipeline {
     ) -> Result<Self> {
         let [t_vb, te_vb, vae_vb] = vbs;
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
-        let mut transformer = ZImageTransformer::new(t_cfg, t_vb)?;
-        if opts.keep_dense_for_lora && opts.quantization != Quantization::None {
-            transformer.keep_dense(&dense_copy_device(&device))?;
-        }
-        transformer.quantize(opts.quantization)?;
+        let dense_on = (opts.keep_dense_for_lora && opts.quantization != Quantization::None).then(|| dense_copy_device(&device));
+        let transformer = ZImageTransformer::new_quantized(t_cfg, t_vb, opts.quantization, dense_on.as_ref())?;
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
         let (stream_cfg, stream_vb) = (te_cfg.clone(), te_vb.clone());

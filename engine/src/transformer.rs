@@ -366,6 +366,15 @@ pub struct ZImageTransformer {
 
 impl ZImageTransformer {
     pub fn new(cfg: &TransformerConfig, vb: VarBuilder) -> Result<Self> {
+        Self::new_quantized(cfg, vb, Quantization::None, None)
+    }
+
+    /// `new` then `keep_dense(keep_dense_on)` and `quantize(q)`, done block by block as the blocks
+    /// load: with a lazy `vb` (one block read at a time) the device never holds more than one
+    /// block in the dense dtype beside the quantized ones, where loading everything first peaked
+    /// at the whole dense model (12 GB at full size in bf16) before quantizing.
+    pub fn new_quantized(cfg: &TransformerConfig, vb: VarBuilder, q: Quantization, keep_dense_on: Option<&Device>) -> Result<Self> {
+        let ctx = QuantContext::new(q, vb.device())?;
         let (p, pf) = (cfg.patch_size(), cfg.f_patch_size());
         let patch_dim = pf * p * p * cfg.in_channels;
         let key = format!("{p}-{pf}");
@@ -373,7 +382,18 @@ impl ZImageTransformer {
             candle_core::bail!("config: head_dim {} != sum(axes_dims) {:?}", cfg.head_dim(), cfg.axes_dims);
         }
         let blocks = |name: &str, n: usize, modulation: bool| -> Result<Vec<Block>> {
-            (0..n).map(|i| Block::new(cfg, modulation, vb.pp(format!("{name}.{i}")))).collect()
+            (0..n)
+                .map(|i| {
+                    let mut blk = Block::new(cfg, modulation, vb.pp(format!("{name}.{i}")))?;
+                    if let Some(ctx) = &ctx {
+                        if let Some(on) = keep_dense_on {
+                            blk.keep_dense(on)?;
+                        }
+                        blk.quantize(ctx)?;
+                    }
+                    Ok(blk)
+                })
+                .collect()
         };
         Ok(Self {
             t_embedder: TimestepEmbedder::new(cfg.adaln_dim(), vb.pp("t_embedder"))?,
@@ -389,7 +409,7 @@ impl ZImageTransformer {
             cfg: cfg.clone(),
             dtype: vb.dtype(),
             device: vb.device().clone(),
-            quantization: Quantization::None,
+            quantization: if ctx.is_some() { q } else { Quantization::None },
         })
     }
 

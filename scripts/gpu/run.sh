@@ -186,6 +186,7 @@ memory_disk)
   bench_mem disk_fp8_free_te_1024 --model /tmp/zfull --precision fp8 --free-text-encoder --sizes 1024x1024 || echo "FAILED: disk free-te" | tee -a "$OUT/summary.txt"
   bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
+  [ -n "${STARTUP:-}" ] && startup_measure
   ;;
 lora_fp8)
   # FP8 apply/revert with the dense weights kept on the GPU, and steps with and without the LoRA
