@@ -126,53 +126,45 @@ pub fn bench(model: &str, device_spec: &str, prompt: &str, new_tokens: usize, ru
     let weight_bytes_per_token = params * te.dtype().size_in_bytes() as u64;
     let req = EnhanceRequest { prompt: prompt.into(), system: Some(String::new()), ..Default::default() };
     let greedy = Sampling { temperature: 0.0, top_p: 1.0, seed: 0 };
-    let mut results = Vec::new();
-    let mut last_ids = Vec::new();
-    let mut prompt_ids = Vec::new();
-    for r in 0..=runs {
-        let t = Instant::now();
-        let text = tok.chat_template()?.render(&req.messages(prompt), false)?;
-        let ids = tok.encode_raw(&text)?;
-        let mut first = None;
-        let mut on_token = |_: u32, _: &[u32]| {
-            first.get_or_insert(t.elapsed());
-            Control::Continue
-        };
-        let (got, _) = engine::enhancer::generate_ids(te, &ids, &[], new_tokens, &greedy, &mut on_token)?;
-        device.synchronize()?;
-        let total = t.elapsed();
-        last_ids = got.clone();
-        prompt_ids = ids.clone();
-        let first = first.context("no token was generated")?;
-        let run = EnhanceRun {
-            prompt_tokens: ids.len(),
-            new_tokens: got.len(),
-            first_token_ms: first.as_secs_f64() * 1e3,
-            decode_tokens_per_s: got.len().saturating_sub(1) as f64 / (total - first).as_secs_f64().max(1e-9),
-        };
-        eprintln!("run {r}{}: {} prompt tokens, first token {:.1} ms, {:.1} tokens/s", if r == 0 { " (warm-up)" } else { "" }, run.prompt_tokens, run.first_token_ms, run.decode_tokens_per_s);
-        if r > 0 {
-            results.push(run);
-        }
-    }
-    let graph_ids = last_ids.clone();
-    // The same run with every step eager: the replays' tokens must be the eager steps' tokens.
-    enhancer.text_encoder_mut().set_cuda_graphs(false);
-    let te = enhancer.text_encoder();
-    let (eager_ids, eager_rate) = {
+    let t = Instant::now();
+    let prompt_ids = tok.encode_raw(&tok.chat_template()?.render(&req.messages(prompt), false)?)?;
+    let template_ms = t.elapsed();
+    // One greedy generation: its ids, the time to the first token (the template and tokenizing
+    // included, as a request sees it) and the decoding rate after it.
+    let generate = |te: &engine::text_encoder::TextEncoder| -> Result<(Vec<u32>, std::time::Duration, f64)> {
         let t = Instant::now();
         let mut first = None;
         let mut on_token = |_: u32, _: &[u32]| {
-            first.get_or_insert(t.elapsed());
+            first.get_or_insert(t.elapsed() + template_ms);
             Control::Continue
         };
         let (got, _) = engine::enhancer::generate_ids(te, &prompt_ids, &[], new_tokens, &greedy, &mut on_token)?;
         device.synchronize()?;
+        let total = t.elapsed() + template_ms;
         let first = first.context("no token was generated")?;
-        let rate = got.len().saturating_sub(1) as f64 / (t.elapsed() - first).as_secs_f64().max(1e-9);
-        (got, rate)
+        let rate = got.len().saturating_sub(1) as f64 / (total - first).as_secs_f64().max(1e-9);
+        Ok((got, first, rate))
     };
+    let mut results = Vec::new();
+    let mut graph_ids = Vec::new();
+    for r in 0..=runs {
+        let (got, first, rate) = generate(te)?;
+        let run = EnhanceRun {
+            prompt_tokens: prompt_ids.len(),
+            new_tokens: got.len(),
+            first_token_ms: first.as_secs_f64() * 1e3,
+            decode_tokens_per_s: rate,
+        };
+        eprintln!("run {r}{}: {} prompt tokens, first token {:.1} ms, {:.1} tokens/s", if r == 0 { " (warm-up)" } else { "" }, run.prompt_tokens, run.first_token_ms, run.decode_tokens_per_s);
+        graph_ids = got;
+        if r > 0 {
+            results.push(run);
+        }
+    }
     let dtype = format!("{:?}", te.dtype());
+    // The same run with every step eager: the replays' tokens must be the eager steps' tokens.
+    enhancer.text_encoder_mut().set_cuda_graphs(false);
+    let (eager_ids, _, eager_rate) = generate(enhancer.text_encoder())?;
     enhancer.text_encoder_mut().set_cuda_graphs(true);
     let agreeing = graph_ids.iter().zip(&eager_ids).take_while(|(a, b)| a == b).count();
     eprintln!("without CUDA graphs: {eager_rate:.1} tokens/s; {agreeing} of {} tokens agree with the replays", graph_ids.len());
