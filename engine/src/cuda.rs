@@ -1097,12 +1097,13 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
     Ok(wrap(out, &dev, x.dims()))
 }
 
-/// Device memory in use (total - free, whole device, MiB), for reports.
+/// The device's memory (whole device, MiB).
 pub fn memory_total_mib(dev: &CudaDevice) -> Result<f64> {
     let (_, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok(total as f64 / (1024.0 * 1024.0))
 }
 
+/// Device memory in use (total - free, whole device, MiB), for reports.
 pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok((total - free) as f64 / (1024.0 * 1024.0))

@@ -14,8 +14,8 @@ pub struct LoadOptions {
     /// Quantize the transformer blocks' linear layers while loading: FP8 E4M3 or INT8 (half their
     /// memory; on CUDA the products run as cuBLASLt FP8 or INT8 matmuls).
     pub quantization: Quantization,
-    /// Do not keep the text encoder resident: load it for each prompt and free it after encoding
-    /// (saves its memory on small cards, costs a load per request).
+    /// Do not keep the text encoder resident: encode each prompt one layer at a time from the
+    /// weights (saves its memory on small cards, costs a read of its weights per request).
     pub free_text_encoder: bool,
     /// Replay denoiser steps (and text encodings) as CUDA graphs on CUDA devices (see `graph`).
     pub cuda_graphs: bool,
@@ -24,6 +24,14 @@ pub struct LoadOptions {
     /// the dense weights and are quantized after (bf16-merge-then-quantize quality) rather than
     /// into the dequantized ones.
     pub keep_dense_for_lora: bool,
+}
+
+impl LoadOptions {
+    /// Where the quantized layers keep their dense weights for LoRA merges on `device`
+    /// (`dense_copy_device`), or `None` when none are kept.
+    pub fn dense_copy_on(&self, device: &Device) -> Option<Device> {
+        (self.keep_dense_for_lora && self.quantization != Quantization::None).then(|| dense_copy_device(device))
+    }
 }
 
 impl Default for LoadOptions {
@@ -103,7 +111,6 @@ pub fn open_cuda(ordinal: usize) -> Result<Device> {
     Ok(Device::Cuda(dev))
 }
 
-
 /// Device memory in use (whole device, MiB) where the backend can tell (CUDA), for reports.
 pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
     match device {
@@ -126,7 +133,6 @@ pub fn dense_copy_device(device: &Device) -> Device {
         _ => device.clone(),
     }
 }
-
 
 /// The compute dtype for a device: f32 on CPU, bf16 on accelerators.
 pub fn default_dtype(device: &Device) -> DType {

@@ -99,6 +99,11 @@ fn nearest_sizes(v: usize) -> String {
 }
 
 impl GenerateRequest {
+    /// The seed of image `i`'s variation perturbation: `variation_seed` (or the seed) + i.
+    pub fn variation_seed_of(&self, i: usize) -> u64 {
+        self.variation_seed.unwrap_or(self.seed) + i as u64
+    }
+
     /// Checks every parameter; the error says what is wrong and what is allowed.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(Error::InvalidRequest(m));
@@ -314,8 +319,7 @@ impl Pipeline {
         } else {
             checked_var_builder(&files.transformer.weights, dtype, device)?
         };
-        let dense_on = (opts.keep_dense_for_lora && quantizing).then(|| dense_copy_device(device));
-        let transformer = ZImageTransformer::new_quantized(&t_cfg, vb, opts.quantization, dense_on.as_ref());
+        let transformer = ZImageTransformer::new_quantized(&t_cfg, vb, opts.quantization, opts.dense_copy_on(device).as_ref());
         ensure_no_problems("transformer", &problems)?;
         let transformer = transformer?;
 
@@ -409,8 +413,7 @@ impl Pipeline {
     ) -> Result<Self> {
         let [t_vb, te_vb, vae_vb] = vbs;
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
-        let dense_on = (opts.keep_dense_for_lora && opts.quantization != Quantization::None).then(|| dense_copy_device(&device));
-        let transformer = ZImageTransformer::new_quantized(t_cfg, t_vb, opts.quantization, dense_on.as_ref())?;
+        let transformer = ZImageTransformer::new_quantized(t_cfg, t_vb, opts.quantization, opts.dense_copy_on(&device).as_ref())?;
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
         let (stream_cfg, stream_vb) = (te_cfg.clone(), te_vb.clone());
@@ -721,7 +724,7 @@ impl Pipeline {
         let n = req.n;
         let latent = (1, h, w);
         let captions = (0..n)
-            .map(|i| vary_conditioning(&pos, req.variation, req.variation_seed.unwrap_or(req.seed) + i as u64))
+            .map(|i| vary_conditioning(&pos, req.variation, req.variation_seed_of(i)))
             .collect::<Result<Vec<_>>>()?;
         let cond_pos = self.transformer.condition(&Tensor::stack(&captions, 0)?, latent)?;
         let cond_neg = neg.map(|neg| self.transformer.condition(&Tensor::stack(&vec![neg; n], 0)?, latent)).transpose()?;

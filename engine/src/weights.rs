@@ -109,16 +109,18 @@ impl SimpleBackend for CheckedSafetensors {
             ));
             return placeholder(s, dtype);
         }
-        if self.block_preload {
-            if let Some(block) = block_of(name) {
-                let mut preloaded = self.preloaded.lock().expect("preload lock");
-                if !preloaded.contains_key(name) {
+        let ready = {
+            let mut preloaded = self.preloaded.lock().expect("preload lock");
+            match block_of(name) {
+                Some(block) if self.block_preload && !preloaded.contains_key(name) => {
                     let names = self.inner.tensors().into_iter().map(|(n, _)| n).filter(|n| n.starts_with(block)).collect();
                     preloaded.extend(preload_names(&self.inner, names, dtype, dev));
                 }
+                _ => {}
             }
-        }
-        if let Some(t) = self.preloaded.lock().expect("preload lock").remove(name) {
+            preloaded.remove(name)
+        };
+        if let Some(t) = ready {
             let t = if t.dtype() != dtype { t.to_dtype(dtype)? } else { t };
             return if t.device().same_device(dev) { Ok(t) } else { t.to_device(dev) };
         }

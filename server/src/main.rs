@@ -476,7 +476,7 @@ fn generate(args: GenerateArgs) -> Result<()> {
                     sha256: f.sha256.clone(),
                 })
                 .collect(),
-            variation: Some((req.variation_seed.unwrap_or(req.seed) + i as u64, req.variation)),
+            variation: Some((req.variation_seed_of(i), req.variation)),
         };
         let path = output_path(&args.out, i, out.images.len());
         let bytes = engine::png_meta::encode_png(img, &params)?;

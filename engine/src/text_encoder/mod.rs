@@ -281,9 +281,14 @@ pub struct TextEncoder {
     kv_pool: lm::KvPool,
 }
 
+/// The error naming every missing or misshapen weight (or an unusable config).
+fn weight_mismatch(problems: Vec<String>) -> Error {
+    Error::WeightMismatch { component: "text_encoder".into(), problems }
+}
+
 /// Refuses configs the encoder cannot run.
 fn check_config(cfg: &TextEncoderConfig) -> Result<()> {
-    let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+    let bad = weight_mismatch;
     if cfg.num_hidden_layers == 0
         || cfg.num_attention_heads == 0
         || cfg.num_key_value_heads == 0
@@ -344,7 +349,7 @@ pub fn encode_streamed(cfg: &TextEncoderConfig, vb: VarBuilder, ids: &[u32]) -> 
     check_prompt_ids(cfg, ids)?;
     let vb = model_prefix(vb);
     let (device, dtype) = (vb.device().clone(), vb.dtype());
-    let bad = |problems: Vec<String>| Error::WeightMismatch { component: "text_encoder".into(), problems };
+    let bad = weight_mismatch;
     let mut ld = Loader { vb: vb.clone(), problems: vec![] };
     let x = {
         // The table (0.73 GiB for Qwen3-4B) is read, gathered from and freed before the first
@@ -368,7 +373,8 @@ pub fn encode_streamed(cfg: &TextEncoderConfig, vb: VarBuilder, ids: &[u32]) -> 
 }
 
 /// RoPE tables of positions `start..start + l`: (l, head_dim/2) cos and sin, computed in f32 as
-/// transformers does, then cast to `dtype`.
+/// transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`), then cast to
+/// `dtype`.
 fn rope_tables(cfg: &TextEncoderConfig, start: usize, l: usize, device: &Device, dtype: DType) -> Result<(Tensor, Tensor)> {
     let hd = cfg.head_dim();
     let theta = cfg.rope_theta() as f32;
@@ -404,10 +410,7 @@ impl TextEncoder {
     /// of a saved `Qwen3Model` (`embed_tokens.weight`, `layers.{i}....`) or the same under
     /// `model.` (a `Qwen3ForCausalLM` checkpoint). Computes in the VarBuilder's dtype and device.
     pub fn new(cfg: &TextEncoderConfig, vb: VarBuilder) -> Result<Self> {
-        let bad = |problems: Vec<String>| Error::WeightMismatch {
-            component: "text_encoder".into(),
-            problems,
-        };
+        let bad = weight_mismatch;
         check_config(cfg)?;
         let vb = model_prefix(vb);
         let device = vb.device().clone();
@@ -479,22 +482,10 @@ impl TextEncoder {
         self.cfg.hidden_size
     }
 
-    /// RoPE tables for positions 0..l: (l, head_dim/2) cos and sin, computed in f32 as
-    /// transformers does (`inv_freq = 1 / theta^(2i/d)`, `freqs = pos * inv_freq`), then cast to
-    /// the model dtype.
-    fn rope_tables(&self, l: usize) -> Result<(Tensor, Tensor)> {
-        self.rope_tables_at(0, l)
-    }
-
     /// The rotary tables of positions `start..start + l` only (a decoding step needs one row,
     /// not the whole prefix again).
     fn rope_tables_at(&self, start: usize, l: usize) -> Result<(Tensor, Tensor)> {
         rope_tables(&self.cfg, start, l, &self.device, self.dtype)
-    }
-
-    /// Additive causal mask (l, l) in f32: 0 on and below the diagonal, -inf above.
-    fn causal_mask(&self, l: usize) -> Result<Tensor> {
-        causal_mask(l, &self.device)
     }
 
     /// Prompt embeddings for token ids of shape (1, L) or (L) (u32 or i64): the output of
@@ -540,8 +531,8 @@ impl TextEncoder {
         all_ids.resize(padded, 0);
         let ids = Tensor::from_vec(all_ids, padded, self.embed_tokens.device())?;
         let x = self.embed_tokens.index_select(&ids, 0)?.to_device(&self.device)?; // (L, hidden)
-        let (cos, sin) = self.rope_tables(padded)?;
-        let mask = if flash { None } else { Some(self.causal_mask(padded)?) };
+        let (cos, sin) = self.rope_tables_at(0, padded)?;
+        let mask = if flash { None } else { Some(causal_mask(padded, &self.device)?) };
         let mut constants = vec![cos.clone(), sin.clone()];
         constants.extend(mask.clone());
         let f = |ins: &[Tensor]| -> candle_core::Result<Tensor> {

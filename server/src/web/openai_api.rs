@@ -182,13 +182,12 @@ fn common(f: &Fields, studio: &Studio) -> Result<Common, ApiError> {
     let style = f.str("style")?.map(parse_style).transpose()?.unwrap_or_default();
     let size = f.str("size")?.filter(|s| *s != "auto").map(parse_size).transpose()?;
     let loras = f.loras()?;
-    let variation = match f.0.get("variation") {
-        None | Some(Value::Null) => 0.0,
-        Some(v) => match v.as_f64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())) {
-            Some(x) if (0.0..=1.0).contains(&x) => x as f32,
-            _ => return Err(ApiError::invalid("variation", "`variation` must be a number between 0 and 1.")),
-        },
-    };
+    let variation = f
+        .float("variation")
+        .ok()
+        .map(|v| v.unwrap_or(0.0))
+        .filter(|v| (0.0..=1.0).contains(v))
+        .ok_or_else(|| ApiError::invalid("variation", "`variation` must be a number between 0 and 1."))?;
     Ok(Common { prompt, negative_prompt: f.str("negative_prompt")?.unwrap_or_default().to_string(), n, size, format, seed, steps, style, loras, variation })
 }
 

@@ -754,6 +754,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         return JobEvent::Error { job_id, reason: "The model returned no image.".into() };
     };
     let seed = out.seeds.first().copied().unwrap_or(image.seed);
+    let variation_seed = image.request.variation_seed.unwrap_or(seed);
     let params = engine::png_meta::Parameters {
         prompt: image.full_prompt.clone(),
         negative_prompt: image.request.negative_prompt.clone(),
@@ -770,7 +771,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
             .iter()
             .map(|l| engine::png_meta::LoraUse { name: l.name.clone(), scale: l.scale, sha256: l.sha256.clone().unwrap_or_default() })
             .collect(),
-        variation: Some((image.request.variation_seed.unwrap_or(seed), image.request.variation)),
+        variation: Some((variation_seed, image.request.variation)),
     };
     let png = match engine::png_meta::encode_png(img, &params) {
         Ok(p) => p,
@@ -808,7 +809,7 @@ fn store_result(store: &ImageStore, sink: &ResultSink, job: &Job, generated: Gen
         source: job.source,
         loras: image.request.loras.clone(),
         variation: image.request.variation,
-        variation_seed: (image.request.variation > 0.0).then(|| image.request.variation_seed.unwrap_or(seed)),
+        variation_seed: (image.request.variation > 0.0).then_some(variation_seed),
         written_prompt: image.request.written_prompt.clone(),
     };
     match sink {
