@@ -709,15 +709,23 @@ extern "C" __global__ void zimage_group_norm_apply_v8_bf16(const uint4* __restri
     }
 }
 
-// y += bias[channel] in place, NCHW bf16 with H*W % 8 == 0 (hw_vecs = H*W/8), bias f32 (C).
+// y += bias[channel] in place, NCHW bf16 with H*W % 8 == 0 (hw_vecs = H*W/8), bias f32 (C); then,
+// when residual is not null, y = bf16(bf16(y + bias) + residual): the resnet's skip connection in
+// the same pass, rounded as a separate bf16 add would round it.
 extern "C" __global__ void zimage_add_channel_bias_v8_bf16(uint4* __restrict__ y, const float* __restrict__ bias,
-                                                           unsigned int n_vecs, unsigned int hw_vecs, unsigned int c) {
-    float f[8];
+                                                           unsigned int n_vecs, unsigned int hw_vecs, unsigned int c,
+                                                           const uint4* __restrict__ residual) {
+    float f[8], r[8];
     for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vecs; i += gridDim.x * blockDim.x) {
         float b = bias[(i / hw_vecs) % c];
         unpack8(y[i], f);
 #pragma unroll
         for (int j = 0; j < 8; j++) f[j] += b;
+        if (residual != 0) {
+            unpack8(residual[i], r);
+#pragma unroll
+            for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j])) + r[j];
+        }
         y[i] = pack8(f);
     }
 }
@@ -735,5 +743,110 @@ extern "C" __global__ void zimage_upsample_nearest2x_bf16(const uint2* __restric
         unsigned long long out_row = 2ull * row;
         y[out_row * w_quads + q] = o;
         y[(out_row + 1) * w_quads + q] = o;
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// FP8 E4M3 with one scale per row (token): each kernel takes its row's amax and casts in the same
+// launch, so no separate amax or quantize pass over the activation is needed. scale = max(amax,
+// 1e-12) / 448, q = v / scale rounded to nearest and saturated (as the per-tensor kernels), the
+// values v rounded to bf16 first, as the unfused ops would store them. One block per row.
+
+// 8 floats times inv as 8 E4M3 bytes.
+__device__ __forceinline__ uint2 e4m3x8(const float* f, float inv) {
+    unsigned int lo = (unsigned int)pack_e4m3x2(f[0] * inv, f[1] * inv) | ((unsigned int)pack_e4m3x2(f[2] * inv, f[3] * inv) << 16);
+    unsigned int hi = (unsigned int)pack_e4m3x2(f[4] * inv, f[5] * inv) | ((unsigned int)pack_e4m3x2(f[6] * inv, f[7] * inv) << 16);
+    return make_uint2(lo, hi);
+}
+
+// The row's scale from its amax; thread 0 stores it. Returns 1 / scale.
+__device__ __forceinline__ float e4m3_row_scale(float amax, float* __restrict__ scale_out) {
+    float scale = fmaxf(amax, 1e-12f) / 448.0f;
+    if (threadIdx.x == 0) scale_out[blockIdx.x] = scale;
+    return 1.0f / scale;
+}
+
+// q = E4M3(bf16(x * rsqrt(mean(x^2) + eps) * w)) per row of dim values (dim % 8 == 0), the normed
+// row computed twice (once for its amax, once to cast) from the row re-read through the cache,
+// never written in bf16.
+extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ w,
+                                                             uint2* __restrict__ q, float* __restrict__ scale_out,
+                                                             unsigned int dim, float eps) {
+    unsigned int n8 = dim / 8;
+    const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
+    uint2* qr = q + (unsigned long long)blockIdx.x * n8;
+    float f[8], g[8];
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float m = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        unpack8(w[i], g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]))));
+    }
+    float qinv = e4m3_row_scale(block_max(m), scale_out);
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+        unpack8(w[i], g);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        qr[i] = e4m3x8(f, qinv);
+    }
+}
+
+// silu(gate) * up (silu rounded to bf16 first, the product rounded to bf16, as
+// zimage_swiglu_amax_v8_bf16) cast to E4M3 with its row's scale: gate_up rows hold row_vecs
+// vectors of gate then row_vecs of up; q is rows x row_vecs vectors of 8 bytes.
+__device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, unsigned int p, float* h) {
+    float u[8];
+    unpack8(gr[p], h);
+    unpack8(gr[row_vecs + p], u);
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+        float s = bf16_to_f32(f32_to_bf16(h[j] / (1.0f + __expf(-h[j]))));
+        h[j] = bf16_to_f32(f32_to_bf16(s * u[j]));
+    }
+}
+
+extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restrict__ gate_up, uint2* __restrict__ q,
+                                                           float* __restrict__ scale_out, unsigned int row_vecs) {
+    const uint4* gr = gate_up + (unsigned long long)blockIdx.x * 2 * row_vecs;
+    uint2* qr = q + (unsigned long long)blockIdx.x * row_vecs;
+    float h[8];
+    float m = 0.0f;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        swiglu8(gr, row_vecs, p, h);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
+    }
+    float qinv = e4m3_row_scale(block_max(m), scale_out);
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        swiglu8(gr, row_vecs, p, h);
+        qr[p] = e4m3x8(h, qinv);
+    }
+}
+
+// A bf16 (rows, dim) activation (dim % 8 == 0) cast to E4M3 with one scale per row.
+extern "C" __global__ void zimage_quantize_e4m3_rows_v8_bf16(const uint4* __restrict__ x, uint2* __restrict__ q,
+                                                             float* __restrict__ scale_out, unsigned int row_vecs) {
+    const uint4* xr = x + (unsigned long long)blockIdx.x * row_vecs;
+    uint2* qr = q + (unsigned long long)blockIdx.x * row_vecs;
+    float f[8];
+    float m = 0.0f;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        unpack8(xr[p], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
+    }
+    float qinv = e4m3_row_scale(block_max(m), scale_out);
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        unpack8(xr[p], f);
+        qr[p] = e4m3x8(f, qinv);
     }
 }

@@ -310,6 +310,90 @@ pub fn swiglu_quantized(gate_up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
     Ok((wrap(out, &dev, &dims), wrap(q, &dev, &dims), wrap(scale, &dev, &[1])))
 }
 
+/// Which row-scaled E4M3 kernel `e4m3_rows` launches.
+enum RowQuantizer<'a> {
+    /// RMSNorm with this weight (dim values) and eps, then the cast.
+    RmsNorm(&'a Tensor, f32),
+    /// silu(gate) * up of a fused gate|up row (the input holds 2 * width values a row).
+    SwiGlu,
+    /// The input itself.
+    Plain,
+}
+
+/// One launch of a row-scaled E4M3 kernel over a (rows, in) bf16 input: (q (rows, width) E4M3,
+/// scale (rows,) f32). None when the shape or alignment does not suit the kernels (width % 8).
+fn e4m3_rows(x: &Tensor, kind: RowQuantizer<'_>) -> Result<Option<(Tensor, Tensor)>> {
+    let dev = cuda_device(x)?;
+    let (rows, cols) = x.dims2()?;
+    let width = if matches!(kind, RowQuantizer::SwiGlu) { cols / 2 } else { cols };
+    if x.dtype() != DType::BF16 || rows == 0 || width == 0 || width % 8 != 0 || cols % 8 != 0 || rows > i32::MAX as usize {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if !starts_aligned(&x, 16) {
+        return Ok(None);
+    }
+    let w = match &kind {
+        RowQuantizer::RmsNorm(w, _) if w.elem_count() != width => return Ok(None),
+        RowQuantizer::RmsNorm(w, _) => Some(w.to_dtype(DType::BF16)?.contiguous()?),
+        _ => None,
+    };
+    if w.as_ref().is_some_and(|w| !starts_aligned(w, 16)) {
+        return Ok(None);
+    }
+    let mut q = unsafe { dev.alloc::<F8E4M3>(rows * width)? };
+    let mut scale = unsafe { dev.alloc::<f32>(rows)? };
+    let vecs = (width / 8) as u32;
+    let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width / 8), 1, 1), shared_mem_bytes: 0 };
+    with_slice::<bf16, _>(&x, |xs| {
+        let name = match kind {
+            RowQuantizer::RmsNorm(..) => "zimage_rms_norm_e4m3_rows_v8_bf16",
+            RowQuantizer::SwiGlu => "zimage_swiglu_e4m3_rows_v8_bf16",
+            RowQuantizer::Plain => "zimage_quantize_e4m3_rows_v8_bf16",
+        };
+        let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
+        let mut launch = |ws: Option<&cudarc::driver::CudaView<'_, bf16>>| -> Result<()> {
+            let mut b = f.builder();
+            b.arg(&xs);
+            if let Some(ws) = ws {
+                b.arg(ws);
+            }
+            b.arg(&mut q);
+            b.arg(&mut scale);
+            if let RowQuantizer::RmsNorm(_, eps) = &kind {
+                let dim = width as u32;
+                b.arg(&dim);
+                b.arg(eps);
+                return unsafe { b.launch(cfg) }.w().map(|_| ());
+            }
+            b.arg(&vecs);
+            unsafe { b.launch(cfg) }.w().map(|_| ())
+        };
+        match &w {
+            Some(w) => with_slice::<bf16, _>(w, |ws| launch(Some(&ws))),
+            None => launch(None),
+        }
+    })?;
+    Ok(Some((wrap(q, &dev, &[rows, width]), wrap(scale, &dev, &[rows]))))
+}
+
+/// E4M3 of rms_norm(x) * w with one scale per row (x: (rows, dim) bf16), in one kernel that never
+/// writes the normed activation: (q, scale (rows,)). None when the kernel does not apply.
+pub fn rms_norm_e4m3_rows(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor, Tensor)>> {
+    e4m3_rows(x, RowQuantizer::RmsNorm(w, eps))
+}
+
+/// E4M3 of silu(gate) * up with one scale per row, from the fused (rows, 2 * hidden) gate|up
+/// product, in one kernel: (q (rows, hidden), scale (rows,)). None when the kernel does not apply.
+pub fn swiglu_e4m3_rows(gate_up: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    e4m3_rows(gate_up, RowQuantizer::SwiGlu)
+}
+
+/// E4M3 of a (rows, dim) bf16 activation with one scale per row, in one kernel.
+pub fn quantize_e4m3_rows(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    e4m3_rows(x, RowQuantizer::Plain)
+}
+
 /// The token stride of a (B, L, H, D) tensor whose heads and dims are packed ([.., .., D, 1]) and
 /// whose tokens are evenly spaced ([L * ts, ts, ..]): contiguous tensors and head-range views of a
 /// fused qkv product alike.
@@ -439,6 +523,17 @@ struct Plan {
     chosen: Option<sys::cublasLtMatmulAlgo_t>,
 }
 
+impl Plan {
+    fn destroy(self) {
+        unsafe {
+            let _ = lt::destroy_matrix_layout(self.a);
+            let _ = lt::destroy_matrix_layout(self.b);
+            let _ = lt::destroy_matrix_layout(self.d);
+            let _ = lt::destroy_matmul_desc(self.desc);
+        }
+    }
+}
+
 /// How many algorithms the heuristic is asked for when autotuning; its first pick otherwise.
 const AUTOTUNE_CANDIDATES: i32 = 8;
 
@@ -459,7 +554,11 @@ pub struct LtGemm {
     handle: sys::cublasLtHandle_t,
     workspace: Mutex<CudaSlice<u8>>,
     workspace_size: usize,
-    plans: Mutex<HashMap<(usize, usize, usize), Plan>>,
+    /// Keyed by (m, n, k, activation scaled per row).
+    plans: Mutex<HashMap<(usize, usize, usize, bool), Plan>>,
+    /// Per-row products take a vector of weight scales too (cuBLASLt scales both operands by
+    /// vectors or neither): ones of each output width used, the weight's scale going in alpha.
+    ones: Mutex<HashMap<usize, CudaSlice<f32>>>,
     autotune: bool,
     kind: LtKind,
     stream: Arc<CudaStream>,
@@ -512,6 +611,7 @@ impl LtGemm {
             workspace: Mutex::new(workspace),
             workspace_size,
             plans: Mutex::new(HashMap::new()),
+            ones: Mutex::new(HashMap::new()),
             autotune,
             kind,
             stream,
@@ -519,7 +619,17 @@ impl LtGemm {
         })
     }
 
-    fn plan(&self, m: usize, n: usize, k: usize) -> Result<Plan> {
+    /// Whether this cuBLASLt runs FP8 products with one activation scale per row on this GPU
+    /// (outer-vector scaling: cuBLAS 12.9 and newer, on Hopper and newer).
+    pub fn supports_row_scaling(&self) -> bool {
+        self.kind == LtKind::Fp8 && self.plan(128, 128, 128, true).is_ok_and(|p| {
+            let ok = !p.candidates.is_empty();
+            p.destroy();
+            ok
+        })
+    }
+
+    fn plan(&self, m: usize, n: usize, k: usize, row_scaled: bool) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         use sys::cudaDataType as T;
         let (compute, scale, operand, out) = match self.kind {
@@ -536,6 +646,18 @@ impl LtGemm {
             if self.kind == LtKind::Fp8 {
                 let fast: i8 = 1;
                 set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const _, 1)?;
+            }
+            if row_scaled {
+                // CUBLASLT_MATMUL_MATRIX_SCALE_OUTER_VEC_32F (written as its value: cudarc names
+                // it only in bindings of CUDA 12.9 and newer). A's vector runs along op(A)'s rows
+                // (our n outputs), B's along its columns (our m tokens).
+                let outer_vec: u32 = 3;
+                for attr in [A::CUBLASLT_MATMUL_DESC_A_SCALE_MODE, A::CUBLASLT_MATMUL_DESC_B_SCALE_MODE] {
+                    if let Err(e) = set(attr, &outer_vec as *const _ as *const _, 4) {
+                        let _ = lt::destroy_matmul_desc(desc);
+                        return Err(e);
+                    }
+                }
             }
             let a = lt::create_matrix_layout(operand, k as u64, n as u64, k as i64).map_err(lt_err)?;
             let b = lt::create_matrix_layout(operand, k as u64, m as u64, k as i64).map_err(lt_err)?;
@@ -555,7 +677,9 @@ impl LtGemm {
             let status = sys::cublasLtMatmulAlgoGetHeuristic(self.handle, desc, a, b, d, d, pref, wanted, results.as_mut_ptr(), &mut found);
             lt::destroy_matmul_pref(pref).map_err(lt_err)?;
             if status != sys::cublasStatus_t::CUBLAS_STATUS_SUCCESS || found <= 0 {
-                bail!("no cuBLASLt {:?} algorithm for m={m} n={n} k={k}: {status:?}", self.kind);
+                let _ = (lt::destroy_matrix_layout(a), lt::destroy_matrix_layout(b), lt::destroy_matrix_layout(d));
+                let _ = lt::destroy_matmul_desc(desc);
+                bail!("no cuBLASLt {:?} algorithm for m={m} n={n} k={k} (row scaling {row_scaled}): {status:?}", self.kind);
             }
             results.set_len(found as usize);
             let candidates: Vec<_> = results
@@ -581,13 +705,15 @@ impl LtGemm {
         alpha: *const std::ffi::c_void,
         beta: *const std::ffi::c_void,
         b_scale: Option<u64>,
+        a_scale_vec: Option<u64>,
     ) -> Result<()> {
+        let key = (m, n, k, a_scale_vec.is_some());
         let mut plans = self.plans.lock().expect("cuBLASLt plan cache poisoned");
-        if !plans.contains_key(&(m, n, k)) {
-            let p = self.plan(m, n, k)?;
-            plans.insert((m, n, k), p);
+        if !plans.contains_key(&key) {
+            let p = self.plan(m, n, k, key.3)?;
+            plans.insert(key, p);
         }
-        let plan = plans.get_mut(&(m, n, k)).expect("plan inserted above");
+        let plan = plans.get_mut(&key).expect("plan inserted above");
         let (desc, a_layout, b_layout, d_layout) = (plan.desc, plan.a, plan.b, plan.d);
         let mut ws = self.workspace.lock().expect("cuBLASLt workspace poisoned");
         let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
@@ -599,6 +725,15 @@ impl LtGemm {
                         sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
                         s_ptr as *const _ as *const _,
                         std::mem::size_of_val(s_ptr),
+                    )
+                    .map_err(lt_err)?;
+                }
+                if let Some(a_ptr) = &a_scale_vec {
+                    lt::set_matmul_desc_attribute(
+                        desc,
+                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
+                        a_ptr as *const _ as *const _,
+                        std::mem::size_of_val(a_ptr),
                     )
                     .map_err(lt_err)?;
                 }
@@ -629,8 +764,8 @@ impl LtGemm {
         run(plan.chosen.as_ref().expect("chosen above"))
     }
 
-    /// x_q (m, k) E4M3 with device scale x_scale (1,) f32; w_q (n, k) E4M3 with host scale
-    /// w_scale. Returns (m, n) bf16.
+    /// x_q (m, k) E4M3 with device scale x_scale, (1,) for the whole activation or (m,) one per
+    /// row, f32; w_q (n, k) E4M3 with host scale w_scale. Returns (m, n) bf16.
     pub fn matmul(&self, x_q: &Tensor, x_scale: &Tensor, w_q: &Tensor, w_scale: f32) -> Result<Tensor> {
         let (m, k) = x_q.dims2()?;
         let (n, k2) = w_q.dims2()?;
@@ -640,18 +775,29 @@ impl LtGemm {
         if k % 16 != 0 || n % 16 != 0 {
             bail!("fp8 matmul: k={k} and n={n} must be multiples of 16");
         }
+        let row_scaled = match x_scale.elem_count() {
+            1 => false,
+            rows if rows == m => true,
+            other => bail!("fp8 matmul: {other} activation scales for {m} rows"),
+        };
         let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
-        let (x_q, w_q) = (x_q.contiguous()?, w_q.contiguous()?);
+        let (x_q, w_q, x_scale) = (x_q.contiguous()?, w_q.contiguous()?, x_scale.contiguous()?);
         let (alpha, beta) = (w_scale, 0f32);
+        let mut ones = self.ones.lock().expect("cuBLASLt scale vectors poisoned");
+        if row_scaled && !ones.contains_key(&n) {
+            ones.insert(n, self.stream.clone_htod(&vec![1f32; n]).w()?);
+        }
+        let a_vec = if row_scaled { ones.get(&n) } else { None };
         with_slice::<F8E4M3, _>(&x_q, |xs| {
             with_slice::<F8E4M3, _>(&w_q, |wsl| {
-                with_slice::<f32, _>(x_scale, |ss| {
+                with_slice::<f32, _>(&x_scale, |ss| {
                     let (x_ptr, _gx) = xs.device_ptr(&self.stream);
                     let (w_ptr, _gw) = wsl.device_ptr(&self.stream);
                     let (s_ptr, _gs) = ss.device_ptr(&self.stream);
                     let (o_ptr, _go) = out.device_ptr_mut(&self.stream);
+                    let a_vec_ptr = a_vec.map(|v| v.device_ptr(&self.stream));
                     let (a, b) = (&alpha as *const f32 as *const _, &beta as *const f32 as *const _);
-                    self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, Some(s_ptr))
+                    self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, Some(s_ptr), a_vec_ptr.as_ref().map(|(p, _)| *p))
                 })
             })
         })?;
@@ -678,7 +824,7 @@ impl LtGemm {
                 let (w_ptr, _gw) = wsl.device_ptr(&self.stream);
                 let (o_ptr, _go) = acc.device_ptr_mut(&self.stream);
                 let (a, b) = (&alpha as *const i32 as *const _, &beta as *const i32 as *const _);
-                self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, None)
+                self.launch((m, n, k), w_ptr, x_ptr, o_ptr, a, b, None, None)
             })
         })?;
         Ok((acc, m, n))
@@ -771,13 +917,10 @@ impl LtGemm {
 impl Drop for LtGemm {
     fn drop(&mut self) {
         let plans = std::mem::take(&mut *self.plans.lock().unwrap_or_else(|e| e.into_inner()));
+        for (_, p) in plans {
+            p.destroy();
+        }
         unsafe {
-            for (_, p) in plans {
-                let _ = lt::destroy_matrix_layout(p.a);
-                let _ = lt::destroy_matrix_layout(p.b);
-                let _ = lt::destroy_matrix_layout(p.d);
-                let _ = lt::destroy_matmul_desc(p.desc);
-            }
             let _ = lt::destroy_handle(self.handle);
         }
     }
@@ -954,6 +1097,12 @@ mod conv {
 
         /// x (B, C, H, W) bf16, w (K, C, R, S) bf16, bias (K) -> (B, K, H', W') bf16.
         pub fn conv2d(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+            self.conv2d_add(x, w, bias, None, padding, stride)
+        }
+
+        /// `conv2d(..) + residual` (residual of the output's shape), the add done by the bias pass
+        /// where it can (bias given, H*W % 8 == 0), else by a separate add.
+        pub fn conv2d_add(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
             let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
             let (b, c, h, wd) = x.dims4()?;
             let (k, c2, r, s) = w.dims4()?;
@@ -1007,22 +1156,45 @@ mod conv {
                 })
             })?;
             drop(guard);
+            let out_dims = [b, k, oh, ow];
+            let residual = match residual {
+                Some(r) if r.dims() != out_dims || r.dtype() != DType::BF16 => {
+                    bail!("cudnn conv2d: residual {:?} {:?} for an output {out_dims:?}", r.dims(), r.dtype())
+                }
+                Some(r) => Some(r.contiguous()?),
+                None => None,
+            };
+            let mut residual_added = false;
             if let Some(bias) = bias {
                 let bias = bias.to_dtype(DType::F32)?.contiguous()?;
                 let n = (b * k * oh * ow) as u64;
                 let hw = (oh * ow) as u64;
                 let k32 = k as u32;
+                let fold = residual.as_ref().is_none_or(|r| starts_aligned(r, 16));
                 with_slice::<f32, _>(&bias, |bs| {
-                    if hw % 8 == 0 && n / 8 <= u32::MAX as u64 {
+                    if hw % 8 == 0 && n / 8 <= u32::MAX as u64 && fold {
                         let (n_vecs, hw_vecs) = ((n / 8) as u32, (hw / 8) as u32);
                         let f = self.dev.get_or_load_custom_func("zimage_add_channel_bias_v8_bf16", MODULE, PTX)?;
-                        let mut bld = f.builder();
-                        bld.arg(&mut y);
-                        bld.arg(&bs);
-                        bld.arg(&n_vecs);
-                        bld.arg(&hw_vecs);
-                        bld.arg(&k32);
-                        unsafe { bld.launch(launch_cfg(grid_for(n_vecs as usize))) }.w()?;
+                        let launch = |res: Option<&cudarc::driver::CudaView<'_, bf16>>, y: &mut CudaSlice<bf16>| -> Result<()> {
+                            let null = 0u64;
+                            let mut bld = f.builder();
+                            bld.arg(y);
+                            bld.arg(&bs);
+                            bld.arg(&n_vecs);
+                            bld.arg(&hw_vecs);
+                            bld.arg(&k32);
+                            match res {
+                                Some(r) => bld.arg(r),
+                                None => bld.arg(&null),
+                            };
+                            unsafe { bld.launch(launch_cfg(grid_for(n_vecs as usize))) }.w()?;
+                            Ok(())
+                        };
+                        match &residual {
+                            Some(r) => with_slice::<bf16, _>(r, |rs| launch(Some(&rs), &mut y))?,
+                            None => launch(None, &mut y)?,
+                        }
+                        residual_added = residual.is_some();
                         return Ok(());
                     }
                     let f = self.dev.get_or_load_custom_func("zimage_add_channel_bias_bf16", MODULE, PTX)?;
@@ -1036,7 +1208,11 @@ mod conv {
                     Ok(())
                 })?;
             }
-            Ok(wrap(y, &self.dev, &[b, k, oh, ow]))
+            let y = wrap(y, &self.dev, &out_dims);
+            match residual {
+                Some(r) if !residual_added => y + r,
+                _ => Ok(y),
+            }
         }
     }
 }
@@ -1101,6 +1277,23 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
 pub fn memory_total_mib(dev: &CudaDevice) -> Result<f64> {
     let (_, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok(total as f64 / (1024.0 * 1024.0))
+}
+
+/// Synchronizes, then trims the device's default memory pool (the one cudarc's stream-ordered
+/// allocations come from) down to what is allocated.
+pub fn trim_memory_pool(dev: &CudaDevice) -> Result<()> {
+    use cudarc::driver::sys;
+    let stream = dev.cuda_stream();
+    stream.synchronize().w()?;
+    let cu_device = stream.context().cu_device();
+    // SAFETY: plain driver calls on a valid device and its default pool.
+    unsafe {
+        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
+        if sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) == sys::CUresult::CUDA_SUCCESS {
+            let _ = sys::cuMemPoolTrimTo(pool, 0);
+        }
+    }
+    Ok(())
 }
 
 /// Device memory in use (total - free, whole device, MiB), for reports.

@@ -120,6 +120,35 @@ pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
     }
 }
 
+/// Device memory in use after each stage of a load (CUDA only; empty elsewhere), for reports:
+/// where a model's memory goes beyond its weights.
+#[derive(Debug, Clone, Default)]
+pub struct MemoryTrace {
+    pub stages: Vec<(String, f64)>,
+}
+
+impl MemoryTrace {
+    /// Records the memory in use once the device has finished its queued work.
+    pub fn mark(&mut self, device: &Device, stage: &str) {
+        if device.is_cpu() || device.synchronize().is_err() {
+            return;
+        }
+        if let Some(m) = device_memory_used_mib(device) {
+            self.stages.push((stage.to_string(), m));
+        }
+    }
+}
+
+/// Returns the device memory pool's free blocks to the device (CUDA's stream-ordered allocator
+/// keeps freed memory for reuse; what loading freed is not needed again at this size).
+pub fn release_pool_memory(device: &Device) {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(dev) = device {
+        let _ = crate::cuda::trim_memory_pool(dev);
+    }
+    let _ = device;
+}
+
 /// Where a quantized model keeps its dense weights for LoRA merges: on the GPU when it has 48 GiB
 /// or more (room for the 12 GB copy beside the model and a 2048x2048 job; merges then cost no
 /// transfer), else in host memory.

@@ -1,8 +1,10 @@
 //! FP8 (E4M3) linear layers: weights quantized once with a per-tensor scale, activations quantized
-//! per call with a dynamic per-tensor scale (amax / 448), products accumulated in f32 and written
-//! in the activation dtype. On CUDA the product is one cuBLASLt FP8 matmul and quantization is two
-//! small kernels (`kernels/zimage.cu`); elsewhere the same arithmetic is emulated by dequantizing,
-//! so the CPU tests exercise the quantization the GPU uses.
+//! per call with a dynamic scale (amax / 448) for each row (token) where cuBLASLt can apply row
+//! scales (Hopper, cuBLAS 12.9+), else for the whole activation; products accumulated in f32 and
+//! written in the activation dtype. On CUDA the product is one cuBLASLt FP8 matmul and the row
+//! quantization is fused into the kernel that makes the activation (RMSNorm, SwiGLU:
+//! `kernels/zimage.cu`); elsewhere the same arithmetic is emulated by dequantizing, so the CPU
+//! tests exercise the quantization the GPU uses.
 
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -12,12 +14,41 @@ use candle_core::{DType, Device, Result, Tensor};
 /// E4M3's largest finite magnitude.
 pub const E4M3_MAX: f32 = 448.0;
 
+/// How activations are scaled to E4M3.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ActivationScaling {
+    /// One scale for the whole activation: its amax needs a pass of its own before the cast.
+    Tensor,
+    /// One scale per row (token): the kernel making a row also takes its amax and casts it, and
+    /// outliers in one token no longer coarsen every other token's values.
+    Row,
+}
+
+impl ActivationScaling {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Tensor => "per tensor",
+            Self::Row => "per row",
+        }
+    }
+    /// `ZIMAGE_FP8_SCALING=tensor|row` (for comparisons); None when unset.
+    fn from_env() -> Result<Option<Self>> {
+        match std::env::var("ZIMAGE_FP8_SCALING").as_deref() {
+            Err(_) | Ok("") => Ok(None),
+            Ok("tensor") => Ok(Some(Self::Tensor)),
+            Ok("row") => Ok(Some(Self::Row)),
+            Ok(other) => candle_core::bail!("ZIMAGE_FP8_SCALING={other}: expected tensor or row"),
+        }
+    }
+}
+
 /// Shared state of the FP8 linears of one model on one device (the cuBLASLt handle, its workspace
-/// and cached matmul plans on CUDA; nothing elsewhere).
+/// and cached matmul plans on CUDA; nothing elsewhere) and the activation scaling they use.
 #[derive(Clone)]
 pub struct Fp8Context {
     #[cfg(feature = "cuda")]
     gemm: Option<Arc<crate::cuda::Fp8Gemm>>,
+    scaling: ActivationScaling,
 }
 
 impl Fp8Context {
@@ -27,20 +58,44 @@ impl Fp8Context {
     }
 
     /// `autotune` false takes cuBLASLt's first heuristic pick for every shape (for comparisons).
+    /// Activations are scaled per row unless `ZIMAGE_FP8_SCALING=tensor` or the GPU's cuBLASLt
+    /// cannot apply row scales.
     pub fn with_autotune(device: &Device, autotune: bool) -> Result<Self> {
+        let wanted = ActivationScaling::from_env()?;
         #[cfg(feature = "cuda")]
-        {
-            let gemm = match device {
-                Device::Cuda(dev) => Some(Arc::new(crate::cuda::Fp8Gemm::new(dev, autotune)?)),
-                _ => None,
+        if let Device::Cuda(dev) = device {
+            let gemm = crate::cuda::Fp8Gemm::new(dev, autotune)?;
+            let row_ok = gemm.supports_row_scaling();
+            let scaling = match wanted {
+                Some(ActivationScaling::Row) if !row_ok => {
+                    candle_core::bail!("ZIMAGE_FP8_SCALING=row: this GPU's cuBLASLt has no FP8 products with row scales (cuBLAS 12.9+ on Hopper needed)")
+                }
+                Some(s) => s,
+                None if row_ok => ActivationScaling::Row,
+                None => ActivationScaling::Tensor,
             };
-            Ok(Self { gemm })
+            return Ok(Self { gemm: Some(Arc::new(gemm)), scaling });
         }
-        #[cfg(not(feature = "cuda"))]
-        {
-            let _ = (device, autotune);
-            Ok(Self {})
-        }
+        let _ = (device, autotune);
+        Ok(Self {
+            #[cfg(feature = "cuda")]
+            gemm: None,
+            scaling: wanted.unwrap_or(ActivationScaling::Row),
+        })
+    }
+
+    /// How this context's layers scale their activations.
+    pub fn scaling(&self) -> ActivationScaling {
+        self.scaling
+    }
+
+    /// A (rows, in) activation quantized the way this context's products expect.
+    pub fn quantize_activation(&self, x: &Tensor) -> Result<QuantizedActivation> {
+        let (q, scale) = match self.scaling {
+            ActivationScaling::Tensor => quantize(x)?,
+            ActivationScaling::Row => quantize_rows(x)?,
+        };
+        Ok(QuantizedActivation { q, scale })
     }
 }
 
@@ -78,7 +133,9 @@ impl Fp8Weight {
     /// The matmul computed by dequantizing both operands and multiplying in f32 (what the CUDA
     /// path must equal up to accumulation order).
     pub fn matmul_emulated(&self, x: &QuantizedActivation, out_dtype: DType) -> Result<Tensor> {
-        let xd = e4m3_to_f32(&x.q)?.broadcast_mul(&x.scale.to_dtype(DType::F32)?)?;
+        let scale = x.scale.to_dtype(DType::F32)?;
+        let scale = if scale.elem_count() == 1 { scale } else { scale.reshape((scale.elem_count(), 1))? };
+        let xd = e4m3_to_f32(&x.q)?.broadcast_mul(&scale)?;
         xd.matmul(&self.dequantize(DType::F32)?.t()?)?.to_dtype(out_dtype)
     }
 
@@ -97,18 +154,43 @@ impl Fp8Weight {
     }
 }
 
-/// An activation (rows, in) in E4M3 with its scale as a one-element f32 tensor on the device (it
-/// is computed on the device and never read back, so quantizing does not synchronize).
+/// An activation (rows, in) in E4M3 with its scale as an f32 tensor on the device: (1,) for the
+/// whole activation or (rows,) one per row (computed on the device and never read back, so
+/// quantizing does not synchronize).
 pub struct QuantizedActivation {
     pub q: Tensor,
     pub scale: Tensor,
 }
 
 impl QuantizedActivation {
+    /// Quantized with one scale for the whole activation.
     pub fn new(x: &Tensor) -> Result<Self> {
         let (q, scale) = quantize(x)?;
         Ok(Self { q, scale })
     }
+}
+
+/// Per-row E4M3 quantization of a (rows, in) activation: (q, scale (rows,)) with scale[r] =
+/// amax(row r) / 448 and q = round(x / scale[r]) (one fused kernel on CUDA for bf16).
+pub fn quantize_rows(x: &Tensor) -> Result<(Tensor, Tensor)> {
+    let (rows, _) = x.dims2()?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        if let Some(qs) = crate::cuda::quantize_e4m3_rows(x)? {
+            return Ok(qs);
+        }
+        // Other shapes or dtypes (the tiny model): on the host, as `quantize` does.
+        let (q, s) = quantize_rows(&x.to_device(&Device::Cpu)?)?;
+        return Ok((q.to_device(x.device())?, s.to_device(x.device())?));
+    }
+    let xf = x.to_dtype(DType::F32)?;
+    let amax = xf.abs()?.max_keepdim(1)?;
+    let scale = (amax.maximum(1e-12f32)? / E4M3_MAX as f64)?;
+    let q = xf
+        .broadcast_div(&scale)?
+        .clamp(-E4M3_MAX, E4M3_MAX)?
+        .to_dtype(DType::F8E4M3)?;
+    Ok((q, scale.reshape(rows)?))
 }
 
 /// Per-tensor E4M3 quantization: (q, scale) with q = round(x / scale), scale = amax / 448.
@@ -171,6 +253,55 @@ mod tests {
         // The largest magnitude maps to exactly 448.
         let qmax = q.to_dtype(DType::F32).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
         assert_eq!(qmax, E4M3_MAX);
+    }
+
+    #[test]
+    fn row_quantization_scales_each_row_by_its_own_amax() {
+        // Rows of very different magnitudes: each row's largest value maps to 448 exactly, and a
+        // small row keeps its precision instead of falling toward E4M3's subnormals.
+        let dev = Device::Cpu;
+        let small = (Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap() * 1e-3).unwrap();
+        let large = (Tensor::randn(0f32, 1.0, (8, 64), &dev).unwrap() * 1e3).unwrap();
+        let x = Tensor::cat(&[&small, &large], 0).unwrap();
+        let (q, s) = quantize_rows(&x).unwrap();
+        assert_eq!((q.dims(), s.dims()), (&[16usize, 64][..], &[16usize][..]));
+        let qf = q.to_dtype(DType::F32).unwrap();
+        let row_max: Vec<f32> = qf.abs().unwrap().max(1).unwrap().to_vec1().unwrap();
+        assert!(row_max.iter().all(|&m| m == E4M3_MAX), "{row_max:?}");
+        let scales: Vec<f32> = s.to_vec1().unwrap();
+        let amax: Vec<f32> = x.abs().unwrap().max(1).unwrap().to_vec1().unwrap();
+        for (sc, a) in scales.iter().zip(&amax) {
+            assert!((sc - a / E4M3_MAX).abs() <= 1e-6 * sc, "scale {sc} for amax {a}");
+        }
+        let back = qf.broadcast_mul(&s.reshape((16, 1)).unwrap()).unwrap();
+        let row_err = relative_l2(&back.narrow(0, 0, 8).unwrap(), &small).unwrap();
+        assert!(row_err < 4e-2, "small rows, per-row scales: {row_err}");
+        // One scale for the whole tensor loses the small rows (their values underflow).
+        let (qt, st) = quantize(&x).unwrap();
+        let back_t = qt.to_dtype(DType::F32).unwrap().broadcast_mul(&st).unwrap();
+        let tensor_err = relative_l2(&back_t.narrow(0, 0, 8).unwrap(), &small).unwrap();
+        assert!(tensor_err > 0.5, "small rows, one scale: {tensor_err}");
+    }
+
+    #[test]
+    fn row_scaled_matmul_applies_each_rows_scale() {
+        let dev = Device::Cpu;
+        let ctx = Fp8Context::new(&dev).unwrap();
+        assert_eq!(ctx.scaling(), ActivationScaling::Row);
+        let x = Tensor::randn(0f32, 1.0, (32, 128), &dev).unwrap();
+        // rows scaled 1..32: a scale applied to the wrong rows would be far off
+        let ramp = Tensor::arange(1f32, 33.0, &dev).unwrap().reshape((32, 1)).unwrap();
+        let x = x.broadcast_mul(&ramp).unwrap();
+        let w = (Tensor::randn(0f32, 1.0, (48, 128), &dev).unwrap() * 0.05).unwrap();
+        let fw = Fp8Weight::quantize(&w, &ctx).unwrap();
+        let xq = ctx.quantize_activation(&x).unwrap();
+        assert_eq!(xq.scale.dims(), &[32]);
+        let y = fw.matmul(&xq, DType::F32).unwrap();
+        let want = x.matmul(&w.t().unwrap()).unwrap();
+        for r in [0usize, 31] {
+            let err = relative_l2(&y.narrow(0, r, 1).unwrap(), &want.narrow(0, r, 1).unwrap()).unwrap();
+            assert!(err > 1e-4 && err < 5e-2, "row {r}: relative error {err}");
+        }
     }
 
     #[test]

@@ -334,6 +334,11 @@ impl LinearInput {
         let dtype = dense.dtype();
         Self { lead_dims, dense: Some(dense), quantized, dtype }
     }
+    /// An input made only in a quantized form (a fused kernel that never wrote the activation in
+    /// its dtype): for layers of that format only.
+    pub fn quantized_only(lead_dims: Vec<usize>, quantized: QuantizedInput, dtype: DType) -> Self {
+        Self { lead_dims, dense: None, quantized: Some(quantized), dtype }
+    }
     fn dense(&self) -> Result<&Tensor> {
         self.dense.as_ref().ok_or_else(|| candle_core::Error::Msg("a linear input made only in a quantized form reached a layer of another format".into()))
     }
@@ -394,9 +399,9 @@ impl Linear {
     }
     /// The activation quantization this layer's weights multiply with.
     fn quantize_input(&self, dense: &Tensor) -> Result<Option<QuantizedInput>> {
-        Ok(match self.weight {
+        Ok(match &self.weight {
             LinearWeight::Dense(_) => None,
-            LinearWeight::Fp8(_) => Some(QuantizedInput::Fp8(QuantizedActivation::new(dense)?)),
+            LinearWeight::Fp8(w) => Some(QuantizedInput::Fp8(w.context().quantize_activation(dense)?)),
             LinearWeight::Int8(_) => Some(QuantizedInput::Int8(Int8Activation::new(dense)?)),
         })
     }
@@ -412,8 +417,9 @@ impl Linear {
         Ok(LinearInput::from_parts(lead_dims, dense, quantized))
     }
     /// `prepare(&rms_norm_weighted(x, w, eps))`; on CUDA bf16 one kernel writes the normed
-    /// activation and its quantization (the FP8 amax, or the INT8 row scales and bytes), so a
-    /// quantized layer needs no extra pass over the activation.
+    /// activation's quantization (FP8 with row scales: only that; FP8 per tensor: the normed
+    /// activation and its amax; INT8: the normed activation, row scales and bytes), so a quantized
+    /// layer needs no extra pass over the activation, or none at all.
     pub fn prepare_rms_normed(&self, x: &Tensor, w: &Tensor, eps: f64) -> Result<LinearInput> {
         #[cfg(feature = "cuda")]
         if x.device().is_cuda() && x.dtype() == DType::BF16 {
@@ -422,6 +428,14 @@ impl Linear {
             let lead_dims = dims[..dims.len() - 1].to_vec();
             let rows: usize = lead_dims.iter().product();
             let x2 = x.reshape((rows, in_dim))?;
+            if let LinearWeight::Fp8(fw) = &self.weight {
+                if fw.context().scaling() == crate::fp8::ActivationScaling::Row {
+                    if let Some((q, scale)) = crate::cuda::rms_norm_e4m3_rows(&x2, w, eps as f32)? {
+                        let quantized = QuantizedInput::Fp8(QuantizedActivation { q, scale });
+                        return Ok(LinearInput::quantized_only(lead_dims, quantized, x.dtype()));
+                    }
+                }
+            }
             if self.quantization() == Quantization::Int8 {
                 if let Some((dense, (q, scale))) = crate::cuda::rms_norm_i8_v8(&x2, w, eps as f32)? {
                     let quantized = Some(QuantizedInput::Int8(Int8Activation { q, scale }));
@@ -439,7 +453,7 @@ impl Linear {
         let mut y = match (&self.weight, &x.quantized) {
             (LinearWeight::Dense(w), _) => matmul(x.dense()?, &w.t()?)?,
             (LinearWeight::Fp8(w), Some(QuantizedInput::Fp8(q))) => w.matmul(q, dtype)?,
-            (LinearWeight::Fp8(w), _) => w.matmul(&QuantizedActivation::new(x.dense()?)?, dtype)?,
+            (LinearWeight::Fp8(w), _) => w.matmul(&w.context().quantize_activation(x.dense()?)?, dtype)?,
             (LinearWeight::Int8(w), Some(QuantizedInput::Int8(q))) => w.matmul(q, dtype)?,
             (LinearWeight::Int8(w), _) => w.matmul(&Int8Activation::new(x.dense()?)?, dtype)?,
         };
@@ -453,6 +467,14 @@ impl Linear {
 }
 
 impl Linear {
+    /// The FP8 activation scaling of this layer (None for other formats).
+    pub fn fp8_scaling(&self) -> Option<crate::fp8::ActivationScaling> {
+        match &self.weight {
+            LinearWeight::Fp8(w) => Some(w.context().scaling()),
+            _ => None,
+        }
+    }
+
     /// For an INT8 layer computing gate|up side by side (w1|w3, no bias): silu(gate) * up,
     /// quantized per row for the next INT8 layer straight from the product's integer sums (one
     /// pass on CUDA). None where that path does not apply (other formats, devices or shapes):

@@ -262,6 +262,8 @@ pub struct Pipeline {
     model_name: String,
     is_tiny: bool,
     denoise_graphs: GraphCache<DenoiseKey>,
+    /// Device memory after each loading stage.
+    load_memory: crate::device::MemoryTrace,
     /// Test hook: faults to raise in the next generations (fault, how many more).
     injected: std::sync::Mutex<Option<(InjectedFault, usize)>>,
 }
@@ -319,9 +321,12 @@ impl Pipeline {
         } else {
             checked_var_builder(&files.transformer.weights, dtype, device)?
         };
+        let mut memory = crate::device::MemoryTrace::default();
+        memory.mark(device, "start");
         let transformer = ZImageTransformer::new_quantized(&t_cfg, vb, opts.quantization, opts.dense_copy_on(device).as_ref());
         ensure_no_problems("transformer", &problems)?;
         let transformer = transformer?;
+        memory.mark(device, "transformer");
 
         let hidden = te_cfg.hidden_size;
         let te_weights = files.text_encoder.weights.clone();
@@ -342,13 +347,15 @@ impl Pipeline {
             out
         });
         let text_encoder = Self::text_encoder_slot(load_te, encode, hidden, opts)?;
+        memory.mark(device, "text encoder");
 
         let (vb, problems) = checked_var_builder(&files.vae.weights, dtype, device)?;
         let vae = AutoencoderKl::new(&vae_cfg, vb);
         ensure_no_problems("vae", &problems)?;
         let vae = vae?;
+        memory.mark(device, "vae");
 
-        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny, opts)
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, device, dtype, name, is_tiny, opts, memory)
     }
 
     fn text_encoder_slot(load: TextEncoderLoader, encode: StreamedEncoder, hidden: usize, opts: LoadOptions) -> Result<TextEncoderSlot> {
@@ -413,7 +420,10 @@ impl Pipeline {
     ) -> Result<Self> {
         let [t_vb, te_vb, vae_vb] = vbs;
         let (device, dtype) = (t_vb.device().clone(), t_vb.dtype());
+        let mut memory = crate::device::MemoryTrace::default();
+        memory.mark(&device, "start");
         let transformer = ZImageTransformer::new_quantized(t_cfg, t_vb, opts.quantization, opts.dense_copy_on(&device).as_ref())?;
+        memory.mark(&device, "transformer");
         let te_cfg = te_cfg.clone();
         let hidden = te_cfg.hidden_size;
         let (stream_cfg, stream_vb) = (te_cfg.clone(), te_vb.clone());
@@ -427,8 +437,10 @@ impl Pipeline {
             hidden,
             opts,
         )?;
+        memory.mark(&device, "text encoder");
         let vae = AutoencoderKl::new(vae_cfg, vae_vb)?;
-        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny, opts)
+        memory.mark(&device, "vae");
+        Self::assemble(transformer, text_encoder, tokenizer, vae, sched, &device, dtype, name, is_tiny, opts, memory)
     }
 
     #[allow(clippy::too_many_arguments)]
@@ -443,7 +455,10 @@ impl Pipeline {
         name: &str,
         is_tiny: bool,
         opts: LoadOptions,
+        mut load_memory: crate::device::MemoryTrace,
     ) -> Result<Self> {
+        crate::device::release_pool_memory(device);
+        load_memory.mark(device, "pool trimmed");
         let hidden = match &text_encoder {
             TextEncoderSlot::Resident(te) => te.hidden_size(),
             TextEncoderSlot::OnDemand { hidden, .. } => *hidden,
@@ -477,12 +492,17 @@ impl Pipeline {
             model_name: name.to_string(),
             is_tiny,
             denoise_graphs: GraphCache::new(opts.cuda_graphs, crate::graph::DEFAULT_CAPACITY),
+            load_memory,
             injected: std::sync::Mutex::new(None),
         })
     }
 
     pub fn model_name(&self) -> &str {
         &self.model_name
+    }
+    /// Device memory in use (MiB, whole device) after each loading stage; empty off CUDA.
+    pub fn load_memory_mib(&self) -> &[(String, f64)] {
+        &self.load_memory.stages
     }
     pub fn is_tiny(&self) -> bool {
         self.is_tiny
@@ -512,6 +532,10 @@ impl Pipeline {
     }
     pub fn is_fp8(&self) -> bool {
         self.transformer.is_fp8()
+    }
+    /// How the FP8 layers scale their activations (None when not FP8).
+    pub fn fp8_scaling(&self) -> Option<crate::fp8::ActivationScaling> {
+        self.transformer.fp8_scaling()
     }
     /// Test hook: the next `count` generations fail at their first step with `fault`.
     pub fn inject_fault(&self, fault: InjectedFault, count: usize) {

@@ -82,7 +82,17 @@ impl FeedForward {
         #[cfg(feature = "cuda")]
         let rows = gate_up.elem_count() / (2 * self.hidden);
         #[cfg(feature = "cuda")]
-        if self.w2.is_fp8() && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 && (rows * self.hidden) % 8 == 0 && self.hidden % 2 == 0 {
+        if self.w2.fp8_scaling() == Some(crate::fp8::ActivationScaling::Row) && gate_up.device().is_cuda() {
+            // One kernel: silu(gate) * up cast to E4M3 with each row's scale, never written in bf16.
+            let dims = gate_up.dims().to_vec();
+            let lead = dims[..dims.len() - 1].to_vec();
+            if let Some((q, scale)) = crate::cuda::swiglu_e4m3_rows(&gate_up.reshape((rows, 2 * self.hidden))?)? {
+                let q = crate::ops::QuantizedInput::Fp8(crate::fp8::QuantizedActivation { q, scale });
+                return self.w2.forward_input(&LinearInput::quantized_only(lead, q, gate_up.dtype()));
+            }
+        }
+        #[cfg(feature = "cuda")]
+        if self.w2.fp8_scaling() == Some(crate::fp8::ActivationScaling::Tensor) && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 && (rows * self.hidden) % 8 == 0 && self.hidden % 2 == 0 {
             // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2 (the kernel
             // works in pairs and quantizes 8 values at a time; other widths take the ops below).
             let dims = gate_up.dims().to_vec();
@@ -438,6 +448,10 @@ impl ZImageTransformer {
     }
     pub fn quantization(&self) -> Quantization {
         self.quantization
+    }
+    /// How the FP8 layers scale their activations (None when not FP8).
+    pub fn fp8_scaling(&self) -> Option<crate::fp8::ActivationScaling> {
+        self.layers.first().and_then(|b| b.attention.to_qkv.fp8_scaling())
     }
     /// Keeps the dense weights of every layer `quantize` will quantize, on `on` (the model's
     /// device: no copy, the memory stays in use; or the host), for LoRA merges from the dense

@@ -208,6 +208,15 @@ impl Conv2d {
         self.forward_with_budget(x, budget)
     }
 
+    /// `forward(x) + residual`; with cuDNN the add happens in the bias pass.
+    fn forward_add(&self, x: &Tensor, residual: Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cudnn")]
+        if let (Some(cudnn), DType::BF16) = (&self.ctx.cudnn, x.dtype()) {
+            return Ok(cudnn.conv2d_add(x, &self.weight, Some(&self.bias), Some(&residual), self.padding, self.stride)?);
+        }
+        Ok((residual + self.forward(x)?)?)
+    }
+
     fn forward_with_budget(&self, x: &Tensor, columns_budget: Option<usize>) -> Result<Tensor> {
         let (b, c_in, h, w) = x.dims4()?;
         let (c_out, _, k, _) = self.weight.dims4()?;
@@ -278,9 +287,8 @@ impl ResnetBlock {
         };
         h = self.conv1.forward(&h)?;
         h = self.norm2.forward_silu(&h)?;
-        h = self.conv2.forward(&h)?;
         // output_scale_factor is 1 in the VAE.
-        Ok((shortcut + h)?)
+        self.conv2.forward_add(&h, shortcut)
     }
 }
 

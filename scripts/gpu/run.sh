@@ -23,6 +23,8 @@
 #                               # the dense weights kept on the GPU, steps with and without it
 #   scripts/gpu/run.sh memory_disk  # the enhancer bench, then --free-text-encoder (streamed) against the
 #                               # resident encoder with weights from a full-size folder on local disk
+#   scripts/gpu/run.sh round3   # issue 21: FP8 row vs tensor activation scaling (checks, PSNR, 1024/2048
+#                               # benches), op profile, serving 1/4/16 clients, memory by loading stage
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -231,6 +233,41 @@ int8)
   done
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "matmul\|quantize\|swiglu\|rms" | tee -a "$OUT/summary.txt" || true
+  ;;
+round3)
+  # issue 21: FP8 activations scaled per row (RMSNorm/SwiGLU + amax + E4M3 in one kernel) against
+  # per tensor, same call: kernel checks and FP8-vs-bf16 PSNR for each, benches at 1024 and 2048,
+  # the op profile's FP8 rows, serving under 1/4/16 clients, then memory by loading stage from a
+  # full-size folder on local disk (resident text encoder).
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  for sc in row tensor; do
+    ZIMAGE_FP8_SCALING=$sc timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+        --out "$OUT/check_$sc.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | sed "s/^/[$sc] /" | tee -a "$OUT/summary.txt" || echo "check $sc failed" | tee -a "$OUT/summary.txt"
+  done
+  export RUNS=5
+  for sc in row tensor; do
+    ZIMAGE_FP8_SCALING=$sc bench_mem fp8_${sc}_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 $sc 1024" | tee -a "$OUT/summary.txt"
+  done
+  for sc in row tensor; do
+    ZIMAGE_FP8_SCALING=$sc RUNS=2 bench_mem fp8_${sc}_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 $sc 2048" | tee -a "$OUT/summary.txt"
+  done
+  summarize | tee -a "$OUT/summary.txt"
+  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention" | tee -a "$OUT/summary.txt" || true
+  (OUT=$OUT_FINAL; pack)
+  mkdir -p /tmp/data
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
+  srv=$!
+  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
+  timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  kill $srv; wait $srv 2>/dev/null || true
+  (OUT=$OUT_FINAL; pack)
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  RUNS=2 bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
+  python3 -c "
+import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
+print('load stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
+" | tee -a "$OUT/summary.txt" || true
   ;;
 startup_parity)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/

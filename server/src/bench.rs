@@ -94,6 +94,8 @@ struct Report {
     device: String,
     dtype: String,
     fp8: bool,
+    /// FP8 activation scales: "per row" or "per tensor" (absent when not FP8).
+    fp8_scaling: Option<String>,
     /// The block linears' format: none (the dtype), fp8 or int8.
     quantization: String,
     /// The attention kernel the transformer ran.
@@ -104,6 +106,8 @@ struct Report {
     load_ms: f64,
     /// Device memory in use after loading (CUDA only, whole device).
     memory_after_load_mib: Option<f64>,
+    /// The same after each loading stage (start, transformer, text encoder, vae, pool trimmed).
+    load_memory_mib: Vec<(String, f64)>,
     sizes: Vec<SizeReport>,
     /// With --lora: the time to merge the set into the weights, and to put the base back.
     lora: Option<LoraTimes>,
@@ -226,12 +230,14 @@ pub fn run(a: BenchArgs) -> Result<()> {
         device: format!("{device:?}"),
         dtype: format!("{dtype:?}"),
         fp8: pipe.is_fp8(),
+        fp8_scaling: pipe.fp8_scaling().map(|s| s.name().to_string()),
         quantization: pipe.quantization().name().into(),
         attention: pipe.attention_kernel().name().into(),
         cuda_graphs: pipe.uses_cuda_graphs(),
         text_encoder_resident: pipe.text_encoder_resident(),
         load_ms,
         memory_after_load_mib,
+        load_memory_mib: pipe.load_memory_mib().to_vec(),
         sizes,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -381,6 +387,32 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
             let g = gate_up.narrow(1, 0, f)?;
             g.silu()? * gate_up.narrow(1, f, f)?
         })?));
+        // The row-scaled FP8 path's fused kernels (the default where cuBLASLt applies row scales;
+        // x0: shown beside the per-tensor rows above, not summed) and its products.
+        #[cfg(feature = "cuda")]
+        if device.is_cuda() {
+            let nw = (r(&[d])?.abs()? + 0.5)?;
+            rows.push(("fp8 rms_norm -> E4M3 per row, one kernel (L, 3840)".into(), 0, time_op(device, || {
+                engine::cuda::rms_norm_e4m3_rows(&x2, &nw, 1e-6)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
+            })?));
+            rows.push(("fp8 swiglu -> E4M3 per row, one kernel (L, 2 x 10240)".into(), 0, time_op(device, || {
+                engine::cuda::swiglu_e4m3_rows(&gate_up)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
+            })?));
+            let ctx = Fp8Context::new(device)?;
+            if ctx.scaling() == engine::fp8::ActivationScaling::Row {
+                let q = |w: &Tensor| Fp8Weight::quantize(w, &ctx);
+                let (f_qkv, f_13, f_dd, f_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
+                let (xr, hr) = (ctx.quantize_activation(&x2)?, ctx.quantize_activation(&hidden.reshape((l, f))?)?);
+                for (name, w, x) in [
+                    ("fp8 matmul per-row scales L x 3840 -> 11520 (qkv)", &f_qkv, &xr),
+                    ("fp8 matmul per-row scales L x 3840 -> 20480 (w1|w3)", &f_13, &xr),
+                    ("fp8 matmul per-row scales L x 3840 x 3840 (out)", &f_dd, &xr),
+                    ("fp8 matmul per-row scales L x 10240 -> 3840 (w2)", &f_df, &hr),
+                ] {
+                    rows.push((name.into(), 0, time_op(device, || w.matmul(x, dtype))?));
+                }
+            }
+        }
         // The INT8 path's products and quantizations at the same shapes (x0: shown beside the
         // FP8 rows, not summed into the block).
         use engine::int8::{Int8Activation, Int8Context, Int8Weight};
@@ -481,6 +513,24 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         kernels.push(KernelCheck { name: "swiglu fused (gate|up rows) vs candle ops".into(), relative_l2: relative_l2(&h_fused, &composed)? });
         let back = engine::fp8::e4m3_to_f32(&q_fused)?.broadcast_mul(&s_fused)?;
         kernels.push(KernelCheck { name: "swiglu fused: its E4M3 output vs its bf16 output".into(), relative_l2: relative_l2(&back, &h_fused)? });
+        // Row-scaled E4M3 straight from gate|up (one kernel) against the bf16 product quantized
+        // per row afterwards (should be 0: the same bf16 values, the same scales).
+        let rows_deq = |(q, s): (Tensor, Tensor)| -> candle_core::Result<Tensor> {
+            let n = s.elem_count();
+            engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s.reshape((n, 1))?)
+        };
+        if let (Some(fused), Some(after)) = (engine::cuda::swiglu_e4m3_rows(&gate_up)?, engine::cuda::quantize_e4m3_rows(&h_fused)?) {
+            kernels.push(KernelCheck { name: "swiglu -> E4M3 per row, one kernel vs bf16 swiglu then row quantize".into(), relative_l2: relative_l2(&rows_deq(fused)?, &rows_deq(after)?)? });
+        } else {
+            anyhow::bail!("the row-scaled swiglu kernel refused ({l}, 2 x {f})");
+        }
+        // The row quantization kernel against the same arithmetic on the host.
+        let (q_host, s_host) = engine::fp8::quantize_rows(&h_fused.to_device(&candle_core::Device::Cpu)?)?;
+        if let Some(dev_rows) = engine::cuda::quantize_e4m3_rows(&h_fused)? {
+            let host = rows_deq((q_host, s_host))?;
+            kernels.push(KernelCheck { name: "E4M3 row quantization kernel vs the host's".into(), relative_l2: relative_l2(&rows_deq(dev_rows)?.to_device(&candle_core::Device::Cpu)?, &host)? });
+            kernels.push(KernelCheck { name: "E4M3 row quantization (4224, 10240) round trip".into(), relative_l2: relative_l2(&host, &h_fused.to_device(&candle_core::Device::Cpu)?)? });
+        }
     }
     // The vectorized memory-bound kernels against candle ops at the model's shapes.
     #[cfg(feature = "cuda")]
@@ -494,6 +544,16 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         kernels.push(KernelCheck { name: "rms_norm vectorized (+amax) vs candle's rms_norm".into(), relative_l2: relative_l2(&got, &want)? });
         let back = engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s)?;
         kernels.push(KernelCheck { name: "rms_norm vectorized: its E4M3 output vs its bf16 output".into(), relative_l2: relative_l2(&back, &got)? });
+        let x2 = x.reshape((l, d))?;
+        match (engine::cuda::rms_norm_e4m3_rows(&x2, &w, 1e-6)?, engine::cuda::quantize_e4m3_rows(&got.reshape((l, d))?)?) {
+            (Some((qf, sf)), Some((qa, sa))) => {
+                let deq = |q: &Tensor, s: &Tensor| engine::fp8::e4m3_to_f32(q)?.broadcast_mul(&s.reshape((l, 1))?);
+                let (fused, after) = (deq(&qf, &sf)?, deq(&qa, &sa)?);
+                kernels.push(KernelCheck { name: "rms_norm -> E4M3 per row, one kernel vs bf16 rms_norm then row quantize".into(), relative_l2: relative_l2(&fused, &after)? });
+                kernels.push(KernelCheck { name: "rms_norm -> E4M3 per row vs candle's rms_norm".into(), relative_l2: relative_l2(&fused, &want.reshape((l, d))?)? });
+            }
+            _ => anyhow::bail!("the row-scaled rms_norm kernels refused a ({l}, {d}) bf16 input"),
+        }
         let (gc, gs, groups) = (128usize, 256usize, 32usize);
         let gx = ((r(&[1, gc, gs, gs])? * 2.0)? + 0.5)?;
         let (gamma, beta) = (r(&[gc])?, r(&[gc])?);
@@ -530,12 +590,15 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let x = if k_in == d { x.clone() } else { r(&[l, f])? };
         let w = (r(&[n_out, k_in])? * 0.02)?;
         let fw = Fp8Weight::quantize(&w, &ctx)?;
-        let xq = QuantizedActivation::new(&x)?;
-        let got = fw.matmul(&xq, dtype)?;
-        let emulated = fw.matmul_emulated(&xq, DType::F32)?;
         let dense = x.matmul(&w.t()?)?;
-        kernels.push(KernelCheck { name: format!("{name}: vs dequantized f32 product"), relative_l2: relative_l2(&got, &emulated)? });
-        kernels.push(KernelCheck { name: format!("{name}: vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
+        // the context's scaling (per row where cuBLASLt applies row scales), then per tensor
+        let scalings = [(ctx.scaling().name(), ctx.quantize_activation(&x)?), ("per tensor", QuantizedActivation::new(&x)?)];
+        for (scaling, xq) in scalings.iter().take(if ctx.scaling() == engine::fp8::ActivationScaling::Row { 2 } else { 1 }) {
+            let got = fw.matmul(xq, dtype)?;
+            let emulated = fw.matmul_emulated(xq, DType::F32)?;
+            kernels.push(KernelCheck { name: format!("{name} ({scaling}): vs dequantized f32 product"), relative_l2: relative_l2(&got, &emulated)? });
+            kernels.push(KernelCheck { name: format!("{name} ({scaling}): vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
+        }
     }
     let (q, s) = engine::fp8::quantize(&x)?;
     let back = engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s)?;
