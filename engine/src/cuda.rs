@@ -1296,6 +1296,12 @@ pub fn trim_memory_pool(dev: &CudaDevice) -> Result<()> {
     Ok(())
 }
 
+/// Free device memory (MiB).
+pub fn memory_free_mib(dev: &CudaDevice) -> Result<f64> {
+    let (free, _) = dev.cuda_stream().context().mem_get_info().w()?;
+    Ok(free as f64 / (1024.0 * 1024.0))
+}
+
 /// Device memory in use (total - free, whole device, MiB), for reports.
 pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;

@@ -120,6 +120,15 @@ pub fn device_memory_used_mib(device: &Device) -> Option<f64> {
     }
 }
 
+/// Free device memory (MiB) where the backend can tell (CUDA).
+pub fn device_memory_free_mib(device: &Device) -> Option<f64> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => crate::cuda::memory_free_mib(dev).ok(),
+        _ => None,
+    }
+}
+
 /// Device memory in use after each stage of a load (CUDA only; empty elsewhere), for reports:
 /// where a model's memory goes beyond its weights.
 #[derive(Debug, Clone, Default)]

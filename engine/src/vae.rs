@@ -32,13 +32,23 @@ pub struct TilingOptions {
     pub tile_latent_size: usize,
     /// Fraction of a tile shared with its neighbour and blended linearly (diffusers: 0.25).
     pub overlap_factor: f64,
+    /// On a GPU with free memory for the whole decode (`UNTILED_DECODE_BYTES_PER_PIXEL`), decode
+    /// large latents in one piece, as diffusers does unless tiling is enabled: no seams, and no
+    /// work repeated in the overlaps.
+    pub untiled_when_memory_allows: bool,
 }
+
+/// Device memory an untiled decode may need per output pixel: the decoder's full-resolution
+/// stages hold a few 256-channel bf16 activations plus cuDNN's layout copies (about 2 KiB a
+/// pixel measured by hand from the graph), doubled for margin: 16 GiB at 2048x2048.
+const UNTILED_DECODE_BYTES_PER_PIXEL: usize = 4096;
 
 impl Default for TilingOptions {
     fn default() -> Self {
         Self {
             tile_latent_size: 128,
             overlap_factor: 0.25,
+            untiled_when_memory_allows: true,
         }
     }
 }
@@ -688,13 +698,26 @@ impl AutoencoderKl {
         })
     }
 
+    /// Whether a GPU has free memory for decoding an (h, w) latent in one piece (never on the CPU,
+    /// where the tiles also bound the host memory of the convolutions).
+    fn untiled_decode_fits(&self, device: &candle_core::Device, h: usize, w: usize) -> bool {
+        if device.is_cpu() {
+            return false;
+        }
+        let s = self.cfg.spatial_factor();
+        let need = (h * s) * (w * s) * UNTILED_DECODE_BYTES_PER_PIXEL;
+        crate::device::device_memory_free_mib(device).is_some_and(|free| free * 1024.0 * 1024.0 >= need as f64 + (1u64 << 30) as f64)
+    }
+
     /// Memory policy for decoding: one batch item at a time (diffusers slicing), tiled only when
-    /// the latent is larger than a tile on either side.
+    /// the latent is larger than a tile on either side and (on a GPU) the whole decode does not fit
+    /// in free memory.
     pub fn decode_auto(&self, z: &Tensor, opts: &TilingOptions) -> Result<Tensor> {
         self.check_latent(z)?;
         opts.validate()?;
         let (b, _, h, w) = z.dims4()?;
-        let needs_tiles = h > opts.tile_latent_size || w > opts.tile_latent_size;
+        let large = h > opts.tile_latent_size || w > opts.tile_latent_size;
+        let needs_tiles = large && !(opts.untiled_when_memory_allows && self.untiled_decode_fits(z.device(), h, w));
         let mut items = Vec::with_capacity(b);
         for i in 0..b {
             let item = z.narrow(0, i, 1)?;
@@ -985,6 +1008,7 @@ mod tests {
         let opts = TilingOptions {
             tile_latent_size: 16,
             overlap_factor: 0.25,
+            ..Default::default()
         };
         assert_eq!(opts.tile_starts(24), vec![0, 12]);
         let z = normal(&[1, 16, 24, 24], 7);
@@ -1040,6 +1064,7 @@ mod tests {
         let opts = TilingOptions {
             tile_latent_size: 16,
             overlap_factor: 0.25,
+            ..Default::default()
         };
         // A smooth image (low-frequency pattern plus a little noise) in [-1, 1].
         let (h, w) = (192usize, 192usize);
@@ -1121,7 +1146,8 @@ mod tests {
                 &z,
                 &TilingOptions {
                     tile_latent_size: 0,
-                    overlap_factor: 0.25
+                    overlap_factor: 0.25,
+                    ..Default::default()
                 }
             )
             .is_err());
@@ -1130,7 +1156,8 @@ mod tests {
                 &z,
                 &TilingOptions {
                     tile_latent_size: 16,
-                    overlap_factor: 1.0
+                    overlap_factor: 1.0,
+                    ..Default::default()
                 }
             )
             .is_err());

@@ -252,6 +252,7 @@ round3)
   for sc in row tensor; do
     ZIMAGE_FP8_SCALING=$sc RUNS=2 bench_mem fp8_${sc}_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 $sc 2048" | tee -a "$OUT/summary.txt"
   done
+  RUNS=2 bench_mem fp8_row_2048_vae_tiled --model random --sizes 2048x2048 --vae-tiled || echo "FAILED: fp8 2048 tiled" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention" | tee -a "$OUT/summary.txt" || true
   (OUT=$OUT_FINAL; pack)

@@ -42,6 +42,10 @@ pub struct BenchArgs {
     /// Run steps as kernel launches instead of CUDA graph replays.
     #[arg(long)]
     no_cuda_graphs: bool,
+    /// Decode latents larger than a VAE tile in tiles even where the GPU has memory for the
+    /// whole decode (the default decodes those in one piece).
+    #[arg(long)]
+    vae_tiled: bool,
     /// Encode each prompt one text-encoder layer at a time from the weights (see `serve`).
     #[arg(long)]
     free_text_encoder: bool,
@@ -175,6 +179,9 @@ pub fn run(a: BenchArgs) -> Result<()> {
     let memory_after_load_mib = engine::pipeline::device_memory_used_mib(&device);
     if a.check {
         return check(&mut pipe, &a, &device);
+    }
+    if a.vae_tiled {
+        pipe.set_tiling(engine::vae::TilingOptions { untiled_when_memory_allows: false, ..Default::default() });
     }
     let loras = crate::lora_cli::read_specs(&a.loras)?;
     let applied = if loras.is_empty() {
