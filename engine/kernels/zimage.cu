@@ -818,16 +818,27 @@ extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restri
                                                            float* __restrict__ scale_out, unsigned int row_vecs) {
     const uint4* gr = gate_up + (unsigned long long)blockIdx.x * 2 * row_vecs;
     uint2* qr = q + (unsigned long long)blockIdx.x * row_vecs;
+    // A thread's first products kept (as the bf16 values they are) for the cast, so the exp and
+    // division are not computed twice; rows longer than that recompute the rest.
+    const unsigned int kept = 8;
+    uint4 cache[kept];
     float h[8];
     float m = 0.0f;
-    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+    unsigned int n = 0;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x, n++) {
         swiglu8(gr, row_vecs, p, h);
 #pragma unroll
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
+        if (n < kept) cache[n] = pack8(h);
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
-    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
-        swiglu8(gr, row_vecs, p, h);
+    n = 0;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x, n++) {
+        if (n < kept) {
+            unpack8(cache[n], h);
+        } else {
+            swiglu8(gr, row_vecs, p, h);
+        }
         qr[p] = e4m3x8(h, qinv);
     }
 }
@@ -848,5 +859,49 @@ extern "C" __global__ void zimage_quantize_e4m3_rows_v8_bf16(const uint4* __rest
     for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
         unpack8(xr[p], f);
         qr[p] = e4m3x8(f, qinv);
+    }
+}
+
+// softmax(x * scale) over rows of cols bf16 values (cols % 8 == 0), in f32, written in bf16: the
+// VAE's mid-block attention probabilities from its bf16 scores in one pass of the row (max, sum,
+// write; the row re-read through the cache), instead of f32 copies of the whole score block.
+extern "C" __global__ void zimage_softmax_scaled_rows_bf16(const uint4* __restrict__ x, uint4* __restrict__ out,
+                                                           unsigned int row_vecs, float scale) {
+    const uint4* xr = x + (unsigned long long)blockIdx.x * row_vecs;
+    uint4* outr = out + (unsigned long long)blockIdx.x * row_vecs;
+    float f[8];
+    const float neg_inf = __int_as_float(0xff800000);
+    float m = neg_inf;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        unpack8(xr[p], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, f[j] * scale);
+    }
+    // The row's maximum (block_max assumes non-negative values: scores may all be negative).
+    __shared__ float warp_m[32];
+    __shared__ float row_m;
+    m = warp_max(m);
+    int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) warp_m[warp] = m;
+    __syncthreads();
+    if (warp == 0) {
+        float v = lane < (int)(blockDim.x >> 5) ? warp_m[lane] : neg_inf;
+        v = warp_max(v);
+        if (lane == 0) row_m = v;
+    }
+    __syncthreads();
+    m = row_m;
+    float s = 0.0f;
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        unpack8(xr[p], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) s += expf(f[j] * scale - m);
+    }
+    float inv = 1.0f / block_sum(s);
+    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x) {
+        unpack8(xr[p], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] = expf(f[j] * scale - m) * inv;
+        outr[p] = pack8(f);
     }
 }

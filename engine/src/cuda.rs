@@ -622,14 +622,38 @@ impl LtGemm {
     /// Whether this cuBLASLt runs FP8 products with one activation scale per row on this GPU
     /// (outer-vector scaling: cuBLAS 12.9 and newer, on Hopper and newer).
     pub fn supports_row_scaling(&self) -> bool {
-        self.kind == LtKind::Fp8 && self.plan(128, 128, 128, true).is_ok_and(|p| {
-            let ok = !p.candidates.is_empty();
-            p.destroy();
-            ok
-        })
+        self.row_scaling_problem().is_none()
     }
 
+    /// Why row-scaled FP8 products are unavailable (None when they are): cuBLASLt's answer for a
+    /// small shape.
+    pub fn row_scaling_problem(&self) -> Option<String> {
+        if self.kind != LtKind::Fp8 {
+            return Some("not an FP8 context".into());
+        }
+        match self.plan(128, 128, 128, true) {
+            Ok(p) if p.candidates.is_empty() => {
+                p.destroy();
+                Some("the heuristic's algorithms all failed".into())
+            }
+            Ok(p) => {
+                p.destroy();
+                None
+            }
+            Err(e) => Some(e.to_string()),
+        }
+    }
+
+    /// The shape's plan; a row-scaled plan that finds no algorithm with fast accumulation is
+    /// asked for again without it.
     fn plan(&self, m: usize, n: usize, k: usize, row_scaled: bool) -> Result<Plan> {
+        match self.plan_with(m, n, k, row_scaled, true) {
+            Err(_) if row_scaled => self.plan_with(m, n, k, row_scaled, false),
+            other => other,
+        }
+    }
+
+    fn plan_with(&self, m: usize, n: usize, k: usize, row_scaled: bool, fast_accum: bool) -> Result<Plan> {
         use sys::cublasLtMatmulDescAttributes_t as A;
         use sys::cudaDataType as T;
         let (compute, scale, operand, out) = match self.kind {
@@ -643,7 +667,7 @@ impl LtGemm {
             let set = |attr: A, p: *const std::ffi::c_void, size: usize| lt::set_matmul_desc_attribute(desc, attr, p, size).map_err(lt_err);
             set(A::CUBLASLT_MATMUL_DESC_TRANSA, &ta as *const _ as *const _, std::mem::size_of_val(&ta))?;
             set(A::CUBLASLT_MATMUL_DESC_TRANSB, &tb as *const _ as *const _, std::mem::size_of_val(&tb))?;
-            if self.kind == LtKind::Fp8 {
+            if self.kind == LtKind::Fp8 && fast_accum {
                 let fast: i8 = 1;
                 set(A::CUBLASLT_MATMUL_DESC_FAST_ACCUM, &fast as *const _ as *const _, 1)?;
             }
@@ -1277,6 +1301,35 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
 pub fn memory_total_mib(dev: &CudaDevice) -> Result<f64> {
     let (_, total) = dev.cuda_stream().context().mem_get_info().w()?;
     Ok(total as f64 / (1024.0 * 1024.0))
+}
+
+/// softmax(x * scale) over the last dim of a bf16 tensor (last dim % 8 == 0), in f32 and written
+/// in bf16, one pass of each row; None when the shape or alignment does not suit the kernel.
+pub fn softmax_scaled_rows(x: &Tensor, scale: f32) -> Result<Option<Tensor>> {
+    let dev = cuda_device(x)?;
+    let cols = *x.dims().last().unwrap_or(&0);
+    if x.dtype() != DType::BF16 || cols == 0 || cols % 8 != 0 || x.elem_count() / cols > i32::MAX as usize {
+        return Ok(None);
+    }
+    let x = x.contiguous()?;
+    if !starts_aligned(&x, 16) {
+        return Ok(None);
+    }
+    let rows = x.elem_count() / cols;
+    let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
+    let row_vecs = (cols / 8) as u32;
+    with_slice::<bf16, _>(&x, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_softmax_scaled_rows_bf16", MODULE, PTX)?;
+        let mut b = f.builder();
+        b.arg(&xs);
+        b.arg(&mut out);
+        b.arg(&row_vecs);
+        b.arg(&scale);
+        let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(cols / 8), 1, 1), shared_mem_bytes: 0 };
+        unsafe { b.launch(cfg) }.w()?;
+        Ok(())
+    })?;
+    Ok(Some(wrap(out, &dev, x.dims())))
 }
 
 /// Synchronizes, then trims the device's default memory pool (the one cudarc's stream-ordered

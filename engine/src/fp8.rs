@@ -1,10 +1,12 @@
 //! FP8 (E4M3) linear layers: weights quantized once with a per-tensor scale, activations quantized
-//! per call with a dynamic scale (amax / 448) for each row (token) where cuBLASLt can apply row
-//! scales (Hopper, cuBLAS 12.9+), else for the whole activation; products accumulated in f32 and
-//! written in the activation dtype. On CUDA the product is one cuBLASLt FP8 matmul and the row
-//! quantization is fused into the kernel that makes the activation (RMSNorm, SwiGLU:
-//! `kernels/zimage.cu`); elsewhere the same arithmetic is emulated by dequantizing, so the CPU
-//! tests exercise the quantization the GPU uses.
+//! per call with a dynamic scale (amax / 448) for the whole activation, or for each row (token)
+//! where the GPU's cuBLASLt applies row scales to FP8 products (outer-vector scaling; not on
+//! Hopper with cuBLAS 13.0, measured); products accumulated in f32 and written in the activation
+//! dtype. On CUDA the product is one cuBLASLt FP8 matmul; the per-tensor amax is taken by the
+//! kernel that makes the activation (RMSNorm, SwiGLU) and a second kernel casts, while a row
+//! scale needs no second pass (`kernels/zimage.cu`). Elsewhere the same arithmetic is emulated by
+//! dequantizing, so the CPU tests exercise the quantization the GPU uses (per tensor by default,
+//! as on Hopper; `ZIMAGE_FP8_SCALING=row` for the other).
 
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -80,8 +82,18 @@ impl Fp8Context {
         Ok(Self {
             #[cfg(feature = "cuda")]
             gemm: None,
-            scaling: wanted.unwrap_or(ActivationScaling::Row),
+            // as the GPUs this runs on today (Hopper's cuBLASLt has no row-scaled FP8 products)
+            scaling: wanted.unwrap_or(ActivationScaling::Tensor),
         })
+    }
+
+    /// Why this device cannot scale FP8 activations per row (None where it can, or off CUDA).
+    pub fn row_scaling_problem(&self) -> Option<String> {
+        #[cfg(feature = "cuda")]
+        if let Some(g) = &self.gemm {
+            return g.row_scaling_problem();
+        }
+        None
     }
 
     /// How this context's layers scale their activations.
@@ -287,14 +299,14 @@ mod tests {
     fn row_scaled_matmul_applies_each_rows_scale() {
         let dev = Device::Cpu;
         let ctx = Fp8Context::new(&dev).unwrap();
-        assert_eq!(ctx.scaling(), ActivationScaling::Row);
         let x = Tensor::randn(0f32, 1.0, (32, 128), &dev).unwrap();
         // rows scaled 1..32: a scale applied to the wrong rows would be far off
         let ramp = Tensor::arange(1f32, 33.0, &dev).unwrap().reshape((32, 1)).unwrap();
         let x = x.broadcast_mul(&ramp).unwrap();
         let w = (Tensor::randn(0f32, 1.0, (48, 128), &dev).unwrap() * 0.05).unwrap();
         let fw = Fp8Weight::quantize(&w, &ctx).unwrap();
-        let xq = ctx.quantize_activation(&x).unwrap();
+        let (q, scale) = quantize_rows(&x).unwrap();
+        let xq = QuantizedActivation { q, scale };
         assert_eq!(xq.scale.dims(), &[32]);
         let y = fw.matmul(&xq, DType::F32).unwrap();
         let want = x.matmul(&w.t().unwrap()).unwrap();

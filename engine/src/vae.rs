@@ -351,8 +351,8 @@ impl MidAttention {
         let mut start = 0;
         while start < tokens {
             let len = chunk.min(tokens - start);
-            let scores = (q.narrow(1, start, len)?.matmul(&k_t)?.to_dtype(DType::F32)? * scale)?;
-            let probs = candle_nn::ops::softmax_last_dim(&scores)?.to_dtype(mm_dtype)?;
+            let scores = q.narrow(1, start, len)?.matmul(&k_t)?;
+            let probs = softmax_scaled(&scores, scale, mm_dtype)?;
             outs.push(probs.matmul(&v)?);
             start += len;
         }
@@ -360,6 +360,20 @@ impl MidAttention {
         let out = self.to_out.forward(&attended)?.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }
+}
+
+/// softmax(scores * scale) computed in f32, returned in `dtype`: on CUDA bf16 one kernel reads the
+/// bf16 scores and writes the bf16 probabilities (the same arithmetic without f32 copies of the
+/// score block).
+fn softmax_scaled(scores: &Tensor, scale: f64, dtype: DType) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if scores.device().is_cuda() && dtype == DType::BF16 {
+        if let Some(p) = crate::cuda::softmax_scaled_rows(scores, scale as f32)? {
+            return Ok(p);
+        }
+    }
+    let scaled = (scores.to_dtype(DType::F32)? * scale)?;
+    Ok(candle_nn::ops::softmax_last_dim(&scaled)?.to_dtype(dtype)?)
 }
 
 /// diffusers `UNetMidBlock2D` with one layer: resnet, [attention], resnet.

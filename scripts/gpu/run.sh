@@ -25,6 +25,8 @@
 #                               # resident encoder with weights from a full-size folder on local disk
 #   scripts/gpu/run.sh round3   # issue 21: FP8 row vs tensor activation scaling (checks, PSNR, 1024/2048
 #                               # benches), op profile, serving 1/4/16 clients, memory by loading stage
+#   scripts/gpu/run.sh round3b  # issue 21, second call: checks, FP8/bf16 1024, FP8 2048 VAE whole/tiled,
+#                               # op profile, serving 1/4/16 clients (limits off), memory by loading stage
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -114,7 +116,8 @@ engine2)
     head -40 "$OUT/ncu_summary.txt"
   fi
   mkdir -p /tmp/data
-  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
+      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
   srv=$!
   # the port opens before the model loads: ready is /readyz 200
   for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
@@ -257,7 +260,8 @@ round3)
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention" | tee -a "$OUT/summary.txt" || true
   (OUT=$OUT_FINAL; pack)
   mkdir -p /tmp/data
-  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data > "$OUT/serve.log" 2>&1 &
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
+      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
   srv=$!
   for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
   timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
@@ -268,6 +272,41 @@ round3)
   python3 -c "
 import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
 print('load stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
+" | tee -a "$OUT/summary.txt" || true
+  ;;
+round3b)
+  # issue 21, second call: checks (new kernels, FP8-vs-bf16 PSNR), FP8/bf16 at 1024, FP8 at 2048
+  # with the VAE in one piece and tiled, row- vs tensor-scaled FP8 where cuBLASLt has row scales,
+  # the op profile, serving under 1/4/16 clients (per-client limits off: one host sends them all),
+  # then memory by loading stage and load time from a full-size folder on local disk.
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/check.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  export RUNS=5
+  bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  if grep -q "row-scaled products available" "$OUT/summary.txt"; then
+    ZIMAGE_FP8_SCALING=tensor bench_mem fp8_tensor_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 tensor 1024" | tee -a "$OUT/summary.txt"
+  fi
+  RUNS=3 bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048_vae_tiled --model random --sizes 2048x2048 --vae-tiled || echo "FAILED: fp8 2048 tiled" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention\|swiglu\|rms" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  (OUT=$OUT_FINAL; pack)
+  mkdir -p /tmp/data
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
+      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
+  srv=$!
+  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
+  timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  kill $srv; wait $srv 2>/dev/null || true
+  (OUT=$OUT_FINAL; pack)
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  RUNS=2 bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
+  python3 -c "
+import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
+print('load', round(r['load_ms']), 'ms; stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
 " | tee -a "$OUT/summary.txt" || true
   ;;
 startup_parity)

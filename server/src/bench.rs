@@ -575,6 +575,12 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
             .broadcast_add(&beta.to_dtype(DType::F32)?.reshape((1, gc, 1, 1))?)?;
         let want = candle_nn::ops::silu(&affine)?;
         kernels.push(KernelCheck { name: format!("group_norm+silu vectorized (1, {gc}, {gs}, {gs}) vs f32 candle ops"), relative_l2: relative_l2(&got, &want)? });
+        // The VAE mid-block attention's softmax (bf16 scores of 1024 queries x 16384 keys).
+        let scores = (r(&[1024, 128 * 128])? * 8.0)?;
+        let scale = 1.0 / (512f64).sqrt();
+        let Some(got) = engine::cuda::softmax_scaled_rows(&scores, scale as f32)? else { anyhow::bail!("softmax_scaled_rows refused (1024, 16384)") };
+        let want = candle_nn::ops::softmax_last_dim(&(scores.to_dtype(DType::F32)? * scale)?)?;
+        kernels.push(KernelCheck { name: "VAE attention softmax (1024, 16384) one kernel vs f32 candle softmax".into(), relative_l2: relative_l2(&got, &want)? });
         let ux = r(&[1, 64, 128, 128])?;
         let Some(got) = engine::cuda::upsample_nearest2x(&ux)? else { anyhow::bail!("upsample_nearest2x refused (1, 64, 128, 128)") };
         let want = ux.upsample_nearest2d(256, 256)?;
@@ -592,6 +598,10 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     let composed = (&rx + candle_nn::ops::rms_norm(&ry, &w, 1e-5)?)?;
     kernels.push(KernelCheck { name: "gated residual add_rms_norm fused vs candle ops".into(), relative_l2: relative_l2(&fused, &composed)? });
     let ctx = Fp8Context::new(device)?;
+    match ctx.row_scaling_problem() {
+        None => eprintln!("FP8 activations scaled {} (row-scaled products available)", ctx.scaling().name()),
+        Some(why) => eprintln!("FP8 activations scaled {}; row-scaled products unavailable: {why}", ctx.scaling().name()),
+    }
     let x = r(&[l, d])?;
     for (name, n_out, k_in) in [("fp8 matmul 4224x3840x3840", d, d), ("fp8 matmul 4224x3840->10240", f, d), ("fp8 matmul 4224x10240->3840", d, f)] {
         let x = if k_in == d { x.clone() } else { r(&[l, f])? };
