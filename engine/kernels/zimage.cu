@@ -562,17 +562,23 @@ extern "C" __global__ void zimage_swiglu_i32_i8(const int4* __restrict__ acc, co
 
 // out = x + bf16(rms_norm(y) * w) (the gated residual), per row of `dim` values (dim % 8 == 0),
 // w bf16 (dim); one block per row; the same rounding as zimage_add_rms_norm_bf16.
+// When row_scale is not null, y's row r is y[r] * row_scale[r] (an FP8 product left in units of
+// its input's row scale, see engine/src/fp8.rs), multiplied in f32 as it is read.
 extern "C" __global__ void zimage_add_rms_norm_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ y,
                                                        const uint4* __restrict__ w, uint4* __restrict__ out,
-                                                       unsigned int dim, float eps) {
+                                                       unsigned int dim, float eps, const float* __restrict__ row_scale) {
     unsigned int n8 = dim / 8;
     unsigned long long base = (unsigned long long)blockIdx.x * n8;
+    float rs = row_scale != 0 ? row_scale[blockIdx.x] : 1.0f;
     float f[8], g[8], h[8];
     float ss = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
         unpack8(y[base + i], f);
 #pragma unroll
-        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+        for (int j = 0; j < 8; j++) {
+            f[j] *= rs;
+            ss += f[j] * f[j];
+        }
     }
     float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
@@ -580,7 +586,7 @@ extern "C" __global__ void zimage_add_rms_norm_v8_bf16(const uint4* __restrict__
         unpack8(w[i], g);
         unpack8(x[base + i], h);
 #pragma unroll
-        for (int j = 0; j < 8; j++) h[j] = h[j] + bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        for (int j = 0; j < 8; j++) h[j] = h[j] + bf16_to_f32(f32_to_bf16(f[j] * rs * inv * g[j]));
         out[base + i] = pack8(h);
     }
 }
@@ -803,19 +809,24 @@ extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __rest
 // silu(gate) * up (silu rounded to bf16 first, the product rounded to bf16, as
 // zimage_swiglu_amax_v8_bf16) cast to E4M3 with its row's scale: gate_up rows hold row_vecs
 // vectors of gate then row_vecs of up; q is rows x row_vecs vectors of 8 bytes.
-__device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, unsigned int p, float* h) {
+__device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, unsigned int p, float rs, float* h) {
     float u[8];
     unpack8(gr[p], h);
     unpack8(gr[row_vecs + p], u);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
+        h[j] *= rs;
+        u[j] *= rs;
         float s = bf16_to_f32(f32_to_bf16(h[j] / (1.0f + __expf(-h[j]))));
         h[j] = bf16_to_f32(f32_to_bf16(s * u[j]));
     }
 }
 
+// When row_scale is not null, gate_up's row r is in units of row_scale[r] (multiplied in first).
 extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restrict__ gate_up, uint2* __restrict__ q,
-                                                           float* __restrict__ scale_out, unsigned int row_vecs) {
+                                                           float* __restrict__ scale_out, unsigned int row_vecs,
+                                                           const float* __restrict__ row_scale) {
+    float rs = row_scale != 0 ? row_scale[blockIdx.x] : 1.0f;
     const uint4* gr = gate_up + (unsigned long long)blockIdx.x * 2 * row_vecs;
     uint2* qr = q + (unsigned long long)blockIdx.x * row_vecs;
     // A thread's first products kept (as the bf16 values they are) for the cast, so the exp and
@@ -826,7 +837,7 @@ extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restri
     float m = 0.0f;
     unsigned int n = 0;
     for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x, n++) {
-        swiglu8(gr, row_vecs, p, h);
+        swiglu8(gr, row_vecs, p, rs, h);
 #pragma unroll
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
         if (n < kept) cache[n] = pack8(h);
@@ -837,7 +848,7 @@ extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restri
         if (n < kept) {
             unpack8(cache[n], h);
         } else {
-            swiglu8(gr, row_vecs, p, h);
+            swiglu8(gr, row_vecs, p, rs, h);
         }
         qr[p] = e4m3x8(h, qinv);
     }

@@ -70,6 +70,19 @@ fn starts_aligned(t: &Tensor, bytes: usize) -> bool {
     (t.layout().start_offset() * t.dtype().size_in_bytes()) % bytes == 0
 }
 
+/// The device address of a contiguous f32 tensor's data, or 0 (a null kernel argument) for None;
+/// the caller keeps the tensor alive until the launch.
+fn f32_ptr_or_null(t: Option<&Tensor>, dev: &CudaDevice) -> Result<u64> {
+    match t {
+        None => Ok(0),
+        Some(t) => with_slice::<f32, _>(t, |v| {
+            let stream = dev.cuda_stream();
+            let (ptr, _guard) = v.device_ptr(&stream);
+            Ok(ptr)
+        }),
+    }
+}
+
 /// Threads for a one-block-per-row kernel over `vecs` 8-value vectors: about 4 vectors a thread.
 fn row_threads(vecs: usize) -> u32 {
     (vecs.div_ceil(4).next_multiple_of(32)).clamp(32, 256) as u32
@@ -314,8 +327,9 @@ pub fn swiglu_quantized(gate_up: &Tensor) -> Result<(Tensor, Tensor, Tensor)> {
 enum RowQuantizer<'a> {
     /// RMSNorm with this weight (dim values) and eps, then the cast.
     RmsNorm(&'a Tensor, f32),
-    /// silu(gate) * up of a fused gate|up row (the input holds 2 * width values a row).
-    SwiGlu,
+    /// silu(gate) * up of a fused gate|up row (the input holds 2 * width values a row), each row
+    /// first multiplied by its factor when given ((rows,) f32).
+    SwiGlu(Option<&'a Tensor>),
     /// The input itself.
     Plain,
 }
@@ -325,7 +339,7 @@ enum RowQuantizer<'a> {
 fn e4m3_rows(x: &Tensor, kind: RowQuantizer<'_>) -> Result<Option<(Tensor, Tensor)>> {
     let dev = cuda_device(x)?;
     let (rows, cols) = x.dims2()?;
-    let width = if matches!(kind, RowQuantizer::SwiGlu) { cols / 2 } else { cols };
+    let width = if matches!(kind, RowQuantizer::SwiGlu(_)) { cols / 2 } else { cols };
     if x.dtype() != DType::BF16 || rows == 0 || width == 0 || width % 8 != 0 || cols % 8 != 0 || rows > i32::MAX as usize {
         return Ok(None);
     }
@@ -338,17 +352,25 @@ fn e4m3_rows(x: &Tensor, kind: RowQuantizer<'_>) -> Result<Option<(Tensor, Tenso
         RowQuantizer::RmsNorm(w, _) => Some(w.to_dtype(DType::BF16)?.contiguous()?),
         _ => None,
     };
+    let row_factor = match &kind {
+        RowQuantizer::SwiGlu(Some(f)) if f.elem_count() != rows || f.dtype() != DType::F32 => {
+            bail!("swiglu row factors {:?} {:?} for {rows} rows", f.dims(), f.dtype())
+        }
+        RowQuantizer::SwiGlu(Some(f)) => Some(f.contiguous()?),
+        _ => None,
+    };
     if w.as_ref().is_some_and(|w| !starts_aligned(w, 16)) {
         return Ok(None);
     }
     let mut q = unsafe { dev.alloc::<F8E4M3>(rows * width)? };
     let mut scale = unsafe { dev.alloc::<f32>(rows)? };
     let vecs = (width / 8) as u32;
+    let factor_ptr = f32_ptr_or_null(row_factor.as_ref(), &dev)?;
     let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(width / 8), 1, 1), shared_mem_bytes: 0 };
     with_slice::<bf16, _>(&x, |xs| {
         let name = match kind {
             RowQuantizer::RmsNorm(..) => "zimage_rms_norm_e4m3_rows_v8_bf16",
-            RowQuantizer::SwiGlu => "zimage_swiglu_e4m3_rows_v8_bf16",
+            RowQuantizer::SwiGlu(_) => "zimage_swiglu_e4m3_rows_v8_bf16",
             RowQuantizer::Plain => "zimage_quantize_e4m3_rows_v8_bf16",
         };
         let f = dev.get_or_load_custom_func(name, MODULE, PTX)?;
@@ -367,6 +389,9 @@ fn e4m3_rows(x: &Tensor, kind: RowQuantizer<'_>) -> Result<Option<(Tensor, Tenso
                 return unsafe { b.launch(cfg) }.w().map(|_| ());
             }
             b.arg(&vecs);
+            if matches!(kind, RowQuantizer::SwiGlu(_)) {
+                b.arg(&factor_ptr);
+            }
             unsafe { b.launch(cfg) }.w().map(|_| ())
         };
         match &w {
@@ -384,9 +409,11 @@ pub fn rms_norm_e4m3_rows(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Te
 }
 
 /// E4M3 of silu(gate) * up with one scale per row, from the fused (rows, 2 * hidden) gate|up
-/// product, in one kernel: (q (rows, hidden), scale (rows,)). None when the kernel does not apply.
-pub fn swiglu_e4m3_rows(gate_up: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
-    e4m3_rows(gate_up, RowQuantizer::SwiGlu)
+/// product, in one kernel: (q (rows, hidden), scale (rows,)). `row_factor` ((rows,) f32): the
+/// product's rows are in those units (an FP8 product left unscaled), multiplied in first. None
+/// when the kernel does not apply.
+pub fn swiglu_e4m3_rows(gate_up: &Tensor, row_factor: Option<&Tensor>) -> Result<Option<(Tensor, Tensor)>> {
+    e4m3_rows(gate_up, RowQuantizer::SwiGlu(row_factor))
 }
 
 /// E4M3 of a (rows, dim) bf16 activation with one scale per row, in one kernel.
@@ -1243,6 +1270,12 @@ mod conv {
 
 /// x + rms_norm(y) * w for (.., dim) bf16 tensors of one shape, w (dim): one pass.
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tensor> {
+    add_rms_norm_scaled(x, y, w, eps, None)
+}
+
+/// `add_rms_norm` of y's rows multiplied by `row_factor` ((rows,) f32) first, in the same pass
+/// (y an FP8 product left in units of its input's row scales).
+pub fn add_rms_norm_scaled(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32, row_factor: Option<&Tensor>) -> Result<Tensor> {
     let dev = cuda_device(x)?;
     let dim = *x.dims().last().unwrap_or(&0);
     if x.dims() != y.dims() || x.dtype() != DType::BF16 || y.dtype() != DType::BF16 || w.dims() != [dim] {
@@ -1250,8 +1283,20 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
     }
     let (x, y) = (x.contiguous()?, y.contiguous()?);
     let rows = x.elem_count() / dim;
+    let row_factor = match row_factor {
+        Some(f) if f.elem_count() != rows || f.dtype() != DType::F32 => bail!("add_rms_norm: row factors {:?} for {rows} rows", f.dims()),
+        Some(f) => Some(f.contiguous()?),
+        None => None,
+    };
+    if row_factor.is_some() && !(dim % 8 == 0 && starts_aligned(&x, 16) && starts_aligned(&y, 16)) {
+        // the scalar kernel takes no factors: apply them first
+        let f = row_factor.as_ref().expect("checked above").reshape((rows, 1))?;
+        let y = y.reshape((rows, dim))?.to_dtype(DType::F32)?.broadcast_mul(&f)?.to_dtype(DType::BF16)?.reshape(x.dims())?;
+        return add_rms_norm_scaled(&x, &y, w, eps, None);
+    }
     if dim % 8 == 0 && starts_aligned(&x, 16) && starts_aligned(&y, 16) {
         let w = w.to_dtype(DType::BF16)?.contiguous()?;
+        let factor_ptr = f32_ptr_or_null(row_factor.as_ref(), &dev)?;
         if starts_aligned(&w, 16) {
             let mut out = unsafe { dev.alloc::<bf16>(x.elem_count())? };
             let dim32 = dim as u32;
@@ -1267,6 +1312,7 @@ pub fn add_rms_norm(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32) -> Result<Tens
                         bld.arg(&dim32);
                         bld.arg(&eps);
                         let cfg = LaunchConfig { grid_dim: (rows as u32, 1, 1), block_dim: (row_threads(dim / 8), 1, 1), shared_mem_bytes: 0 };
+                        bld.arg(&factor_ptr);
                         unsafe { bld.launch(cfg) }.w()?;
                         Ok(())
                     })

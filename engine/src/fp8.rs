@@ -24,6 +24,11 @@ pub enum ActivationScaling {
     /// One scale per row (token): the kernel making a row also takes its amax and casts it, and
     /// outliers in one token no longer coarsen every other token's values.
     Row,
+    /// One scale per row for the layers whose product goes straight into a kernel that takes the
+    /// row scales (the block's SwiGLU and gated residual norms: `transformer`), the products run
+    /// with a unit activation scale and those kernels multiply each row by its scale as they read
+    /// it; per tensor elsewhere (q|k|v). Row scales without row-scaled products (Hopper).
+    RowFolded,
 }
 
 impl ActivationScaling {
@@ -31,6 +36,7 @@ impl ActivationScaling {
         match self {
             Self::Tensor => "per tensor",
             Self::Row => "per row",
+            Self::RowFolded => "per row, applied by the next kernel (q|k|v per tensor)",
         }
     }
     /// `ZIMAGE_FP8_SCALING=tensor|row` (for comparisons); None when unset.
@@ -39,7 +45,8 @@ impl ActivationScaling {
             Err(_) | Ok("") => Ok(None),
             Ok("tensor") => Ok(Some(Self::Tensor)),
             Ok("row") => Ok(Some(Self::Row)),
-            Ok(other) => candle_core::bail!("ZIMAGE_FP8_SCALING={other}: expected tensor or row"),
+            Ok("folded") => Ok(Some(Self::RowFolded)),
+            Ok(other) => candle_core::bail!("ZIMAGE_FP8_SCALING={other}: expected tensor, row or folded"),
         }
     }
 }
@@ -51,6 +58,9 @@ pub struct Fp8Context {
     #[cfg(feature = "cuda")]
     gemm: Option<Arc<crate::cuda::Fp8Gemm>>,
     scaling: ActivationScaling,
+    /// A one-element 1.0 on the device: the activation scale of products whose row scales the
+    /// next kernel applies (a fixed buffer, so CUDA graphs capture its address).
+    unit_scale: Tensor,
 }
 
 impl Fp8Context {
@@ -60,10 +70,11 @@ impl Fp8Context {
     }
 
     /// `autotune` false takes cuBLASLt's first heuristic pick for every shape (for comparisons).
-    /// Activations are scaled per row unless `ZIMAGE_FP8_SCALING=tensor` or the GPU's cuBLASLt
-    /// cannot apply row scales.
+    /// Activations are scaled per row where the GPU's cuBLASLt applies row scales, else per row
+    /// applied by the next kernel (`RowFolded`); `ZIMAGE_FP8_SCALING=tensor|row|folded` chooses.
     pub fn with_autotune(device: &Device, autotune: bool) -> Result<Self> {
         let wanted = ActivationScaling::from_env()?;
+        let unit_scale = Tensor::ones(1, DType::F32, device)?;
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
             let gemm = crate::cuda::Fp8Gemm::new(dev, autotune)?;
@@ -74,16 +85,17 @@ impl Fp8Context {
                 }
                 Some(s) => s,
                 None if row_ok => ActivationScaling::Row,
-                None => ActivationScaling::Tensor,
+                None => ActivationScaling::RowFolded,
             };
-            return Ok(Self { gemm: Some(Arc::new(gemm)), scaling });
+            return Ok(Self { gemm: Some(Arc::new(gemm)), scaling, unit_scale });
         }
         let _ = (device, autotune);
         Ok(Self {
             #[cfg(feature = "cuda")]
             gemm: None,
-            // as the GPUs this runs on today (Hopper's cuBLASLt has no row-scaled FP8 products)
+            // per tensor unless asked: the fused kernels of the other modes are CUDA's
             scaling: wanted.unwrap_or(ActivationScaling::Tensor),
+            unit_scale,
         })
     }
 
@@ -104,7 +116,7 @@ impl Fp8Context {
     /// A (rows, in) activation quantized the way this context's products expect.
     pub fn quantize_activation(&self, x: &Tensor) -> Result<QuantizedActivation> {
         let (q, scale) = match self.scaling {
-            ActivationScaling::Tensor => quantize(x)?,
+            ActivationScaling::Tensor | ActivationScaling::RowFolded => quantize(x)?,
             ActivationScaling::Row => quantize_rows(x)?,
         };
         Ok(QuantizedActivation { q, scale })
@@ -149,6 +161,14 @@ impl Fp8Weight {
         let scale = if scale.elem_count() == 1 { scale } else { scale.reshape((scale.elem_count(), 1))? };
         let xd = e4m3_to_f32(&x.q)?.broadcast_mul(&scale)?;
         xd.matmul(&self.dequantize(DType::F32)?.t()?)?.to_dtype(out_dtype)
+    }
+
+    /// x_q (rows, in) times this weight transposed with a unit activation scale: row r of the
+    /// result is the true product's row r divided by the activation's scale for that row, which
+    /// the caller applies (`ActivationScaling::RowFolded`).
+    pub fn matmul_unscaled(&self, x_q: &Tensor, out_dtype: DType) -> Result<Tensor> {
+        let x = QuantizedActivation { q: x_q.clone(), scale: self.ctx.unit_scale.clone() };
+        self.matmul(&x, out_dtype)
     }
 
     /// x_q (rows, in) times this weight transposed: (rows, out) in `out_dtype`.

@@ -467,6 +467,16 @@ impl Linear {
 }
 
 impl Linear {
+    /// The FP8 product of activations quantized per row (x_q (rows, in) E4M3) with a unit
+    /// activation scale: row r comes out divided by that row's scale, which the caller applies
+    /// (`fp8::ActivationScaling::RowFolded`). Only for FP8 layers without a bias.
+    pub fn fp8_matmul_unscaled(&self, x_q: &Tensor, dtype: DType) -> Result<Tensor> {
+        match (&self.weight, &self.bias) {
+            (LinearWeight::Fp8(w), None) => w.matmul_unscaled(x_q, dtype),
+            _ => candle_core::bail!("fp8_matmul_unscaled on a {self:?}"),
+        }
+    }
+
     /// The FP8 activation scaling of this layer (None for other formats).
     pub fn fp8_scaling(&self) -> Option<crate::fp8::ActivationScaling> {
         match &self.weight {

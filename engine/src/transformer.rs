@@ -86,13 +86,13 @@ impl FeedForward {
             // One kernel: silu(gate) * up cast to E4M3 with each row's scale, never written in bf16.
             let dims = gate_up.dims().to_vec();
             let lead = dims[..dims.len() - 1].to_vec();
-            if let Some((q, scale)) = crate::cuda::swiglu_e4m3_rows(&gate_up.reshape((rows, 2 * self.hidden))?)? {
+            if let Some((q, scale)) = crate::cuda::swiglu_e4m3_rows(&gate_up.reshape((rows, 2 * self.hidden))?, None)? {
                 let q = crate::ops::QuantizedInput::Fp8(crate::fp8::QuantizedActivation { q, scale });
                 return self.w2.forward_input(&LinearInput::quantized_only(lead, q, gate_up.dtype()));
             }
         }
         #[cfg(feature = "cuda")]
-        if self.w2.fp8_scaling() == Some(crate::fp8::ActivationScaling::Tensor) && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 && (rows * self.hidden) % 8 == 0 && self.hidden % 2 == 0 {
+        if matches!(self.w2.fp8_scaling(), Some(crate::fp8::ActivationScaling::Tensor | crate::fp8::ActivationScaling::RowFolded)) && gate_up.device().is_cuda() && gate_up.dtype() == DType::BF16 && (rows * self.hidden) % 8 == 0 && self.hidden % 2 == 0 {
             // One pass: silu(gate) * up, its amax, then its E4M3 quantization for w2 (the kernel
             // works in pairs and quantizes 8 values at a time; other widths take the ops below).
             let dims = gate_up.dims().to_vec();
@@ -198,6 +198,10 @@ impl Attention {
     }
     /// Attention over an input (B, L, dim) already prepared for the qkv product.
     fn forward_input(&self, x: &LinearInput, rope: &Rope) -> Result<Tensor> {
+        self.to_out.forward(&self.attend(x, rope)?)
+    }
+    /// The attention's heads (B, L, H * D) before the output projection.
+    fn attend(&self, x: &LinearInput, rope: &Rope) -> Result<Tensor> {
         let (b, l) = x.lead_dims2()?;
         let (h, kv) = (self.n_heads, self.n_kv_heads);
         // (B, L, H + 2 KV, D); q, k and v are head-range views of it, read in place by the fused
@@ -207,7 +211,7 @@ impl Attention {
         let k = rope.apply(&qkv.narrow(2, h, kv)?, self.norm_k.as_ref())?;
         let v = qkv.narrow(2, h + kv, kv)?;
         let out = attention(&q, &k, &v)?; // (B, L, H, D)
-        self.to_out.forward(&out.reshape((b, l, ()))?)
+        out.reshape((b, l, ()))
     }
 }
 
@@ -273,6 +277,10 @@ impl Block {
 
     /// A modulated block with its folded weights `w` (4, dim) from `folded_modulation`.
     fn forward_folded(&self, x: &Tensor, rope: &Rope, w: &Tensor) -> Result<Tensor> {
+        #[cfg(feature = "cuda")]
+        if let Some(y) = self.forward_folded_row_scaled(x, rope, w)? {
+            return Ok(y);
+        }
         let eps = self.attention_norm1.eps();
         let attn_in = self.attention.to_qkv.prepare_rms_normed(x, &w.get(0)?, eps)?;
         let attn_out = self.attention.forward_input(&attn_in, rope)?;
@@ -280,6 +288,38 @@ impl Block {
         let ffn_in = self.feed_forward.w13.prepare_rms_normed(&x, &w.get(2)?, self.ffn_norm1.eps())?;
         let ffn_out = self.feed_forward.forward_input(&ffn_in)?;
         add_rms_norm_weighted(&x, &ffn_out, &w.get(3)?, self.ffn_norm2.eps())
+    }
+
+    /// `forward_folded` with FP8 row scales applied by the next kernel
+    /// (`ActivationScaling::RowFolded`): the attention output, the feed-forward input (RMSNorm
+    /// and cast in one kernel) and the SwiGLU output (one kernel) are quantized per row; their
+    /// products run with a unit activation scale, and the SwiGLU and gated-residual kernels
+    /// multiply each row by its scale as they read it. q|k|v keep one scale per tensor (V goes
+    /// into attention, which takes no row scales). None where this path does not apply (other
+    /// formats or devices, shapes the kernels refuse): then the block runs `forward_folded`'s
+    /// other path from the start.
+    #[cfg(feature = "cuda")]
+    fn forward_folded_row_scaled(&self, x: &Tensor, rope: &Rope, w: &Tensor) -> Result<Option<Tensor>> {
+        use crate::fp8::ActivationScaling::RowFolded;
+        let ff = &self.feed_forward;
+        let scalings = [self.attention.to_out.fp8_scaling(), ff.w13.fp8_scaling(), ff.w2.fp8_scaling()];
+        if scalings.iter().any(|s| *s != Some(RowFolded)) || !x.device().is_cuda() || x.dtype() != DType::BF16 {
+            return Ok(None);
+        }
+        let (b, l, dim) = x.dims3()?;
+        let rows = b * l;
+        let attn_in = self.attention.to_qkv.prepare_rms_normed(x, &w.get(0)?, self.attention_norm1.eps())?;
+        let heads = self.attention.attend(&attn_in, rope)?;
+        let Some((q, s)) = crate::cuda::quantize_e4m3_rows(&heads.reshape((rows, ()))?)? else { return Ok(None) };
+        let y = self.attention.to_out.fp8_matmul_unscaled(&q, x.dtype())?.reshape((b, l, dim))?;
+        let x = crate::cuda::add_rms_norm_scaled(x, &y, &w.get(1)?, self.attention_norm2.eps() as f32, Some(&s))?;
+        let Some((q1, s1)) = crate::cuda::rms_norm_e4m3_rows(&x.reshape((rows, dim))?, &w.get(2)?, self.ffn_norm1.eps() as f32)? else {
+            return Ok(None);
+        };
+        let gate_up = ff.w13.fp8_matmul_unscaled(&q1, x.dtype())?;
+        let Some((q2, s2)) = crate::cuda::swiglu_e4m3_rows(&gate_up, Some(&s1))? else { return Ok(None) };
+        let y = ff.w2.fp8_matmul_unscaled(&q2, x.dtype())?.reshape((b, l, dim))?;
+        Ok(Some(crate::cuda::add_rms_norm_scaled(&x, &y, &w.get(3)?, self.ffn_norm2.eps() as f32, Some(&s2))?))
     }
 
     /// An unmodulated block (the context refiner).

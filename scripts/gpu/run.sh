@@ -27,6 +27,9 @@
 #                               # benches), op profile, serving 1/4/16 clients, memory by loading stage
 #   scripts/gpu/run.sh round3b  # issue 21, second call: checks, FP8/bf16 1024, FP8 2048 VAE whole/tiled,
 #                               # op profile, serving 1/4/16 clients (limits off), memory by loading stage
+#   scripts/gpu/run.sh round3c  # issue 21, third call: FP8 row scales applied by the next kernel vs per
+#                               # tensor (checks, PSNR, 1024 and 2048 benches)
+#   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
 #                               # page cache, phase by phase), then /api/generate and submit_job + /ws
@@ -308,6 +311,27 @@ round3b)
 import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
 print('load', round(r['load_ms']), 'ms; stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
 " | tee -a "$OUT/summary.txt" || true
+  ;;
+round3c)
+  # issue 21, third call: FP8 row scales applied by the next kernel (the default on Hopper now)
+  # against per-tensor scaling, same call: checks and FP8-vs-bf16 PSNR, 1024 and 2048 benches
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/check.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  export RUNS=5
+  bench_mem fp8_folded_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 folded 1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_FP8_SCALING=tensor bench_mem fp8_tensor_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 tensor 1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_folded_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 folded 2048" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  ;;
+parity_only)
+  # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
+  # per-step errors against diffusers bf16 and the f32 truth), no benches
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  /tmp/zimage parity --model /tmp/zfull --inputs /tmp/ref.safetensors --prompt "$(cat /tmp/ref.safetensors.prompt.txt)" \
+      --out /tmp/ours.safetensors --device cuda 2>&1 | tail -20 > "$OUT/parity_run.log"
+  python3 scripts/gpu/full_size.py compare --ref /tmp/ref.safetensors --ours /tmp/ours.safetensors --json "$OUT/parity.json" 2>&1 | tee -a "$OUT/summary.txt"
   ;;
 startup_parity)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/

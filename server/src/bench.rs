@@ -403,7 +403,7 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
                 engine::cuda::rms_norm_e4m3_rows(&x2, &nw, 1e-6)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
             })?));
             rows.push(("fp8 swiglu -> E4M3 per row, one kernel (L, 2 x 10240)".into(), 0, time_op(device, || {
-                engine::cuda::swiglu_e4m3_rows(&gate_up)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
+                engine::cuda::swiglu_e4m3_rows(&gate_up, None)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
             })?));
             let ctx = Fp8Context::new(device)?;
             if ctx.scaling() == engine::fp8::ActivationScaling::Row {
@@ -526,11 +526,24 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
             let n = s.elem_count();
             engine::fp8::e4m3_to_f32(&q)?.broadcast_mul(&s.reshape((n, 1))?)
         };
-        if let (Some(fused), Some(after)) = (engine::cuda::swiglu_e4m3_rows(&gate_up)?, engine::cuda::quantize_e4m3_rows(&h_fused)?) {
+        if let (Some(fused), Some(after)) = (engine::cuda::swiglu_e4m3_rows(&gate_up, None)?, engine::cuda::quantize_e4m3_rows(&h_fused)?) {
             kernels.push(KernelCheck { name: "swiglu -> E4M3 per row, one kernel vs bf16 swiglu then row quantize".into(), relative_l2: relative_l2(&rows_deq(fused)?, &rows_deq(after)?)? });
         } else {
             anyhow::bail!("the row-scaled swiglu kernel refused ({l}, 2 x {f})");
         }
+        // The row-folded path's kernels: gate|up rows in units of a per-row factor, multiplied
+        // back by the kernel, against the plain rows (bf16 rounding of the divided rows apart).
+        let factor = (Tensor::rand(0.5f32, 4.0, l, device)?).contiguous()?;
+        let gate_up_div = gate_up.to_dtype(DType::F32)?.broadcast_div(&factor.reshape((l, 1))?)?.to_dtype(dtype)?;
+        if let (Some(with_factor), Some(plain)) = (engine::cuda::swiglu_e4m3_rows(&gate_up_div, Some(&factor))?, engine::cuda::swiglu_e4m3_rows(&gate_up, None)?) {
+            kernels.push(KernelCheck { name: "swiglu -> E4M3 per row with row factors vs without (rows pre-divided)".into(), relative_l2: relative_l2(&rows_deq(with_factor)?, &rows_deq(plain)?)? });
+        }
+        let (rx, ry) = (r(&[1, l, d])?, (r(&[1, l, d])? * 4.0)?);
+        let nw = (r(&[d])?.abs()? + 0.5)?;
+        let ry_div = ry.to_dtype(DType::F32)?.broadcast_div(&factor.reshape((1, l, 1))?)?.to_dtype(dtype)?;
+        let scaled = engine::cuda::add_rms_norm_scaled(&rx, &ry_div, &nw, 1e-5, Some(&factor))?;
+        let plain = engine::cuda::add_rms_norm(&rx, &ry, &nw, 1e-5)?;
+        kernels.push(KernelCheck { name: "gated residual add_rms_norm with row factors vs without (rows pre-divided)".into(), relative_l2: relative_l2(&scaled, &plain)? });
         // The row quantization kernel against the same arithmetic on the host.
         let (q_host, s_host) = engine::fp8::quantize_rows(&h_fused.to_device(&candle_core::Device::Cpu)?)?;
         if let Some(dev_rows) = engine::cuda::quantize_e4m3_rows(&h_fused)? {
