@@ -621,10 +621,21 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let w = (r(&[n_out, k_in])? * 0.02)?;
         let fw = Fp8Weight::quantize(&w, &ctx)?;
         let dense = x.matmul(&w.t()?)?;
-        // the context's scaling (per row where cuBLASLt applies row scales), then per tensor
-        let scalings = [(ctx.scaling().name(), ctx.quantize_activation(&x)?), ("per tensor", QuantizedActivation::new(&x)?)];
-        for (scaling, xq) in scalings.iter().take(if ctx.scaling() == engine::fp8::ActivationScaling::Row { 2 } else { 1 }) {
-            let got = fw.matmul(xq, dtype)?;
+        // per tensor; per row with row-scaled products, or with a unit scale and the row scales
+        // applied after (as the next kernel applies them), as the context runs them
+        let mut runs = vec![("per tensor", QuantizedActivation::new(&x)?, false)];
+        let (q, scale) = engine::fp8::quantize_rows(&x)?;
+        match ctx.scaling() {
+            engine::fp8::ActivationScaling::Row => runs.push(("per row", QuantizedActivation { q, scale }, false)),
+            engine::fp8::ActivationScaling::RowFolded => runs.push(("per row, unit-scale product, rows scaled after", QuantizedActivation { q, scale }, true)),
+            engine::fp8::ActivationScaling::Tensor => {}
+        }
+        for (scaling, xq, folded) in &runs {
+            let got = if *folded {
+                fw.matmul_unscaled(&xq.q, dtype)?.to_dtype(DType::F32)?.broadcast_mul(&xq.scale.reshape((l, 1))?)?
+            } else {
+                fw.matmul(xq, dtype)?
+            };
             let emulated = fw.matmul_emulated(xq, DType::F32)?;
             kernels.push(KernelCheck { name: format!("{name} ({scaling}): vs dequantized f32 product"), relative_l2: relative_l2(&got, &emulated)? });
             kernels.push(KernelCheck { name: format!("{name} ({scaling}): vs bf16 matmul"), relative_l2: relative_l2(&got, &dense)? });
