@@ -29,6 +29,7 @@
 #                               # op profile, serving 1/4/16 clients (limits off), memory by loading stage
 #   scripts/gpu/run.sh round3c  # issue 21, third call: FP8 row scales applied by the next kernel vs per
 #                               # tensor (checks, PSNR, 1024 and 2048 benches)
+#   scripts/gpu/run.sh round3d  # issue 21, fourth call: autotuning in rounds (op profile), FP8 1024, checks
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -324,6 +325,17 @@ round3c)
   ZIMAGE_FP8_SCALING=tensor bench_mem fp8_tensor_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 tensor 1024" | tee -a "$OUT/summary.txt"
   RUNS=2 bench_mem fp8_folded_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 folded 2048" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
+  ;;
+round3d)
+  # issue 21, fourth call: cuBLASLt autotuning in alternating rounds (op profile: heuristic vs
+  # tuned), the FP8 1024 bench, and the checks (the unit-scale product with row scales after)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 60 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8 matmul" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  timeout 90 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/check.json" 2>&1 | grep "fp8\|FP8" | tee -a "$OUT/summary.txt" || echo "check stopped" | tee -a "$OUT/summary.txt"
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
