@@ -64,9 +64,11 @@ pub struct Fp8Context {
 }
 
 impl Fp8Context {
-    /// With cuBLASLt algorithm autotuning (see `crate::cuda::Fp8Gemm::new`).
+    /// With cuBLASLt algorithm autotuning (see `crate::cuda::Fp8Gemm::new`) unless
+    /// `ZIMAGE_FP8_AUTOTUNE=0` (the heuristic's first pick; for comparisons).
     pub fn new(device: &Device) -> Result<Self> {
-        Self::with_autotune(device, true)
+        let autotune = !matches!(std::env::var("ZIMAGE_FP8_AUTOTUNE").as_deref(), Ok("0") | Ok("off") | Ok("false"));
+        Self::with_autotune(device, autotune)
     }
 
     /// `autotune` false takes cuBLASLt's first heuristic pick for every shape (for comparisons).

@@ -30,6 +30,7 @@
 #   scripts/gpu/run.sh round3c  # issue 21, third call: FP8 row scales applied by the next kernel vs per
 #                               # tensor (checks, PSNR, 1024 and 2048 benches)
 #   scripts/gpu/run.sh round3d  # issue 21, fourth call: autotuning in rounds (op profile), FP8 1024, checks
+#   scripts/gpu/run.sh autotune # FP8 1024 with cuBLASLt autotuning and with the heuristic's pick, same call
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -336,6 +337,16 @@ round3d)
   summarize | tee -a "$OUT/summary.txt"
   timeout 90 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
       --out "$OUT/check.json" 2>&1 | grep "fp8\|FP8" | tee -a "$OUT/summary.txt" || echo "check stopped" | tee -a "$OUT/summary.txt"
+  ;;
+autotune)
+  # FP8 1024 with cuBLASLt autotuning and with the heuristic's first pick, same call
+  RUNS=5 bench_mem fp8_tuned_1024 --model random --sizes 1024x1024 || true
+  ZIMAGE_FP8_AUTOTUNE=0 RUNS=5 bench_mem fp8_heuristic_1024 --model random --sizes 1024x1024 || true
+  for f in "$OUT"/zimage_fp8_*_1024.json; do python3 -c "
+import json, sys; r = json.load(open(sys.argv[1])); runs = r['sizes'][0]['runs']
+st = sorted(x for run in runs for x in run['steps_ms'][1:]); de = sorted(x['denoising_ms'] for x in runs)
+print(sys.argv[1].split('/')[-1], 'step median', round(st[len(st)//2], 2), 'denoising median', round(de[len(de)//2], 1), 'total', r['sizes'][0]['median_total_ms'])
+" "$f" | tee -a "$OUT/summary.txt"; done
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
