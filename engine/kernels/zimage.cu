@@ -369,6 +369,18 @@ __device__ __forceinline__ float block_sum(float v) {
     return total;
 }
 
+// rsqrt(mean(x^2) + eps) of one row of n8 8-value vectors (dim values), returned to every thread.
+__device__ __forceinline__ float row_inv_rms(const uint4* __restrict__ xr, unsigned int n8, unsigned int dim, float eps) {
+    float f[8];
+    float ss = 0.0f;
+    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    return rsqrtf(block_sum(ss) / (float)dim + eps);
+}
+
 // out = bf16(x * rsqrt(mean(x^2) + eps) * w) per row of `dim` values (dim % 8 == 0), w bf16 (dim).
 // One block per row. When amax_bits is not null it receives max |out| over all rows (zeroed before
 // launch), so the FP8 quantization of out needs no separate amax pass.
@@ -379,13 +391,7 @@ extern "C" __global__ void zimage_rms_norm_v8_bf16(const uint4* __restrict__ x, 
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint4* outr = out + (unsigned long long)blockIdx.x * n8;
     float f[8], g[8];
-    float ss = 0.0f;
-    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-#pragma unroll
-        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
-    }
-    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
         unpack8(xr[i], f);
@@ -469,13 +475,7 @@ extern "C" __global__ void zimage_rms_norm_i8_v8_bf16(const uint4* __restrict__ 
     uint4* outr = out + (unsigned long long)blockIdx.x * n8;
     uint2* qr = q + (unsigned long long)blockIdx.x * n8;
     float f[8], g[8];
-    float ss = 0.0f;
-    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-#pragma unroll
-        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
-    }
-    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
         unpack8(xr[i], f);
@@ -782,13 +782,7 @@ extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __rest
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint2* qr = q + (unsigned long long)blockIdx.x * n8;
     float f[8], g[8];
-    float ss = 0.0f;
-    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-#pragma unroll
-        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
-    }
-    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
+    float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
         unpack8(xr[i], f);

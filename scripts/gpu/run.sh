@@ -97,6 +97,34 @@ startup_measure() {
   pkill -f "zimage serve" || true
 }
 
+# check NAME: zimage bench --check at 1024 (kernels, graphs, FP8/INT8 PSNR) into $OUT/NAME.json
+check() {
+  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/$1.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+}
+
+# serve_load: `zimage serve --model random` with the per-client limits off (one host sends every
+# request), /api/generate under 1/4/16 clients and the websocket path, then the server stopped.
+serve_load() {
+  mkdir -p /tmp/data
+  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
+      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
+  local srv=$!
+  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
+  timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  kill $srv; wait $srv 2>/dev/null || true
+}
+
+# disk_memory: a full-size folder on local disk, FP8 1024 from it, device memory by loading stage
+disk_memory() {
+  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
+  RUNS=2 bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
+  python3 -c "
+import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
+print('load', round(r['load_ms']), 'ms; stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
+" | tee -a "$OUT/summary.txt" || true
+}
+
 case "$MODE" in
 engine2)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
@@ -120,17 +148,10 @@ engine2)
     python3 scripts/gpu/ncu_summary.py "$OUT/ncu_fp8_1024.csv" > "$OUT/ncu_summary.txt" 2>&1 || true
     head -40 "$OUT/ncu_summary.txt"
   fi
-  mkdir -p /tmp/data
-  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
-      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
-  srv=$!
-  # the port opens before the model loads: ready is /readyz 200
-  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
-  grep "loaded\|compiled\|warmed\|listening" "$OUT/serve.log" | tee -a "$OUT/summary.txt"
   w=$(mem_watch /tmp/mem_serve.log)
-  timeout 300 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
+  serve_load
   kill "$w"; echo "serve peak GPU memory (MiB): $(peak /tmp/mem_serve.log)" | tee -a "$OUT/summary.txt"
-  kill $srv; wait $srv 2>/dev/null || true
+  grep "loaded\|compiled\|warmed\|listening" "$OUT/serve.log" | tee -a "$OUT/summary.txt"
   ;;
 profile)
   # FP8 1024 bench (memory), then every kernel of one request under ncu (launched, not replayed:
@@ -264,20 +285,9 @@ round3)
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention" | tee -a "$OUT/summary.txt" || true
   (OUT=$OUT_FINAL; pack)
-  mkdir -p /tmp/data
-  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
-      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
-  srv=$!
-  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
-  timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
-  kill $srv; wait $srv 2>/dev/null || true
+  serve_load
   (OUT=$OUT_FINAL; pack)
-  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
-  RUNS=2 bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
-  python3 -c "
-import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
-print('load stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
-" | tee -a "$OUT/summary.txt" || true
+  disk_memory
   ;;
 round3b)
   # issue 21, second call: checks (new kernels, FP8-vs-bf16 PSNR), FP8/bf16 at 1024, FP8 at 2048
@@ -286,8 +296,7 @@ round3b)
   # then memory by loading stage and load time from a full-size folder on local disk.
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
-      --out "$OUT/check.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  check check
   export RUNS=5
   bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
   if grep -q "row-scaled products available" "$OUT/summary.txt"; then
@@ -299,28 +308,16 @@ round3b)
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention\|swiglu\|rms" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
   (OUT=$OUT_FINAL; pack)
-  mkdir -p /tmp/data
-  /tmp/zimage serve --model random --devices cuda:0 --addr 127.0.0.1:3000 --data-dir /tmp/data \
-      --submissions-per-minute 0 --max-queued-per-client 0 > "$OUT/serve.log" 2>&1 &
-  srv=$!
-  for i in $(seq 1 360); do curl -sf http://127.0.0.1:3000/readyz >/dev/null && break; sleep 0.5; done
-  timeout 200 python3 scripts/gpu/serve_load.py --url http://127.0.0.1:3000 --json "$OUT/serve_load.json" 2>&1 | tee -a "$OUT/summary.txt"
-  kill $srv; wait $srv 2>/dev/null || true
+  serve_load
   (OUT=$OUT_FINAL; pack)
-  python3 scripts/gpu/full_size.py make-model --model-dir /tmp/zfull --ref /tmp/ref.safetensors 2>&1 | grep -v "it/s]" | tail -3
-  RUNS=2 bench_mem disk_fp8_1024 --model /tmp/zfull --precision fp8 --sizes 1024x1024 || echo "FAILED: disk fp8" | tee -a "$OUT/summary.txt"
-  python3 -c "
-import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
-print('load', round(r['load_ms']), 'ms; stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
-" | tee -a "$OUT/summary.txt" || true
+  disk_memory
   ;;
 round3c)
   # issue 21, third call: FP8 row scales applied by the next kernel (the default on Hopper now)
   # against per-tensor scaling, same call: checks and FP8-vs-bf16 PSNR, 1024 and 2048 benches
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
-      --out "$OUT/check.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
+  check check
   export RUNS=5
   bench_mem fp8_folded_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 folded 1024" | tee -a "$OUT/summary.txt"
   ZIMAGE_FP8_SCALING=tensor bench_mem fp8_tensor_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 tensor 1024" | tee -a "$OUT/summary.txt"
