@@ -381,6 +381,16 @@ __device__ __forceinline__ float row_inv_rms(const uint4* __restrict__ xr, unsig
     return rsqrtf(block_sum(ss) / (float)dim + eps);
 }
 
+// Vector i of a normed row: f = bf16(x * inv * w), the values the RMSNorm kernels store.
+__device__ __forceinline__ void rms_normed8(const uint4* __restrict__ xr, const uint4* __restrict__ w, unsigned int i,
+                                            float inv, float* f) {
+    float g[8];
+    unpack8(xr[i], f);
+    unpack8(w[i], g);
+#pragma unroll
+    for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+}
+
 // out = bf16(x * rsqrt(mean(x^2) + eps) * w) per row of `dim` values (dim % 8 == 0), w bf16 (dim).
 // One block per row. When amax_bits is not null it receives max |out| over all rows (zeroed before
 // launch), so the FP8 quantization of out needs no separate amax pass.
@@ -390,17 +400,13 @@ extern "C" __global__ void zimage_rms_norm_v8_bf16(const uint4* __restrict__ x, 
     unsigned int n8 = dim / 8;
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint4* outr = out + (unsigned long long)blockIdx.x * n8;
-    float f[8], g[8];
+    float f[8];
     float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-        unpack8(w[i], g);
+        rms_normed8(xr, w, i, inv, f);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
-            m = fmaxf(m, fabsf(f[j]));
-        }
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
         outr[i] = pack8(f);
     }
     if (amax_bits != 0) block_amax(m, amax_bits);
@@ -474,26 +480,19 @@ extern "C" __global__ void zimage_rms_norm_i8_v8_bf16(const uint4* __restrict__ 
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint4* outr = out + (unsigned long long)blockIdx.x * n8;
     uint2* qr = q + (unsigned long long)blockIdx.x * n8;
-    float f[8], g[8];
+    float f[8];
     float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-        unpack8(w[i], g);
+        rms_normed8(xr, w, i, inv, f);
 #pragma unroll
-        for (int j = 0; j < 8; j++) {
-            f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
-            m = fmaxf(m, fabsf(f[j]));
-        }
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
         outr[i] = pack8(f);
     }
     float s = i8_scale(block_max(m));
     if (threadIdx.x == 0) scale[blockIdx.x] = s;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-        unpack8(w[i], g);
-#pragma unroll
-        for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        rms_normed8(xr, w, i, inv, f);
         qr[i] = make_uint2(quantize_i8x4(f, s), quantize_i8x4(f + 4, s));
     }
 }
@@ -781,21 +780,17 @@ extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __rest
     unsigned int n8 = dim / 8;
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint2* qr = q + (unsigned long long)blockIdx.x * n8;
-    float f[8], g[8];
+    float f[8];
     float inv = row_inv_rms(xr, n8, dim, eps);
     float m = 0.0f;
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-        unpack8(w[i], g);
+        rms_normed8(xr, w, i, inv, f);
 #pragma unroll
-        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]))));
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
     for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
-        unpack8(xr[i], f);
-        unpack8(w[i], g);
-#pragma unroll
-        for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+        rms_normed8(xr, w, i, inv, f);
         qr[i] = e4m3x8(f, qinv);
     }
 }

@@ -646,14 +646,8 @@ impl LtGemm {
         })
     }
 
-    /// Whether this cuBLASLt runs FP8 products with one activation scale per row on this GPU
-    /// (outer-vector scaling: cuBLAS 12.9 and newer, on Hopper and newer).
-    pub fn supports_row_scaling(&self) -> bool {
-        self.row_scaling_problem().is_none()
-    }
-
-    /// Why row-scaled FP8 products are unavailable (None when they are): cuBLASLt's answer for a
-    /// small shape.
+    /// Why FP8 products with one activation scale per row (outer-vector scaling) are unavailable
+    /// on this GPU, None when they are: cuBLASLt's answer for a small shape.
     pub fn row_scaling_problem(&self) -> Option<String> {
         if self.kind != LtKind::Fp8 {
             return Some("not an FP8 context".into());
@@ -766,28 +760,17 @@ impl LtGemm {
         }
         let plan = plans.get_mut(&key).expect("plan inserted above");
         let (desc, a_layout, b_layout, d_layout) = (plan.desc, plan.a, plan.b, plan.d);
+        // This call's scale pointers (the plan's descriptor is shared by every call of its shape).
+        use sys::cublasLtMatmulDescAttributes_t as A;
+        for (attr, ptr) in [(A::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, b_scale), (A::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, a_scale_vec)] {
+            if let Some(ptr) = &ptr {
+                unsafe { lt::set_matmul_desc_attribute(desc, attr, ptr as *const _ as *const _, std::mem::size_of_val(ptr)) }.map_err(lt_err)?;
+            }
+        }
         let mut ws = self.workspace.lock().expect("cuBLASLt workspace poisoned");
         let (ws_ptr, _gws) = ws.device_ptr_mut(&self.stream);
         let run = |algo: &sys::cublasLtMatmulAlgo_t| -> Result<()> {
             unsafe {
-                if let Some(s_ptr) = &b_scale {
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_B_SCALE_POINTER,
-                        s_ptr as *const _ as *const _,
-                        std::mem::size_of_val(s_ptr),
-                    )
-                    .map_err(lt_err)?;
-                }
-                if let Some(a_ptr) = &a_scale_vec {
-                    lt::set_matmul_desc_attribute(
-                        desc,
-                        sys::cublasLtMatmulDescAttributes_t::CUBLASLT_MATMUL_DESC_A_SCALE_POINTER,
-                        a_ptr as *const _ as *const _,
-                        std::mem::size_of_val(a_ptr),
-                    )
-                    .map_err(lt_err)?;
-                }
                 lt::matmul(
                     self.handle,
                     desc,
@@ -834,11 +817,11 @@ impl LtGemm {
         let mut out = unsafe { self.dev.alloc::<bf16>(m * n)? };
         let (x_q, w_q, x_scale) = (x_q.contiguous()?, w_q.contiguous()?, x_scale.contiguous()?);
         let (alpha, beta) = (w_scale, 0f32);
-        let mut ones = self.ones.lock().expect("cuBLASLt scale vectors poisoned");
-        if row_scaled && !ones.contains_key(&n) {
+        let mut ones = row_scaled.then(|| self.ones.lock().expect("cuBLASLt scale vectors poisoned"));
+        if let Some(ones) = ones.as_mut().filter(|o| !o.contains_key(&n)) {
             ones.insert(n, self.stream.clone_htod(&vec![1f32; n]).w()?);
         }
-        let a_vec = if row_scaled { ones.get(&n) } else { None };
+        let a_vec = ones.as_ref().and_then(|o| o.get(&n));
         with_slice::<F8E4M3, _>(&x_q, |xs| {
             with_slice::<F8E4M3, _>(&w_q, |wsl| {
                 with_slice::<f32, _>(&x_scale, |ss| {
@@ -1348,10 +1331,16 @@ pub fn add_rms_norm_scaled(x: &Tensor, y: &Tensor, w: &Tensor, eps: f32, row_fac
     Ok(wrap(out, &dev, x.dims()))
 }
 
+/// (free, total) device memory, MiB (whole device).
+fn memory_mib(dev: &CudaDevice) -> Result<(f64, f64)> {
+    let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
+    let mib = |b: usize| b as f64 / (1024.0 * 1024.0);
+    Ok((mib(free), mib(total)))
+}
+
 /// The device's memory (whole device, MiB).
 pub fn memory_total_mib(dev: &CudaDevice) -> Result<f64> {
-    let (_, total) = dev.cuda_stream().context().mem_get_info().w()?;
-    Ok(total as f64 / (1024.0 * 1024.0))
+    Ok(memory_mib(dev)?.1)
 }
 
 /// softmax(x * scale) over the last dim of a bf16 tensor (last dim % 8 == 0), in f32 and written
@@ -1383,33 +1372,15 @@ pub fn softmax_scaled_rows(x: &Tensor, scale: f32) -> Result<Option<Tensor>> {
     Ok(Some(wrap(out, &dev, x.dims())))
 }
 
-/// Synchronizes, then trims the device's default memory pool (the one cudarc's stream-ordered
-/// allocations come from) down to what is allocated.
-pub fn trim_memory_pool(dev: &CudaDevice) -> Result<()> {
-    use cudarc::driver::sys;
-    let stream = dev.cuda_stream();
-    stream.synchronize().w()?;
-    let cu_device = stream.context().cu_device();
-    // SAFETY: plain driver calls on a valid device and its default pool.
-    unsafe {
-        let mut pool: sys::CUmemoryPool = std::ptr::null_mut();
-        if sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device) == sys::CUresult::CUDA_SUCCESS {
-            let _ = sys::cuMemPoolTrimTo(pool, 0);
-        }
-    }
-    Ok(())
-}
-
 /// Free device memory (MiB).
 pub fn memory_free_mib(dev: &CudaDevice) -> Result<f64> {
-    let (free, _) = dev.cuda_stream().context().mem_get_info().w()?;
-    Ok(free as f64 / (1024.0 * 1024.0))
+    Ok(memory_mib(dev)?.0)
 }
 
 /// Device memory in use (total - free, whole device, MiB), for reports.
 pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
-    let (free, total) = dev.cuda_stream().context().mem_get_info().w()?;
-    Ok((total - free) as f64 / (1024.0 * 1024.0))
+    let (free, total) = memory_mib(dev)?;
+    Ok(total - free)
 }
 
 /// Has the driver compile (JIT) every kernel module the engine loads from PTX, candle's and ours,

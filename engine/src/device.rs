@@ -148,16 +148,6 @@ impl MemoryTrace {
     }
 }
 
-/// Returns the device memory pool's free blocks to the device (CUDA's stream-ordered allocator
-/// keeps freed memory for reuse; what loading freed is not needed again at this size).
-pub fn release_pool_memory(device: &Device) {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(dev) = device {
-        let _ = crate::cuda::trim_memory_pool(dev);
-    }
-    let _ = device;
-}
-
 /// Where a quantized model keeps its dense weights for LoRA merges: on the GPU when it has 48 GiB
 /// or more (room for the 12 GB copy beside the model and a 2048x2048 job; merges then cost no
 /// transfer), else in host memory.

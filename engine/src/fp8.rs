@@ -1,12 +1,12 @@
 //! FP8 (E4M3) linear layers: weights quantized once with a per-tensor scale, activations quantized
-//! per call with a dynamic scale (amax / 448) for the whole activation, or for each row (token)
-//! where the GPU's cuBLASLt applies row scales to FP8 products (outer-vector scaling; not on
-//! Hopper with cuBLAS 13.0, measured); products accumulated in f32 and written in the activation
-//! dtype. On CUDA the product is one cuBLASLt FP8 matmul; the per-tensor amax is taken by the
-//! kernel that makes the activation (RMSNorm, SwiGLU) and a second kernel casts, while a row
-//! scale needs no second pass (`kernels/zimage.cu`). Elsewhere the same arithmetic is emulated by
-//! dequantizing, so the CPU tests exercise the quantization the GPU uses (per tensor by default,
-//! as on Hopper; `ZIMAGE_FP8_SCALING=row` for the other).
+//! per call with a dynamic scale (amax / 448) for the whole activation or for each row (token),
+//! products accumulated in f32 and written in the activation dtype (`ActivationScaling`). On CUDA
+//! the product is one cuBLASLt FP8 matmul; the per-tensor amax is taken by the kernel that makes
+//! the activation (RMSNorm, SwiGLU) and a second kernel casts, while a row scale needs no second
+//! pass (`kernels/zimage.cu`); where cuBLASLt has no row-scaled products (Hopper with cuBLAS 13.0,
+//! measured) the next kernel applies the row scales. Elsewhere the same arithmetic is emulated by
+//! dequantizing, so the CPU tests exercise the quantization the GPU uses (per tensor by default
+//! there: the row modes' fused kernels are CUDA's; `quantize_rows` is tested directly).
 
 #[cfg(feature = "cuda")]
 use std::sync::Arc;
@@ -39,7 +39,7 @@ impl ActivationScaling {
             Self::RowFolded => "per row, applied by the next kernel (q|k|v per tensor)",
         }
     }
-    /// `ZIMAGE_FP8_SCALING=tensor|row` (for comparisons); None when unset.
+    /// `ZIMAGE_FP8_SCALING=tensor|row|folded` (for comparisons); None when unset.
     fn from_env() -> Result<Option<Self>> {
         match std::env::var("ZIMAGE_FP8_SCALING").as_deref() {
             Err(_) | Ok("") => Ok(None),
@@ -80,7 +80,7 @@ impl Fp8Context {
         #[cfg(feature = "cuda")]
         if let Device::Cuda(dev) = device {
             let gemm = crate::cuda::Fp8Gemm::new(dev, autotune)?;
-            let row_ok = gemm.supports_row_scaling();
+            let row_ok = gemm.row_scaling_problem().is_none();
             let scaling = match wanted {
                 Some(ActivationScaling::Row) if !row_ok => {
                     candle_core::bail!("ZIMAGE_FP8_SCALING=row: this GPU's cuBLASLt has no FP8 products with row scales (cuBLAS 12.9+ on Hopper needed)")

@@ -459,10 +459,8 @@ impl Pipeline {
         name: &str,
         is_tiny: bool,
         opts: LoadOptions,
-        mut load_memory: crate::device::MemoryTrace,
+        load_memory: crate::device::MemoryTrace,
     ) -> Result<Self> {
-        crate::device::release_pool_memory(device);
-        load_memory.mark(device, "pool trimmed");
         let hidden = match &text_encoder {
             TextEncoderSlot::Resident(te) => te.hidden_size(),
             TextEncoderSlot::OnDemand { hidden, .. } => *hidden,

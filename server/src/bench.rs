@@ -110,7 +110,7 @@ struct Report {
     load_ms: f64,
     /// Device memory in use after loading (CUDA only, whole device).
     memory_after_load_mib: Option<f64>,
-    /// The same after each loading stage (start, transformer, text encoder, vae, pool trimmed).
+    /// The same after each loading stage (start, transformer, text encoder, vae).
     load_memory_mib: Vec<(String, f64)>,
     sizes: Vec<SizeReport>,
     /// With --lora: the time to merge the set into the weights, and to put the base back.
@@ -365,16 +365,18 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
     rows.push(("fused qk norm + rope (1, 4224, 30, 128)".into(), 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
     {
         use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
-        // The block's FP8 products as the model runs them (q|k|v fused, w1|w3 fused, out, w2),
-        // with cuBLASLt's first heuristic pick (x0: shown, not summed) and autotuned.
+        // The block's FP8 products as the model runs them (q|k|v fused, w1|w3 fused, out, w2;
+        // activations scaled as the context scales them: the unit-scale products of the folded
+        // row scales are these same per-tensor products), with cuBLASLt's first heuristic pick
+        // (x0: shown, not summed) and autotuned.
         let w_qkv = r(&[3 * d, d])?;
         let w_13 = r(&[2 * f, d])?;
-        let (xq, hq) = (QuantizedActivation::new(&x2)?, QuantizedActivation::new(&hidden.reshape((l, f))?)?);
         rows.push(("fp8 quantize activation (L, 3840)".into(), 2, time_op(device, || QuantizedActivation::new(&x2).map(|q| q.q))?));
         for autotune in [false, true] {
             let ctx = Fp8Context::with_autotune(device, autotune)?;
             let q = |w: &Tensor| Fp8Weight::quantize(w, &ctx);
             let (f_qkv, f_13, f_dd, f_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
+            let (xq, hq) = (ctx.quantize_activation(&x2)?, ctx.quantize_activation(&hidden.reshape((l, f))?)?);
             let (n, pick) = if autotune { (1, "tuned") } else { (0, "heuristic") };
             for (name, w, x) in [
                 ("fp8 matmul L x 3840 -> 11520 (qkv)", &f_qkv, &xq),
@@ -394,8 +396,8 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
             let g = gate_up.narrow(1, 0, f)?;
             g.silu()? * gate_up.narrow(1, f, f)?
         })?));
-        // The row-scaled FP8 path's fused kernels (the default where cuBLASLt applies row scales;
-        // x0: shown beside the per-tensor rows above, not summed) and its products.
+        // The row-scaled FP8 path's fused kernels (x0: shown beside the per-tensor rows above, not
+        // summed).
         #[cfg(feature = "cuda")]
         if device.is_cuda() {
             let nw = (r(&[d])?.abs()? + 0.5)?;
@@ -405,20 +407,6 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
             rows.push(("fp8 swiglu -> E4M3 per row, one kernel (L, 2 x 10240)".into(), 0, time_op(device, || {
                 engine::cuda::swiglu_e4m3_rows(&gate_up, None)?.map(|t| t.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))
             })?));
-            let ctx = Fp8Context::new(device)?;
-            if ctx.scaling() == engine::fp8::ActivationScaling::Row {
-                let q = |w: &Tensor| Fp8Weight::quantize(w, &ctx);
-                let (f_qkv, f_13, f_dd, f_df) = (q(&w_qkv)?, q(&w_13)?, q(&w_dd)?, q(&w_df)?);
-                let (xr, hr) = (ctx.quantize_activation(&x2)?, ctx.quantize_activation(&hidden.reshape((l, f))?)?);
-                for (name, w, x) in [
-                    ("fp8 matmul per-row scales L x 3840 -> 11520 (qkv)", &f_qkv, &xr),
-                    ("fp8 matmul per-row scales L x 3840 -> 20480 (w1|w3)", &f_13, &xr),
-                    ("fp8 matmul per-row scales L x 3840 x 3840 (out)", &f_dd, &xr),
-                    ("fp8 matmul per-row scales L x 10240 -> 3840 (w2)", &f_df, &hr),
-                ] {
-                    rows.push((name.into(), 0, time_op(device, || w.matmul(x, dtype))?));
-                }
-            }
         }
         // The INT8 path's products and quantizations at the same shapes (x0: shown beside the
         // FP8 rows, not summed into the block).
