@@ -135,8 +135,8 @@ if [ "$MODE" != cpu ]; then
   if [ -z "$FEATURES" ]; then
     major=$(( CAP / 10 ))
     if [ "$major" -eq 9 ] && { [ "$TOOLKIT" = wheels ] || ver_ge "$NVCC_VER" 12.3; }; then
-      FEATURES=flash-attn,flash-attn-v3
-      NOTE="FlashAttention-3 (Hopper) and -2"
+      FEATURES=flash-attn,flash-attn-v3,flash-attn-v3-fp8
+      NOTE="FlashAttention-3 (Hopper, its FP8 forward too) and -2"
     elif [ "$major" -ge 8 ]; then
       FEATURES=flash-attn
       NOTE="FlashAttention-2"
@@ -178,7 +178,7 @@ else
   # cuBLASLt, cuDNN -> its engine libraries), and it comes before LD_LIBRARY_PATH.
   RPATH="-Wl,--disable-new-dtags,-rpath,$LIB_DIRS"
   CMD=(cargo rustc --release -p server --bin zimage --features "$FEATURES" --target-dir "$TARGET_DIR")
-  say "flash-attention build aid: the crates cut to bf16 head-dim-128 kernels (scripts/gpu/patches)"
+  say "flash-attention build aid: the crates cut to the head-dim-128 kernels Z-Image runs (scripts/gpu/patches)"
   say "expected time of a first build: about $(expected_minutes) min on $CORES cores (19 min measured on 2); a second run reuses it"
 fi
 say "binary: $BIN"

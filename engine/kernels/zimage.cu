@@ -905,3 +905,93 @@ extern "C" __global__ void zimage_softmax_scaled_rows_bf16(const uint4* __restri
         outr[p] = pack8(f);
     }
 }
+
+// The q and k heads of a fused (tokens, H + 2 KV, 128) qkv product for FlashAttention-3's FP8
+// forward: per-head RMSNorm + interleaved RoPE as above, written as E4M3 ((tokens, H, 128) and
+// (tokens, KV, 128)) with one static scale per tensor. After the norm every value is bounded:
+// |x_i| * rsqrt(mean x^2) <= sqrt(128), times max|w|, and the rotation keeps each pair's length;
+// so 448 / (sqrt(128) * max|w|) maps the largest possible value onto E4M3's largest and no value
+// ever saturates, with no amax pass. Each warp derives that scale from the weight it loads anyway;
+// descale_q/descale_k (the inverse, what the attention kernel multiplies back) are written by the
+// first q row and the first k row. One warp per (token, head) row, q heads then k heads.
+extern "C" __global__ void zimage_qk_norm_rope_e4m3_d128(const bf16_bits* __restrict__ x,
+                                                         const bf16_bits* __restrict__ weight_q,
+                                                         const bf16_bits* __restrict__ weight_k,
+                                                         const float* __restrict__ cos_t, const float* __restrict__ sin_t,
+                                                         unsigned int* __restrict__ q_out, unsigned int* __restrict__ k_out,
+                                                         float* __restrict__ descale_q, float* __restrict__ descale_k,
+                                                         unsigned int tokens, unsigned int seq_len,
+                                                         unsigned int heads_q, unsigned int heads_k,
+                                                         unsigned long long token_stride, float eps) {
+    unsigned int heads = heads_q + heads_k;
+    unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    unsigned int lane = threadIdx.x & 31;
+    if (row >= tokens * heads) return;
+    unsigned int token = row / heads, head = row - token * heads;
+    bool is_k = head >= heads_q;
+    const bf16_bits* weight = is_k ? weight_k : weight_q;
+    uint2 v = reinterpret_cast<const uint2*>(x + (unsigned long long)token * token_stride + head * 128u)[lane];
+    float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                  __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
+    float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
+    float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
+    uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
+    float w[4] = {__uint_as_float(wv.x << 16), __uint_as_float(wv.x & 0xffff0000u),
+                  __uint_as_float(wv.y << 16), __uint_as_float(wv.y & 0xffff0000u)};
+    float wmax = warp_max(fmaxf(fmaxf(fabsf(w[0]), fabsf(w[1])), fmaxf(fabsf(w[2]), fabsf(w[3]))));
+    float bound = fmaxf(11.3137085f * wmax, 1e-30f);  // sqrt(128) * max|w|
+    float scale = 448.0f / bound;
+#pragma unroll
+    for (int i = 0; i < 4; i++) a[i] *= inv * w[i];
+    unsigned int l = token % seq_len;
+    float2 c = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
+    float2 s = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
+    unsigned int lo = pack_e4m3x2((a[0] * c.x - a[1] * s.x) * scale, (a[0] * s.x + a[1] * c.x) * scale);
+    unsigned int hi = pack_e4m3x2((a[2] * c.y - a[3] * s.y) * scale, (a[2] * s.y + a[3] * c.y) * scale);
+    unsigned int packed = lo | (hi << 16);
+    if (is_k) {
+        k_out[((unsigned long long)token * heads_k + (head - heads_q)) * 32u + lane] = packed;
+        if (row == heads_q && lane == 0) descale_k[0] = bound / 448.0f;
+    } else {
+        q_out[((unsigned long long)token * heads_q + head) * 32u + lane] = packed;
+        if (row == 0 && lane == 0) descale_q[0] = bound / 448.0f;
+    }
+}
+
+// max |x| over `rows` rows of row_vecs 8-value vectors, rows row_stride values apart (a head-range
+// view of a fused product), into amax_bits (zeroed before the launch).
+extern "C" __global__ void zimage_amax_rows_strided_bf16(const bf16_bits* __restrict__ x, unsigned int rows,
+                                                         unsigned int row_vecs, unsigned long long row_stride,
+                                                         unsigned int* __restrict__ amax_bits) {
+    float m = 0.0f;
+    unsigned long long n = (unsigned long long)rows * row_vecs;
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        unsigned long long r = i / row_vecs, c = i - r * row_vecs;
+        uint4 v = reinterpret_cast<const uint4*>(x + r * row_stride)[c];
+        float f[8];
+        unpack8(v, f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
+    }
+    block_amax(m, amax_bits);
+}
+
+// The rows above quantized to contiguous E4M3 with one per-tensor scale from amax_bits (largest
+// value -> 448); descale_out = amax / 448, the factor that dequantizes.
+extern "C" __global__ void zimage_quantize_e4m3_rows_strided_bf16(const bf16_bits* __restrict__ x, unsigned int rows,
+                                                                  unsigned int row_vecs, unsigned long long row_stride,
+                                                                  const unsigned int* __restrict__ amax_bits,
+                                                                  uint2* __restrict__ q, float* __restrict__ descale_out) {
+    float descale = fmaxf(__uint_as_float(amax_bits[0]), 1e-12f) / 448.0f;
+    float inv = 1.0f / descale;
+    if (blockIdx.x == 0 && threadIdx.x == 0) descale_out[0] = descale;
+    unsigned long long n = (unsigned long long)rows * row_vecs;
+    unsigned long long stride = (unsigned long long)gridDim.x * blockDim.x;
+    for (unsigned long long i = (unsigned long long)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {
+        unsigned long long r = i / row_vecs, c = i - r * row_vecs;
+        float f[8];
+        unpack8(reinterpret_cast<const uint4*>(x + r * row_stride)[c], f);
+        q[i] = e4m3x8(f, inv);
+    }
+}

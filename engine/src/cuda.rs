@@ -1423,3 +1423,119 @@ pub fn precompile_kernels(dev: &CudaDevice) -> Result<std::time::Duration> {
     }
     Ok(start.elapsed())
 }
+
+/// The q and k heads of a fused (B, L, H + 2 KV, 128) bf16 qkv product (or a view with evenly
+/// spaced tokens), per-head RMSNorm + RoPE as `qk_norm_rope`, written as E4M3 for FlashAttention-3's
+/// FP8 forward with one static scale per tensor (see the kernel: no value can saturate). Returns
+/// (q (B, L, H, 128), k (B, L, KV, 128), descale_q [1], descale_k [1]); None when the layout does
+/// not suit the kernel (the caller runs bf16 attention).
+#[allow(clippy::too_many_arguments)]
+pub fn qk_norm_rope_e4m3(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    weight_q: &Tensor,
+    weight_k: &Tensor,
+    eps: f32,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<(Tensor, Tensor, Tensor, Tensor)>> {
+    let dev = cuda_device(qkv)?;
+    let (b, l, _, d) = qkv.dims4()?;
+    let Some(ts) = token_stride(qkv) else { return Ok(None) };
+    if qkv.dtype() != DType::BF16 || d != 128 || ts % 4 != 0 || !starts_aligned(qkv, 8) || cos.dims() != [l, 64] {
+        return Ok(None);
+    }
+    let (cos, sin) = (cos.to_dtype(DType::F32)?.contiguous()?, sin.to_dtype(DType::F32)?.contiguous()?);
+    let (wq, wk) = (weight_q.to_dtype(DType::BF16)?.contiguous()?, weight_k.to_dtype(DType::BF16)?.contiguous()?);
+    if !(starts_aligned(&cos, 8) && starts_aligned(&sin, 8) && starts_aligned(&wq, 8) && starts_aligned(&wk, 8)) {
+        return Ok(None);
+    }
+    let tokens = b * l;
+    let mut q8 = unsafe { dev.alloc::<F8E4M3>(tokens * heads * 128)? };
+    let mut k8 = unsafe { dev.alloc::<F8E4M3>(tokens * kv_heads * 128)? };
+    let mut descale_q = unsafe { dev.alloc::<f32>(1)? };
+    let mut descale_k = unsafe { dev.alloc::<f32>(1)? };
+    let (tokens32, l32, h32, kv32, ts64) = (tokens as u32, l as u32, heads as u32, kv_heads as u32, ts as u64);
+    let (st, layout) = qkv.storage_and_layout();
+    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
+    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    with_slice::<bf16, _>(&wq, |wqs| {
+        with_slice::<bf16, _>(&wk, |wks| {
+            with_slice::<f32, _>(&cos, |cs| {
+                with_slice::<f32, _>(&sin, |ss| {
+                    let f = dev.get_or_load_custom_func("zimage_qk_norm_rope_e4m3_d128", MODULE, PTX)?;
+                    let mut bld = f.builder();
+                    bld.arg(&xs);
+                    bld.arg(&wqs);
+                    bld.arg(&wks);
+                    bld.arg(&cs);
+                    bld.arg(&ss);
+                    bld.arg(&mut q8);
+                    bld.arg(&mut k8);
+                    bld.arg(&mut descale_q);
+                    bld.arg(&mut descale_k);
+                    bld.arg(&tokens32);
+                    bld.arg(&l32);
+                    bld.arg(&h32);
+                    bld.arg(&kv32);
+                    bld.arg(&ts64);
+                    bld.arg(&eps);
+                    let rows = tokens32 * (h32 + kv32);
+                    unsafe { bld.launch(launch_cfg(rows.div_ceil(THREADS / 32))) }.w()?;
+                    Ok(())
+                })
+            })
+        })
+    })?;
+    drop(st);
+    Ok(Some((
+        wrap(q8, &dev, &[b, l, heads, 128]),
+        wrap(k8, &dev, &[b, l, kv_heads, 128]),
+        wrap(descale_q, &dev, &[1]),
+        wrap(descale_k, &dev, &[1]),
+    )))
+}
+
+/// Per-tensor E4M3 quantization of a (B, L, H, D) bf16 tensor whose tokens are evenly spaced (the
+/// v heads of a fused qkv product read in place): amax pass, then a quantize pass writing a
+/// contiguous tensor. Returns (q, descale [1]) with real value = q * descale; None when the layout
+/// does not suit the 16-byte loads.
+pub fn quantize_e4m3_heads(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+    let dev = cuda_device(x)?;
+    let (b, l, h, d) = x.dims4()?;
+    let Some(ts) = token_stride(x) else { return Ok(None) };
+    let row = h * d;
+    if x.dtype() != DType::BF16 || row % 8 != 0 || ts % 8 != 0 || !starts_aligned(x, 16) {
+        return Ok(None);
+    }
+    let rows = b * l;
+    let amax = dev.alloc_zeros::<u32>(1)?;
+    let mut q = unsafe { dev.alloc::<F8E4M3>(rows * row)? };
+    let mut descale = unsafe { dev.alloc::<f32>(1)? };
+    let (rows32, vecs32, ts64) = (rows as u32, (row / 8) as u32, ts as u64);
+    let (st, layout) = x.storage_and_layout();
+    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
+    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let blocks = grid_for(rows * row / 8);
+    let f = dev.get_or_load_custom_func("zimage_amax_rows_strided_bf16", MODULE, PTX)?;
+    let mut bld = f.builder();
+    bld.arg(&xs);
+    bld.arg(&rows32);
+    bld.arg(&vecs32);
+    bld.arg(&ts64);
+    bld.arg(&amax);
+    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+    let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_rows_strided_bf16", MODULE, PTX)?;
+    let mut bld = f.builder();
+    bld.arg(&xs);
+    bld.arg(&rows32);
+    bld.arg(&vecs32);
+    bld.arg(&ts64);
+    bld.arg(&amax);
+    bld.arg(&mut q);
+    bld.arg(&mut descale);
+    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+    drop(st);
+    Ok(Some((wrap(q, &dev, &[b, l, h, d]), wrap(descale, &dev, &[1]))))
+}

@@ -11,6 +11,8 @@ pub mod device;
 pub mod cuda;
 pub mod enhancer;
 pub mod error;
+#[cfg(feature = "flash-attn-v3-fp8")]
+pub mod flash_fp8;
 pub mod fp8;
 pub mod graph;
 pub mod hub;

@@ -18,6 +18,9 @@ impl RmsNorm {
     pub fn new(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
     }
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
 }
 
 impl RmsNorm {
@@ -103,10 +106,13 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Which attention kernel `attention` runs: the best one built in for the card unless the
-/// `ZIMAGE_ATTENTION` environment variable names another (`fa3`, `fa2` or `composed`), so that one
-/// binary can measure them side by side.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// `ZIMAGE_ATTENTION` environment variable names another (`fa3-fp8`, `fa3`, `fa2` or `composed`),
+/// so that one binary can measure them side by side.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttentionKernel {
+    /// FlashAttention-3's FP8 forward for the transformer's self-attention (q and k quantized by
+    /// the norm + RoPE kernel, v per tensor); every other attention takes `FlashAttention3`.
+    FlashAttention3Fp8,
     FlashAttention3,
     FlashAttention2,
     Composed,
@@ -115,6 +121,7 @@ pub enum AttentionKernel {
 impl AttentionKernel {
     pub fn name(self) -> &'static str {
         match self {
+            Self::FlashAttention3Fp8 => "FlashAttention-3 FP8 (E4M3 q/k/v)",
             Self::FlashAttention3 => "FlashAttention-3",
             Self::FlashAttention2 => "FlashAttention-2",
             Self::Composed => "composed (candle ops)",
@@ -132,6 +139,10 @@ impl AttentionKernel {
             // FlashAttention-3 is built for Hopper (sm_90) only; other cards take FlashAttention-2.
             #[cfg(feature = "flash-attn-v3")]
             if wanted != "fa2" && crate::cuda::device_compute_capability(_dev).map(|c| c.0 == 9).unwrap_or(false) {
+                #[cfg(feature = "flash-attn-v3-fp8")]
+                if wanted == "fa3-fp8" {
+                    return Self::FlashAttention3Fp8;
+                }
                 return Self::FlashAttention3;
             }
             #[cfg(feature = "flash-attn")]
@@ -161,7 +172,7 @@ pub fn attention_with(kernel: AttentionKernel, q: &Tensor, k: &Tensor, v: &Tenso
         let (q, k, v) = (packed(q)?, packed(k)?, packed(v)?);
         let scale = 1.0 / (q.dim(D::Minus1)? as f32).sqrt();
         #[cfg(feature = "flash-attn-v3")]
-        if kernel == AttentionKernel::FlashAttention3 {
+        if matches!(kernel, AttentionKernel::FlashAttention3 | AttentionKernel::FlashAttention3Fp8) {
             return candle_flash_attn_v3::flash_attn(&q, &k, &v, scale, causal, false);
         }
         #[cfg(feature = "flash-attn")]
@@ -175,6 +186,76 @@ pub fn attention_with(kernel: AttentionKernel, q: &Tensor, k: &Tensor, v: &Tenso
     } else {
         attention_composed(q, k, v)
     }
+}
+
+/// The transformer's self-attention straight from its fused (B, L, H + 2 KV, D) qkv product with
+/// FlashAttention-3's FP8 forward: q and k normed, rotated and quantized to E4M3 in one kernel
+/// (static per-tensor scales that cannot saturate), v quantized per tensor, bf16 out (B, L, H, D).
+/// None when `kernel` is not the FP8 one or the inputs do not suit it: the caller then runs the
+/// bf16 path (`qk_norm_rope` + `attention`).
+#[allow(clippy::too_many_arguments)]
+pub fn attention_qkv_fp8(
+    kernel: AttentionKernel,
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    norm_q: Option<&RmsNorm>,
+    norm_k: Option<&RmsNorm>,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Option<Tensor>> {
+    #[cfg(feature = "flash-attn-v3-fp8")]
+    if kernel == AttentionKernel::FlashAttention3Fp8 && qkv.device().is_cuda() && qkv.dim(D::Minus1)? == 128 {
+        let (Some(nq), Some(nk)) = (norm_q, norm_k) else { return Ok(None) };
+        if nq.eps != nk.eps {
+            return Ok(None);
+        }
+        let Some((q, k, dq, dk)) = crate::cuda::qk_norm_rope_e4m3(qkv, heads, kv_heads, &nq.weight, &nk.weight, nq.eps as f32, cos, sin)? else {
+            return Ok(None);
+        };
+        let Some((v, dv)) = crate::cuda::quantize_e4m3_heads(&qkv.narrow(2, heads + kv_heads, kv_heads)?)? else {
+            return Ok(None);
+        };
+        return crate::flash_fp8::flash_attn_e4m3(&q, &k, &v, &dq, &dk, &dv).map(Some);
+    }
+    let _ = (kernel, qkv, heads, kv_heads, norm_q, norm_k, cos, sin);
+    Ok(None)
+}
+
+/// E4M3 rounding (round to nearest even, saturating at 448) of f32 values, on the CPU.
+fn round_e4m3(x: &Tensor) -> Result<Tensor> {
+    let cpu = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
+    cpu.clamp(-448f32, 448f32)?.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?.to_device(x.device())
+}
+
+/// FlashAttention-3's FP8 forward computed from candle ops in f32, the reference it is checked
+/// against: q, k, v hold E4M3 values (as f32, (B, L, H, D)) and their descales; scores in f32,
+/// softmax numerators exp(s - max) * 2^8 rounded to E4M3 for the product with v (the kernel's
+/// max offset of 8 octaves keeps them in E4M3's normal range), divided by the unrounded row sums.
+/// The kernel takes the maximum over the keys seen so far rather than all of them, so it rounds
+/// some numerators at a different scale: agreement is to E4M3's precision, not to the bit.
+pub fn attention_e4m3_composed(q: &Tensor, k: &Tensor, v: &Tensor, descale_q: f32, descale_k: f32, descale_v: f32) -> Result<Tensor> {
+    let scale = descale_q as f64 * descale_k as f64 / (q.dim(D::Minus1)? as f64).sqrt();
+    let f32_heads = |t: &Tensor| t.transpose(1, 2)?.to_dtype(DType::F32)?.contiguous();
+    let (q, k, v) = (f32_heads(q)?, f32_heads(k)?, f32_heads(v)?);
+    let scores = (q.matmul(&k.t()?.contiguous()?)? * scale)?;
+    let p = scores.broadcast_sub(&scores.max_keepdim(D::Minus1)?)?.exp()?;
+    let row_sum = p.sum_keepdim(D::Minus1)?;
+    let p8 = round_e4m3(&(p * 256.0)?)?;
+    let out = (p8.matmul(&v)? * (descale_v as f64 / 256.0))?.broadcast_div(&row_sum)?;
+    out.to_dtype(DType::BF16)?.transpose(1, 2)
+}
+
+/// Per-tensor E4M3 quantization with the static scales of the FP8 attention path, from candle
+/// ops (the reference of `cuda::qk_norm_rope_e4m3`): after a per-head RMSNorm with weight w and a
+/// rotation no value exceeds sqrt(D) * max|w|, which maps onto 448. Returns (E4M3 values as f32,
+/// descale).
+pub fn quantize_e4m3_normed(x: &Tensor, norm: &RmsNorm) -> Result<(Tensor, f32)> {
+    let d = x.dim(D::Minus1)?;
+    let wmax = norm.weight.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    let bound = ((d as f32).sqrt() * wmax).max(1e-30);
+    let q = round_e4m3(&(x.to_dtype(DType::F32)? * (448.0 / bound) as f64)?)?;
+    Ok((q, bound / 448.0))
 }
 
 /// `attention` from candle ops, computed as flash attention does (the CPU path, and the reference

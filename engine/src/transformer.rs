@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
-use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, Linear, LinearInput, QuantContext, Quantization, RmsNorm};
+use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, AttentionKernel, Linear, LinearInput, QuantContext, Quantization, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -151,6 +151,11 @@ impl Rope {
     fn apply(&self, x: &Tensor, norm: Option<&RmsNorm>) -> Result<Tensor> {
         qk_norm_rope(x, norm, &self.cos, &self.sin)
     }
+    /// The whole attention of a fused qkv product through the FP8 kernel, when `kernel` is that
+    /// one and the inputs suit it (see `ops::attention_qkv_fp8`).
+    fn attend_fp8(&self, kernel: AttentionKernel, qkv: &Tensor, heads: usize, kv_heads: usize, norm_q: Option<&RmsNorm>, norm_k: Option<&RmsNorm>) -> Result<Option<Tensor>> {
+        crate::ops::attention_qkv_fp8(kernel, qkv, heads, kv_heads, norm_q, norm_k, &self.cos, &self.sin)
+    }
 }
 
 /// Self-attention with q, k and v from one fused layer (its output holds the q heads, then the k
@@ -207,6 +212,10 @@ impl Attention {
         // (B, L, H + 2 KV, D); q, k and v are head-range views of it, read in place by the fused
         // norm + RoPE kernel and by flash attention.
         let qkv = self.to_qkv.forward_input(x)?.reshape((b, l, h + 2 * kv, self.head_dim))?;
+        let kernel = AttentionKernel::for_device(qkv.device());
+        if let Some(out) = rope.attend_fp8(kernel, &qkv, h, kv, self.norm_q.as_ref(), self.norm_k.as_ref())? {
+            return out.reshape((b, l, ()));
+        }
         let q = rope.apply(&qkv.narrow(2, 0, h)?, self.norm_q.as_ref())?;
         let k = rope.apply(&qkv.narrow(2, h, kv)?, self.norm_k.as_ref())?;
         let v = qkv.narrow(2, h + kv, kv)?;

@@ -31,6 +31,8 @@
 #                               # tensor (checks, PSNR, 1024 and 2048 benches)
 #   scripts/gpu/run.sh round3d  # issue 21, fourth call: autotuning in rounds (op profile), FP8 1024, checks
 #   scripts/gpu/run.sh autotune # FP8 1024 with cuBLASLt autotuning and with the heuristic's pick, same call
+#   scripts/gpu/run.sh fp8attn  # FlashAttention-3's FP8 forward: checks against the E4M3 reference, image
+#                               # PSNR against bf16 attention, op profile, 1024/2048 with each attention
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -344,6 +346,23 @@ import json, sys; r = json.load(open(sys.argv[1])); runs = r['sizes'][0]['runs']
 st = sorted(x for run in runs for x in run['steps_ms'][1:]); de = sorted(x['denoising_ms'] for x in runs)
 print(sys.argv[1].split('/')[-1], 'step median', round(st[len(st)//2], 2), 'denoising median', round(de[len(de)//2], 1), 'total', r['sizes'][0]['median_total_ms'])
 " "$f" | tee -a "$OUT/summary.txt"; done
+  ;;
+fp8attn)
+  # issue 21: FlashAttention-3's FP8 forward: kernel checks against the CPU E4M3 reference and the
+  # image PSNR against bf16 attention (bench --check), the op profile's attention rows, then FP8
+  # 1024 and 2048 and bf16 1024 with bf16 attention and with FP8 attention, same call
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  timeout 300 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+      --out "$OUT/check.json" > /tmp/check.log 2>&1 || echo "check stopped" | tee -a "$OUT/summary.txt"
+  grep -i "fp8\|e4m3\|attention\|psnr\|error\|panic" /tmp/check.log | grep -v '^ \|"' | tee -a "$OUT/summary.txt"; tail -3 /tmp/check.log > "$OUT/check_tail.txt"
+  timeout 90 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "attention\|e4m3\|rope" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  RUNS=3 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_ATTENTION=fa3-fp8 RUNS=3 bench_mem fp8_attnfp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 attn-fp8 1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  ZIMAGE_ATTENTION=fa3-fp8 RUNS=2 bench_mem fp8_attnfp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 attn-fp8 2048" | tee -a "$OUT/summary.txt"
+  ZIMAGE_ATTENTION=fa3-fp8 RUNS=3 bench_mem bf16_attnfp8_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 attn-fp8 1024" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,

@@ -43,8 +43,8 @@ expect() {
 EXTRA=""
 fake_smi "$WORK/h200" "NVIDIA H200" 9.0 580.159.04 13.0
 expect "compute capability 9.0 (H200, driver 580)" "$WORK/h200" \
-  'build: CUDA for sm_90, features flash-attn,flash-attn-v3,cudnn' 'FP8 transformer' \
-  'toolkit: CUDA 13.0 from NVIDIA.s PyPI wheels' 'cargo rustc --release -p server --bin zimage --features flash-attn,flash-attn-v3,cudnn' \
+  'build: CUDA for sm_90, features flash-attn,flash-attn-v3,flash-attn-v3-fp8,cudnn' 'FP8 transformer' \
+  'toolkit: CUDA 13.0 from NVIDIA.s PyPI wheels' 'cargo rustc --release -p server --bin zimage --features flash-attn,flash-attn-v3,flash-attn-v3-fp8,cudnn' \
   'rpath,[^ ]*/nvidia/cu13/lib:[^ ]*/nvidia/cudnn/lib' 'target/cuda-sm90/release/zimage serve'
 
 fake_smi "$WORK/a10" "NVIDIA GeForce RTX 3090" 8.6 580.82.07 13.0

@@ -363,6 +363,22 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
     let (qv, kv, vv) = (qkv.narrow(2, 0, h)?, qkv.narrow(2, h, h)?, qkv.narrow(2, 2 * h, h)?);
     rows.push(("attention on qkv views (x0: shown, not summed)".into(), 0, time_op(device, || engine::ops::attention(&qv, &kv, &vv))?));
     rows.push(("fused qk norm + rope (1, 4224, 30, 128)".into(), 2, time_op(device, || engine::ops::qk_norm_rope(&q4, None, &cos, &sin))?));
+    // FlashAttention-3's FP8 path on the same qkv product (x0: the alternative to the rows above).
+    #[cfg(feature = "flash-attn-v3-fp8")]
+    if device.is_cuda() && dtype == candle_core::DType::BF16 && engine::cuda::compute_capability(&qkv)?.0 == 9 {
+        let norm_vb = candle_nn::VarBuilder::from_tensors([("weight".to_string(), (head_w.abs()? + 0.5)?)].into_iter().collect(), dtype, device);
+        let norm = engine::ops::RmsNorm::new(hd, 1e-5, norm_vb)?;
+        let kernel = engine::ops::AttentionKernel::FlashAttention3Fp8;
+        let q_e4m3 = || engine::cuda::qk_norm_rope_e4m3(&qkv, h, h, norm.weight(), norm.weight(), 1e-5, &cos, &sin);
+        let (q8, k8, dq, dk) = q_e4m3()?.ok_or_else(|| anyhow::anyhow!("qk_norm_rope_e4m3 refused the qkv product"))?;
+        let (v8, dv) = engine::cuda::quantize_e4m3_heads(&vv)?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused the v view"))?;
+        rows.push(("FP8 attention, whole (qk norm+rope->E4M3, v->E4M3, FA3 e4m3) (x0)".into(), 0, time_op(device, || {
+            engine::ops::attention_qkv_fp8(kernel, &qkv, h, h, Some(&norm), Some(&norm), &cos, &sin)?.ok_or_else(|| candle_core::Error::Msg("refused".into()))
+        })?));
+        rows.push(("  FA3 e4m3 kernel alone (x0)".into(), 0, time_op(device, || engine::flash_fp8::flash_attn_e4m3(&q8, &k8, &v8, &dq, &dk, &dv))?));
+        rows.push(("  qk norm + rope -> E4M3, q and k heads (x0)".into(), 0, time_op(device, || q_e4m3().and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
+        rows.push(("  v view -> E4M3 per tensor (x0)".into(), 0, time_op(device, || engine::cuda::quantize_e4m3_heads(&vv).and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
+    }
     {
         use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
         // The block's FP8 products as the model runs them (q|k|v fused, w1|w3 fused, out, w2;
@@ -500,6 +516,10 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     let got = engine::ops::attention(&qa, &ka, &va)?;
     let want = engine::ops::attention_composed(&qa, &ka, &va.contiguous()?)?;
     kernels.push(KernelCheck { name: "attention (1, 4224, 30, 128) on qkv views vs composed softmax".into(), relative_l2: relative_l2(&got, &want)? });
+    #[cfg(feature = "flash-attn-v3-fp8")]
+    if device.is_cuda() && dtype == DType::BF16 && engine::cuda::compute_capability(&qkv)?.0 == 9 {
+        fp8_attention_checks(&mut kernels, &qkv, h, &norm, &cos, &sin, (&qa, &ka, &got))?;
+    }
     #[cfg(feature = "cuda")]
     if device.is_cuda() {
         let gate_up = (r(&[l, 2 * f])? * 2.0)?;
@@ -705,22 +725,127 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     // The same dense weights quantized each way (the snapshot shares their storage).
     let dense = pipe.transformer_snapshot();
     let mut int8_quality = Vec::new();
+    let mut fp8_attention_quality = Vec::new();
     for (q, reports) in [(engine::ops::Quantization::Fp8, &mut quality), (engine::ops::Quantization::Int8, &mut int8_quality)] {
         pipe.restore_transformer(dense.clone());
         pipe.quantize(q)?;
+        let mut runs = Vec::new();
         for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
             let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
             let rel = relative_l2(&out.latents, &base.latents)?;
             let p = psnr(&out.images[0], &base.images[0]);
             eprintln!("{w}x{h}: {} vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB", q.name());
             reports.push(QualityReport { width: w, height: h, steps: a.steps, latents_relative_l2: rel, image_psnr_db: p });
+            runs.push(out);
+        }
+        // FP8 attention on the FP8 model against its bf16 attention (same weights and seed), and
+        // against the bf16 model, where the binary has it and the card runs it.
+        if q == engine::ops::Quantization::Fp8 {
+            fp8_attention_quality = fp8_attention_psnr(pipe, &sizes, &runs, &bf16_runs, &req)?;
         }
     }
     drop(dense);
-    let json = serde_json::to_string_pretty(&serde_json::json!({"model": pipe.model_name(), "device": format!("{device:?}"), "kernels": kernels, "fp8_quality": quality, "int8_quality": int8_quality}))?;
+    let json = serde_json::to_string_pretty(&serde_json::json!({"model": pipe.model_name(), "device": format!("{device:?}"), "kernels": kernels, "fp8_quality": quality, "int8_quality": int8_quality, "fp8_attention_quality": fp8_attention_quality}))?;
     println!("{json}");
     if let Some(p) = &a.out {
         std::fs::write(p, &json).with_context(|| format!("cannot write {}", p.display()))?;
+    }
+    Ok(())
+}
+
+/// Images with FlashAttention-3's FP8 attention (`ZIMAGE_ATTENTION=fa3-fp8`) against the same
+/// requests run with bf16 attention on the same (FP8) weights, and against the bf16 model. Empty
+/// when the binary or the card has no FP8 attention.
+fn fp8_attention_psnr(
+    pipe: &mut Pipeline,
+    sizes: &[(usize, usize)],
+    fp8_runs: &[engine::pipeline::GenerateOutput],
+    bf16_runs: &[engine::pipeline::GenerateOutput],
+    req: &dyn Fn(usize, usize) -> GenerateRequest,
+) -> Result<Vec<serde_json::Value>> {
+    use engine::fp8::relative_l2;
+    use engine::ops::AttentionKernel;
+    let before = std::env::var("ZIMAGE_ATTENTION").ok();
+    std::env::set_var("ZIMAGE_ATTENTION", "fa3-fp8");
+    let result = (|| -> Result<Vec<serde_json::Value>> {
+        let mut reports = Vec::new();
+        if AttentionKernel::for_device(pipe.device()) != AttentionKernel::FlashAttention3Fp8 {
+            return Ok(reports);
+        }
+        for ((&(w, h), fp8), bf16) in sizes.iter().zip(fp8_runs).zip(bf16_runs) {
+            let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
+            let (p_fp8, p_bf16) = (psnr(&out.images[0], &fp8.images[0]), psnr(&out.images[0], &bf16.images[0]));
+            let rel = relative_l2(&out.latents, &fp8.latents)?;
+            eprintln!("{w}x{h}: FP8 attention on the FP8 model vs its bf16 attention: latents relative L2 {rel:.3e}, image PSNR {p_fp8:.2} dB (vs the bf16 model: {p_bf16:.2} dB)");
+            reports.push(serde_json::json!({"width": w, "height": h, "latents_relative_l2_vs_bf16_attention": rel, "image_psnr_db_vs_bf16_attention": p_fp8, "image_psnr_db_vs_bf16_model": p_bf16}));
+        }
+        Ok(reports)
+    })();
+    match before {
+        Some(v) => std::env::set_var("ZIMAGE_ATTENTION", v),
+        None => std::env::remove_var("ZIMAGE_ATTENTION"),
+    }
+    result
+}
+
+/// FlashAttention-3's FP8 forward and its input kernels on a (1, 4224, 30 + 30 + 30, 128) qkv
+/// product: q and k out of the norm + RoPE + E4M3 kernel against the bf16 kernel's (quantization
+/// alone) and against the same static-scale quantization done on the CPU; v's per-tensor
+/// quantization; the attention kernel against its E4M3 reference computed on the CPU from the same
+/// bytes (two heads, and odd lengths); the whole FP8 attention against the bf16 one.
+#[cfg(feature = "flash-attn-v3-fp8")]
+#[allow(clippy::too_many_arguments)]
+fn fp8_attention_checks(
+    kernels: &mut Vec<KernelCheck>,
+    qkv: &candle_core::Tensor,
+    h: usize,
+    norm: &engine::ops::RmsNorm,
+    cos: &candle_core::Tensor,
+    sin: &candle_core::Tensor,
+    (q_bf16, k_bf16, out_bf16): (&candle_core::Tensor, &candle_core::Tensor, &candle_core::Tensor),
+) -> Result<()> {
+    use candle_core::{DType, Device, Tensor};
+    use engine::fp8::relative_l2;
+    let cpu = Device::Cpu;
+    let dequant = |q: &Tensor, s: &Tensor| -> candle_core::Result<Tensor> {
+        engine::fp8::e4m3_to_f32(q)?.broadcast_mul(&s.to_dtype(DType::F32)?)
+    };
+    let scalar = |s: &Tensor| -> candle_core::Result<f32> { s.to_device(&cpu)?.reshape(())?.to_scalar::<f32>() };
+    let Some((q8, k8, dq, dk)) = engine::cuda::qk_norm_rope_e4m3(qkv, h, h, norm.weight(), norm.weight(), norm.eps() as f32, cos, sin)? else {
+        anyhow::bail!("qk_norm_rope_e4m3 refused a (1, 4224, 90, 128) bf16 qkv product");
+    };
+    kernels.push(KernelCheck { name: "qk norm + rope -> E4M3 (static scale): q dequantized vs the bf16 kernel".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?, q_bf16)? });
+    kernels.push(KernelCheck { name: "qk norm + rope -> E4M3 (static scale): k dequantized vs the bf16 kernel".into(), relative_l2: relative_l2(&dequant(&k8, &dk)?, k_bf16)? });
+    let (q_ref, dq_ref) = engine::ops::quantize_e4m3_normed(&q_bf16.to_device(&cpu)?, norm)?;
+    eprintln!("FP8 attention: descale q {:.4e} (CPU reference {dq_ref:.4e}), k {:.4e}", scalar(&dq)?, scalar(&dk)?);
+    kernels.push(KernelCheck { name: "qk norm + rope -> E4M3: q vs the same scale applied on the CPU to the bf16 output".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?.to_device(&cpu)?, &(q_ref * dq_ref as f64)?)? });
+    let v = qkv.narrow(2, 2 * h, h)?;
+    let Some((v8, dv)) = engine::cuda::quantize_e4m3_heads(&v)? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
+    kernels.push(KernelCheck { name: "v view -> E4M3 per tensor: dequantized vs input".into(), relative_l2: relative_l2(&dequant(&v8, &dv)?, &v)? });
+    let out8 = engine::flash_fp8::flash_attn_e4m3(&q8, &k8, &v8, &dq, &dk, &dv)?;
+    // The E4M3 reference for two heads (all 30 on the CPU would take minutes).
+    let (dqs, dks, dvs) = (scalar(&dq)?, scalar(&dk)?, scalar(&dv)?);
+    let heads2 = |t: &Tensor| -> candle_core::Result<Tensor> { engine::fp8::e4m3_to_f32(t)?.narrow(2, 0, 2)?.to_device(&cpu) };
+    let want = engine::ops::attention_e4m3_composed(&heads2(&q8)?, &heads2(&k8)?, &heads2(&v8)?, dqs, dks, dvs)?;
+    kernels.push(KernelCheck { name: "FA3 FP8 (1, 4224, 30, 128), heads 0-1 vs its E4M3 reference on the CPU".into(), relative_l2: relative_l2(&out8.narrow(2, 0, 2)?.to_device(&cpu)?, &want)? });
+    kernels.push(KernelCheck { name: "FA3 FP8 attention (1, 4224, 30, 128) vs FA3 bf16 on the same bf16 q/k/v".into(), relative_l2: relative_l2(&out8, out_bf16)? });
+    let fused = engine::ops::attention_qkv_fp8(engine::ops::AttentionKernel::FlashAttention3Fp8, qkv, h, h, Some(norm), Some(norm), cos, sin)?;
+    let Some(fused) = fused else { anyhow::bail!("attention_qkv_fp8 refused the qkv product") };
+    kernels.push(KernelCheck { name: "attention_qkv_fp8 (the transformer's path) vs the kernels above".into(), relative_l2: relative_l2(&fused, &out8)? });
+    // Lengths that are not multiples of the kernel's tiles, one (64) that takes its one-warpgroup
+    // variant, and keys longer than queries.
+    for (lq, lk, heads) in [(1000usize, 1000usize, 4usize), (64, 64, 4), (300, 777, 2), (4128, 4128, 2)] {
+        let rq = (Tensor::randn(0f32, 1.0, (1, lq, heads, 128), qkv.device())?.to_dtype(DType::BF16)? * 2.0)?;
+        let rk = (Tensor::randn(0f32, 1.0, (1, lk, heads, 128), qkv.device())?.to_dtype(DType::BF16)? * 2.0)?;
+        let rv = Tensor::randn(0f32, 1.0, (1, lk, heads, 128), qkv.device())?.to_dtype(DType::BF16)?;
+        let quant = |t: &Tensor| -> Result<(Tensor, Tensor)> {
+            engine::cuda::quantize_e4m3_heads(t)?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused a contiguous tensor"))
+        };
+        let ((a, da), (b, db), (c, dc)) = (quant(&rq)?, quant(&rk)?, quant(&rv)?);
+        let got = engine::flash_fp8::flash_attn_e4m3(&a, &b, &c, &da, &db, &dc)?;
+        let all = |t: &Tensor| -> candle_core::Result<Tensor> { engine::fp8::e4m3_to_f32(t)?.to_device(&cpu) };
+        let want = engine::ops::attention_e4m3_composed(&all(&a)?, &all(&b)?, &all(&c)?, scalar(&da)?, scalar(&db)?, scalar(&dc)?)?;
+        kernels.push(KernelCheck { name: format!("FA3 FP8 q (1, {lq}, {heads}, 128) k/v {lk} vs its E4M3 reference on the CPU"), relative_l2: relative_l2(&got.to_device(&cpu)?, &want)? });
     }
     Ok(())
 }
