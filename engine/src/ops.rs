@@ -644,6 +644,55 @@ mod tests {
     use candle_core::Device;
 
     #[test]
+    fn e4m3_attention_reference_tracks_f32_attention_within_e4m3_precision() {
+        // The reference of FA3's FP8 forward on E4M3-representable inputs: its only further
+        // rounding is the softmax numerators' (x 2^8) to E4M3, 3 mantissa bits.
+        let dev = Device::Cpu;
+        let (l, h, d) = (200usize, 2usize, 128usize);
+        let e4m3 = |t: Tensor| round_e4m3(&(t * 40.0).unwrap()).unwrap();
+        let (q, k, v) = (
+            e4m3(Tensor::randn(0f32, 1.0, (1, l, h, d), &dev).unwrap()),
+            e4m3(Tensor::randn(0f32, 1.0, (1, l, h, d), &dev).unwrap()),
+            e4m3(Tensor::randn(0f32, 1.0, (1, l, h, d), &dev).unwrap()),
+        );
+        let (dq, dk, dv) = (1.0 / 40.0, 1.0 / 40.0, 1.0 / 40.0);
+        let got = attention_e4m3_composed(&q, &k, &v, dq, dk, dv).unwrap();
+        let f32_attention = attention_composed(&(&q * dq as f64).unwrap(), &(&k * dk as f64).unwrap(), &(&v * dv as f64).unwrap()).unwrap();
+        let err = crate::fp8::relative_l2(&got, &f32_attention).unwrap();
+        // the numerators' rounding moves the output by a few percent at most, and does move it
+        assert!(err < 0.05 && err > 1e-4, "relative L2 {err}");
+    }
+
+    #[test]
+    fn static_e4m3_scale_of_normed_heads_never_saturates() {
+        // Each head: one huge value (the norm puts it near sqrt(D)) and small noise; a rotation
+        // keeps pair lengths. The static scale from sqrt(D) * max|w| must hold every value.
+        let dev = Device::Cpu;
+        let (l, h, d) = (16usize, 2usize, 128usize);
+        let mut raw = Tensor::randn(0f32, 0.01, (1, l, h, d), &dev).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for row in 0..l * h {
+            raw[row * d + (row % d)] = 100.0;
+        }
+        let x = Tensor::from_vec(raw, (1, l, h, d), &dev).unwrap();
+        let weight = Tensor::from_vec((0..d).map(|i| if i % 2 == 0 { 0.5 + (i % 7) as f32 / 7.0 } else { -0.3 }).collect::<Vec<f32>>(), d, &dev).unwrap();
+        let norm = RmsNorm { weight: weight.clone(), eps: 1e-6 };
+        let angles = Tensor::randn(0f32, 3.0, (l, d / 2), &dev).unwrap();
+        let roped = qk_norm_rope_composed(&x, Some(&norm), &angles.cos().unwrap(), &angles.sin().unwrap()).unwrap();
+        let (q, descale) = quantize_e4m3_normed(&roped, &norm).unwrap();
+        let qmax = q.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        let xmax = roped.abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+        // the largest value before rounding fits under E4M3's largest (it may round up to it)
+        assert!(xmax <= descale * 448.0 * (1.0 + 1e-6), "{xmax} exceeds the bound {}", descale * 448.0);
+        assert!(qmax <= 448.0, "largest quantized value {qmax}");
+        // the bound is tight for such heads: the largest value uses most of the range
+        assert!(qmax > 448.0 * 0.25, "largest quantized value {qmax}: the scale wastes range");
+        assert!((qmax * descale - xmax).abs() <= xmax / 16.0, "{qmax} * {descale} vs {xmax}");
+        let back = (q * descale as f64).unwrap();
+        let err = crate::fp8::relative_l2(&back, &roped).unwrap();
+        assert!(err < 0.04, "relative L2 of the round trip {err}");
+    }
+
+    #[test]
     fn causal_grouped_attention_matches_a_direct_computation() {
         // q: 4 heads, k/v: 2 heads (query head h reads kv head h / 2), 5 tokens, dim 8.
         let dev = Device::Cpu;
