@@ -572,9 +572,14 @@ impl Pipeline {
     pub fn uses_cuda_graphs(&self) -> bool {
         self.denoise_graphs.enabled() && self.device.is_cuda()
     }
-    /// The attention kernel the transformer runs on this device.
+    /// The attention kernel the transformer runs on this device (the FP8 one runs head dim 128
+    /// only: other models take FlashAttention-3 in bf16 under the same setting).
     pub fn attention_kernel(&self) -> crate::ops::AttentionKernel {
-        crate::ops::AttentionKernel::for_device(&self.device)
+        use crate::ops::AttentionKernel;
+        match AttentionKernel::for_device(&self.device) {
+            AttentionKernel::FlashAttention3Fp8 if self.transformer.config().head_dim() != 128 => AttentionKernel::FlashAttention3,
+            kernel => kernel,
+        }
     }
     /// Quantizes the loaded transformer's block linears in place (from its dense weights).
     pub fn quantize(&mut self, q: Quantization) -> Result<()> {

@@ -77,7 +77,7 @@ for f in sorted(glob.glob("/tmp/res/zimage_*.json")):
     r = json.load(open(f))
     for s in r["sizes"]:
         runs = s["runs"]; png = sorted(x["png_encode_ms"] for x in runs)[len(runs)//2]
-        print(f"{os.path.basename(f)[7:-5]:28} {s['width']}x{s['height']} {r['attention'][:16]:16} graphs={r['cuda_graphs']!s:5} fp8={r['fp8']!s:5} "
+        print(f"{os.path.basename(f)[7:-5]:28} {s['width']}x{s['height']} {r['attention'][:22]:22} graphs={r['cuda_graphs']!s:5} fp8={r['fp8']!s:5} "
               f"total {s['median_total_ms']:7.1f} ms  step {s['median_step_ms']:6.1f}  text {s['median_text_encoding_ms']:5.1f}  "
               f"vae {s['median_vae_decode_ms']:6.1f}  png {png:5.1f}  load {r['load_ms']/1e3:5.1f} s")
 PY
