@@ -913,49 +913,61 @@ extern "C" __global__ void zimage_softmax_scaled_rows_bf16(const uint4* __restri
 // so 448 / (sqrt(128) * max|w|) maps the largest possible value onto E4M3's largest and no value
 // ever saturates, with no amax pass. Each warp derives that scale from the weight it loads anyway;
 // descale_q/descale_k (the inverse, what the attention kernel multiplies back) are written by the
-// first q row and the first k row. One warp per (token, head) row, q heads then k heads.
+// first q row and the first k row. One warp per (token, head) row, q heads then k heads. The warp
+// of k head j also reads v head j of its token and takes its max |v| (one atomic per block into
+// v_amax_bits, zeroed before the launch), so v's per-tensor quantization needs one pass after.
 extern "C" __global__ void zimage_qk_norm_rope_e4m3_d128(const bf16_bits* __restrict__ x,
                                                          const bf16_bits* __restrict__ weight_q,
                                                          const bf16_bits* __restrict__ weight_k,
                                                          const float* __restrict__ cos_t, const float* __restrict__ sin_t,
                                                          unsigned int* __restrict__ q_out, unsigned int* __restrict__ k_out,
                                                          float* __restrict__ descale_q, float* __restrict__ descale_k,
+                                                         unsigned int* __restrict__ v_amax_bits,
                                                          unsigned int tokens, unsigned int seq_len,
                                                          unsigned int heads_q, unsigned int heads_k,
                                                          unsigned long long token_stride, float eps) {
     unsigned int heads = heads_q + heads_k;
     unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
     unsigned int lane = threadIdx.x & 31;
-    if (row >= tokens * heads) return;
-    unsigned int token = row / heads, head = row - token * heads;
-    bool is_k = head >= heads_q;
-    const bf16_bits* weight = is_k ? weight_k : weight_q;
-    uint2 v = reinterpret_cast<const uint2*>(x + (unsigned long long)token * token_stride + head * 128u)[lane];
-    float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
-                  __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
-    float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
-    float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
-    uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
-    float w[4] = {__uint_as_float(wv.x << 16), __uint_as_float(wv.x & 0xffff0000u),
-                  __uint_as_float(wv.y << 16), __uint_as_float(wv.y & 0xffff0000u)};
-    float wmax = warp_max(fmaxf(fmaxf(fabsf(w[0]), fabsf(w[1])), fmaxf(fabsf(w[2]), fabsf(w[3]))));
-    float bound = fmaxf(11.3137085f * wmax, 1e-30f);  // sqrt(128) * max|w|
-    float scale = 448.0f / bound;
+    float v_max = 0.0f;
+    // whole warps are in or out (one row per warp), so the shuffles below see all 32 lanes
+    if (row < tokens * heads) {
+        unsigned int token = row / heads, head = row - token * heads;
+        bool is_k = head >= heads_q;
+        const bf16_bits* weight = is_k ? weight_k : weight_q;
+        const bf16_bits* xt = x + (unsigned long long)token * token_stride;
+        uint2 v = reinterpret_cast<const uint2*>(xt + head * 128u)[lane];
+        float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                      __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
+        float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
+        float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
+        uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
+        float w[4] = {__uint_as_float(wv.x << 16), __uint_as_float(wv.x & 0xffff0000u),
+                      __uint_as_float(wv.y << 16), __uint_as_float(wv.y & 0xffff0000u)};
+        float wmax = warp_max(fmaxf(fmaxf(fabsf(w[0]), fabsf(w[1])), fmaxf(fabsf(w[2]), fabsf(w[3]))));
+        float bound = fmaxf(11.3137085f * wmax, 1e-30f);  // sqrt(128) * max|w|
+        float scale = 448.0f / bound;
 #pragma unroll
-    for (int i = 0; i < 4; i++) a[i] *= inv * w[i];
-    unsigned int l = token % seq_len;
-    float2 c = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
-    float2 s = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
-    unsigned int lo = pack_e4m3x2((a[0] * c.x - a[1] * s.x) * scale, (a[0] * s.x + a[1] * c.x) * scale);
-    unsigned int hi = pack_e4m3x2((a[2] * c.y - a[3] * s.y) * scale, (a[2] * s.y + a[3] * c.y) * scale);
-    unsigned int packed = lo | (hi << 16);
-    if (is_k) {
-        k_out[((unsigned long long)token * heads_k + (head - heads_q)) * 32u + lane] = packed;
-        if (row == heads_q && lane == 0) descale_k[0] = bound / 448.0f;
-    } else {
-        q_out[((unsigned long long)token * heads_q + head) * 32u + lane] = packed;
-        if (row == 0 && lane == 0) descale_q[0] = bound / 448.0f;
+        for (int i = 0; i < 4; i++) a[i] *= inv * w[i];
+        unsigned int l = token % seq_len;
+        float2 c = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
+        float2 s = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
+        unsigned int lo = pack_e4m3x2((a[0] * c.x - a[1] * s.x) * scale, (a[0] * s.x + a[1] * c.x) * scale);
+        unsigned int hi = pack_e4m3x2((a[2] * c.y - a[3] * s.y) * scale, (a[2] * s.y + a[3] * c.y) * scale);
+        unsigned int packed = lo | (hi << 16);
+        if (is_k) {
+            k_out[((unsigned long long)token * heads_k + (head - heads_q)) * 32u + lane] = packed;
+            if (row == heads_q && lane == 0) descale_k[0] = bound / 448.0f;
+            // v head (head - heads_q) sits heads_k heads after k head (head - heads_q)
+            uint2 vv = reinterpret_cast<const uint2*>(xt + (head + heads_k) * 128u)[lane];
+            v_max = fmaxf(fmaxf(fabsf(__uint_as_float(vv.x << 16)), fabsf(__uint_as_float(vv.x & 0xffff0000u))),
+                          fmaxf(fabsf(__uint_as_float(vv.y << 16)), fabsf(__uint_as_float(vv.y & 0xffff0000u))));
+        } else {
+            q_out[((unsigned long long)token * heads_q + head) * 32u + lane] = packed;
+            if (row == 0 && lane == 0) descale_q[0] = bound / 448.0f;
+        }
     }
+    block_amax(v_max, v_amax_bits);
 }
 
 // max |x| over `rows` rows of row_vecs 8-value vectors, rows row_stride values apart (a head-range

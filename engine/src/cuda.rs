@@ -1428,8 +1428,9 @@ pub fn precompile_kernels(dev: &CudaDevice) -> Result<std::time::Duration> {
 /// spaced tokens), per-head RMSNorm + RoPE as `qk_norm_rope`, written as E4M3 for FlashAttention-3's
 /// FP8 forward with one static scale per tensor (see the kernel: no value can saturate). Returns
 /// (q (B, L, H, 128), k (B, L, KV, 128), descale_q [1], descale_k [1]); None when the layout does
-/// not suit the kernel (the caller runs bf16 attention).
-#[allow(clippy::too_many_arguments)]
+/// not suit the kernel (the caller runs bf16 attention). The fifth tensor is max |v| over the v
+/// heads ([1] u32, the f32's bits), taken by the same launch: `quantize_e4m3_heads`'s `amax`.
+#[allow(clippy::too_many_arguments, clippy::type_complexity)]
 pub fn qk_norm_rope_e4m3(
     qkv: &Tensor,
     heads: usize,
@@ -1439,7 +1440,7 @@ pub fn qk_norm_rope_e4m3(
     eps: f32,
     cos: &Tensor,
     sin: &Tensor,
-) -> Result<Option<(Tensor, Tensor, Tensor, Tensor)>> {
+) -> Result<Option<(Tensor, Tensor, Tensor, Tensor, Tensor)>> {
     let dev = cuda_device(qkv)?;
     let (b, l, _, d) = qkv.dims4()?;
     let Some(ts) = token_stride(qkv) else { return Ok(None) };
@@ -1456,6 +1457,7 @@ pub fn qk_norm_rope_e4m3(
     let mut k8 = unsafe { dev.alloc::<F8E4M3>(tokens * kv_heads * 128)? };
     let mut descale_q = unsafe { dev.alloc::<f32>(1)? };
     let mut descale_k = unsafe { dev.alloc::<f32>(1)? };
+    let mut v_amax = dev.alloc_zeros::<u32>(1)?;
     let (tokens32, l32, h32, kv32, ts64) = (tokens as u32, l as u32, heads as u32, kv_heads as u32, ts as u64);
     let (st, layout) = qkv.storage_and_layout();
     let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
@@ -1475,6 +1477,7 @@ pub fn qk_norm_rope_e4m3(
                     bld.arg(&mut k8);
                     bld.arg(&mut descale_q);
                     bld.arg(&mut descale_k);
+                    bld.arg(&mut v_amax);
                     bld.arg(&tokens32);
                     bld.arg(&l32);
                     bld.arg(&h32);
@@ -1494,14 +1497,16 @@ pub fn qk_norm_rope_e4m3(
         wrap(k8, &dev, &[b, l, kv_heads, 128]),
         wrap(descale_q, &dev, &[1]),
         wrap(descale_k, &dev, &[1]),
+        wrap(v_amax, &dev, &[1]),
     )))
 }
 
 /// Per-tensor E4M3 quantization of a (B, L, H, D) bf16 tensor whose tokens are evenly spaced (the
-/// v heads of a fused qkv product read in place): amax pass, then a quantize pass writing a
-/// contiguous tensor. Returns (q, descale [1]) with real value = q * descale; None when the layout
-/// does not suit the 16-byte loads.
-pub fn quantize_e4m3_heads(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
+/// v heads of a fused qkv product read in place): an amax pass (unless `amax`, [1] u32 holding
+/// the f32 bits of max |x|, is given), then a quantize pass writing a contiguous tensor. Returns
+/// (q, descale [1]) with real value = q * descale; None when the layout does not suit the 16-byte
+/// loads.
+pub fn quantize_e4m3_heads(x: &Tensor, amax: Option<&Tensor>) -> Result<Option<(Tensor, Tensor)>> {
     let dev = cuda_device(x)?;
     let (b, l, h, d) = x.dims4()?;
     let Some(ts) = token_stride(x) else { return Ok(None) };
@@ -1510,7 +1515,9 @@ pub fn quantize_e4m3_heads(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
         return Ok(None);
     }
     let rows = b * l;
-    let amax = dev.alloc_zeros::<u32>(1)?;
+    if amax.is_some_and(|a| a.dtype() != DType::U32 || a.elem_count() != 1) {
+        bail!("quantize_e4m3_heads: amax is one u32");
+    }
     let mut q = unsafe { dev.alloc::<F8E4M3>(rows * row)? };
     let mut descale = unsafe { dev.alloc::<f32>(1)? };
     let (rows32, vecs32, ts64) = (rows as u32, (row / 8) as u32, ts as u64);
@@ -1518,24 +1525,34 @@ pub fn quantize_e4m3_heads(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
     let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
     let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
     let blocks = grid_for(rows * row / 8);
-    let f = dev.get_or_load_custom_func("zimage_amax_rows_strided_bf16", MODULE, PTX)?;
-    let mut bld = f.builder();
-    bld.arg(&xs);
-    bld.arg(&rows32);
-    bld.arg(&vecs32);
-    bld.arg(&ts64);
-    bld.arg(&amax);
-    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
-    let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_rows_strided_bf16", MODULE, PTX)?;
-    let mut bld = f.builder();
-    bld.arg(&xs);
-    bld.arg(&rows32);
-    bld.arg(&vecs32);
-    bld.arg(&ts64);
-    bld.arg(&amax);
-    bld.arg(&mut q);
-    bld.arg(&mut descale);
-    unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+    let quantize = |amax: cudarc::driver::CudaView<'_, u32>, q: &mut CudaSlice<F8E4M3>, descale: &mut CudaSlice<f32>| -> Result<()> {
+        let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_rows_strided_bf16", MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xs);
+        bld.arg(&rows32);
+        bld.arg(&vecs32);
+        bld.arg(&ts64);
+        bld.arg(&amax);
+        bld.arg(q);
+        bld.arg(descale);
+        unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+        Ok(())
+    };
+    match amax {
+        Some(a) => with_slice::<u32, _>(a, |a| quantize(a, &mut q, &mut descale))?,
+        None => {
+            let amax = dev.alloc_zeros::<u32>(1)?;
+            let f = dev.get_or_load_custom_func("zimage_amax_rows_strided_bf16", MODULE, PTX)?;
+            let mut bld = f.builder();
+            bld.arg(&xs);
+            bld.arg(&rows32);
+            bld.arg(&vecs32);
+            bld.arg(&ts64);
+            bld.arg(&amax);
+            unsafe { bld.launch(launch_cfg(blocks)) }.w()?;
+            quantize(amax.slice(..), &mut q, &mut descale)?;
+        }
+    }
     drop(st);
     Ok(Some((wrap(q, &dev, &[b, l, h, d]), wrap(descale, &dev, &[1]))))
 }

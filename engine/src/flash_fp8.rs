@@ -82,7 +82,8 @@ pub fn flash_attn_e4m3(q: &Tensor, k: &Tensor, v: &Tensor, descale_q: &Tensor, d
     let dkv = dkc.as_cuda_slice::<f32>()?.slice(dkl.start_offset()..);
     let dvv = dvc.as_cuda_slice::<f32>()?.slice(dvl.start_offset()..);
     let mut out = unsafe { dev.alloc::<bf16>(b * l * h * d)? };
-    let mut lse = dev.alloc_zeros::<f32>(b * h * l)?;
+    // The log-sum-exp rows the epilogue writes (every valid one; nothing reads them here).
+    let mut lse = unsafe { dev.alloc::<f32>(b * h * l)? };
     // Zeroed for each launch: the persistent schedulers hand out tiles from it.
     let mut semaphore = dev.alloc_zeros::<i32>(1)?;
     unsafe {

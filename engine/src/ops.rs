@@ -190,7 +190,8 @@ pub fn attention_with(kernel: AttentionKernel, q: &Tensor, k: &Tensor, v: &Tenso
 
 /// The transformer's self-attention straight from its fused (B, L, H + 2 KV, D) qkv product with
 /// FlashAttention-3's FP8 forward: q and k normed, rotated and quantized to E4M3 in one kernel
-/// (static per-tensor scales that cannot saturate), v quantized per tensor, bf16 out (B, L, H, D).
+/// (static per-tensor scales that cannot saturate) that also takes v's amax, v quantized per
+/// tensor in one more pass, bf16 out (B, L, H, D).
 /// None when `kernel` is not the FP8 one or the inputs do not suit it: the caller then runs the
 /// bf16 path (`qk_norm_rope` + `attention`).
 #[allow(clippy::too_many_arguments)]
@@ -210,10 +211,10 @@ pub fn attention_qkv_fp8(
         if nq.eps != nk.eps {
             return Ok(None);
         }
-        let Some((q, k, dq, dk)) = crate::cuda::qk_norm_rope_e4m3(qkv, heads, kv_heads, &nq.weight, &nk.weight, nq.eps as f32, cos, sin)? else {
+        let Some((q, k, dq, dk, v_amax)) = crate::cuda::qk_norm_rope_e4m3(qkv, heads, kv_heads, &nq.weight, &nk.weight, nq.eps as f32, cos, sin)? else {
             return Ok(None);
         };
-        let Some((v, dv)) = crate::cuda::quantize_e4m3_heads(&qkv.narrow(2, heads + kv_heads, kv_heads)?)? else {
+        let Some((v, dv)) = crate::cuda::quantize_e4m3_heads(&qkv.narrow(2, heads + kv_heads, kv_heads)?, Some(&v_amax))? else {
             return Ok(None);
         };
         return crate::flash_fp8::flash_attn_e4m3(&q, &k, &v, &dq, &dk, &dv).map(Some);

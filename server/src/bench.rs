@@ -370,14 +370,14 @@ fn op_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result
         let norm = engine::ops::RmsNorm::new(hd, 1e-5, norm_vb)?;
         let kernel = engine::ops::AttentionKernel::FlashAttention3Fp8;
         let q_e4m3 = || engine::cuda::qk_norm_rope_e4m3(&qkv, h, h, norm.weight(), norm.weight(), 1e-5, &cos, &sin);
-        let (q8, k8, dq, dk) = q_e4m3()?.ok_or_else(|| anyhow::anyhow!("qk_norm_rope_e4m3 refused the qkv product"))?;
-        let (v8, dv) = engine::cuda::quantize_e4m3_heads(&vv)?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused the v view"))?;
+        let (q8, k8, dq, dk, v_amax) = q_e4m3()?.ok_or_else(|| anyhow::anyhow!("qk_norm_rope_e4m3 refused the qkv product"))?;
+        let (v8, dv) = engine::cuda::quantize_e4m3_heads(&vv, Some(&v_amax))?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused the v view"))?;
         rows.push(("FP8 attention, whole (qk norm+rope->E4M3, v->E4M3, FA3 e4m3) (x0)".into(), 0, time_op(device, || {
             engine::ops::attention_qkv_fp8(kernel, &qkv, h, h, Some(&norm), Some(&norm), &cos, &sin)?.ok_or_else(|| candle_core::Error::Msg("refused".into()))
         })?));
         rows.push(("  FA3 e4m3 kernel alone (x0)".into(), 0, time_op(device, || engine::flash_fp8::flash_attn_e4m3(&q8, &k8, &v8, &dq, &dk, &dv))?));
-        rows.push(("  qk norm + rope -> E4M3, q and k heads (x0)".into(), 0, time_op(device, || q_e4m3().and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
-        rows.push(("  v view -> E4M3 per tensor (x0)".into(), 0, time_op(device, || engine::cuda::quantize_e4m3_heads(&vv).and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
+        rows.push(("  qk norm + rope -> E4M3, q and k heads, v amax (x0)".into(), 0, time_op(device, || q_e4m3().and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
+        rows.push(("  v view -> E4M3 per tensor, amax given (x0)".into(), 0, time_op(device, || engine::cuda::quantize_e4m3_heads(&vv, Some(&v_amax)).and_then(|o| o.map(|o| o.0).ok_or_else(|| candle_core::Error::Msg("refused".into()))))?));
     }
     {
         use engine::fp8::{Fp8Context, Fp8Weight, QuantizedActivation};
@@ -811,7 +811,7 @@ fn fp8_attention_checks(
         engine::fp8::e4m3_to_f32(q)?.broadcast_mul(&s.to_dtype(DType::F32)?)
     };
     let scalar = |s: &Tensor| -> candle_core::Result<f32> { s.to_device(&cpu)?.reshape(())?.to_scalar::<f32>() };
-    let Some((q8, k8, dq, dk)) = engine::cuda::qk_norm_rope_e4m3(qkv, h, h, norm.weight(), norm.weight(), norm.eps() as f32, cos, sin)? else {
+    let Some((q8, k8, dq, dk, v_amax)) = engine::cuda::qk_norm_rope_e4m3(qkv, h, h, norm.weight(), norm.weight(), norm.eps() as f32, cos, sin)? else {
         anyhow::bail!("qk_norm_rope_e4m3 refused a (1, 4224, 90, 128) bf16 qkv product");
     };
     kernels.push(KernelCheck { name: "qk norm + rope -> E4M3 (static scale): q dequantized vs the bf16 kernel".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?, q_bf16)? });
@@ -820,8 +820,13 @@ fn fp8_attention_checks(
     eprintln!("FP8 attention: descale q {:.4e} (CPU reference {dq_ref:.4e}), k {:.4e}", scalar(&dq)?, scalar(&dk)?);
     kernels.push(KernelCheck { name: "qk norm + rope -> E4M3: q vs the same scale applied on the CPU to the bf16 output".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?.to_device(&cpu)?, &(q_ref * dq_ref as f64)?)? });
     let v = qkv.narrow(2, 2 * h, h)?;
-    let Some((v8, dv)) = engine::cuda::quantize_e4m3_heads(&v)? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
-    kernels.push(KernelCheck { name: "v view -> E4M3 per tensor: dequantized vs input".into(), relative_l2: relative_l2(&dequant(&v8, &dv)?, &v)? });
+    let Some((v8, dv)) = engine::cuda::quantize_e4m3_heads(&v, Some(&v_amax))? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
+    kernels.push(KernelCheck { name: "v view -> E4M3 per tensor (amax from the qk kernel): dequantized vs input".into(), relative_l2: relative_l2(&dequant(&v8, &dv)?, &v)? });
+    // The amax the qk kernel took on its way must be the amax pass's (exactly: same values).
+    let Some((v8_own, dv_own)) = engine::cuda::quantize_e4m3_heads(&v, None)? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
+    let v_amax_cpu = v.to_device(&cpu)?.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    eprintln!("FP8 attention: v descale {:.6e} from the qk kernel's amax, {:.6e} from its own pass, {:.6e} from the CPU", scalar(&dv)?, scalar(&dv_own)?, v_amax_cpu / 448.0);
+    kernels.push(KernelCheck { name: "v E4M3 with the qk kernel's amax vs with its own amax pass (0 expected)".into(), relative_l2: relative_l2(&dequant(&v8, &dv)?, &dequant(&v8_own, &dv_own)?)? });
     let out8 = engine::flash_fp8::flash_attn_e4m3(&q8, &k8, &v8, &dq, &dk, &dv)?;
     // The E4M3 reference for two heads (all 30 on the CPU would take minutes).
     let (dqs, dks, dvs) = (scalar(&dq)?, scalar(&dk)?, scalar(&dv)?);
@@ -839,7 +844,7 @@ fn fp8_attention_checks(
         let rk = (Tensor::randn(0f32, 1.0, (1, lk, heads, 128), qkv.device())?.to_dtype(DType::BF16)? * 2.0)?;
         let rv = Tensor::randn(0f32, 1.0, (1, lk, heads, 128), qkv.device())?.to_dtype(DType::BF16)?;
         let quant = |t: &Tensor| -> Result<(Tensor, Tensor)> {
-            engine::cuda::quantize_e4m3_heads(t)?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused a contiguous tensor"))
+            engine::cuda::quantize_e4m3_heads(t, None)?.ok_or_else(|| anyhow::anyhow!("quantize_e4m3_heads refused a contiguous tensor"))
         };
         let ((a, da), (b, db), (c, dc)) = (quant(&rq)?, quant(&rk)?, quant(&rv)?);
         let got = engine::flash_fp8::flash_attn_e4m3(&a, &b, &c, &da, &db, &dc)?;
