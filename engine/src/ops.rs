@@ -223,6 +223,32 @@ pub fn attention_qkv_fp8(
     Ok(None)
 }
 
+/// `attention_qkv_fp8`'s whole path from candle ops in f32 (its reference, any head dim): the q
+/// and k heads normed and rotated in f32 and quantized with the static scales
+/// (`quantize_e4m3_normed`), v quantized with its amax, then `attention_e4m3_composed`. Norms are
+/// required (the static scales come from them). Returns bf16 (B, L, H, D) on qkv's device.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_qkv_e4m3_composed(
+    qkv: &Tensor,
+    heads: usize,
+    kv_heads: usize,
+    norm_q: &RmsNorm,
+    norm_k: &RmsNorm,
+    cos: &Tensor,
+    sin: &Tensor,
+) -> Result<Tensor> {
+    let qkv = qkv.to_dtype(DType::F32)?;
+    let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
+    let q = qk_norm_rope_composed(&qkv.narrow(2, 0, heads)?.contiguous()?, Some(norm_q), &cos, &sin)?;
+    let k = qk_norm_rope_composed(&qkv.narrow(2, heads, kv_heads)?.contiguous()?, Some(norm_k), &cos, &sin)?;
+    let v = qkv.narrow(2, heads + kv_heads, kv_heads)?.contiguous()?;
+    let (q8, dq) = quantize_e4m3_normed(&q, norm_q)?;
+    let (k8, dk) = quantize_e4m3_normed(&k, norm_k)?;
+    let dv = (v.abs()?.max_all()?.to_scalar::<f32>()?).max(1e-12) / 448.0;
+    let v8 = round_e4m3(&(v / dv as f64)?)?;
+    attention_e4m3_composed(&q8, &k8, &v8, dq, dk, dv)
+}
+
 /// E4M3 rounding (round to nearest even, saturating at 448) of f32 values, on the CPU.
 fn round_e4m3(x: &Tensor) -> Result<Tensor> {
     let cpu = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
@@ -660,8 +686,35 @@ mod tests {
         let got = attention_e4m3_composed(&q, &k, &v, dq, dk, dv).unwrap();
         let f32_attention = attention_composed(&(&q * dq as f64).unwrap(), &(&k * dk as f64).unwrap(), &(&v * dv as f64).unwrap()).unwrap();
         let err = crate::fp8::relative_l2(&got, &f32_attention).unwrap();
+        eprintln!("E4M3 numerators vs f32 attention on the same inputs: relative L2 {err:.3e}");
         // the numerators' rounding moves the output by a few percent at most, and does move it
         assert!(err < 0.05 && err > 1e-4, "relative L2 {err}");
+    }
+
+    #[test]
+    fn e4m3_attention_path_tracks_the_f32_path() {
+        // The FP8 attention's whole path (norm + RoPE, static q/k scales, v amax, E4M3 numerators)
+        // against the same attention in f32 on a fused qkv product with 2 + 2 + 2 heads.
+        let dev = Device::Cpu;
+        let (l, h, d) = (150usize, 2usize, 128usize);
+        let qkv = (Tensor::randn(0f32, 1.0, (1, l, 3 * h, d), &dev).unwrap() * 3.0).unwrap();
+        let norm = |seed: f32| RmsNorm {
+            weight: Tensor::from_vec((0..d).map(|i| 0.6 + ((i as f32 * seed).sin()).abs()).collect::<Vec<f32>>(), d, &dev).unwrap(),
+            eps: 1e-6,
+        };
+        let (nq, nk) = (norm(0.37), norm(0.91));
+        let angles = Tensor::randn(0f32, 3.0, (l, d / 2), &dev).unwrap();
+        let (cos, sin) = (angles.cos().unwrap(), angles.sin().unwrap());
+        let got = attention_qkv_e4m3_composed(&qkv, h, h, &nq, &nk, &cos, &sin).unwrap();
+        let q = qk_norm_rope_composed(&qkv.narrow(2, 0, h).unwrap().contiguous().unwrap(), Some(&nq), &cos, &sin).unwrap();
+        let k = qk_norm_rope_composed(&qkv.narrow(2, h, h).unwrap().contiguous().unwrap(), Some(&nk), &cos, &sin).unwrap();
+        let v = qkv.narrow(2, 2 * h, h).unwrap().contiguous().unwrap();
+        let want = attention_composed(&q, &k, &v).unwrap();
+        assert_eq!(got.dims(), want.dims());
+        let err = crate::fp8::relative_l2(&got, &want).unwrap();
+        eprintln!("E4M3 attention path vs f32: relative L2 {err:.3e}");
+        // E4M3 keeps 3 mantissa bits: a few percent, not zero
+        assert!(err < 0.1 && err > 1e-3, "relative L2 {err}");
     }
 
     #[test]

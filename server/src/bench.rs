@@ -837,6 +837,18 @@ fn fp8_attention_checks(
     let fused = engine::ops::attention_qkv_fp8(engine::ops::AttentionKernel::FlashAttention3Fp8, qkv, h, h, Some(norm), Some(norm), cos, sin)?;
     let Some(fused) = fused else { anyhow::bail!("attention_qkv_fp8 refused the qkv product") };
     kernels.push(KernelCheck { name: "attention_qkv_fp8 (the transformer's path) vs the kernels above".into(), relative_l2: relative_l2(&fused, &out8)? });
+    // The whole path on a smaller fused product against its f32 reference on the CPU.
+    {
+        let small = qkv.narrow(1, 0, 1000)?.narrow(2, 0, 4)?;
+        let small = Tensor::cat(&[&small, &qkv.narrow(1, 0, 1000)?.narrow(2, h, 4)?, &qkv.narrow(1, 0, 1000)?.narrow(2, 2 * h, 4)?], 2)?.contiguous()?;
+        let (c, s) = (cos.narrow(0, 0, 1000)?, sin.narrow(0, 0, 1000)?);
+        let got = engine::ops::attention_qkv_fp8(engine::ops::AttentionKernel::FlashAttention3Fp8, &small, 4, 4, Some(norm), Some(norm), &c, &s)?;
+        let Some(got) = got else { anyhow::bail!("attention_qkv_fp8 refused a (1, 1000, 12, 128) qkv product") };
+        let norm_vb = candle_nn::VarBuilder::from_tensors([("weight".to_string(), norm.weight().to_device(&cpu)?)].into_iter().collect(), DType::F32, &cpu);
+        let norm_cpu = engine::ops::RmsNorm::new(128, norm.eps(), norm_vb)?;
+        let want = engine::ops::attention_qkv_e4m3_composed(&small.to_device(&cpu)?, 4, 4, &norm_cpu, &norm_cpu, &c.to_device(&cpu)?, &s.to_device(&cpu)?)?;
+        kernels.push(KernelCheck { name: "FP8 attention path (1, 1000, 4+4+4, 128) vs its f32 reference on the CPU".into(), relative_l2: relative_l2(&got.to_device(&cpu)?, &want)? });
+    }
     // Lengths that are not multiples of the kernel's tiles, one (64) that takes its one-warpgroup
     // variant, and keys longer than queries.
     for (lq, lk, heads) in [(1000usize, 1000usize, 4usize), (64, 64, 4), (300, 777, 2), (4128, 4128, 2)] {
