@@ -51,6 +51,28 @@ fn with_slice<T: candle_core::cuda_backend::CudaDType, R>(
     }
 }
 
+/// A tensor's CUDA storage held for reading whatever its strides, for kernels that take the
+/// strides as arguments (head-range views of a fused product read in place).
+struct StridedView<G: std::ops::Deref<Target = Storage>> {
+    storage: G,
+    start: usize,
+}
+
+impl<G: std::ops::Deref<Target = Storage>> StridedView<G> {
+    /// The storage as T from the tensor's start offset on.
+    fn slice<T: candle_core::cuda_backend::CudaDType>(&self) -> Result<cudarc::driver::CudaView<'_, T>> {
+        match &*self.storage {
+            Storage::Cuda(s) => Ok(s.as_cuda_slice::<T>()?.slice(self.start..)),
+            _ => bail!("expected a CUDA tensor"),
+        }
+    }
+}
+
+fn strided_view(t: &Tensor) -> StridedView<impl std::ops::Deref<Target = Storage> + '_> {
+    let (storage, layout) = t.storage_and_layout();
+    StridedView { storage, start: layout.start_offset() }
+}
+
 fn wrap<T: candle_core::cuda_backend::CudaDType>(s: CudaSlice<T>, dev: &CudaDevice, shape: &[usize]) -> Tensor {
     Tensor::from_storage(Storage::Cuda(CudaStorage::wrap_cuda_slice(s, dev.clone())), shape, BackpropOp::none(), false)
 }
@@ -456,9 +478,8 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
     let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
     let (rows32, l32, h32, d32) = (rows as u32, l as u32, h as u32, d as u32);
     let has_weight: i32 = weight.is_some() as i32;
-    let (st, layout) = x.storage_and_layout();
-    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
-    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let held = strided_view(&x);
+    let xs = held.slice::<bf16>()?;
     with_slice::<f32, _>(&w, |ws| {
         with_slice::<f32, _>(&cos, |cs| {
             with_slice::<f32, _>(&sin, |ss| {
@@ -483,7 +504,6 @@ pub fn qk_norm_rope(x: &Tensor, weight: Option<&Tensor>, eps: f32, cos: &Tensor,
             })
         })
     })?;
-    drop(st);
     Ok(wrap(out, &dev, &[b, l, h, d]))
 }
 
@@ -504,9 +524,8 @@ fn qk_norm_rope_d128(dev: &CudaDevice, x: &Tensor, ts: u64, weight: Option<&Tens
     let rows = b * l * h;
     let mut out = unsafe { dev.alloc::<bf16>(rows * d)? };
     let (rows32, l32, h32, null) = (rows as u32, l as u32, h as u32, 0u64);
-    let (st, layout) = x.storage_and_layout();
-    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
-    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let held = strided_view(&x);
+    let xs = held.slice::<bf16>()?;
     let launch = |ws: Option<cudarc::driver::CudaView<'_, bf16>>, out: &mut CudaSlice<bf16>| -> Result<()> {
         with_slice::<f32, _>(cos, |cs| {
             with_slice::<f32, _>(sin, |ss| {
@@ -535,7 +554,6 @@ fn qk_norm_rope_d128(dev: &CudaDevice, x: &Tensor, ts: u64, weight: Option<&Tens
         Some(w) => with_slice::<bf16, _>(w, |ws| launch(Some(ws), &mut out))?,
         None => launch(None, &mut out)?,
     }
-    drop(st);
     Ok(wrap(out, dev, &[b, l, h, d]))
 }
 
@@ -1459,9 +1477,8 @@ pub fn qk_norm_rope_e4m3(
     let mut descale_k = unsafe { dev.alloc::<f32>(1)? };
     let mut v_amax = dev.alloc_zeros::<u32>(1)?;
     let (tokens32, l32, h32, kv32, ts64) = (tokens as u32, l as u32, heads as u32, kv_heads as u32, ts as u64);
-    let (st, layout) = qkv.storage_and_layout();
-    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
-    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let held = strided_view(qkv);
+    let xs = held.slice::<bf16>()?;
     with_slice::<bf16, _>(&wq, |wqs| {
         with_slice::<bf16, _>(&wk, |wks| {
             with_slice::<f32, _>(&cos, |cs| {
@@ -1491,7 +1508,6 @@ pub fn qk_norm_rope_e4m3(
             })
         })
     })?;
-    drop(st);
     Ok(Some((
         wrap(q8, &dev, &[b, l, heads, 128]),
         wrap(k8, &dev, &[b, l, kv_heads, 128]),
@@ -1521,9 +1537,8 @@ pub fn quantize_e4m3_heads(x: &Tensor, amax: Option<&Tensor>) -> Result<Option<(
     let mut q = unsafe { dev.alloc::<F8E4M3>(rows * row)? };
     let mut descale = unsafe { dev.alloc::<f32>(1)? };
     let (rows32, vecs32, ts64) = (rows as u32, (row / 8) as u32, ts as u64);
-    let (st, layout) = x.storage_and_layout();
-    let Storage::Cuda(xs) = &*st else { bail!("expected a CUDA tensor") };
-    let xs = xs.as_cuda_slice::<bf16>()?.slice(layout.start_offset()..);
+    let held = strided_view(&x);
+    let xs = held.slice::<bf16>()?;
     let blocks = grid_for(rows * row / 8);
     let quantize = |amax: cudarc::driver::CudaView<'_, u32>, q: &mut CudaSlice<F8E4M3>, descale: &mut CudaSlice<f32>| -> Result<()> {
         let f = dev.get_or_load_custom_func("zimage_quantize_e4m3_rows_strided_bf16", MODULE, PTX)?;
@@ -1553,6 +1568,5 @@ pub fn quantize_e4m3_heads(x: &Tensor, amax: Option<&Tensor>) -> Result<Option<(
             quantize(amax.slice(..), &mut q, &mut descale)?;
         }
     }
-    drop(st);
     Ok(Some((wrap(q, &dev, &[b, l, h, d]), wrap(descale, &dev, &[1]))))
 }

@@ -241,18 +241,18 @@ pub fn attention_qkv_e4m3_composed(
     let (cos, sin) = (cos.to_dtype(DType::F32)?, sin.to_dtype(DType::F32)?);
     let q = qk_norm_rope_composed(&qkv.narrow(2, 0, heads)?.contiguous()?, Some(norm_q), &cos, &sin)?;
     let k = qk_norm_rope_composed(&qkv.narrow(2, heads, kv_heads)?.contiguous()?, Some(norm_k), &cos, &sin)?;
-    let v = qkv.narrow(2, heads + kv_heads, kv_heads)?.contiguous()?;
     let (q8, dq) = quantize_e4m3_normed(&q, norm_q)?;
     let (k8, dk) = quantize_e4m3_normed(&k, norm_k)?;
-    let dv = (v.abs()?.max_all()?.to_scalar::<f32>()?).max(1e-12) / 448.0;
-    let v8 = round_e4m3(&(v / dv as f64)?)?;
-    attention_e4m3_composed(&q8, &k8, &v8, dq, dk, dv)
+    let (v8, dv) = crate::fp8::quantize(&qkv.narrow(2, heads + kv_heads, kv_heads)?.contiguous()?)?;
+    let dv = dv.to_device(&candle_core::Device::Cpu)?.reshape(())?.to_scalar::<f32>()?;
+    attention_e4m3_composed(&q8, &k8, &crate::fp8::e4m3_to_f32(&v8)?, dq, dk, dv)
 }
 
 /// E4M3 rounding (round to nearest even, saturating at 448) of f32 values, on the CPU.
 fn round_e4m3(x: &Tensor) -> Result<Tensor> {
+    use crate::fp8::E4M3_MAX;
     let cpu = x.to_device(&candle_core::Device::Cpu)?.to_dtype(DType::F32)?;
-    cpu.clamp(-448f32, 448f32)?.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?.to_device(x.device())
+    cpu.clamp(-E4M3_MAX, E4M3_MAX)?.to_dtype(DType::F8E4M3)?.to_dtype(DType::F32)?.to_device(x.device())
 }
 
 /// FlashAttention-3's FP8 forward computed from candle ops in f32, the reference it is checked
@@ -280,9 +280,10 @@ pub fn attention_e4m3_composed(q: &Tensor, k: &Tensor, v: &Tensor, descale_q: f3
 pub fn quantize_e4m3_normed(x: &Tensor, norm: &RmsNorm) -> Result<(Tensor, f32)> {
     let d = x.dim(D::Minus1)?;
     let wmax = norm.weight.to_dtype(DType::BF16)?.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
+    use crate::fp8::E4M3_MAX;
     let bound = ((d as f32).sqrt() * wmax).max(1e-30);
-    let q = round_e4m3(&(x.to_dtype(DType::F32)? * (448.0 / bound) as f64)?)?;
-    Ok((q, bound / 448.0))
+    let q = round_e4m3(&(x.to_dtype(DType::F32)? * (E4M3_MAX / bound) as f64)?)?;
+    Ok((q, bound / E4M3_MAX))
 }
 
 /// `attention` from candle ops, computed as flash attention does (the CPU path, and the reference

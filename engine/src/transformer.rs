@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Module, Result, Tensor, D};
 use candle_nn::VarBuilder;
 
 use crate::config::TransformerConfig;
-use crate::ops::{add_rms_norm_weighted, attention, layer_norm_plain, qk_norm_rope, AttentionKernel, Linear, LinearInput, QuantContext, Quantization, RmsNorm};
+use crate::ops::{add_rms_norm_weighted, attention_with, layer_norm_plain, qk_norm_rope, AttentionKernel, Linear, LinearInput, QuantContext, Quantization, RmsNorm};
 
 /// Token lists are padded to a multiple of this (SEQ_MULTI_OF in the reference).
 pub const SEQ_MULTIPLE: usize = 32;
@@ -219,7 +219,7 @@ impl Attention {
         let q = rope.apply(&qkv.narrow(2, 0, h)?, self.norm_q.as_ref())?;
         let k = rope.apply(&qkv.narrow(2, h, kv)?, self.norm_k.as_ref())?;
         let v = qkv.narrow(2, h + kv, kv)?;
-        let out = attention(&q, &k, &v)?; // (B, L, H, D)
+        let out = attention_with(kernel, &q, &k, &v, false)?; // (B, L, H, D)
         out.reshape((b, l, ()))
     }
 }

@@ -101,7 +101,7 @@ startup_measure() {
 
 # check NAME: zimage bench --check at 1024 (kernels, graphs, FP8/INT8 PSNR) into $OUT/NAME.json
 check() {
-  timeout 150 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
+  timeout "${CHECK_LIMIT:-150}" /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
       --out "$OUT/$1.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
 }
 
@@ -125,6 +125,15 @@ disk_memory() {
 import json; r = json.load(open('/tmp/res/zimage_disk_fp8_1024.json'))
 print('load', round(r['load_ms']), 'ms; stages (MiB in use):', ', '.join(f'{n} {m:.0f}' for n, m in r['load_memory_mib']), '| at steps', r['sizes'][0]['runs'][-1]['memory_at_steps_mib'])
 " | tee -a "$OUT/summary.txt" || true
+}
+
+# serve_and_disk_memory: what round3/round3b end with; the results so far are packed before each
+# part (a stop past the time limit keeps them).
+serve_and_disk_memory() {
+  (OUT=$OUT_FINAL; pack)
+  serve_load
+  (OUT=$OUT_FINAL; pack)
+  disk_memory
 }
 
 case "$MODE" in
@@ -286,10 +295,7 @@ round3)
   RUNS=2 bench_mem fp8_row_2048_vae_tiled --model random --sizes 2048x2048 --vae-tiled || echo "FAILED: fp8 2048 tiled" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention" | tee -a "$OUT/summary.txt" || true
-  (OUT=$OUT_FINAL; pack)
-  serve_load
-  (OUT=$OUT_FINAL; pack)
-  disk_memory
+  serve_and_disk_memory
   ;;
 round3b)
   # issue 21, second call: checks (new kernels, FP8-vs-bf16 PSNR), FP8/bf16 at 1024, FP8 at 2048
@@ -309,10 +315,7 @@ round3b)
   RUNS=2 bench_mem fp8_2048_vae_tiled --model random --sizes 2048x2048 --vae-tiled || echo "FAILED: fp8 2048 tiled" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep "fp8\|vae\|attention\|swiglu\|rms" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
-  (OUT=$OUT_FINAL; pack)
-  serve_load
-  (OUT=$OUT_FINAL; pack)
-  disk_memory
+  serve_and_disk_memory
   ;;
 round3c)
   # issue 21, third call: FP8 row scales applied by the next kernel (the default on Hopper now)
@@ -353,9 +356,7 @@ fp8attn)
   # 1024 and 2048 and bf16 1024 with bf16 attention and with FP8 attention, same call
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  timeout 300 /tmp/zimage bench --check --model random --device cuda --sizes 1024x1024 --steps 8 \
-      --out "$OUT/check.json" > /tmp/check.log 2>&1 || echo "check stopped" | tee -a "$OUT/summary.txt"
-  grep -i "fp8\|e4m3\|attention\|psnr\|error\|panic" /tmp/check.log | grep -v '^ \|"' | tee -a "$OUT/summary.txt"; tail -3 /tmp/check.log > "$OUT/check_tail.txt"
+  CHECK_LIMIT=300 check check
   timeout 90 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "attention\|e4m3\|rope" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
   RUNS=3 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
   ZIMAGE_ATTENTION=fa3-fp8 RUNS=3 bench_mem fp8_attnfp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 attn-fp8 1024" | tee -a "$OUT/summary.txt"

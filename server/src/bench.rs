@@ -817,7 +817,8 @@ fn fp8_attention_checks(
     kernels.push(KernelCheck { name: "qk norm + rope -> E4M3 (static scale): q dequantized vs the bf16 kernel".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?, q_bf16)? });
     kernels.push(KernelCheck { name: "qk norm + rope -> E4M3 (static scale): k dequantized vs the bf16 kernel".into(), relative_l2: relative_l2(&dequant(&k8, &dk)?, k_bf16)? });
     let (q_ref, dq_ref) = engine::ops::quantize_e4m3_normed(&q_bf16.to_device(&cpu)?, norm)?;
-    eprintln!("FP8 attention: descale q {:.4e} (CPU reference {dq_ref:.4e}), k {:.4e}", scalar(&dq)?, scalar(&dk)?);
+    let (dqs, dks) = (scalar(&dq)?, scalar(&dk)?);
+    eprintln!("FP8 attention: descale q {dqs:.4e} (CPU reference {dq_ref:.4e}), k {dks:.4e}");
     kernels.push(KernelCheck { name: "qk norm + rope -> E4M3: q vs the same scale applied on the CPU to the bf16 output".into(), relative_l2: relative_l2(&dequant(&q8, &dq)?.to_device(&cpu)?, &(q_ref * dq_ref as f64)?)? });
     let v = qkv.narrow(2, 2 * h, h)?;
     let Some((v8, dv)) = engine::cuda::quantize_e4m3_heads(&v, Some(&v_amax))? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
@@ -825,11 +826,11 @@ fn fp8_attention_checks(
     // The amax the qk kernel took on its way must be the amax pass's (exactly: same values).
     let Some((v8_own, dv_own)) = engine::cuda::quantize_e4m3_heads(&v, None)? else { anyhow::bail!("quantize_e4m3_heads refused the v view") };
     let v_amax_cpu = v.to_device(&cpu)?.to_dtype(DType::F32)?.abs()?.max_all()?.to_scalar::<f32>()?;
-    eprintln!("FP8 attention: v descale {:.6e} from the qk kernel's amax, {:.6e} from its own pass, {:.6e} from the CPU", scalar(&dv)?, scalar(&dv_own)?, v_amax_cpu / 448.0);
+    let dvs = scalar(&dv)?;
+    eprintln!("FP8 attention: v descale {dvs:.6e} from the qk kernel's amax, {:.6e} from its own pass, {:.6e} from the CPU", scalar(&dv_own)?, v_amax_cpu / 448.0);
     kernels.push(KernelCheck { name: "v E4M3 with the qk kernel's amax vs with its own amax pass (0 expected)".into(), relative_l2: relative_l2(&dequant(&v8, &dv)?, &dequant(&v8_own, &dv_own)?)? });
     let out8 = engine::flash_fp8::flash_attn_e4m3(&q8, &k8, &v8, &dq, &dk, &dv)?;
     // The E4M3 reference for two heads (all 30 on the CPU would take minutes).
-    let (dqs, dks, dvs) = (scalar(&dq)?, scalar(&dk)?, scalar(&dv)?);
     let heads2 = |t: &Tensor| -> candle_core::Result<Tensor> { engine::fp8::e4m3_to_f32(t)?.narrow(2, 0, 2)?.to_device(&cpu) };
     let want = engine::ops::attention_e4m3_composed(&heads2(&q8)?, &heads2(&k8)?, &heads2(&v8)?, dqs, dks, dvs)?;
     kernels.push(KernelCheck { name: "FA3 FP8 (1, 4224, 30, 128), heads 0-1 vs its E4M3 reference on the CPU".into(), relative_l2: relative_l2(&out8.narrow(2, 0, 2)?.to_device(&cpu)?, &want)? });
