@@ -147,11 +147,25 @@ redis.call('PUBLISH', KEYS[3], ARGV[2])
 return 1"));
 
 /// Takes a ticket and appends the job, unless `capacity` jobs already wait. Returns {ticket,
-/// place in line}, or {-1, waiting} when full.
+/// place in line}, or {-1, waiting} when full. The job's `queued` state and its announcements
+/// (`Wire::Queued`, then the event) are written before the job enters the stream, in the same
+/// atomic script: a worker that takes it at once cannot publish `started` before them (a later
+/// `queued` would hide `started` from the job's watchers). ARGV[4..6] are templates whose ticket
+/// and place this script fills in.
 static SUBMIT_SCRIPT: LazyLock<redis::Script> = LazyLock::new(|| redis::Script::new(r"
 local waiting = tonumber(redis.call('GET', KEYS[1]) or '0') - tonumber(redis.call('GET', KEYS[2]) or '0')
 if waiting >= tonumber(ARGV[1]) then return {-1, waiting} end
 local ticket = redis.call('INCR', KEYS[1])
+local state = cjson.decode(ARGV[4])
+state.ticket = ticket
+state.event.position = waiting + 1
+local line = cjson.decode(ARGV[5])
+line.ticket = ticket
+local wire = cjson.decode(ARGV[6])
+wire.event.position = waiting + 1
+redis.call('SET', KEYS[4], cjson.encode(state), 'EX', ARGV[7])
+redis.call('PUBLISH', KEYS[5], cjson.encode(line))
+redis.call('PUBLISH', KEYS[5], cjson.encode(wire))
 redis.call('XADD', KEYS[3], '*', 'job', ARGV[2], 'ticket', ticket, 'upload', ARGV[3])
 return {ticket, waiting + 1}"));
 
@@ -321,15 +335,26 @@ impl RedisFrontEnd {
             submitted_unix_ms: unix_ms(),
         };
         let payload = serde_json::to_string(&queued).expect("jobs serialize");
+        // templates: the script fills in the ticket and the place in line (0 here)
+        let template = JobEvent::Queued { job_id: job.id.clone(), position: 0 };
+        let state = serde_json::to_string(&StoredState { event: template.clone(), ticket: Some(0) }).expect("states serialize");
+        let line_wire = serde_json::to_string(&Wire::Queued { job_id: job.id.clone(), ticket: 0 }).expect("serializes");
+        let event_wire = serde_json::to_string(&Wire::Event { event: Box::new(template) }).expect("serializes");
         let mut conn = self.conn.clone();
         let (ticket, place): (i64, i64) = block_on(
             SUBMIT_SCRIPT
                 .key(TICKETS)
                 .key(TAKEN)
                 .key(JOBS)
+                .key(state_key(&job.id))
+                .key(EVENTS)
                 .arg(self.capacity)
                 .arg(payload)
                 .arg(upload)
+                .arg(state)
+                .arg(line_wire)
+                .arg(event_wire)
+                .arg(KEEP_SECS)
                 .invoke_async(&mut conn),
         )
         .map_err(redis_unavailable)?;
@@ -341,14 +366,8 @@ impl RedisFrontEnd {
             ));
         }
         let (ticket, place) = (ticket as u64, place.max(1) as usize);
-        let event = JobEvent::Queued { job_id: job.id.clone(), position: place };
         // known here at once (the client may watch before the channel echoes it back)
         self.hear(Wire::Queued { job_id: job.id.clone(), ticket });
-        let wire = serde_json::to_string(&Wire::Queued { job_id: job.id.clone(), ticket }).expect("serializes");
-        block_on(async {
-            let _ = publish_event(&mut conn, &event, Some(ticket)).await;
-            let _: redis::RedisResult<i64> = conn.publish(EVENTS, wire).await;
-        });
         Ok(place)
     }
 
@@ -401,8 +420,10 @@ impl RedisFrontEnd {
                 if !matches!(*event, JobEvent::Queued { .. }) {
                     line.tickets.remove(event.job_id());
                 }
-                // a place in line is this front end's own computation (below)
-                if !matches!(*event, JobEvent::Queued { .. }) || !line.tickets.contains_key(event.job_id()) {
+                // a place in line is this front end's own computation (below), and a `queued` heard
+                // late never replaces a later state
+                let later = || self.hub.snapshot(event.job_id()).is_some_and(|e| !matches!(e, JobEvent::Queued { .. }));
+                if !matches!(*event, JobEvent::Queued { .. }) || (!line.tickets.contains_key(event.job_id()) && !later()) {
                     self.hub.publish(*event);
                 }
                 return;
