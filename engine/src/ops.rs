@@ -106,8 +106,8 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
 }
 
 /// Which attention kernel `attention` runs: the best one built in for the card unless the
-/// `ZIMAGE_ATTENTION` environment variable names another (`fa3-fp8`, `fa3`, `fa2` or `composed`),
-/// so that one binary can measure them side by side.
+/// `ZIMAGE_ATTENTION` environment variable names another (`fa3-fp8`, `fa3`, `fa2` or `composed`;
+/// `auto` or unset: the default), so that one binary can measure them side by side.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum AttentionKernel {
     /// FlashAttention-3's FP8 forward for the transformer's self-attention (q and k quantized by
@@ -150,6 +150,23 @@ impl AttentionKernel {
         }
         let _ = (device, wanted);
         Self::Composed
+    }
+
+    /// The kernel for the denoiser's self-attention: on Hopper an FP8-quantized model with head
+    /// dim 128 takes FlashAttention-3's FP8 forward (its image differs from bf16 attention's by
+    /// less than FP8 linears already make it differ from the bf16 model: 38 dB against 33 dB at
+    /// 1024, docs/PERF.md), unless `ZIMAGE_ATTENTION` names a kernel; the bf16 model keeps bf16
+    /// attention (its purpose is fidelity). Other head dims cannot take the FP8 kernel.
+    pub fn for_transformer(device: &candle_core::Device, quantization: Quantization, head_dim: usize) -> Self {
+        let kernel = Self::for_device(device);
+        let named = std::env::var("ZIMAGE_ATTENTION").is_ok_and(|v| !v.is_empty() && v != "auto");
+        match kernel {
+            Self::FlashAttention3Fp8 if head_dim != 128 => Self::FlashAttention3,
+            Self::FlashAttention3 if cfg!(feature = "flash-attn-v3-fp8") && !named && quantization == Quantization::Fp8 && head_dim == 128 => {
+                Self::FlashAttention3Fp8
+            }
+            kernel => kernel,
+        }
     }
 }
 

@@ -572,14 +572,10 @@ impl Pipeline {
     pub fn uses_cuda_graphs(&self) -> bool {
         self.denoise_graphs.enabled() && self.device.is_cuda()
     }
-    /// The attention kernel the transformer runs on this device (the FP8 one runs head dim 128
-    /// only: other models take FlashAttention-3 in bf16 under the same setting).
+    /// The attention kernel the transformer's self-attention runs (see
+    /// `AttentionKernel::for_transformer`).
     pub fn attention_kernel(&self) -> crate::ops::AttentionKernel {
-        use crate::ops::AttentionKernel;
-        match AttentionKernel::for_device(&self.device) {
-            AttentionKernel::FlashAttention3Fp8 if self.transformer.config().head_dim() != 128 => AttentionKernel::FlashAttention3,
-            kernel => kernel,
-        }
+        crate::ops::AttentionKernel::for_transformer(&self.device, self.transformer.quantization(), self.transformer.config().head_dim())
     }
     /// Quantizes the loaded transformer's block linears in place (from its dense weights).
     pub fn quantize(&mut self, q: Quantization) -> Result<()> {
@@ -706,7 +702,7 @@ impl Pipeline {
     /// One denoiser call: x (B, C, 1, H, W) in the model dtype, one step's modulation, the
     /// request's conditioning. On CUDA it is a CUDA graph replay after the first call of a shape.
     fn denoise(&self, x: &Tensor, modulation: &Tensor, cond: &Conditioning) -> Result<Tensor> {
-        let key = (cond.shape_key(), x.dim(1)?, crate::ops::AttentionKernel::for_device(x.device()));
+        let key = (cond.shape_key(), x.dim(1)?, self.attention_kernel());
         let f = |ins: &[Tensor]| self.transformer.forward_prepared(&ins[0], &ins[1], &cond.with_captions(ins[2].clone())?);
         Ok(self.denoise_graphs.run(&key, &[x, modulation, cond.captions()], &cond.tables(), &f)?)
     }

@@ -212,7 +212,7 @@ impl Attention {
         // (B, L, H + 2 KV, D); q, k and v are head-range views of it, read in place by the fused
         // norm + RoPE kernel and by flash attention.
         let qkv = self.to_qkv.forward_input(x)?.reshape((b, l, h + 2 * kv, self.head_dim))?;
-        let kernel = AttentionKernel::for_device(qkv.device());
+        let kernel = AttentionKernel::for_transformer(qkv.device(), self.to_qkv.quantization(), self.head_dim);
         if let Some(out) = rope.attend_fp8(kernel, &qkv, h, kv, self.norm_q.as_ref(), self.norm_k.as_ref())? {
             return out.reshape((b, l, ()));
         }

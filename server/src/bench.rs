@@ -704,10 +704,7 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let (emb_graph, _) = pipe.encode_prompt(&a.prompt)?;
         kernels.push(KernelCheck { name: "text encoder: graph replay (padded to 64 tokens) vs launches".into(), relative_l2: relative_l2(&emb_graph, &emb_eager)? });
         pipe.set_cuda_graphs(false);
-        std::env::set_var("ZIMAGE_ATTENTION", "composed");
-        let composed = pipe.encode_prompt(&a.prompt);
-        std::env::remove_var("ZIMAGE_ATTENTION");
-        let (emb_composed, _) = composed?;
+        let (emb_composed, _) = with_attention("composed", || Ok(pipe.encode_prompt(&a.prompt)?))?;
         kernels.push(KernelCheck { name: "text encoder: flash causal vs composed attention".into(), relative_l2: relative_l2(&emb_graph, &emb_composed)? });
     }
     for k in &kernels {
@@ -731,7 +728,10 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         pipe.quantize(q)?;
         let mut runs = Vec::new();
         for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
-            let out = pipe.generate(&req(w, h), &mut |_| Control::Continue)?;
+            // the linears' effect alone: bf16 attention unless a kernel is named (the FP8 model's
+            // default FP8 attention is measured on its own below)
+            let default = std::env::var("ZIMAGE_ATTENTION").map_or(true, |v| v.is_empty() || v == "auto");
+            let out = with_attention(if default { "fa3" } else { "" }, || Ok(pipe.generate(&req(w, h), &mut |_| Control::Continue)?))?;
             let rel = relative_l2(&out.latents, &base.latents)?;
             let p = psnr(&out.images[0], &base.images[0]);
             eprintln!("{w}x{h}: {} vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB", q.name());
@@ -765,11 +765,9 @@ fn fp8_attention_psnr(
 ) -> Result<Vec<serde_json::Value>> {
     use engine::fp8::relative_l2;
     use engine::ops::AttentionKernel;
-    let before = std::env::var("ZIMAGE_ATTENTION").ok();
-    std::env::set_var("ZIMAGE_ATTENTION", "fa3-fp8");
-    let result = (|| -> Result<Vec<serde_json::Value>> {
+    with_attention("fa3-fp8", || {
         let mut reports = Vec::new();
-        if AttentionKernel::for_device(pipe.device()) != AttentionKernel::FlashAttention3Fp8 {
+        if pipe.attention_kernel() != AttentionKernel::FlashAttention3Fp8 {
             return Ok(reports);
         }
         for ((&(w, h), fp8), bf16) in sizes.iter().zip(fp8_runs).zip(bf16_runs) {
@@ -780,7 +778,17 @@ fn fp8_attention_psnr(
             reports.push(serde_json::json!({"width": w, "height": h, "latents_relative_l2_vs_bf16_attention": rel, "image_psnr_db_vs_bf16_attention": p_fp8, "image_psnr_db_vs_bf16_model": p_bf16}));
         }
         Ok(reports)
-    })();
+    })
+}
+
+/// Runs `f` with `ZIMAGE_ATTENTION` set to `kernel` (unchanged when empty), then puts it back.
+fn with_attention<T>(kernel: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    if kernel.is_empty() {
+        return f();
+    }
+    let before = std::env::var("ZIMAGE_ATTENTION").ok();
+    std::env::set_var("ZIMAGE_ATTENTION", kernel);
+    let result = f();
     match before {
         Some(v) => std::env::set_var("ZIMAGE_ATTENTION", v),
         None => std::env::remove_var("ZIMAGE_ATTENTION"),
