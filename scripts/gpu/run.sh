@@ -10,6 +10,8 @@
 #                               # FP8 FA3 vs FA2 vs no CUDA graphs, bf16, 2048, an ncu kernel trace,
 #                               # then `zimage serve --model random` under 1/4/16 HTTP clients + ws
 #                               # (COMPARE=0: without the FA2 and no-graph runs)
+#   scripts/gpu/run.sh profile  # FP8 1024 bench, then one request's kernels under ncu (summary by region),
+#                               # the VAE's stage times (bench --ops)
 #   scripts/gpu/run.sh final    # diffusers eager/compile/compile+FP8 and ours in one call
 #   scripts/gpu/run.sh int8     # INT8 (issue 20): kernel checks + FP8/INT8 image PSNR against bf16 (same
 #                               # weights and seed, 1024 and 2048), INT8/FP8/bf16 benches at 1024 and
@@ -176,6 +178,9 @@ profile)
   ZIMAGE_CUDA_GRAPHS=0 timeout 200 "$NCU" --clock-control none --metrics gpu__time_duration.sum --csv --page raw \
       /tmp/zimage bench --device cuda --model random --sizes 1024x1024 --steps 8 --runs 0 > "$OUT/ncu_fp8_1024.csv" 2>"$OUT/ncu.log" \
       || echo "ncu: failed or timed out" | tee -a "$OUT/summary.txt"
+  python3 scripts/gpu/ncu_summary.py "$OUT/ncu_fp8_1024.csv" > "$OUT/ncu_summary.txt" 2>&1 || true
+  head -70 "$OUT/ncu_summary.txt"
+  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae" | tee -a "$OUT/summary.txt" || true
   ;;
 final)
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
