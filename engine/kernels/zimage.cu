@@ -752,6 +752,151 @@ extern "C" __global__ void zimage_upsample_nearest2x_bf16(const uint2* __restric
 }
 
 // ---------------------------------------------------------------------------------------------
+// Channels-last (NHWC) VAE passes. cuDNN's tensor-core convolutions compute in NHWC; with the
+// decoder's activations kept in that layout no conversion runs around each convolution. C % 8 == 0
+// (c_vecs = C / 8 vectors per pixel), 16-byte aligned.
+
+// GroupNorm pass 1, NHWC: block (chunk, batch) reduces chunk_pixels pixels to one (count, mean, M2)
+// per group. The 256 threads are 256 / c_vecs rows of c_vecs: thread t reads vector t % c_vecs of
+// pixels t / c_vecs, + rows, ...; a vector holds one group's values (channels_per_group % 8 == 0)
+// or 8 / channels_per_group whole groups. The block then merges its threads' states group by
+// group, in a fixed order. partial[((batch * groups + g) * chunks + chunk) * 3 ..].
+extern "C" __global__ void zimage_group_stats_nhwc_v8_bf16(const uint4* __restrict__ x, unsigned int pixels,
+                                                           unsigned int c_vecs, unsigned int chunk_pixels,
+                                                           unsigned int channels_per_group, unsigned int groups,
+                                                           float* __restrict__ partial) {
+    __shared__ float st[256 * 8 * 3];
+    unsigned int rows = blockDim.x / c_vecs;
+    unsigned int v = threadIdx.x % c_vecs, row = threadIdx.x / c_vecs;
+    unsigned int per = channels_per_group < 8 ? channels_per_group : 8;  // values of one group in a vector
+    unsigned int subs = 8 / per;                                          // groups in a vector
+    float n[8], mean[8], m2[8];
+#pragma unroll
+    for (int k = 0; k < 8; k++) { n[k] = 0.0f; mean[k] = 0.0f; m2[k] = 0.0f; }
+    unsigned int start = blockIdx.x * chunk_pixels;
+    unsigned int end = min(start + chunk_pixels, pixels);
+    const uint4* xb = x + (unsigned long long)blockIdx.y * pixels * c_vecs;
+    float f[8];
+    if (row < rows) {
+        for (unsigned int p = start + row; p < end; p += rows) {
+            unpack8(xb[(unsigned long long)p * c_vecs + v], f);
+#pragma unroll
+            for (int k = 0; k < 8; k++) {
+                if ((unsigned int)k < subs) {
+                    float s = 0.0f;
+                    for (unsigned int j = 0; j < per; j++) s += f[k * per + j];
+                    float lm = s / (float)per, lm2 = 0.0f;
+                    for (unsigned int j = 0; j < per; j++) lm2 += (f[k * per + j] - lm) * (f[k * per + j] - lm);
+                    chan_merge(n[k], mean[k], m2[k], (float)per, lm, lm2);
+                }
+            }
+        }
+    }
+#pragma unroll
+    for (int k = 0; k < 8; k++) {
+        st[(threadIdx.x * 8 + k) * 3] = n[k];
+        st[(threadIdx.x * 8 + k) * 3 + 1] = mean[k];
+        st[(threadIdx.x * 8 + k) * 3 + 2] = m2[k];
+    }
+    __syncthreads();
+    for (unsigned int g = threadIdx.x; g < groups; g += blockDim.x) {
+        float tn = 0.0f, tm = 0.0f, tm2 = 0.0f;
+        unsigned int c0 = g * channels_per_group;
+        unsigned int v0 = c0 / 8, v1 = (c0 + channels_per_group + 7) / 8;
+        unsigned int sub = (c0 % 8) / per;
+        for (unsigned int r = 0; r < rows; r++) {
+            for (unsigned int vv = v0; vv < v1; vv++) {
+                const float* e = st + ((r * c_vecs + vv) * 8 + sub) * 3;
+                chan_merge(tn, tm, tm2, e[0], e[1], e[2]);
+            }
+        }
+        float* out = partial + (((unsigned long long)blockIdx.y * groups + g) * gridDim.x + blockIdx.x) * 3;
+        out[0] = tn; out[1] = tm; out[2] = tm2;
+    }
+}
+
+// GroupNorm pass 2, NHWC: block (batch * groups + g) merges its group's chunk partials into
+// stats[2 * (batch * groups + g)] = (mean, rsqrt(var + eps)).
+extern "C" __global__ void zimage_group_finalize(const float* __restrict__ partial, unsigned int chunks, float eps,
+                                                 float* __restrict__ stats) {
+    float n = 0.0f, mean = 0.0f, m2 = 0.0f;
+    const float* p = partial + (unsigned long long)blockIdx.x * chunks * 3;
+    for (unsigned int k = threadIdx.x; k < chunks; k += blockDim.x) chan_merge(n, mean, m2, p[3 * k], p[3 * k + 1], p[3 * k + 2]);
+    block_chan_merge(n, mean, m2);
+    if (threadIdx.x == 0) {
+        stats[2 * blockIdx.x] = mean;
+        stats[2 * blockIdx.x + 1] = rsqrtf(m2 / n + eps);
+    }
+}
+
+// GroupNorm pass 3, NHWC: y = (x - mean) * inv * gamma[c] + beta[c], optionally SiLU.
+extern "C" __global__ void zimage_group_norm_apply_nhwc_v8_bf16(const uint4* __restrict__ x, const float* __restrict__ stats,
+                                                                const float* __restrict__ gamma, const float* __restrict__ beta,
+                                                                uint4* __restrict__ y, unsigned int n_vecs, unsigned int c_vecs,
+                                                                unsigned int pixels, unsigned int channels_per_group,
+                                                                unsigned int groups, int apply_silu) {
+    float f[8];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vecs; i += gridDim.x * blockDim.x) {
+        unsigned int pix = i / c_vecs, c0 = (i - pix * c_vecs) * 8;
+        unsigned int batch = pix / pixels;
+        const float* sb = stats + 2ull * batch * groups;
+        unpack8(x[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) {
+            unsigned int c = c0 + j, g = c / channels_per_group;
+            float v = (f[j] - sb[2 * g]) * sb[2 * g + 1] * gamma[c] + beta[c];
+            if (apply_silu) v = v / (1.0f + __expf(-v));
+            f[j] = v;
+        }
+        y[i] = pack8(f);
+    }
+}
+
+// y += bias[channel] in place, NHWC bf16 with C % 8 == 0, then the residual (when not null) added
+// with the same rounding as zimage_add_channel_bias_v8_bf16.
+extern "C" __global__ void zimage_add_channel_bias_nhwc_v8_bf16(uint4* __restrict__ y, const float* __restrict__ bias,
+                                                                unsigned int n_vecs, unsigned int c_vecs,
+                                                                const uint4* __restrict__ residual) {
+    float f[8], r[8];
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_vecs; i += gridDim.x * blockDim.x) {
+        const float* b = bias + (i % c_vecs) * 8;
+        unpack8(y[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) f[j] += b[j];
+        if (residual != 0) {
+            unpack8(residual[i], r);
+#pragma unroll
+            for (int j = 0; j < 8; j++) f[j] = bf16_to_f32(f32_to_bf16(f[j])) + r[j];
+        }
+        y[i] = pack8(f);
+    }
+}
+
+// The same for any C (the decoder's 3-channel output convolution), one value per step.
+extern "C" __global__ void zimage_add_channel_bias_nhwc_bf16(bf16_bits* __restrict__ y, const float* __restrict__ bias,
+                                                             unsigned long long n, unsigned int c,
+                                                             const bf16_bits* __restrict__ residual) {
+    for (unsigned long long i = blockIdx.x * (unsigned long long)blockDim.x + threadIdx.x; i < n; i += (unsigned long long)gridDim.x * blockDim.x) {
+        float v = bf16_to_f32(y[i]) + bias[i % c];
+        if (residual != 0) v = bf16_to_f32(f32_to_bf16(v)) + bf16_to_f32(residual[i]);
+        y[i] = f32_to_bf16(v);
+    }
+}
+
+// Nearest 2x upsampling, NHWC bf16 with C % 8 == 0: output vector i (pixel (b, oy, ox), channels
+// 8 * (i % c_vecs) ..) copies input pixel (b, oy / 2, ox / 2).
+extern "C" __global__ void zimage_upsample_nearest2x_nhwc_bf16(const uint4* __restrict__ x, uint4* __restrict__ y,
+                                                               unsigned int n_out_vecs, unsigned int c_vecs,
+                                                               unsigned int h, unsigned int w) {
+    for (unsigned int i = blockIdx.x * blockDim.x + threadIdx.x; i < n_out_vecs; i += gridDim.x * blockDim.x) {
+        unsigned int v = i % c_vecs, p = i / c_vecs;
+        unsigned int ox = p % (2 * w), rest = p / (2 * w);
+        unsigned int oy = rest % (2 * h), b = rest / (2 * h);
+        y[i] = x[(((unsigned long long)b * h + oy / 2) * w + ox / 2) * c_vecs + v];
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
 // FP8 E4M3 with one scale per row (token): each kernel takes its row's amax and casts in the same
 // launch, so no separate amax or quantize pass over the activation is needed. scale = max(amax,
 // 1e-12) / 448, q = v / scale rounded to nearest and saturated (as the per-tensor kernels), the

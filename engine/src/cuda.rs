@@ -213,6 +213,28 @@ pub fn rms_norm_i8_v8(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Option<Tensor>> {
     let dev = cuda_device(x)?;
     let (b, c, h, w) = x.dims4()?;
+    if is_channels_last(x) && !x.is_contiguous() && x.dtype() == DType::BF16 && c % 8 == 0 && x.elem_count() / 2 <= u32::MAX as usize {
+        // channels-last in, channels-last out
+        let xl = x.permute((0, 2, 3, 1))?;
+        if starts_aligned(&xl, 16) {
+            let n_out_vecs = x.elem_count() * 4 / 8;
+            let mut out = unsafe { dev.alloc::<bf16>(x.elem_count() * 4)? };
+            let (nv, cv, h32, w32) = (n_out_vecs as u32, (c / 8) as u32, h as u32, w as u32);
+            with_slice::<bf16, _>(&xl, |xs| {
+                let f = dev.get_or_load_custom_func("zimage_upsample_nearest2x_nhwc_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&mut out);
+                bld.arg(&nv);
+                bld.arg(&cv);
+                bld.arg(&h32);
+                bld.arg(&w32);
+                unsafe { bld.launch(launch_cfg(grid_for(n_out_vecs))) }.w()?;
+                Ok(())
+            })?;
+            return Ok(Some(wrap(out, &dev, &[b, 2 * h, 2 * w, c]).permute((0, 3, 1, 2))?));
+        }
+    }
     if x.dtype() != DType::BF16 || w % 4 != 0 || x.elem_count() / 4 > u32::MAX as usize {
         return Ok(None);
     }
@@ -1015,6 +1037,85 @@ pub fn quantize_rows_i8(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
 }
 
 
+/// Whether x (B, C, H, W) is stored channels-last: a permuted view of a contiguous (B, H, W, C).
+pub fn is_channels_last(x: &Tensor) -> bool {
+    x.rank() == 4 && x.permute((0, 2, 3, 1)).is_ok_and(|t| t.is_contiguous())
+}
+
+/// x (B, C, H, W) copied channels-last (the same shape, NHWC memory).
+pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+}
+
+/// `group_norm` of a channels-last x, output channels-last: statistics per (chunk of pixels,
+/// group), merged per group, then applied; None where the kernels do not fit (C % 8, more than
+/// 2048 channels, groups whose channels neither fill nor divide 8).
+fn group_norm_nhwc(dev: &CudaDevice, x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f32, silu: bool) -> Result<Option<Tensor>> {
+    let (b, c, h, w) = x.dims4()?;
+    let cpg = c / groups;
+    let c_vecs = c / 8;
+    if c % 8 != 0 || c_vecs == 0 || c_vecs > 256 || 256 % c_vecs != 0 || !(cpg % 8 == 0 || 8 % cpg == 0) {
+        return Ok(None);
+    }
+    let xl = x.permute((0, 2, 3, 1))?;
+    let n_vecs = b * h * w * c_vecs;
+    if !starts_aligned(&xl, 16) || n_vecs > u32::MAX as usize || h * w > u32::MAX as usize {
+        return Ok(None);
+    }
+    let pixels = h * w;
+    let rows = 256 / c_vecs;
+    // about a thousand blocks over the batch, at least one pixel per row of threads
+    let chunk_pixels = pixels.div_ceil((1024 / b).max(1)).max(rows);
+    let chunks = pixels.div_ceil(chunk_pixels);
+    let mut partial = unsafe { dev.alloc::<f32>(b * groups * chunks * 3)? };
+    let mut stats = unsafe { dev.alloc::<f32>(b * groups * 2)? };
+    let mut out = unsafe { dev.alloc::<bf16>(n_vecs * 8)? };
+    let (pixels32, c_vecs32, chunk32, cpg32, groups32, chunks32, n_vecs32) =
+        (pixels as u32, c_vecs as u32, chunk_pixels as u32, cpg as u32, groups as u32, chunks as u32, n_vecs as u32);
+    let silu32 = silu as i32;
+    with_slice::<bf16, _>(&xl, |xs| {
+        let f = dev.get_or_load_custom_func("zimage_group_stats_nhwc_v8_bf16", MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&xs);
+        bld.arg(&pixels32);
+        bld.arg(&c_vecs32);
+        bld.arg(&chunk32);
+        bld.arg(&cpg32);
+        bld.arg(&groups32);
+        bld.arg(&mut partial);
+        let cfg = LaunchConfig { grid_dim: (chunks32, b as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { bld.launch(cfg) }.w()?;
+        let f = dev.get_or_load_custom_func("zimage_group_finalize", MODULE, PTX)?;
+        let mut bld = f.builder();
+        bld.arg(&partial);
+        bld.arg(&chunks32);
+        bld.arg(&eps);
+        bld.arg(&mut stats);
+        let cfg = LaunchConfig { grid_dim: ((b * groups) as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+        unsafe { bld.launch(cfg) }.w()?;
+        with_slice::<f32, _>(gamma, |gs| {
+            with_slice::<f32, _>(beta, |bs| {
+                let f = dev.get_or_load_custom_func("zimage_group_norm_apply_nhwc_v8_bf16", MODULE, PTX)?;
+                let mut bld = f.builder();
+                bld.arg(&xs);
+                bld.arg(&stats);
+                bld.arg(&gs);
+                bld.arg(&bs);
+                bld.arg(&mut out);
+                bld.arg(&n_vecs32);
+                bld.arg(&c_vecs32);
+                bld.arg(&pixels32);
+                bld.arg(&cpg32);
+                bld.arg(&groups32);
+                bld.arg(&silu32);
+                unsafe { bld.launch(launch_cfg(grid_for(n_vecs))) }.w()?;
+                Ok(())
+            })
+        })
+    })?;
+    Ok(Some(wrap(out, dev, &[b, h, w, c]).permute((0, 3, 1, 2))?))
+}
+
 /// GroupNorm over NCHW bf16 (statistics in f32 with Welford/Chan merging, like torch), affine
 /// `gamma`/`beta` (C) f32, optionally followed by SiLU, in two passes over x.
 pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps: f32, silu: bool) -> Result<Tensor> {
@@ -1023,8 +1124,13 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
     if x.dtype() != DType::BF16 || c % groups != 0 {
         bail!("group_norm: bf16 NCHW with channels divisible by groups");
     }
-    let x = x.contiguous()?;
     let (gamma, beta) = (gamma.to_dtype(DType::F32)?.contiguous()?, beta.to_dtype(DType::F32)?.contiguous()?);
+    if is_channels_last(x) && !x.is_contiguous() {
+        if let Some(y) = group_norm_nhwc(&dev, x, &gamma, &beta, groups, eps, silu)? {
+            return Ok(y);
+        }
+    }
+    let x = x.contiguous()?;
     if (h * w) % 8 == 0 && (c / groups * h * w) / 8 <= u32::MAX as usize && starts_aligned(&x, 16) {
         return group_norm_v8(&dev, &x, &gamma, &beta, groups, eps, silu);
     }
@@ -1124,7 +1230,8 @@ mod conv {
     use super::*;
     use cudarc::cudnn::{sys as csys, ConvForward, Cudnn};
 
-    type Key = [usize; 9];
+    /// (b, c, h, w, k, r, s, padding, stride, channels-last)
+    type Key = [usize; 10];
     const MAX_WORKSPACE: usize = 256 << 20;
 
     struct Inner {
@@ -1145,6 +1252,119 @@ mod conv {
     unsafe impl Sync for CudnnConv {}
 
     impl CudnnConv {
+        /// The algorithm for `key` (picked once) and its workspace, grown to fit.
+        fn algorithm(&self, inner: &mut Inner, op: &ConvForward<'_, bf16, f32, bf16>, key: Key) -> Result<(csys::cudnnConvolutionFwdAlgo_t, usize)> {
+            let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
+            let (algo, ws_size) = match inner.algos.get(&key) {
+                Some(v) => *v,
+                None => {
+                    // The heuristic's first choice, unless its workspace exceeds the cap (the
+                    // workspace is kept between calls): then implicit precomputed GEMM, which runs
+                    // on tensor cores with a small workspace.
+                    let mut algo = op.pick_algorithm().map_err(e)?;
+                    let mut ws = op.get_workspace_size(algo).map_err(e)?;
+                    if ws > MAX_WORKSPACE {
+                        algo = csys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
+                        ws = op.get_workspace_size(algo).map_err(e)?;
+                    }
+                    inner.algos.insert(key, (algo, ws));
+                    (algo, ws)
+                }
+            };
+            if ws_size > 0 && inner.workspace.as_ref().map(|w| w.len()).unwrap_or(0) < ws_size {
+                inner.workspace = None;
+                inner.workspace = Some(self.dev.alloc_zeros::<u8>(ws_size)?);
+            }
+            Ok((algo, ws_size))
+        }
+
+        /// `conv2d_add` of a channels-last x (see `is_channels_last`): cuDNN reads and writes NHWC
+        /// (w read as KRSC), so it converts neither; the output is channels-last too, and so must
+        /// the residual be (it is converted otherwise).
+        fn conv2d_add_nhwc(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+            let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
+            let (b, c, h, wd) = x.dims4()?;
+            let (k, _, r, s) = w.dims4()?;
+            let oh = (h + 2 * padding - r) / stride + 1;
+            let ow = (wd + 2 * padding - s) / stride + 1;
+            let xl = x.permute((0, 2, 3, 1))?; // contiguous (B, H, W, C)
+            let wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
+            self.dev.cuda_stream().context().bind_to_thread().w()?;
+            let mut guard = self.inner.lock().expect("cudnn state poisoned");
+            let inner = &mut *guard;
+            let i = |v: usize| v as i32;
+            let mut conv = inner
+                .cudnn
+                .create_conv2d::<f32>([i(padding); 2], [i(stride); 2], [1, 1], csys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
+                .map_err(e)?;
+            conv.set_math_type(csys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH).map_err(e)?;
+            let nhwc = csys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
+            let xd = inner.cudnn.create_4d_tensor::<bf16>(nhwc, [i(b), i(c), i(h), i(wd)]).map_err(e)?;
+            let wdesc = inner.cudnn.create_4d_filter::<bf16>(nhwc, [i(k), i(c), i(r), i(s)]).map_err(e)?;
+            let yd = inner.cudnn.create_4d_tensor::<bf16>(nhwc, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
+            let op = ConvForward { conv: &conv, x: &xd, w: &wdesc, y: &yd };
+            let (algo, ws_size) = self.algorithm(inner, &op, [b, c, h, wd, k, r, s, padding, stride, 1])?;
+            let n = b * oh * ow * k;
+            let mut y = unsafe { self.dev.alloc::<bf16>(n)? };
+            with_slice::<bf16, _>(&xl, |xs| {
+                with_slice::<bf16, _>(&wl, |wsl| {
+                    let ws = if ws_size > 0 { inner.workspace.as_mut() } else { None };
+                    unsafe { op.launch(algo, ws, (bf16::ONE, bf16::ZERO), &xs, &wsl, &mut y) }.map_err(e)?;
+                    Ok(())
+                })
+            })?;
+            drop(guard);
+            let residual = match residual {
+                Some(rt) if rt.dims() != [b, k, oh, ow] || rt.dtype() != DType::BF16 => {
+                    bail!("cudnn conv2d: residual {:?} {:?} for an output {:?}", rt.dims(), rt.dtype(), [b, k, oh, ow])
+                }
+                Some(rt) if super::is_channels_last(rt) => Some(rt.permute((0, 2, 3, 1))?),
+                Some(rt) => Some(rt.permute((0, 2, 3, 1))?.contiguous()?),
+                None => None,
+            };
+            let mut residual_added = false;
+            if let Some(bias) = bias {
+                let bias = bias.to_dtype(DType::F32)?.contiguous()?;
+                let vec8 = k % 8 == 0 && n / 8 <= u32::MAX as usize && residual.as_ref().is_none_or(|r| starts_aligned(r, 16));
+                with_slice::<f32, _>(&bias, |bs| {
+                    let null = 0u64;
+                    let name = if vec8 { "zimage_add_channel_bias_nhwc_v8_bf16" } else { "zimage_add_channel_bias_nhwc_bf16" };
+                    let f = self.dev.get_or_load_custom_func(name, MODULE, PTX)?;
+                    let launch = |res: Option<&cudarc::driver::CudaView<'_, bf16>>, y: &mut CudaSlice<bf16>| -> Result<()> {
+                        let mut bld = f.builder();
+                        bld.arg(y);
+                        bld.arg(&bs);
+                        let (n_vecs, c_vecs, n64, k32) = ((n / 8) as u32, (k / 8) as u32, n as u64, k as u32);
+                        if vec8 {
+                            bld.arg(&n_vecs);
+                            bld.arg(&c_vecs);
+                        } else {
+                            bld.arg(&n64);
+                            bld.arg(&k32);
+                        }
+                        match res {
+                            Some(r) => bld.arg(r),
+                            None => bld.arg(&null),
+                        };
+                        let items = if vec8 { n / 8 } else { n };
+                        unsafe { bld.launch(launch_cfg(grid_for(items))) }.w()?;
+                        Ok(())
+                    };
+                    match &residual {
+                        Some(r) => with_slice::<bf16, _>(r, |rs| launch(Some(&rs), &mut y))?,
+                        None => launch(None, &mut y)?,
+                    }
+                    Ok(())
+                })?;
+                residual_added = residual.is_some();
+            }
+            let mut y = wrap(y, &self.dev, &[b, oh, ow, k]);
+            if let (Some(r), false) = (&residual, residual_added) {
+                y = (y + r)?;
+            }
+            y.permute((0, 3, 1, 2))
+        }
+
         pub fn new(dev: &CudaDevice) -> Result<Self> {
             let stream = dev.cuda_stream();
             stream.context().bind_to_thread().w()?;
@@ -1168,6 +1388,11 @@ mod conv {
             }
             let oh = (h + 2 * padding - r) / stride + 1;
             let ow = (wd + 2 * padding - s) / stride + 1;
+            // channels-last where both channel counts suit tensor cores (8 bf16 = 16 bytes); the
+            // 3-channel output convolution reads NCHW
+            if super::is_channels_last(x) && !x.is_contiguous() && c % 8 == 0 && k % 8 == 0 {
+                return self.conv2d_add_nhwc(x, w, bias, residual, padding, stride);
+            }
             let (x, w) = (x.contiguous()?, w.contiguous()?);
             self.dev.cuda_stream().context().bind_to_thread().w()?;
             let mut guard = self.inner.lock().expect("cudnn state poisoned");
@@ -1183,27 +1408,8 @@ mod conv {
             let wdesc = inner.cudnn.create_4d_filter::<bf16>(nchw, [i(k), i(c), i(r), i(s)]).map_err(e)?;
             let yd = inner.cudnn.create_4d_tensor::<bf16>(nchw, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
             let op = ConvForward { conv: &conv, x: &xd, w: &wdesc, y: &yd };
-            let key = [b, c, h, wd, k, r, s, padding, stride];
-            let (algo, ws_size) = match inner.algos.get(&key) {
-                Some(v) => *v,
-                None => {
-                    // The heuristic's first choice, unless its workspace exceeds the cap (the
-                    // workspace is kept between calls): then implicit precomputed GEMM, which runs
-                    // on tensor cores with a small workspace.
-                    let mut algo = op.pick_algorithm().map_err(e)?;
-                    let mut ws = op.get_workspace_size(algo).map_err(e)?;
-                    if ws > MAX_WORKSPACE {
-                        algo = csys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_IMPLICIT_PRECOMP_GEMM;
-                        ws = op.get_workspace_size(algo).map_err(e)?;
-                    }
-                    inner.algos.insert(key, (algo, ws));
-                    (algo, ws)
-                }
-            };
-            if ws_size > 0 && inner.workspace.as_ref().map(|w| w.len()).unwrap_or(0) < ws_size {
-                inner.workspace = None;
-                inner.workspace = Some(self.dev.alloc_zeros::<u8>(ws_size)?);
-            }
+            let key = [b, c, h, wd, k, r, s, padding, stride, 0];
+            let (algo, ws_size) = self.algorithm(inner, &op, key)?;
             let mut y = unsafe { self.dev.alloc::<bf16>(b * k * oh * ow)? };
             with_slice::<bf16, _>(&x, |xs| {
                 with_slice::<bf16, _>(&w, |wsl| {

@@ -186,6 +186,10 @@ impl ConvContext {
 impl Conv2d {
     fn new(ctx: &ConvContext, in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
+        // KRSC memory under the (K, C, R, S) shape: what cuDNN reads for channels-last inputs,
+        // with no copy per call (an NCHW input copies it back, a small tensor)
+        #[cfg(feature = "cudnn")]
+        let weight = if ctx.cudnn.is_some() && weight.dtype() == DType::BF16 { crate::cuda::to_channels_last(&weight)? } else { weight };
         let bias = vb.get(out_c, "bias")?;
         Ok(Self {
             weight,
@@ -216,6 +220,14 @@ impl Conv2d {
             Some(CONV_COLUMNS_BUDGET)
         };
         self.forward_with_budget(x, budget)
+    }
+
+    /// Whether the decoder should run channels-last from this (its first) convolution on: with
+    /// cuDNN on bf16, unless `ZIMAGE_VAE_LAYOUT=nchw` (kept to measure and check one against the
+    /// other).
+    #[cfg(feature = "cudnn")]
+    fn wants_channels_last(&self, x: &Tensor) -> bool {
+        self.ctx.cudnn.is_some() && x.dtype() == DType::BF16 && std::env::var("ZIMAGE_VAE_LAYOUT").map_or(true, |v| v != "nchw")
     }
 
     /// `forward(x) + residual`; with cuDNN the add happens in the bias pass.
@@ -328,12 +340,14 @@ impl MidAttention {
         let (b, c, h, w) = x.dims4()?;
         let tokens = h * w;
         let dtype = x.dtype();
-        let normed = self
-            .group_norm
-            .forward(x)?
-            .reshape((b, c, tokens))?
-            .transpose(1, 2)?
-            .contiguous()?;
+        let normed = self.group_norm.forward(x)?;
+        // channels-last (the CUDA decoder) is already the (B, tokens, C) layout
+        let channels_last = !normed.is_contiguous() && normed.permute((0, 2, 3, 1))?.is_contiguous();
+        let normed = if channels_last {
+            normed.permute((0, 2, 3, 1))?.reshape((b, tokens, c))?
+        } else {
+            normed.reshape((b, c, tokens))?.transpose(1, 2)?.contiguous()?
+        };
         // Products in f32 on the CPU; on accelerators in the activation dtype (tensor cores, f32
         // accumulation, as PyTorch's SDPA runs them) with the softmax still in f32.
         let mm_dtype = if x.device().is_cpu() { DType::F32 } else { dtype };
@@ -357,7 +371,13 @@ impl MidAttention {
             start += len;
         }
         let attended = Tensor::cat(&outs, 1)?.to_dtype(dtype)?;
-        let out = self.to_out.forward(&attended)?.transpose(1, 2)?.reshape((b, c, h, w))?;
+        let out = self.to_out.forward(&attended)?;
+        if channels_last && x.permute((0, 2, 3, 1))?.is_contiguous() {
+            // the residual added in (B, H, W, C), both contiguous there; channels-last out
+            let out = (out.reshape((b, h, w, c))? + x.permute((0, 2, 3, 1))?)?;
+            return Ok(out.permute((0, 3, 1, 2))?);
+        }
+        let out = out.transpose(1, 2)?.reshape((b, c, h, w))?;
         Ok((out + x)?)
     }
 }
@@ -581,6 +601,11 @@ impl Decoder {
 
     /// `forward`, calling `probe(stage)` after each stage (for profiling).
     fn forward_probed(&self, z: &Tensor, probe: &mut dyn FnMut(&str)) -> Result<Tensor> {
+        // Channels-last where cuDNN runs the convolutions: every op below keeps the layout it is
+        // given (the CUDA kernels have NHWC variants), so no conversion runs around each
+        // convolution; the image comes back NCHW.
+        #[cfg(feature = "cudnn")]
+        let z = &if self.conv_in.wants_channels_last(z) { crate::cuda::to_channels_last(z)? } else { z.clone() };
         let h = self.conv_in.forward(z)?;
         probe("conv_in");
         let mut h = self.mid_block.forward(h)?;
@@ -596,7 +621,7 @@ impl Decoder {
             probe(["up_block.0", "up_block.1", "up_block.2", "up_block.3"].get(i).copied().unwrap_or("up_block.n"));
         }
         let h = self.conv_norm_out.forward_silu(&h)?;
-        let out = self.conv_out.forward(&h)?;
+        let out = self.conv_out.forward(&h)?.contiguous()?;
         probe("norm_out+conv_out");
         Ok(out)
     }

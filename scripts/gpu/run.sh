@@ -35,6 +35,8 @@
 #   scripts/gpu/run.sh autotune # FP8 1024 with cuBLASLt autotuning and with the heuristic's pick, same call
 #   scripts/gpu/run.sh fp8attn  # FlashAttention-3's FP8 forward: checks against the E4M3 reference, image
 #                               # PSNR against bf16 attention, op profile, 1024/2048 with each attention
+#   scripts/gpu/run.sh vae_nhwc # the channels-last VAE decoder against NCHW: checks, stage times, FP8
+#                               # 1024/2048 both ways, bf16 1024, then diffusers in the same call
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -369,6 +371,25 @@ fp8attn)
   ZIMAGE_ATTENTION=fa3-fp8 RUNS=2 bench_mem fp8_attnfp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 attn-fp8 2048" | tee -a "$OUT/summary.txt"
   ZIMAGE_ATTENTION=fa3-fp8 RUNS=3 bench_mem bf16_attnfp8_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 attn-fp8 1024" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
+  ;;
+vae_nhwc)
+  # issue 21 item 3: the channels-last VAE decoder (default) against NCHW (ZIMAGE_VAE_LAYOUT=nchw):
+  # kernel checks (bench --check, with FP8 attention now the FP8 model's default), the VAE's stage
+  # times both ways (bench --ops), FP8 1024 both ways, FP8 2048 and bf16 1024, then diffusers
+  # eager / compile / compile + FP8 in the same call
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  CHECK_LIMIT=200 check check
+  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae" | tee -a "$OUT/summary.txt" || true
+  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_VAE_LAYOUT=nchw RUNS=5 bench_mem fp8_vae_nchw_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 nchw 1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  ZIMAGE_VAE_LAYOUT=nchw RUNS=2 bench_mem fp8_vae_nchw_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 nchw 2048" | tee -a "$OUT/summary.txt"
+  RUNS=3 bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 1024" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  timeout "${DIFFUSERS_LIMIT:-300}" python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16,compile_fp8}" \
+      --sizes "${SIZES:-1024,2048}" --runs 3 --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | grep "ms$\|Error\|error" | tee -a "$OUT/summary.txt" \
+      || echo "diffusers bench stopped (limit ${DIFFUSERS_LIMIT:-300} s)" | tee -a "$OUT/summary.txt"
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,

@@ -667,6 +667,11 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
                 name: format!("tiny VAE decode {w}x{h}: device bf16 vs CPU f32"),
                 relative_l2: relative_l2(&img_dev.to_device(&cpu)?, &img_cpu)?,
             });
+            let img_nchw = with_env("ZIMAGE_VAE_LAYOUT", "nchw", || Ok(on_dev.vae().decode(&z.to_device(device)?)?))?;
+            kernels.push(KernelCheck {
+                name: format!("tiny VAE decode {w}x{h}: channels-last vs NCHW (device)"),
+                relative_l2: relative_l2(&img_dev, &img_nchw)?,
+            });
             let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: 4, seed: 3, ..Default::default() };
             let out_dev = on_dev.generate(&req, &mut |_| Control::Continue)?;
             let out_cpu = on_cpu.generate(&req, &mut |_| Control::Continue)?;
@@ -675,6 +680,14 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
                 relative_l2: relative_l2(&out_dev.latents.to_device(&cpu)?, &out_cpu.latents)?,
             });
         }
+    }
+    // The pipeline's VAE (full size with --model random): the channels-last decoder against the
+    // NCHW one, same latent.
+    if device.is_cuda() {
+        let z = Tensor::randn(0f32, 1.0, (1, 16, 128, 128), device)?;
+        let img = pipe.vae().decode(&z)?;
+        let img_nchw = with_env("ZIMAGE_VAE_LAYOUT", "nchw", || Ok(pipe.vae().decode(&z)?))?;
+        kernels.push(KernelCheck { name: "VAE decode 1024x1024: channels-last vs NCHW".into(), relative_l2: relative_l2(&img, &img_nchw)? });
     }
     // Causal attention with grouped kv heads (the text encoder's): flash vs the composed softmax.
     {
@@ -786,12 +799,18 @@ fn with_attention<T>(kernel: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
     if kernel.is_empty() {
         return f();
     }
-    let before = std::env::var("ZIMAGE_ATTENTION").ok();
-    std::env::set_var("ZIMAGE_ATTENTION", kernel);
+    with_env("ZIMAGE_ATTENTION", kernel, f)
+}
+
+/// Runs `f` with the environment variable `var` set to `value`, then puts it back (the engine
+/// reads these settings per call; bench runs one request at a time).
+fn with_env<T>(var: &str, value: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let before = std::env::var(var).ok();
+    std::env::set_var(var, value);
     let result = f();
     match before {
-        Some(v) => std::env::set_var("ZIMAGE_ATTENTION", v),
-        None => std::env::remove_var("ZIMAGE_ATTENTION"),
+        Some(v) => std::env::set_var(var, v),
+        None => std::env::remove_var(var),
     }
     result
 }
@@ -953,24 +972,31 @@ fn vae_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Resul
     for _ in 0..2 {
         vae.decode(&z)?;
     }
-    let mut stages: Vec<(String, f64)> = Vec::new();
-    for _ in 0..3 {
-        device.synchronize()?;
-        let mut last = Instant::now();
-        let mut run = Vec::new();
-        vae.decode_probed(&z, &mut |stage| {
-            let _ = device.synchronize();
-            let now = Instant::now();
-            run.push((stage.to_string(), ms(now - last)));
-            last = now;
+    // the default layout (channels-last with cuDNN), then NCHW
+    for layout in ["default", "nchw"] {
+        let stages = with_env("ZIMAGE_VAE_LAYOUT", layout, || {
+            vae.decode(&z)?;
+            let mut stages: Vec<(String, f64)> = Vec::new();
+            for _ in 0..3 {
+                device.synchronize()?;
+                let mut last = Instant::now();
+                let mut run = Vec::new();
+                vae.decode_probed(&z, &mut |stage| {
+                    let _ = device.synchronize();
+                    let now = Instant::now();
+                    run.push((stage.to_string(), ms(now - last)));
+                    last = now;
+                })?;
+                stages = run; // the last run (warm)
+            }
+            Ok(stages)
         })?;
-        stages = run; // the last run (warm)
+        let total: f64 = stages.iter().map(|(_, t)| t).sum();
+        for (name, t) in &stages {
+            eprintln!("vae decode 1024x1024 ({layout}) stage {name:24} {t:8.2} ms");
+        }
+        eprintln!("vae decode 1024x1024 ({layout}) total {total:.1} ms");
     }
-    let total: f64 = stages.iter().map(|(_, t)| t).sum();
-    for (name, t) in &stages {
-        eprintln!("vae decode 1024x1024 stage {name:24} {t:8.2} ms");
-    }
-    eprintln!("vae decode 1024x1024 total {total:.1} ms");
     let r = |s: &[usize]| Tensor::randn(0f32, 1.0, s, device).and_then(|t| t.to_dtype(dtype));
     let mut rows: Vec<(String, f64)> = Vec::new();
     for (c_in, c_out, hw) in [(512, 512, 128), (512, 512, 256), (512, 256, 512), (256, 256, 512), (256, 128, 1024), (128, 128, 1024)] {
