@@ -147,6 +147,12 @@ impl GroupNorm {
     }
 }
 
+/// `ZIMAGE_VAE_LAYOUT=nhwc`: the CUDA decoder runs channels-last (see `Decoder::forward_probed`).
+#[cfg(feature = "cudnn")]
+fn channels_last_chosen() -> bool {
+    std::env::var("ZIMAGE_VAE_LAYOUT").is_ok_and(|v| v == "nhwc")
+}
+
 /// `nn.Conv2d` (square kernel, with bias) that bounds its im2col memory on accelerators.
 #[derive(Debug, Clone)]
 struct Conv2d {
@@ -186,10 +192,15 @@ impl ConvContext {
 impl Conv2d {
     fn new(ctx: &ConvContext, in_c: usize, out_c: usize, kernel: usize, padding: usize, stride: usize, vb: VarBuilder) -> Result<Self> {
         let weight = vb.get((out_c, in_c, kernel, kernel), "weight")?;
-        // KRSC memory under the (K, C, R, S) shape: what cuDNN reads for channels-last inputs,
-        // with no copy per call (an NCHW input copies it back, a small tensor)
+        // For a channels-last decoder, KRSC memory under the (K, C, R, S) shape: what cuDNN reads
+        // for channels-last inputs, with no copy per call (the other layout copies it, a small
+        // tensor)
         #[cfg(feature = "cudnn")]
-        let weight = if ctx.cudnn.is_some() && weight.dtype() == DType::BF16 { crate::cuda::to_channels_last(&weight)? } else { weight };
+        let weight = if ctx.cudnn.is_some() && weight.dtype() == DType::BF16 && channels_last_chosen() {
+            crate::cuda::to_channels_last(&weight)?
+        } else {
+            weight
+        };
         let bias = vb.get(out_c, "bias")?;
         Ok(Self {
             weight,
@@ -223,11 +234,10 @@ impl Conv2d {
     }
 
     /// Whether the decoder should run channels-last from this (its first) convolution on: with
-    /// cuDNN on bf16, unless `ZIMAGE_VAE_LAYOUT=nchw` (kept to measure and check one against the
-    /// other).
+    /// cuDNN on bf16 and `ZIMAGE_VAE_LAYOUT=nhwc` (opt-in until measured on a GPU).
     #[cfg(feature = "cudnn")]
     fn wants_channels_last(&self, x: &Tensor) -> bool {
-        self.ctx.cudnn.is_some() && x.dtype() == DType::BF16 && std::env::var("ZIMAGE_VAE_LAYOUT").map_or(true, |v| v != "nchw")
+        self.ctx.cudnn.is_some() && x.dtype() == DType::BF16 && channels_last_chosen()
     }
 
     /// `forward(x) + residual`; with cuDNN the add happens in the bias pass.

@@ -667,10 +667,15 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
                 name: format!("tiny VAE decode {w}x{h}: device bf16 vs CPU f32"),
                 relative_l2: relative_l2(&img_dev.to_device(&cpu)?, &img_cpu)?,
             });
+            let img_nhwc = with_env("ZIMAGE_VAE_LAYOUT", "nhwc", || Ok(on_dev.vae().decode(&z.to_device(device)?)?))?;
             let img_nchw = with_env("ZIMAGE_VAE_LAYOUT", "nchw", || Ok(on_dev.vae().decode(&z.to_device(device)?)?))?;
             kernels.push(KernelCheck {
                 name: format!("tiny VAE decode {w}x{h}: channels-last vs NCHW (device)"),
-                relative_l2: relative_l2(&img_dev, &img_nchw)?,
+                relative_l2: relative_l2(&img_nhwc, &img_nchw)?,
+            });
+            kernels.push(KernelCheck {
+                name: format!("tiny VAE decode {w}x{h}: channels-last device bf16 vs CPU f32"),
+                relative_l2: relative_l2(&img_nhwc.to_device(&cpu)?, &img_cpu)?,
             });
             let req = GenerateRequest { prompt: a.prompt.clone(), width: w, height: h, steps: 4, seed: 3, ..Default::default() };
             let out_dev = on_dev.generate(&req, &mut |_| Control::Continue)?;
@@ -685,7 +690,7 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
     // NCHW one, same latent.
     if device.is_cuda() {
         let z = Tensor::randn(0f32, 1.0, (1, 16, 128, 128), device)?;
-        let img = pipe.vae().decode(&z)?;
+        let img = with_env("ZIMAGE_VAE_LAYOUT", "nhwc", || Ok(pipe.vae().decode(&z)?))?;
         let img_nchw = with_env("ZIMAGE_VAE_LAYOUT", "nchw", || Ok(pipe.vae().decode(&z)?))?;
         kernels.push(KernelCheck { name: "VAE decode 1024x1024: channels-last vs NCHW".into(), relative_l2: relative_l2(&img, &img_nchw)? });
     }
@@ -972,8 +977,8 @@ fn vae_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Resul
     for _ in 0..2 {
         vae.decode(&z)?;
     }
-    // the default layout (channels-last with cuDNN), then NCHW
-    for layout in ["default", "nchw"] {
+    // channels-last (opt-in), then NCHW (the default)
+    for layout in ["nhwc", "nchw"] {
         let stages = with_env("ZIMAGE_VAE_LAYOUT", layout, || {
             vae.decode(&z)?;
             let mut stages: Vec<(String, f64)> = Vec::new();
