@@ -1278,17 +1278,14 @@ mod conv {
             Ok((algo, ws_size))
         }
 
-        /// `conv2d_add` of a channels-last x (see `is_channels_last`): cuDNN reads and writes NHWC
-        /// (w read as KRSC), so it converts neither; the output is channels-last too, and so must
-        /// the residual be (it is converted otherwise).
-        fn conv2d_add_nhwc(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+        /// cuDNN's convolution of x by w into a new buffer: NCHW x, KCRS w and NCHW out, or with
+        /// `channels_last` NHWC x, KRSC w and NHWC out (both operands contiguous in that order).
+        /// dims: (b, c, h, w, k, r, s).
+        fn convolve(&self, x: &Tensor, w: &Tensor, dims: [usize; 7], padding: usize, stride: usize, channels_last: bool) -> Result<CudaSlice<bf16>> {
             let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
-            let (b, c, h, wd) = x.dims4()?;
-            let (k, _, r, s) = w.dims4()?;
+            let [b, c, h, wd, k, r, s] = dims;
             let oh = (h + 2 * padding - r) / stride + 1;
             let ow = (wd + 2 * padding - s) / stride + 1;
-            let xl = x.permute((0, 2, 3, 1))?; // contiguous (B, H, W, C)
-            let wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
             self.dev.cuda_stream().context().bind_to_thread().w()?;
             let mut guard = self.inner.lock().expect("cudnn state poisoned");
             let inner = &mut *guard;
@@ -1298,22 +1295,35 @@ mod conv {
                 .create_conv2d::<f32>([i(padding); 2], [i(stride); 2], [1, 1], csys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
                 .map_err(e)?;
             conv.set_math_type(csys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH).map_err(e)?;
-            let nhwc = csys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC;
-            let xd = inner.cudnn.create_4d_tensor::<bf16>(nhwc, [i(b), i(c), i(h), i(wd)]).map_err(e)?;
-            let wdesc = inner.cudnn.create_4d_filter::<bf16>(nhwc, [i(k), i(c), i(r), i(s)]).map_err(e)?;
-            let yd = inner.cudnn.create_4d_tensor::<bf16>(nhwc, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
+            let format = if channels_last { csys::cudnnTensorFormat_t::CUDNN_TENSOR_NHWC } else { csys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW };
+            let xd = inner.cudnn.create_4d_tensor::<bf16>(format, [i(b), i(c), i(h), i(wd)]).map_err(e)?;
+            let wdesc = inner.cudnn.create_4d_filter::<bf16>(format, [i(k), i(c), i(r), i(s)]).map_err(e)?;
+            let yd = inner.cudnn.create_4d_tensor::<bf16>(format, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
             let op = ConvForward { conv: &conv, x: &xd, w: &wdesc, y: &yd };
-            let (algo, ws_size) = self.algorithm(inner, &op, [b, c, h, wd, k, r, s, padding, stride, 1])?;
-            let n = b * oh * ow * k;
-            let mut y = unsafe { self.dev.alloc::<bf16>(n)? };
-            with_slice::<bf16, _>(&xl, |xs| {
-                with_slice::<bf16, _>(&wl, |wsl| {
+            let (algo, ws_size) = self.algorithm(inner, &op, [b, c, h, wd, k, r, s, padding, stride, channels_last as usize])?;
+            let mut y = unsafe { self.dev.alloc::<bf16>(b * k * oh * ow)? };
+            with_slice::<bf16, _>(x, |xs| {
+                with_slice::<bf16, _>(w, |wsl| {
                     let ws = if ws_size > 0 { inner.workspace.as_mut() } else { None };
                     unsafe { op.launch(algo, ws, (bf16::ONE, bf16::ZERO), &xs, &wsl, &mut y) }.map_err(e)?;
                     Ok(())
                 })
             })?;
-            drop(guard);
+            Ok(y)
+        }
+
+        /// `conv2d_add` of a channels-last x (see `is_channels_last`): cuDNN reads and writes NHWC
+        /// (w read as KRSC), so it converts neither; the output is channels-last too, and so must
+        /// the residual be (it is converted otherwise).
+        fn conv2d_add_nhwc(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
+            let (b, c, h, wd) = x.dims4()?;
+            let (k, _, r, s) = w.dims4()?;
+            let oh = (h + 2 * padding - r) / stride + 1;
+            let ow = (wd + 2 * padding - s) / stride + 1;
+            let xl = x.permute((0, 2, 3, 1))?; // contiguous (B, H, W, C)
+            let wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
+            let mut y = self.convolve(&xl, &wl, [b, c, h, wd, k, r, s], padding, stride, true)?;
+            let n = b * oh * ow * k;
             let residual = match residual {
                 Some(rt) if rt.dims() != [b, k, oh, ow] || rt.dtype() != DType::BF16 => {
                     bail!("cudnn conv2d: residual {:?} {:?} for an output {:?}", rt.dims(), rt.dtype(), [b, k, oh, ow])
@@ -1380,7 +1390,6 @@ mod conv {
         /// `conv2d(..) + residual` (residual of the output's shape), the add done by the bias pass
         /// where it can (bias given, H*W % 8 == 0), else by a separate add.
         pub fn conv2d_add(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
-            let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
             let (b, c, h, wd) = x.dims4()?;
             let (k, c2, r, s) = w.dims4()?;
             if c != c2 || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
@@ -1394,31 +1403,7 @@ mod conv {
                 return self.conv2d_add_nhwc(x, w, bias, residual, padding, stride);
             }
             let (x, w) = (x.contiguous()?, w.contiguous()?);
-            self.dev.cuda_stream().context().bind_to_thread().w()?;
-            let mut guard = self.inner.lock().expect("cudnn state poisoned");
-            let inner = &mut *guard;
-            let i = |v: usize| v as i32;
-            let mut conv = inner
-                .cudnn
-                .create_conv2d::<f32>([i(padding); 2], [i(stride); 2], [1, 1], csys::cudnnConvolutionMode_t::CUDNN_CROSS_CORRELATION)
-                .map_err(e)?;
-            conv.set_math_type(csys::cudnnMathType_t::CUDNN_TENSOR_OP_MATH).map_err(e)?;
-            let nchw = csys::cudnnTensorFormat_t::CUDNN_TENSOR_NCHW;
-            let xd = inner.cudnn.create_4d_tensor::<bf16>(nchw, [i(b), i(c), i(h), i(wd)]).map_err(e)?;
-            let wdesc = inner.cudnn.create_4d_filter::<bf16>(nchw, [i(k), i(c), i(r), i(s)]).map_err(e)?;
-            let yd = inner.cudnn.create_4d_tensor::<bf16>(nchw, [i(b), i(k), i(oh), i(ow)]).map_err(e)?;
-            let op = ConvForward { conv: &conv, x: &xd, w: &wdesc, y: &yd };
-            let key = [b, c, h, wd, k, r, s, padding, stride, 0];
-            let (algo, ws_size) = self.algorithm(inner, &op, key)?;
-            let mut y = unsafe { self.dev.alloc::<bf16>(b * k * oh * ow)? };
-            with_slice::<bf16, _>(&x, |xs| {
-                with_slice::<bf16, _>(&w, |wsl| {
-                    let ws = if ws_size > 0 { inner.workspace.as_mut() } else { None };
-                    unsafe { op.launch(algo, ws, (bf16::ONE, bf16::ZERO), &xs, &wsl, &mut y) }.map_err(e)?;
-                    Ok(())
-                })
-            })?;
-            drop(guard);
+            let mut y = self.convolve(&x, &w, [b, c, h, wd, k, r, s], padding, stride, false)?;
             let out_dims = [b, k, oh, ow];
             let residual = match residual {
                 Some(r) if r.dims() != out_dims || r.dtype() != DType::BF16 => {
