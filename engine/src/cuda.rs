@@ -14,6 +14,8 @@ use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, LaunchConfi
 use float8::F8E4M3;
 use half::bf16;
 
+use crate::ops::is_channels_last;
+
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/zimage.ptx"));
 const MODULE: &str = "zimage_engine_kernels";
 const THREADS: u32 = 256;
@@ -213,7 +215,7 @@ pub fn rms_norm_i8_v8(x: &Tensor, w: &Tensor, eps: f32) -> Result<Option<(Tensor
 pub fn upsample_nearest2x(x: &Tensor) -> Result<Option<Tensor>> {
     let dev = cuda_device(x)?;
     let (b, c, h, w) = x.dims4()?;
-    if is_channels_last(x) && !x.is_contiguous() && x.dtype() == DType::BF16 && c % 8 == 0 && x.elem_count() / 2 <= u32::MAX as usize {
+    if is_channels_last(x) && x.dtype() == DType::BF16 && c % 8 == 0 && x.elem_count() / 2 <= u32::MAX as usize {
         // channels-last in, channels-last out
         let xl = x.permute((0, 2, 3, 1))?;
         if starts_aligned(&xl, 16) {
@@ -1037,16 +1039,6 @@ pub fn quantize_rows_i8(x: &Tensor) -> Result<Option<(Tensor, Tensor)>> {
 }
 
 
-/// Whether x (B, C, H, W) is stored channels-last: a permuted view of a contiguous (B, H, W, C).
-pub fn is_channels_last(x: &Tensor) -> bool {
-    x.rank() == 4 && x.permute((0, 2, 3, 1)).is_ok_and(|t| t.is_contiguous())
-}
-
-/// x (B, C, H, W) copied channels-last (the same shape, NHWC memory).
-pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
-    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
-}
-
 /// `group_norm` of a channels-last x, output channels-last: statistics per (chunk of pixels,
 /// group), merged per group, then applied; None where the kernels do not fit (C % 8, more than
 /// 2048 channels, groups whose channels neither fill nor divide 8).
@@ -1125,7 +1117,7 @@ pub fn group_norm(x: &Tensor, gamma: &Tensor, beta: &Tensor, groups: usize, eps:
         bail!("group_norm: bf16 NCHW with channels divisible by groups");
     }
     let (gamma, beta) = (gamma.to_dtype(DType::F32)?.contiguous()?, beta.to_dtype(DType::F32)?.contiguous()?);
-    if is_channels_last(x) && !x.is_contiguous() {
+    if is_channels_last(x) {
         if let Some(y) = group_norm_nhwc(&dev, x, &gamma, &beta, groups, eps, silu)? {
             return Ok(y);
         }
@@ -1232,6 +1224,11 @@ mod conv {
 
     /// (b, c, h, w, k, r, s, padding, stride, channels-last)
     type Key = [usize; 10];
+
+    /// The output's (H', W') of a convolution with an (r, s) filter.
+    fn out_hw(h: usize, w: usize, r: usize, s: usize, padding: usize, stride: usize) -> (usize, usize) {
+        ((h + 2 * padding - r) / stride + 1, (w + 2 * padding - s) / stride + 1)
+    }
     const MAX_WORKSPACE: usize = 256 << 20;
 
     struct Inner {
@@ -1284,8 +1281,7 @@ mod conv {
         fn convolve(&self, x: &Tensor, w: &Tensor, dims: [usize; 7], padding: usize, stride: usize, channels_last: bool) -> Result<CudaSlice<bf16>> {
             let e = |e: cudarc::cudnn::CudnnError| candle_core::Error::Msg(format!("cuDNN: {e:?}"));
             let [b, c, h, wd, k, r, s] = dims;
-            let oh = (h + 2 * padding - r) / stride + 1;
-            let ow = (wd + 2 * padding - s) / stride + 1;
+            let (oh, ow) = out_hw(h, wd, r, s, padding, stride);
             self.dev.cuda_stream().context().bind_to_thread().w()?;
             let mut guard = self.inner.lock().expect("cudnn state poisoned");
             let inner = &mut *guard;
@@ -1318,8 +1314,7 @@ mod conv {
         fn conv2d_add_nhwc(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
             let (b, c, h, wd) = x.dims4()?;
             let (k, _, r, s) = w.dims4()?;
-            let oh = (h + 2 * padding - r) / stride + 1;
-            let ow = (wd + 2 * padding - s) / stride + 1;
+            let (oh, ow) = out_hw(h, wd, r, s, padding, stride);
             let xl = x.permute((0, 2, 3, 1))?; // contiguous (B, H, W, C)
             let wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
             let mut y = self.convolve(&xl, &wl, [b, c, h, wd, k, r, s], padding, stride, true)?;
@@ -1328,7 +1323,7 @@ mod conv {
                 Some(rt) if rt.dims() != [b, k, oh, ow] || rt.dtype() != DType::BF16 => {
                     bail!("cudnn conv2d: residual {:?} {:?} for an output {:?}", rt.dims(), rt.dtype(), [b, k, oh, ow])
                 }
-                Some(rt) if super::is_channels_last(rt) => Some(rt.permute((0, 2, 3, 1))?),
+                Some(rt) if is_channels_last(rt) => Some(rt.permute((0, 2, 3, 1))?),
                 Some(rt) => Some(rt.permute((0, 2, 3, 1))?.contiguous()?),
                 None => None,
             };
@@ -1395,11 +1390,10 @@ mod conv {
             if c != c2 || x.dtype() != DType::BF16 || w.dtype() != DType::BF16 {
                 bail!("cudnn conv2d: x {:?} {:?}, w {:?} {:?}", x.dims(), x.dtype(), w.dims(), w.dtype());
             }
-            let oh = (h + 2 * padding - r) / stride + 1;
-            let ow = (wd + 2 * padding - s) / stride + 1;
+            let (oh, ow) = out_hw(h, wd, r, s, padding, stride);
             // channels-last where both channel counts suit tensor cores (8 bf16 = 16 bytes); the
             // 3-channel output convolution reads NCHW
-            if super::is_channels_last(x) && !x.is_contiguous() && c % 8 == 0 && k % 8 == 0 {
+            if is_channels_last(x) && c % 8 == 0 && k % 8 == 0 {
                 return self.conv2d_add_nhwc(x, w, bias, residual, padding, stride);
             }
             let (x, w) = (x.contiguous()?, w.contiguous()?);

@@ -105,6 +105,17 @@ pub fn layer_norm_plain(x: &Tensor, eps: f64) -> Result<Tensor> {
     centered.broadcast_div(&(var + eps)?.sqrt()?)?.to_dtype(dtype)
 }
 
+/// Whether x (B, C, H, W) is stored channels-last and not also contiguous NCHW: a permuted view
+/// of a contiguous (B, H, W, C) (the CUDA VAE decoder's layout, which its kernels keep).
+pub fn is_channels_last(x: &Tensor) -> bool {
+    x.rank() == 4 && !x.is_contiguous() && x.permute((0, 2, 3, 1)).is_ok_and(|t| t.is_contiguous())
+}
+
+/// x (B, C, H, W) copied channels-last (the same shape, NHWC memory).
+pub fn to_channels_last(x: &Tensor) -> Result<Tensor> {
+    x.permute((0, 2, 3, 1))?.contiguous()?.permute((0, 3, 1, 2))
+}
+
 /// Which attention kernel `attention` runs: the best one built in for the card unless the
 /// `ZIMAGE_ATTENTION` environment variable names another (`fa3-fp8`, `fa3`, `fa2` or `composed`;
 /// `auto` or unset: the default), so that one binary can measure them side by side.
@@ -128,9 +139,23 @@ impl AttentionKernel {
         }
     }
 
+    /// The kernel `ZIMAGE_ATTENTION` names (`fa3-fp8`, `fa3`, `fa2`, `composed`); empty when it is
+    /// unset, empty or `auto` (the default choice).
+    fn named() -> String {
+        std::env::var("ZIMAGE_ATTENTION").ok().filter(|v| v != "auto").unwrap_or_default()
+    }
+
+    /// Whether `ZIMAGE_ATTENTION` names a kernel (the default choice is off).
+    pub fn named_by_env() -> bool {
+        !Self::named().is_empty()
+    }
+
     /// The kernel `attention` takes for bf16, head-dim-128 inputs on `device`.
     pub fn for_device(device: &candle_core::Device) -> Self {
-        let wanted = std::env::var("ZIMAGE_ATTENTION").unwrap_or_default();
+        Self::for_device_named(device, &Self::named())
+    }
+
+    fn for_device_named(device: &candle_core::Device, wanted: &str) -> Self {
         #[cfg(any(feature = "flash-attn", feature = "flash-attn-v3"))]
         if let candle_core::Device::Cuda(_dev) = device {
             if wanted == "composed" {
@@ -158,11 +183,10 @@ impl AttentionKernel {
     /// 1024, docs/PERF.md), unless `ZIMAGE_ATTENTION` names a kernel; the bf16 model keeps bf16
     /// attention (its purpose is fidelity). Other head dims cannot take the FP8 kernel.
     pub fn for_transformer(device: &candle_core::Device, quantization: Quantization, head_dim: usize) -> Self {
-        let kernel = Self::for_device(device);
-        let named = std::env::var("ZIMAGE_ATTENTION").is_ok_and(|v| !v.is_empty() && v != "auto");
-        match kernel {
+        let wanted = Self::named();
+        match Self::for_device_named(device, &wanted) {
             Self::FlashAttention3Fp8 if head_dim != 128 => Self::FlashAttention3,
-            Self::FlashAttention3 if cfg!(feature = "flash-attn-v3-fp8") && !named && quantization == Quantization::Fp8 && head_dim == 128 => {
+            Self::FlashAttention3 if cfg!(feature = "flash-attn-v3-fp8") && wanted.is_empty() && quantization == Quantization::Fp8 && head_dim == 128 => {
                 Self::FlashAttention3Fp8
             }
             kernel => kernel,

@@ -197,7 +197,7 @@ impl Conv2d {
         // tensor)
         #[cfg(feature = "cudnn")]
         let weight = if ctx.cudnn.is_some() && weight.dtype() == DType::BF16 && channels_last_chosen() {
-            crate::cuda::to_channels_last(&weight)?
+            crate::ops::to_channels_last(&weight)?
         } else {
             weight
         };
@@ -352,7 +352,7 @@ impl MidAttention {
         let dtype = x.dtype();
         let normed = self.group_norm.forward(x)?;
         // channels-last (the CUDA decoder) is already the (B, tokens, C) layout
-        let channels_last = !normed.is_contiguous() && normed.permute((0, 2, 3, 1))?.is_contiguous();
+        let channels_last = crate::ops::is_channels_last(&normed);
         let normed = if channels_last {
             normed.permute((0, 2, 3, 1))?.reshape((b, tokens, c))?
         } else {
@@ -382,7 +382,7 @@ impl MidAttention {
         }
         let attended = Tensor::cat(&outs, 1)?.to_dtype(dtype)?;
         let out = self.to_out.forward(&attended)?;
-        if channels_last && x.permute((0, 2, 3, 1))?.is_contiguous() {
+        if channels_last && crate::ops::is_channels_last(x) {
             // the residual added in (B, H, W, C), both contiguous there; channels-last out
             let out = (out.reshape((b, h, w, c))? + x.permute((0, 2, 3, 1))?)?;
             return Ok(out.permute((0, 3, 1, 2))?);
@@ -615,7 +615,7 @@ impl Decoder {
         // given (the CUDA kernels have NHWC variants), so no conversion runs around each
         // convolution; the image comes back NCHW.
         #[cfg(feature = "cudnn")]
-        let z = &if self.conv_in.wants_channels_last(z) { crate::cuda::to_channels_last(z)? } else { z.clone() };
+        let z = &if self.conv_in.wants_channels_last(z) { crate::ops::to_channels_last(z)? } else { z.clone() };
         let h = self.conv_in.forward(z)?;
         probe("conv_in");
         let mut h = self.mid_block.forward(h)?;

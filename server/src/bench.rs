@@ -722,7 +722,7 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         let (emb_graph, _) = pipe.encode_prompt(&a.prompt)?;
         kernels.push(KernelCheck { name: "text encoder: graph replay (padded to 64 tokens) vs launches".into(), relative_l2: relative_l2(&emb_graph, &emb_eager)? });
         pipe.set_cuda_graphs(false);
-        let (emb_composed, _) = with_attention("composed", || Ok(pipe.encode_prompt(&a.prompt)?))?;
+        let (emb_composed, _) = with_env("ZIMAGE_ATTENTION", "composed", || Ok(pipe.encode_prompt(&a.prompt)?))?;
         kernels.push(KernelCheck { name: "text encoder: flash causal vs composed attention".into(), relative_l2: relative_l2(&emb_graph, &emb_composed)? });
     }
     for k in &kernels {
@@ -748,8 +748,8 @@ fn check(pipe: &mut Pipeline, a: &BenchArgs, device: &candle_core::Device) -> Re
         for (&(w, h), base) in sizes.iter().zip(&bf16_runs) {
             // the linears' effect alone: bf16 attention unless a kernel is named (the FP8 model's
             // default FP8 attention is measured on its own below)
-            let default = std::env::var("ZIMAGE_ATTENTION").map_or(true, |v| v.is_empty() || v == "auto");
-            let out = with_attention(if default { "fa3" } else { "" }, || Ok(pipe.generate(&req(w, h), &mut |_| Control::Continue)?))?;
+            let run = || Ok(pipe.generate(&req(w, h), &mut |_| Control::Continue)?);
+            let out = if engine::ops::AttentionKernel::named_by_env() { run()? } else { with_env("ZIMAGE_ATTENTION", "fa3", run)? };
             let rel = relative_l2(&out.latents, &base.latents)?;
             let p = psnr(&out.images[0], &base.images[0]);
             eprintln!("{w}x{h}: {} vs bf16, same weights and seed: latents relative L2 {rel:.3e}, image PSNR {p:.2} dB", q.name());
@@ -783,7 +783,7 @@ fn fp8_attention_psnr(
 ) -> Result<Vec<serde_json::Value>> {
     use engine::fp8::relative_l2;
     use engine::ops::AttentionKernel;
-    with_attention("fa3-fp8", || {
+    with_env("ZIMAGE_ATTENTION", "fa3-fp8", || {
         let mut reports = Vec::new();
         if pipe.attention_kernel() != AttentionKernel::FlashAttention3Fp8 {
             return Ok(reports);
@@ -797,14 +797,6 @@ fn fp8_attention_psnr(
         }
         Ok(reports)
     })
-}
-
-/// Runs `f` with `ZIMAGE_ATTENTION` set to `kernel` (unchanged when empty), then puts it back.
-fn with_attention<T>(kernel: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
-    if kernel.is_empty() {
-        return f();
-    }
-    with_env("ZIMAGE_ATTENTION", kernel, f)
 }
 
 /// Runs `f` with the environment variable `var` set to `value`, then puts it back (the engine
@@ -969,18 +961,18 @@ fn int8_checks(kernels: &mut Vec<KernelCheck>, device: &candle_core::Device, dty
 /// stage boundary) and the single convolutions, upsamplings and elementwise passes it is made of.
 fn vae_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
     use candle_core::Tensor;
-    let vae = engine::vae::AutoencoderKl::new(
-        &engine::config::VaeConfig::flux(),
-        engine::weights::device_random_var_builder(dtype, device),
-    )?;
     let z = Tensor::randn(0f32, 1.0, (1, 16, 128, 128), device)?.to_dtype(dtype)?;
-    for _ in 0..2 {
-        vae.decode(&z)?;
-    }
-    // channels-last (opt-in), then NCHW (the default)
+    // channels-last (opt-in), then NCHW (the default); each decoder built under its setting, as a
+    // server started with it would be (the filters are stored in the layout it reads)
     for layout in ["nhwc", "nchw"] {
         let stages = with_env("ZIMAGE_VAE_LAYOUT", layout, || {
-            vae.decode(&z)?;
+            let vae = engine::vae::AutoencoderKl::new(
+                &engine::config::VaeConfig::flux(),
+                engine::weights::device_random_var_builder(dtype, device),
+            )?;
+            for _ in 0..2 {
+                vae.decode(&z)?;
+            }
             let mut stages: Vec<(String, f64)> = Vec::new();
             for _ in 0..3 {
                 device.synchronize()?;
