@@ -1586,6 +1586,67 @@ pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     Ok(total - free)
 }
 
+/// Where the device memory in use goes: the stream-ordered pool candle allocates tensors from
+/// (`cuMemAllocAsync` on the device's default pool), the memory CUDA graphs hold for their
+/// intermediates, and the rest (context, kernel modules, library handles and workspaces).
+pub fn memory_breakdown(dev: &CudaDevice) -> Result<crate::device::MemoryBreakdown> {
+    use cudarc::driver::sys::{self as drv, CUgraphMem_attribute as G, CUmemPool_attribute as P};
+    let used = memory_used_mib(dev)?;
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let cu_device = ctx.cu_device();
+    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
+    let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: plain driver queries on a valid device and its default pool; each writes one u64.
+    unsafe {
+        drv::cuDeviceGetDefaultMemPool(&mut pool, cu_device).result().w()?;
+        let pool_attr = |a: P| -> Result<f64> {
+            let mut v: u64 = 0;
+            drv::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()?;
+            Ok(mib(v))
+        };
+        let graph_attr = |a: G| -> Result<f64> {
+            let mut v: u64 = 0;
+            drv::cuDeviceGetGraphMemAttribute(cu_device, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()?;
+            Ok(mib(v))
+        };
+        let b = crate::device::MemoryBreakdown {
+            used_mib: used,
+            pool_reserved_mib: pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
+            pool_used_mib: pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+            pool_reserved_high_mib: pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+            pool_used_high_mib: pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+            graph_reserved_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
+            graph_used_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
+            graph_reserved_high_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH)?,
+            other_mib: 0.0,
+        };
+        Ok(crate::device::MemoryBreakdown { other_mib: used - b.pool_reserved_mib - b.graph_reserved_mib, ..b })
+    }
+}
+
+/// Starts the pool's and the graphs' high-water marks again from their current values.
+pub fn reset_memory_highs(dev: &CudaDevice) -> Result<()> {
+    use cudarc::driver::sys::{self as drv, CUgraphMem_attribute as G, CUmemPool_attribute as P};
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let cu_device = ctx.cu_device();
+    let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: the driver accepts only 0 for these attributes (reset to the current value).
+    unsafe {
+        drv::cuDeviceGetDefaultMemPool(&mut pool, cu_device).result().w()?;
+        for a in [P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, P::CU_MEMPOOL_ATTR_USED_MEM_HIGH] {
+            let mut zero: u64 = 0;
+            drv::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut std::ffi::c_void).result().w()?;
+        }
+        for a in [G::CU_GRAPH_MEM_ATTR_USED_MEM_HIGH, G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH] {
+            let mut zero: u64 = 0;
+            drv::cuDeviceSetGraphMemAttribute(cu_device, a, &mut zero as *mut u64 as *mut std::ffi::c_void).result().w()?;
+        }
+    }
+    Ok(())
+}
+
 /// Has the driver compile (JIT) every kernel module the engine loads from PTX, candle's and ours,
 /// one thread per module, and drops the results. The driver keeps compiled modules in its disk
 /// cache (`CUDA_CACHE_PATH`, `~/.nv/ComputeCache` by default; `CUDA_CACHE_MAXSIZE` must hold them,

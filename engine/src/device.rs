@@ -129,11 +129,51 @@ pub fn device_memory_free_mib(device: &Device) -> Option<f64> {
     }
 }
 
+/// Where the device memory in use goes (MiB, CUDA): tensors come from the stream-ordered pool
+/// (reserved: what the pool holds from the device; used: what live tensors take of it), CUDA
+/// graphs hold their intermediates' memory, and "other" is the rest (context, kernel modules,
+/// cuBLAS/cuDNN handles and workspaces). The high marks count from the last
+/// `reset_device_memory_highs`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize)]
+pub struct MemoryBreakdown {
+    pub used_mib: f64,
+    pub pool_reserved_mib: f64,
+    pub pool_used_mib: f64,
+    pub pool_reserved_high_mib: f64,
+    pub pool_used_high_mib: f64,
+    pub graph_reserved_mib: f64,
+    pub graph_used_mib: f64,
+    pub graph_reserved_high_mib: f64,
+    pub other_mib: f64,
+}
+
+/// The breakdown of the device memory in use (CUDA only), for reports.
+pub fn device_memory_breakdown(device: &Device) -> Option<MemoryBreakdown> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => crate::cuda::memory_breakdown(dev).ok(),
+        _ => None,
+    }
+}
+
+/// Restarts the high-water marks of `device_memory_breakdown` (CUDA only; a no-op elsewhere).
+pub fn reset_device_memory_highs(device: &Device) {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => {
+            let _ = crate::cuda::reset_memory_highs(dev);
+        }
+        _ => {}
+    }
+}
+
 /// Device memory in use after each stage of a load (CUDA only; empty elsewhere), for reports:
 /// where a model's memory goes beyond its weights.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryTrace {
     pub stages: Vec<(String, f64)>,
+    /// The same stages split by owner (pool, graphs, the rest).
+    pub breakdowns: Vec<(String, MemoryBreakdown)>,
 }
 
 impl MemoryTrace {
@@ -144,6 +184,9 @@ impl MemoryTrace {
         }
         if let Some(m) = device_memory_used_mib(device) {
             self.stages.push((stage.to_string(), m));
+        }
+        if let Some(b) = device_memory_breakdown(device) {
+            self.breakdowns.push((stage.to_string(), b));
         }
     }
 }

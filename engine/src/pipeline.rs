@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 #[cfg(feature = "cuda")]
 pub use crate::device::open_cuda;
-pub use crate::device::{default_dtype, dense_copy_device, device_memory_used_mib, fp8_supported, LoadOptions, Precision};
+pub use crate::device::{default_dtype, dense_copy_device, device_memory_breakdown, device_memory_used_mib, fp8_supported, reset_device_memory_highs, LoadOptions, Precision};
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarBuilder;
@@ -505,6 +505,11 @@ impl Pipeline {
     /// Device memory in use (MiB, whole device) after each loading stage; empty off CUDA.
     pub fn load_memory_mib(&self) -> &[(String, f64)] {
         &self.load_memory.stages
+    }
+
+    /// The same stages split by owner (`MemoryBreakdown`); empty off CUDA.
+    pub fn load_memory_breakdowns(&self) -> &[(String, crate::device::MemoryBreakdown)] {
+        &self.load_memory.breakdowns
     }
     pub fn is_tiny(&self) -> bool {
         self.is_tiny

@@ -78,6 +78,15 @@ struct Run {
     total_ms: f64,
     /// Largest device memory in use seen at a step boundary (CUDA only).
     memory_at_steps_mib: Option<f64>,
+    /// Where the memory went (CUDA only): at the last step boundary with the high marks of the
+    /// text encoding and the steps, then after the VAE decode with the high marks of the decode.
+    memory_detail: Option<MemoryPhases>,
+}
+
+#[derive(Serialize)]
+struct MemoryPhases {
+    steps: Option<engine::device::MemoryBreakdown>,
+    vae_decode: Option<engine::device::MemoryBreakdown>,
 }
 
 #[derive(Serialize)]
@@ -112,6 +121,8 @@ struct Report {
     memory_after_load_mib: Option<f64>,
     /// The same after each loading stage (start, transformer, text encoder, vae).
     load_memory_mib: Vec<(String, f64)>,
+    /// The same stages split by owner (pool, graphs, the rest; CUDA only).
+    load_memory_detail: Vec<(String, engine::device::MemoryBreakdown)>,
     sizes: Vec<SizeReport>,
     /// With --lora: the time to merge the set into the weights, and to put the base back.
     lora: Option<LoraTimes>,
@@ -245,6 +256,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         load_ms,
         memory_after_load_mib,
         load_memory_mib: pipe.load_memory_mib().to_vec(),
+        load_memory_detail: pipe.load_memory_breakdowns().to_vec(),
         sizes,
     };
     let json = serde_json::to_string_pretty(&report)?;
@@ -261,10 +273,17 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
     let mut last = None;
     let mut steps_ms = Vec::new();
     let mut mem_max: Option<f64> = None;
-    let out = pipe.generate(req, &mut |_ev| {
+    let mut mem_steps = None;
+    engine::pipeline::reset_device_memory_highs(device);
+    let out = pipe.generate(req, &mut |ev| {
         let _ = device.synchronize();
         if let Some(m) = engine::pipeline::device_memory_used_mib(device) {
             mem_max = Some(mem_max.map_or(m, |v: f64| v.max(m)));
+        }
+        if ev.step == ev.total {
+            // What the steps held; the marks start again for the decode.
+            mem_steps = engine::pipeline::device_memory_breakdown(device);
+            engine::pipeline::reset_device_memory_highs(device);
         }
         let now = Instant::now();
         if let Some(prev) = last.replace(now) {
@@ -272,6 +291,8 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
         }
         Control::Continue
     })?;
+    device.synchronize()?;
+    let mem_vae = engine::pipeline::device_memory_breakdown(device);
     let t = Instant::now();
     let params = engine::png_meta::Parameters {
         prompt: req.prompt.clone(),
@@ -302,6 +323,7 @@ fn one_run(pipe: &Pipeline, req: &GenerateRequest, device: &candle_core::Device)
         png_encode_ms,
         total_ms,
         memory_at_steps_mib: mem_max,
+        memory_detail: (mem_steps.is_some() || mem_vae.is_some()).then_some(MemoryPhases { steps: mem_steps, vae_decode: mem_vae }),
     })
 }
 
