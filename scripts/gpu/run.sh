@@ -37,6 +37,7 @@
 #                               # PSNR against bf16 attention, op profile, 1024/2048 with each attention
 #   scripts/gpu/run.sh vae_nhwc # the channels-last VAE decoder against NCHW: checks, stage times, FP8
 #                               # 1024/2048 both ways, bf16 1024, then diffusers in the same call
+#   scripts/gpu/run.sh round4   # FA3 e4m3 without device asserts, CTA pairs, channels-last VAE, memory split
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -389,6 +390,43 @@ vae_nhwc)
   timeout "${DIFFUSERS_LIMIT:-300}" python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16,compile_fp8}" \
       --sizes "${SIZES:-1024,2048}" --runs 3 --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | grep "ms$\|Error\|error" | tee -a "$OUT/summary.txt" \
       || echo "diffusers bench stopped (limit ${DIFFUSERS_LIMIT:-300} s)" | tee -a "$OUT/summary.txt"
+  ;;
+round4)
+  # issue 21, round 4: FA3's e4m3 kernel rebuilt without device asserts (-DNDEBUG: CuTe's assert
+  # left a call in it, and ptxas serialized its wgmma), CTA pairs for an odd number of q tiles
+  # (ZIMAGE_FA3_FP8_CLUSTER=1: same image bit for bit?), the channels-last VAE, the memory split
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  CHECK_LIMIT=200 check check
+  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "attention\|e4m3\|rope\|vae" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  gen() { timeout 60 /tmp/zimage generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
+  gen /tmp/a.png; gen /tmp/a2.png; ZIMAGE_FA3_FP8_CLUSTER=1 gen /tmp/c.png; ZIMAGE_VAE_LAYOUT=nhwc gen /tmp/n.png
+  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import numpy as np
+from PIL import Image
+def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
+a = load("/tmp/a.png")
+for name, p in [("same run again", "/tmp/a2.png"), ("CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)", "/tmp/c.png"), ("channels-last VAE", "/tmp/n.png")]:
+    b = load(p); mse = ((a - b) ** 2).mean()
+    print(f"image 1024 vs default, {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
+PY
+  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_FA3_FP8_CLUSTER=1 RUNS=5 bench_mem fp8_cluster_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 cluster 1024" | tee -a "$OUT/summary.txt"
+  ZIMAGE_VAE_LAYOUT=nhwc RUNS=5 bench_mem fp8_vae_nhwc_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 nhwc 1024" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  ZIMAGE_FA3_FP8_CLUSTER=1 ZIMAGE_VAE_LAYOUT=nhwc RUNS=2 bench_mem fp8_cluster_nhwc_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 cluster nhwc 2048" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json
+r = json.load(open("/tmp/res/zimage_fp8_1024.json"))
+for n, b in r.get("load_memory_detail", []):
+    print(f"load {n}: used {b['used_mib']:.0f} = pool {b['pool_reserved_mib']:.0f} (live {b['pool_used_mib']:.0f}) + graphs {b['graph_reserved_mib']:.0f} + other {b['other_mib']:.0f} MiB")
+for i, run in enumerate(r["sizes"][0]["runs"]):
+    d = run.get("memory_detail") or {}
+    for phase in ("steps", "vae_decode"):
+        b = d.get(phase)
+        if b: print(f"run {i} {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f} MiB")
+PY
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
