@@ -69,7 +69,7 @@ peak() { sort -n "$1" | tail -1; }
 bench_mem() {
   local name=$1; shift
   local w; w=$(mem_watch "/tmp/mem_$name.log")
-  /tmp/zimage bench --device cuda --steps 8 --runs "${RUNS:-3}" "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ '
+  "${BENCH_BIN:-/tmp/zimage}" bench --device cuda --steps 8 --runs "${RUNS:-3}" "$@" --out "$OUT/zimage_$name.json" 2>&1 | grep -v '^ '
   kill "$w"; echo "zimage $name peak GPU memory (MiB, nvidia-smi, whole process): $(peak "/tmp/mem_$name.log")" | tee -a "$OUT/summary.txt"
 }
 
@@ -393,26 +393,39 @@ vae_nhwc)
   ;;
 round4)
   # issue 21, round 4: FA3's e4m3 kernel rebuilt without device asserts (-DNDEBUG: CuTe's assert
-  # left a call in it, and ptxas serialized its wgmma), CTA pairs for an odd number of q tiles
-  # (ZIMAGE_FA3_FP8_CLUSTER=1: same image bit for bit?), the channels-last VAE, the memory split
+  # left a call in it, and ptxas serialized its wgmma) against the same build with them
+  # (BEFORE=dist/zimage-before.xz), CTA pairs for an odd number of q tiles
+  # (ZIMAGE_FA3_FP8_CLUSTER=1: same image bit for bit?), the channels-last VAE, the memory split,
+  # then the kernel checks
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  CHECK_LIMIT=200 check check
-  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "attention\|e4m3\|rope\|vae" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  xz -dc "${BEFORE:-dist/zimage-before.xz}" > /tmp/zimage-before && chmod +x /tmp/zimage-before
+  ops_rows() { grep -i "attention\|e4m3\|rope\|vae" | grep -v '"op"'; }
+  echo "--- bench --ops, FA3 e4m3 with device asserts (before)" | tee -a "$OUT/summary.txt"
+  timeout 100 /tmp/zimage-before bench --ops --device cuda 2>&1 | grep -i "e4m3\|FP8 attention" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  echo "--- bench --ops, -DNDEBUG (this binary)" | tee -a "$OUT/summary.txt"
+  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | ops_rows | tee -a "$OUT/summary.txt" || true
   gen() { timeout 60 /tmp/zimage generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
   gen /tmp/a.png; gen /tmp/a2.png; ZIMAGE_FA3_FP8_CLUSTER=1 gen /tmp/c.png; ZIMAGE_VAE_LAYOUT=nhwc gen /tmp/n.png
+  timeout 60 /tmp/zimage-before generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out /tmp/b.png > /dev/null 2>&1 || echo "FAILED: generate before" | tee -a "$OUT/summary.txt"
   python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
 import numpy as np
 from PIL import Image
 def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
 a = load("/tmp/a.png")
-for name, p in [("same run again", "/tmp/a2.png"), ("CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)", "/tmp/c.png"), ("channels-last VAE", "/tmp/n.png")]:
-    b = load(p); mse = ((a - b) ** 2).mean()
+for name, p in [("same run again", "/tmp/a2.png"), ("binary with device asserts", "/tmp/b.png"), ("CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)", "/tmp/c.png"), ("channels-last VAE", "/tmp/n.png")]:
+    try:
+        b = load(p)
+    except Exception as e:
+        print(f"image 1024 vs default, {name}: {e}"); continue
+    mse = ((a - b) ** 2).mean()
     print(f"image 1024 vs default, {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
 PY
+  BENCH_BIN=/tmp/zimage-before RUNS=3 bench_mem fp8_before_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 before 1024" | tee -a "$OUT/summary.txt"
   RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
   ZIMAGE_FA3_FP8_CLUSTER=1 RUNS=5 bench_mem fp8_cluster_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 cluster 1024" | tee -a "$OUT/summary.txt"
   ZIMAGE_VAE_LAYOUT=nhwc RUNS=5 bench_mem fp8_vae_nhwc_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 nhwc 1024" | tee -a "$OUT/summary.txt"
+  BENCH_BIN=/tmp/zimage-before RUNS=2 bench_mem fp8_before_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 before 2048" | tee -a "$OUT/summary.txt"
   RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
   ZIMAGE_FA3_FP8_CLUSTER=1 ZIMAGE_VAE_LAYOUT=nhwc RUNS=2 bench_mem fp8_cluster_nhwc_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 cluster nhwc 2048" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
@@ -427,6 +440,7 @@ for i, run in enumerate(r["sizes"][0]["runs"]):
         b = d.get(phase)
         if b: print(f"run {i} {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f} MiB")
 PY
+  CHECK_LIMIT=${CHECK_LIMIT:-150} check check
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
