@@ -1310,13 +1310,28 @@ mod conv {
 
         /// `conv2d_add` of a channels-last x (see `is_channels_last`): cuDNN reads and writes NHWC
         /// (w read as KRSC), so it converts neither; the output is channels-last too, and so must
-        /// the residual be (it is converted otherwise).
+        /// the residual be (it is converted otherwise). An output channel count that is not a
+        /// multiple of 8 (the VAE's 3-channel `conv_out`) is computed as the next multiple with
+        /// zero filters (tensor cores need it) and narrowed: the result is then a strided view.
         fn conv2d_add_nhwc(&self, x: &Tensor, w: &Tensor, bias: Option<&Tensor>, residual: Option<&Tensor>, padding: usize, stride: usize) -> Result<Tensor> {
             let (b, c, h, wd) = x.dims4()?;
-            let (k, _, r, s) = w.dims4()?;
+            let (k_out, _, r, s) = w.dims4()?;
+            let k = k_out.next_multiple_of(8);
+            if k != k_out && residual.is_some() {
+                bail!("cudnn conv2d: a residual needs a multiple of 8 output channels in channels-last, got {k_out}");
+            }
             let (oh, ow) = out_hw(h, wd, r, s, padding, stride);
             let xl = x.permute((0, 2, 3, 1))?; // contiguous (B, H, W, C)
-            let wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
+            let mut wl = w.permute((0, 2, 3, 1))?.contiguous()?; // (K, R, S, C); no copy for the VAE's weights
+            let padded_bias;
+            let mut bias = bias;
+            if k != k_out {
+                wl = Tensor::cat(&[&wl, &Tensor::zeros((k - k_out, r, s, c), wl.dtype(), wl.device())?], 0)?;
+                if let Some(bt) = bias {
+                    padded_bias = Tensor::cat(&[&bt.to_dtype(DType::F32)?, &Tensor::zeros(k - k_out, DType::F32, bt.device())?], 0)?;
+                    bias = Some(&padded_bias);
+                }
+            }
             let mut y = self.convolve(&xl, &wl, [b, c, h, wd, k, r, s], padding, stride, true)?;
             let n = b * oh * ow * k;
             let residual = match residual {
@@ -1367,6 +1382,9 @@ mod conv {
             if let (Some(r), false) = (&residual, residual_added) {
                 y = (y + r)?;
             }
+            if k != k_out {
+                y = y.narrow(3, 0, k_out)?;
+            }
             y.permute((0, 3, 1, 2))
         }
 
@@ -1391,9 +1409,9 @@ mod conv {
                 bail!("cudnn conv2d: x {:?} {:?}, w {:?} {:?}", x.dims(), x.dtype(), w.dims(), w.dtype());
             }
             let (oh, ow) = out_hw(h, wd, r, s, padding, stride);
-            // channels-last where both channel counts suit tensor cores (8 bf16 = 16 bytes); the
-            // 3-channel output convolution reads NCHW
-            if is_channels_last(x) && c % 8 == 0 && k % 8 == 0 {
+            // channels-last where the input channels suit tensor cores (8 bf16 = 16 bytes); the
+            // 3-channel output convolution pads its filters to 8
+            if is_channels_last(x) && c % 8 == 0 && (k % 8 == 0 || residual.is_none()) {
                 return self.conv2d_add_nhwc(x, w, bias, residual, padding, stride);
             }
             let (x, w) = (x.contiguous()?, w.contiguous()?);
@@ -1586,9 +1604,76 @@ pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     Ok(total - free)
 }
 
+/// The memory pool lasting weights are allocated from on one device (created on first use, kept
+/// for the process like the driver's own default pool; keyed by device ordinal).
+fn weight_pool(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    use cudarc::driver::sys as drv;
+    static POOLS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
+    let ctx = dev.cuda_stream().context().clone();
+    ctx.bind_to_thread().w()?;
+    let cu_device = ctx.cu_device();
+    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, p)) = pools.iter().find(|(d, _)| *d == cu_device) {
+        return Ok(*p as drv::CUmemoryPool);
+    }
+    // SAFETY: a zeroed props struct is valid (no handle types, no size limit); the three fields set
+    // are the ones every driver version reads.
+    let pool = unsafe {
+        let mut props: drv::CUmemPoolProps = std::mem::zeroed();
+        props.allocType = drv::CUmemAllocationType::CU_MEM_ALLOCATION_TYPE_PINNED;
+        props.handleTypes = drv::CUmemAllocationHandleType::CU_MEM_HANDLE_TYPE_NONE;
+        props.location.type_ = drv::CUmemLocationType::CU_MEM_LOCATION_TYPE_DEVICE;
+        props.location.id = cu_device;
+        let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
+        drv::cuMemPoolCreate(&mut pool, &props).result().w()?;
+        pool
+    };
+    pools.push((cu_device, pool as usize));
+    Ok(pool)
+}
+
+/// Runs `f` with the device's stream-ordered allocations coming from its weight pool instead of
+/// the default pool, then makes the default pool current again. What `f` allocates and keeps
+/// stays packed in that pool; a load's temporaries (parts before fusing, dense weights before
+/// quantizing) come and go from the default pool, which then has nothing left to hold.
+pub fn with_weight_pool<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> Result<R> {
+    use cudarc::driver::sys as drv;
+    if !dev.cuda_stream().context().has_async_alloc() {
+        return f();
+    }
+    let pool = weight_pool(dev)?;
+    let cu_device = dev.cuda_stream().context().cu_device();
+    // SAFETY: plain driver calls on a valid device and pools of that device.
+    unsafe { drv::cuDeviceSetMemPool(cu_device, pool).result().w()? };
+    let out = f();
+    let restored = unsafe {
+        let mut default: drv::CUmemoryPool = std::ptr::null_mut();
+        drv::cuDeviceGetDefaultMemPool(&mut default, cu_device)
+            .result()
+            .and_then(|_| drv::cuDeviceSetMemPool(cu_device, default).result())
+    };
+    let out = out?;
+    restored.w()?;
+    Ok(out)
+}
+
+/// (reserved, used) MiB of the device's weight pool; zeros before it exists.
+fn weight_pool_mib(dev: &CudaDevice) -> Result<(f64, f64)> {
+    use cudarc::driver::sys::{self as drv, CUmemPool_attribute as P};
+    let pool = weight_pool(dev)?;
+    let get = |a: P| -> Result<f64> {
+        let mut v: u64 = 0;
+        // SAFETY: one u64 attribute of a valid pool.
+        unsafe { drv::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()? };
+        Ok(v as f64 / (1024.0 * 1024.0))
+    };
+    Ok((get(P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?, get(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?))
+}
+
 /// Where the device memory in use goes: the stream-ordered pool candle allocates tensors from
-/// (`cuMemAllocAsync` on the device's default pool), the memory CUDA graphs hold for their
-/// intermediates, and the rest (context, kernel modules, library handles and workspaces).
+/// (`cuMemAllocAsync` on the device's default pool), the weight pool (`with_weight_pool`), the
+/// memory CUDA graphs hold for their intermediates, and the rest (context, kernel modules,
+/// library handles and workspaces).
 pub fn memory_breakdown(dev: &CudaDevice) -> Result<crate::device::MemoryBreakdown> {
     use cudarc::driver::sys::{self as drv, CUgraphMem_attribute as G, CUmemPool_attribute as P};
     let used = memory_used_mib(dev)?;
@@ -1619,9 +1704,17 @@ pub fn memory_breakdown(dev: &CudaDevice) -> Result<crate::device::MemoryBreakdo
             graph_reserved_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
             graph_used_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
             graph_reserved_high_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH)?,
+            weight_pool_reserved_mib: 0.0,
+            weight_pool_used_mib: 0.0,
             other_mib: 0.0,
         };
-        Ok(crate::device::MemoryBreakdown { other_mib: used - b.pool_reserved_mib - b.graph_reserved_mib, ..b })
+        let (wr, wu) = weight_pool_mib(dev)?;
+        Ok(crate::device::MemoryBreakdown {
+            weight_pool_reserved_mib: wr,
+            weight_pool_used_mib: wu,
+            other_mib: used - b.pool_reserved_mib - b.graph_reserved_mib - wr,
+            ..b
+        })
     }
 }
 

@@ -144,6 +144,9 @@ pub struct MemoryBreakdown {
     pub graph_reserved_mib: f64,
     pub graph_used_mib: f64,
     pub graph_reserved_high_mib: f64,
+    /// The pool lasting weights are packed into (`with_weight_pool`).
+    pub weight_pool_reserved_mib: f64,
+    pub weight_pool_used_mib: f64,
     pub other_mib: f64,
 }
 
@@ -153,6 +156,18 @@ pub fn device_memory_breakdown(device: &Device) -> Option<MemoryBreakdown> {
         #[cfg(feature = "cuda")]
         Device::Cuda(dev) => crate::cuda::memory_breakdown(dev).ok(),
         _ => None,
+    }
+}
+
+/// Runs `f` with the device's new allocations coming from a pool kept for lasting weights (CUDA;
+/// elsewhere just `f`). A load builds each part in the default pool (where its temporaries come
+/// and go) and copies what stays into this pool, so the default pool is left empty: holes between
+/// lasting tensors there kept 1.1 GiB reserved that no activation could use.
+pub fn with_weight_pool<R>(device: &Device, f: impl FnOnce() -> candle_core::Result<R>) -> candle_core::Result<R> {
+    match device {
+        #[cfg(feature = "cuda")]
+        Device::Cuda(dev) => crate::cuda::with_weight_pool(dev, f),
+        _ => f(),
     }
 }
 

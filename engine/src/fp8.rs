@@ -135,6 +135,11 @@ pub struct Fp8Weight {
 }
 
 impl Fp8Weight {
+    /// Moves the E4M3 weight into fresh device memory (`ops::copy_storage_of`).
+    pub fn copy_storage(&mut self) -> Result<()> {
+        self.q = crate::ops::copy_storage_of(&self.q)?;
+        Ok(())
+    }
     /// Quantizes a (out, in) weight with one scale for the whole tensor.
     pub fn quantize(w: &Tensor, ctx: &Fp8Context) -> Result<Self> {
         let (q, scale) = quantize(w)?;

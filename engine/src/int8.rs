@@ -94,6 +94,12 @@ pub struct Int8Weight {
 }
 
 impl Int8Weight {
+    /// Moves the weight and its scales into fresh device memory (`ops::copy_storage_of`).
+    pub fn copy_storage(&mut self) -> Result<()> {
+        self.q = crate::ops::copy_storage_of(&self.q)?;
+        self.scale = crate::ops::copy_storage_of(&self.scale)?;
+        Ok(())
+    }
     pub fn quantize(w: &Tensor, ctx: &Int8Context) -> Result<Self> {
         let (q, scale) = quantize_rows(w)?;
         Ok(Self { q, scale, ctx: ctx.clone() })

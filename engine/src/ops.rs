@@ -14,9 +14,24 @@ pub struct RmsNorm {
     eps: f64,
 }
 
+/// A copy of `t` in fresh device memory (from the pool current now: see
+/// `device::with_weight_pool`); a tensor in host memory is shared, not copied.
+pub fn copy_storage_of(t: &Tensor) -> Result<Tensor> {
+    if t.device().is_cpu() {
+        Ok(t.clone())
+    } else {
+        t.copy()
+    }
+}
+
 impl RmsNorm {
     pub fn new(size: usize, eps: f64, vb: candle_nn::VarBuilder) -> Result<Self> {
         Ok(Self { weight: vb.get(size, "weight")?, eps })
+    }
+    /// Moves the weight into fresh device memory (`copy_storage_of`).
+    pub fn copy_storage(&mut self) -> Result<()> {
+        self.weight = copy_storage_of(&self.weight)?;
+        Ok(())
     }
     pub fn weight(&self) -> &Tensor {
         &self.weight
@@ -535,6 +550,21 @@ impl Linear {
     pub fn keep_dense(&mut self, on: &candle_core::Device) -> Result<()> {
         if let LinearWeight::Dense(w) = &self.weight {
             self.dense_copy = Some(w.to_device(on)?);
+        }
+        Ok(())
+    }
+    /// Moves every tensor of the layer into fresh device memory (`copy_storage_of`).
+    pub fn copy_storage(&mut self) -> Result<()> {
+        match &mut self.weight {
+            LinearWeight::Dense(w) => *w = copy_storage_of(w)?,
+            LinearWeight::Fp8(w) => w.copy_storage()?,
+            LinearWeight::Int8(w) => w.copy_storage()?,
+        }
+        if let Some(b) = &mut self.bias {
+            *b = copy_storage_of(b)?;
+        }
+        if let Some(d) = &mut self.dense_copy {
+            *d = copy_storage_of(d)?;
         }
         Ok(())
     }

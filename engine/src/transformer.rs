@@ -66,6 +66,10 @@ impl FeedForward {
         self.w13.quantize(ctx)?;
         self.w2.quantize(ctx)
     }
+    fn copy_storage(&mut self) -> Result<()> {
+        self.w13.copy_storage()?;
+        self.w2.copy_storage()
+    }
     fn keep_dense(&mut self, on: &Device) -> Result<()> {
         self.w13.keep_dense(on)?;
         self.w2.keep_dense(on)
@@ -194,6 +198,14 @@ impl Attention {
         self.to_qkv.quantize(ctx)?;
         self.to_out.quantize(ctx)
     }
+    fn copy_storage(&mut self) -> Result<()> {
+        self.to_qkv.copy_storage()?;
+        self.to_out.copy_storage()?;
+        for n in [&mut self.norm_q, &mut self.norm_k].into_iter().flatten() {
+            n.copy_storage()?;
+        }
+        Ok(())
+    }
     fn keep_dense(&mut self, on: &Device) -> Result<()> {
         self.to_qkv.keep_dense(on)?;
         self.to_out.keep_dense(on)
@@ -253,6 +265,19 @@ impl Block {
             ffn_norm2: RmsNorm::new(dim, cfg.norm_eps, vb.pp("ffn_norm2"))?,
             ada_ln,
         })
+    }
+
+    /// Moves every tensor of the block into fresh device memory (see `new_quantized`).
+    fn copy_storage(&mut self) -> Result<()> {
+        self.attention.copy_storage()?;
+        self.feed_forward.copy_storage()?;
+        for n in [&mut self.attention_norm1, &mut self.attention_norm2, &mut self.ffn_norm1, &mut self.ffn_norm2] {
+            n.copy_storage()?;
+        }
+        if let Some(a) = &mut self.ada_ln {
+            a.copy_storage()?;
+        }
+        Ok(())
     }
 
     fn quantize(&mut self, ctx: &QuantContext) -> Result<()> {
@@ -449,6 +474,10 @@ impl ZImageTransformer {
                             blk.keep_dense(on)?;
                         }
                         blk.quantize(ctx)?;
+                        // The block was read and quantized in the default pool, where its dense
+                        // weights come and go; what stays is packed into the weight pool, so no
+                        // hole between lasting tensors stays reserved there.
+                        crate::device::with_weight_pool(vb.device(), || blk.copy_storage())?;
                     }
                     Ok(blk)
                 })

@@ -38,6 +38,7 @@
 #   scripts/gpu/run.sh vae_nhwc # the channels-last VAE decoder against NCHW: checks, stage times, FP8
 #                               # 1024/2048 both ways, bf16 1024, then diffusers in the same call
 #   scripts/gpu/run.sh round4   # FA3 e4m3 without device asserts, CTA pairs, channels-last VAE, memory split
+#   scripts/gpu/run.sh round5   # the round-4 defaults against BEFORE: memory split, images, benches, checks
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -441,6 +442,52 @@ for i, run in enumerate(r["sizes"][0]["runs"]):
         if b: print(f"run {i} {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f} MiB")
 PY
   CHECK_LIMIT=${CHECK_LIMIT:-150} check check
+  ;;
+round5)
+  # issue 21, round 5 (the defaults after round4: FA3 e4m3 without device asserts and with CTA
+  # pairs, channels-last VAE with the padded 3-channel output convolution, lasting weights packed
+  # into their own memory pool) against the session's starting build (BEFORE): the memory split,
+  # FP8 1024 and 2048, images compared, the VAE's stages both ways, then the kernel checks
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  xz -dc "${BEFORE:-dist/zimage-before.xz}" > /tmp/zimage-before && chmod +x /tmp/zimage-before
+  gen() { local bin=$1; shift; timeout 60 "$bin" generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
+  gen /tmp/zimage /tmp/a.png; ZIMAGE_VAE_LAYOUT=nchw gen /tmp/zimage /tmp/nchw.png; ZIMAGE_FA3_FP8_CLUSTER=0 gen /tmp/zimage /tmp/nocluster.png; gen /tmp/zimage-before /tmp/b.png
+  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import numpy as np
+from PIL import Image
+def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
+a = load("/tmp/a.png")
+for name, p in [("NCHW VAE (ZIMAGE_VAE_LAYOUT=nchw)", "/tmp/nchw.png"), ("no CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=0)", "/tmp/nocluster.png"), ("session's starting build", "/tmp/b.png")]:
+    try:
+        b = load(p)
+    except Exception as e:
+        print(f"image 1024 default vs {name}: {e}"); continue
+    mse = ((a - b) ** 2).mean()
+    print(f"image 1024 default vs {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
+PY
+  BENCH_BIN=/tmp/zimage-before RUNS=3 bench_mem fp8_before_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 before 1024" | tee -a "$OUT/summary.txt"
+  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  BENCH_BIN=/tmp/zimage-before RUNS=2 bench_mem fp8_before_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 before 2048" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  RUNS=3 bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 1024" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json
+for f in ("fp8_before_1024", "fp8_1024", "fp8_2048"):
+    r = json.load(open(f"/tmp/res/zimage_{f}.json"))
+    for n, b in r.get("load_memory_detail", []):
+        print(f"{f} load {n}: used {b['used_mib']:.0f} = pool {b['pool_reserved_mib']:.0f} (live {b['pool_used_mib']:.0f}) + weight pool {b.get('weight_pool_reserved_mib', 0):.0f} (live {b.get('weight_pool_used_mib', 0):.0f}) + graphs {b['graph_reserved_mib']:.0f} + other {b['other_mib']:.0f} MiB")
+    run = r["sizes"][0]["runs"][-1]
+    d = run.get("memory_detail") or {}
+    for phase in ("steps", "vae_decode"):
+        b = d.get(phase)
+        if b:
+            wp = b.get('weight_pool_reserved_mib', 0)
+            print(f"{f} last run {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), weight pool {wp:.0f}, graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f}; peak implied {b['other_mib'] + wp + b['pool_reserved_high_mib'] + (b['graph_reserved_high_mib'] if phase == 'steps' else 0):.0f} MiB")
+PY
+  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae\|e4m3" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
+  CHECK_LIMIT=${CHECK_LIMIT:-170} check check
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,

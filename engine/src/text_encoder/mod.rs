@@ -233,6 +233,16 @@ struct DecoderLayer {
 }
 
 impl DecoderLayer {
+    /// Moves every tensor of the layer into fresh device memory (see `TextEncoder::new`).
+    fn copy_storage(&mut self) -> candle_core::Result<()> {
+        use crate::ops::copy_storage_of as fresh;
+        let a = &mut self.attn;
+        for t in [&mut a.qkv_proj, &mut a.o_proj, &mut a.q_norm, &mut a.k_norm, &mut self.mlp.gate_up_proj, &mut self.mlp.down_proj, &mut self.input_layernorm, &mut self.post_attention_layernorm] {
+            *t = fresh(t)?;
+        }
+        Ok(())
+    }
+
     fn load(cfg: &TextEncoderConfig, ld: &mut Loader) -> Option<Self> {
         let h = cfg.hidden_size;
         let mut a = ld.pp("self_attn");
@@ -426,7 +436,10 @@ impl TextEncoder {
             let mut l = ld.pp(format!("layers.{i}"));
             let layer = DecoderLayer::load(cfg, &mut l);
             ld.absorb(l);
-            if let Some(layer) = layer {
+            if let Some(mut layer) = layer {
+                // Read (and its q|k|v and gate|up fused) in the default pool, where the parts come
+                // and go; what stays is packed into the weight pool (see `device::with_weight_pool`).
+                crate::device::with_weight_pool(&device, || layer.copy_storage())?;
                 layers.push(layer);
             }
         }
@@ -439,7 +452,16 @@ impl TextEncoder {
             let mut l = ld.pp(&last);
             let layer = DecoderLayer::load(cfg, &mut l);
             let norm = ld.get(&[cfg.hidden_size], "norm.weight");
-            if l.problems.is_empty() && ld.problems.is_empty() { layer.zip(norm) } else { None }
+            match (layer, norm) {
+                (Some(mut layer), Some(norm)) if l.problems.is_empty() && ld.problems.is_empty() => {
+                    let norm = crate::device::with_weight_pool(&device, || {
+                        layer.copy_storage()?;
+                        crate::ops::copy_storage_of(&norm)
+                    })?;
+                    Some((layer, norm))
+                }
+                _ => None,
+            }
         } else {
             None
         };
