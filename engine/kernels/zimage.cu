@@ -916,25 +916,75 @@ __device__ __forceinline__ float e4m3_row_scale(float amax, float* __restrict__ 
     return 1.0f / scale;
 }
 
-// q = E4M3(bf16(x * rsqrt(mean(x^2) + eps) * w)) per row of dim values (dim % 8 == 0), the normed
-// row computed twice (once for its amax, once to cast) from the row re-read through the cache,
-// never written in bf16.
+// Vectors a thread of the one-block-per-row E4M3 kernels keeps in registers: a row of up to
+// ROW_KEEP * blockDim.x vectors is read from memory once, its loads all issued before any math
+// (the launcher gives rows of up to 1,024 vectors 256 threads or fewer, so every Z-Image row fits;
+// a longer row re-reads the rest). Loops over the kept vectors are unrolled with constant
+// indices, so the arrays stay in registers (a runtime index put them on the stack).
+#define ROW_KEEP 6
+
+// q = E4M3(bf16(x * rsqrt(mean(x^2) + eps) * w)) per row of dim values (dim % 8 == 0), never
+// written in bf16. The sum of squares is taken in the order row_inv_rms takes it (each thread's
+// vectors in ascending order), so the result is the same bit for bit.
 extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __restrict__ x, const uint4* __restrict__ w,
                                                              uint2* __restrict__ q, float* __restrict__ scale_out,
                                                              unsigned int dim, float eps) {
     unsigned int n8 = dim / 8;
     const uint4* xr = x + (unsigned long long)blockIdx.x * n8;
     uint2* qr = q + (unsigned long long)blockIdx.x * n8;
-    float f[8];
-    float inv = row_inv_rms(xr, n8, dim, eps);
+    uint4 keep[ROW_KEEP];
+    float f[8], g[8];
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int i = threadIdx.x + n * blockDim.x;
+        if (i < n8) keep[n] = xr[i];
+    }
+    float ss = 0.0f;
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int i = threadIdx.x + n * blockDim.x;
+        if (i < n8) {
+            unpack8(keep[n], f);
+#pragma unroll
+            for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+        }
+    }
+    for (unsigned int i = threadIdx.x + ROW_KEEP * blockDim.x; i < n8; i += blockDim.x) {
+        unpack8(xr[i], f);
+#pragma unroll
+        for (int j = 0; j < 8; j++) ss += f[j] * f[j];
+    }
+    float inv = rsqrtf(block_sum(ss) / (float)dim + eps);
     float m = 0.0f;
-    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int i = threadIdx.x + n * blockDim.x;
+        if (i < n8) {
+            unpack8(keep[n], f);
+            unpack8(w[i], g);
+#pragma unroll
+            for (int j = 0; j < 8; j++) {
+                f[j] = bf16_to_f32(f32_to_bf16(f[j] * inv * g[j]));
+                m = fmaxf(m, fabsf(f[j]));
+            }
+            keep[n] = pack8(f);  // the normed values are bf16 already: kept exactly
+        }
+    }
+    for (unsigned int i = threadIdx.x + ROW_KEEP * blockDim.x; i < n8; i += blockDim.x) {
         rms_normed8(xr, w, i, inv, f);
 #pragma unroll
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
-    for (unsigned int i = threadIdx.x; i < n8; i += blockDim.x) {
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int i = threadIdx.x + n * blockDim.x;
+        if (i < n8) {
+            unpack8(keep[n], f);
+            qr[i] = e4m3x8(f, qinv);
+        }
+    }
+    for (unsigned int i = threadIdx.x + ROW_KEEP * blockDim.x; i < n8; i += blockDim.x) {
         rms_normed8(xr, w, i, inv, f);
         qr[i] = e4m3x8(f, qinv);
     }
@@ -943,10 +993,10 @@ extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __rest
 // silu(gate) * up (silu rounded to bf16 first, the product rounded to bf16, as
 // zimage_swiglu_amax_v8_bf16) cast to E4M3 with its row's scale: gate_up rows hold row_vecs
 // vectors of gate then row_vecs of up; q is rows x row_vecs vectors of 8 bytes.
-__device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, unsigned int p, float rs, float* h) {
+__device__ __forceinline__ void swiglu8_values(uint4 gv, uint4 uv, float rs, float* h) {
     float u[8];
-    unpack8(gr[p], h);
-    unpack8(gr[row_vecs + p], u);
+    unpack8(gv, h);
+    unpack8(uv, u);
 #pragma unroll
     for (int j = 0; j < 8; j++) {
         h[j] *= rs;
@@ -956,34 +1006,56 @@ __device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, 
     }
 }
 
+__device__ __forceinline__ void swiglu8(const uint4* gr, unsigned int row_vecs, unsigned int p, float rs, float* h) {
+    swiglu8_values(gr[p], gr[row_vecs + p], rs, h);
+}
+
 // When row_scale is not null, gate_up's row r is in units of row_scale[r] (multiplied in first).
+// A thread's first ROW_KEEP gate and up vectors are loaded together, and their products kept (as
+// the bf16 values they are) for the cast; a longer row recomputes the rest.
 extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restrict__ gate_up, uint2* __restrict__ q,
                                                            float* __restrict__ scale_out, unsigned int row_vecs,
                                                            const float* __restrict__ row_scale) {
     float rs = row_scale != 0 ? row_scale[blockIdx.x] : 1.0f;
     const uint4* gr = gate_up + (unsigned long long)blockIdx.x * 2 * row_vecs;
     uint2* qr = q + (unsigned long long)blockIdx.x * row_vecs;
-    // A thread's first products kept (as the bf16 values they are) for the cast, so the exp and
-    // division are not computed twice; rows longer than that recompute the rest.
-    const unsigned int kept = 8;
-    uint4 cache[kept];
+    uint4 gate[ROW_KEEP], up[ROW_KEEP];
     float h[8];
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int p = threadIdx.x + n * blockDim.x;
+        if (p < row_vecs) {
+            gate[n] = gr[p];
+            up[n] = gr[row_vecs + p];
+        }
+    }
     float m = 0.0f;
-    unsigned int n = 0;
-    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x, n++) {
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int p = threadIdx.x + n * blockDim.x;
+        if (p < row_vecs) {
+            swiglu8_values(gate[n], up[n], rs, h);
+#pragma unroll
+            for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
+            gate[n] = pack8(h);
+        }
+    }
+    for (unsigned int p = threadIdx.x + ROW_KEEP * blockDim.x; p < row_vecs; p += blockDim.x) {
         swiglu8(gr, row_vecs, p, rs, h);
 #pragma unroll
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
-        if (n < kept) cache[n] = pack8(h);
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
-    n = 0;
-    for (unsigned int p = threadIdx.x; p < row_vecs; p += blockDim.x, n++) {
-        if (n < kept) {
-            unpack8(cache[n], h);
-        } else {
-            swiglu8(gr, row_vecs, p, rs, h);
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int p = threadIdx.x + n * blockDim.x;
+        if (p < row_vecs) {
+            unpack8(gate[n], h);
+            qr[p] = e4m3x8(h, qinv);
         }
+    }
+    for (unsigned int p = threadIdx.x + ROW_KEEP * blockDim.x; p < row_vecs; p += blockDim.x) {
+        swiglu8(gr, row_vecs, p, rs, h);
         qr[p] = e4m3x8(h, qinv);
     }
 }
@@ -1058,9 +1130,12 @@ extern "C" __global__ void zimage_softmax_scaled_rows_bf16(const uint4* __restri
 // so 448 / (sqrt(128) * max|w|) maps the largest possible value onto E4M3's largest and no value
 // ever saturates, with no amax pass. Each warp derives that scale from the weight it loads anyway;
 // descale_q/descale_k (the inverse, what the attention kernel multiplies back) are written by the
-// first q row and the first k row. One warp per (token, head) row, q heads then k heads. The warp
-// of k head j also reads v head j of its token and takes its max |v| (one atomic per block into
-// v_amax_bits, zeroed before the launch), so v's per-tensor quantization needs one pass after.
+// first q row and the first k row. One warp per QK_ROWS consecutive (token, head) rows, q heads
+// then k heads, their loads issued before any math (more bytes in flight than one row a warp).
+// The warp of k head j also reads v head j of its token and takes its max |v| (one atomic per
+// block into v_amax_bits, zeroed before the launch), so v's per-tensor quantization needs one
+// pass after.
+#define QK_ROWS 4
 extern "C" __global__ void zimage_qk_norm_rope_e4m3_d128(const bf16_bits* __restrict__ x,
                                                          const bf16_bits* __restrict__ weight_q,
                                                          const bf16_bits* __restrict__ weight_k,
@@ -1072,44 +1147,62 @@ extern "C" __global__ void zimage_qk_norm_rope_e4m3_d128(const bf16_bits* __rest
                                                          unsigned int heads_q, unsigned int heads_k,
                                                          unsigned long long token_stride, float eps) {
     unsigned int heads = heads_q + heads_k;
-    unsigned int row = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    unsigned int first = (blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5)) * QK_ROWS;
     unsigned int lane = threadIdx.x & 31;
-    float v_max = 0.0f;
-    // whole warps are in or out (one row per warp), so the shuffles below see all 32 lanes
-    if (row < tokens * heads) {
-        unsigned int token = row / heads, head = row - token * heads;
-        bool is_k = head >= heads_q;
-        const bf16_bits* weight = is_k ? weight_k : weight_q;
-        const bf16_bits* xt = x + (unsigned long long)token * token_stride;
-        uint2 v = reinterpret_cast<const uint2*>(xt + head * 128u)[lane];
-        float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
-                      __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
-        float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
-        float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
-        uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
-        float w[4] = {__uint_as_float(wv.x << 16), __uint_as_float(wv.x & 0xffff0000u),
-                      __uint_as_float(wv.y << 16), __uint_as_float(wv.y & 0xffff0000u)};
-        float wmax = warp_max(fmaxf(fmaxf(fabsf(w[0]), fabsf(w[1])), fmaxf(fabsf(w[2]), fabsf(w[3]))));
-        float bound = fmaxf(11.3137085f * wmax, 1e-30f);  // sqrt(128) * max|w|
-        float scale = 448.0f / bound;
+    unsigned int total = tokens * heads;
+    uint2 xv[QK_ROWS], vv[QK_ROWS];
+    float2 cv[QK_ROWS], sv[QK_ROWS];
 #pragma unroll
-        for (int i = 0; i < 4; i++) a[i] *= inv * w[i];
-        unsigned int l = token % seq_len;
-        float2 c = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
-        float2 s = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
-        unsigned int lo = pack_e4m3x2((a[0] * c.x - a[1] * s.x) * scale, (a[0] * s.x + a[1] * c.x) * scale);
-        unsigned int hi = pack_e4m3x2((a[2] * c.y - a[3] * s.y) * scale, (a[2] * s.y + a[3] * c.y) * scale);
-        unsigned int packed = lo | (hi << 16);
-        if (is_k) {
-            k_out[((unsigned long long)token * heads_k + (head - heads_q)) * 32u + lane] = packed;
-            if (row == heads_q && lane == 0) descale_k[0] = bound / 448.0f;
+    for (int r = 0; r < QK_ROWS; r++) {
+        unsigned int row = first + r;
+        if (row < total) {
+            unsigned int token = row / heads, head = row - token * heads;
+            const bf16_bits* xt = x + (unsigned long long)token * token_stride;
+            xv[r] = reinterpret_cast<const uint2*>(xt + head * 128u)[lane];
             // v head (head - heads_q) sits heads_k heads after k head (head - heads_q)
-            uint2 vv = reinterpret_cast<const uint2*>(xt + (head + heads_k) * 128u)[lane];
-            v_max = fmaxf(fmaxf(fabsf(__uint_as_float(vv.x << 16)), fabsf(__uint_as_float(vv.x & 0xffff0000u))),
-                          fmaxf(fabsf(__uint_as_float(vv.y << 16)), fabsf(__uint_as_float(vv.y & 0xffff0000u))));
-        } else {
-            q_out[((unsigned long long)token * heads_q + head) * 32u + lane] = packed;
-            if (row == 0 && lane == 0) descale_q[0] = bound / 448.0f;
+            if (head >= heads_q) vv[r] = reinterpret_cast<const uint2*>(xt + (head + heads_k) * 128u)[lane];
+            unsigned int l = token % seq_len;
+            cv[r] = reinterpret_cast<const float2*>(cos_t + (unsigned long long)l * 64u)[lane];
+            sv[r] = reinterpret_cast<const float2*>(sin_t + (unsigned long long)l * 64u)[lane];
+        }
+    }
+    float v_max = 0.0f;
+#pragma unroll
+    for (int r = 0; r < QK_ROWS; r++) {
+        unsigned int row = first + r;
+        // whole warps are in or out of each row (the warp shares it), so the shuffles below see
+        // all 32 lanes
+        if (row < total) {
+            unsigned int token = row / heads, head = row - token * heads;
+            bool is_k = head >= heads_q;
+            const bf16_bits* weight = is_k ? weight_k : weight_q;
+            uint2 v = xv[r];
+            float a[4] = {__uint_as_float(v.x << 16), __uint_as_float(v.x & 0xffff0000u),
+                          __uint_as_float(v.y << 16), __uint_as_float(v.y & 0xffff0000u)};
+            float ss = a[0] * a[0] + a[1] * a[1] + a[2] * a[2] + a[3] * a[3];
+            float inv = rsqrtf(warp_sum(ss) / 128.0f + eps);
+            uint2 wv = reinterpret_cast<const uint2*>(weight)[lane];
+            float w[4] = {__uint_as_float(wv.x << 16), __uint_as_float(wv.x & 0xffff0000u),
+                          __uint_as_float(wv.y << 16), __uint_as_float(wv.y & 0xffff0000u)};
+            float wmax = warp_max(fmaxf(fmaxf(fabsf(w[0]), fabsf(w[1])), fmaxf(fabsf(w[2]), fabsf(w[3]))));
+            float bound = fmaxf(11.3137085f * wmax, 1e-30f);  // sqrt(128) * max|w|
+            float scale = 448.0f / bound;
+#pragma unroll
+            for (int i = 0; i < 4; i++) a[i] *= inv * w[i];
+            float2 c = cv[r], sn = sv[r];
+            unsigned int lo = pack_e4m3x2((a[0] * c.x - a[1] * sn.x) * scale, (a[0] * sn.x + a[1] * c.x) * scale);
+            unsigned int hi = pack_e4m3x2((a[2] * c.y - a[3] * sn.y) * scale, (a[2] * sn.y + a[3] * c.y) * scale);
+            unsigned int packed = lo | (hi << 16);
+            if (is_k) {
+                k_out[((unsigned long long)token * heads_k + (head - heads_q)) * 32u + lane] = packed;
+                if (row == heads_q && lane == 0) descale_k[0] = bound / 448.0f;
+                uint2 vr = vv[r];
+                v_max = fmaxf(v_max, fmaxf(fmaxf(fabsf(__uint_as_float(vr.x << 16)), fabsf(__uint_as_float(vr.x & 0xffff0000u))),
+                                           fmaxf(fabsf(__uint_as_float(vr.y << 16)), fabsf(__uint_as_float(vr.y & 0xffff0000u)))));
+            } else {
+                q_out[((unsigned long long)token * heads_q + head) * 32u + lane] = packed;
+                if (row == 0 && lane == 0) descale_q[0] = bound / 448.0f;
+            }
         }
     }
     block_amax(v_max, v_amax_bits);

@@ -1841,7 +1841,8 @@ pub fn qk_norm_rope_e4m3(
                     bld.arg(&ts64);
                     bld.arg(&eps);
                     let rows = tokens32 * (h32 + kv32);
-                    unsafe { bld.launch(launch_cfg(rows.div_ceil(THREADS / 32))) }.w()?;
+                    // QK_ROWS (4) rows a warp, 8 warps a block
+                    unsafe { bld.launch(launch_cfg(rows.div_ceil(4 * (THREADS / 32)))) }.w()?;
                     Ok(())
                 })
             })

@@ -39,6 +39,7 @@
 #                               # 1024/2048 both ways, bf16 1024, then diffusers in the same call
 #   scripts/gpu/run.sh round4   # FA3 e4m3 without device asserts, CTA pairs, channels-last VAE, memory split
 #   scripts/gpu/run.sh round5   # the round-4 defaults against BEFORE: memory split, images, benches, checks
+#   scripts/gpu/run.sh rows     # the per-row E4M3 and q/k E4M3 kernels with loads issued together, against PREV
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -488,6 +489,25 @@ for f in ("fp8_before_1024", "fp8_1024", "fp8_2048"):
 PY
   timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae\|e4m3" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
   CHECK_LIMIT=${CHECK_LIMIT:-170} check check
+  ;;
+rows)
+  # issue 21: the per-row E4M3 kernels (RMSNorm -> E4M3, SwiGLU -> E4M3) and the q/k norm + RoPE
+  # -> E4M3 kernel with their loads issued together and rows kept in registers, against the same
+  # build without that change (PREV=dist/zimage-round5.xz): the same image bit for bit, op times,
+  # FP8 1024 and 2048 both ways, then the kernel checks
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  xz -dc "${PREV:-dist/zimage-round5.xz}" > /tmp/zimage-prev && chmod +x /tmp/zimage-prev
+  gen() { local bin=$1; shift; timeout 60 "$bin" generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
+  gen /tmp/zimage /tmp/a.png; gen /tmp/zimage-prev /tmp/p.png
+  cmp -s /tmp/a.png /tmp/p.png && echo "image 1024: identical bytes to the previous build" | tee -a "$OUT/summary.txt" || echo "image 1024: DIFFERS from the previous build" | tee -a "$OUT/summary.txt"
+  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '"op"' | grep "ms" | tee -a "$OUT/summary.txt" || true
+  BENCH_BIN=/tmp/zimage-prev RUNS=5 bench_mem fp8_prev_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 prev 1024" | tee -a "$OUT/summary.txt"
+  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
+  BENCH_BIN=/tmp/zimage-prev RUNS=2 bench_mem fp8_prev_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 prev 2048" | tee -a "$OUT/summary.txt"
+  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
+  summarize | tee -a "$OUT/summary.txt"
+  CHECK_LIMIT=${CHECK_LIMIT:-150} check check
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
