@@ -40,6 +40,7 @@
 #   scripts/gpu/run.sh round4   # FA3 e4m3 without device asserts, CTA pairs, channels-last VAE, memory split
 #   scripts/gpu/run.sh round5   # the round-4 defaults against BEFORE: memory split, images, benches, checks
 #   scripts/gpu/run.sh rows     # the per-row E4M3 and q/k E4M3 kernels with loads issued together, against PREV
+#   scripts/gpu/run.sh load     # serving under 1/4/16 clients (images/s, p50/p95)
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
 #   scripts/gpu/run.sh startup_parity # `startup` then full-size parity on the same folder (one make-model)
 #   scripts/gpu/run.sh startup  # `serve` start-up from a full-size folder on local disk (cold and warm
@@ -508,6 +509,12 @@ rows)
   RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   CHECK_LIMIT=${CHECK_LIMIT:-150} check check
+  ;;
+load)
+  # issue 21 item 4: images/s under 1, 4 and 16 clients of `zimage serve` (random full-size model)
+  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
+  trap 'OUT=$OUT_FINAL; pack' EXIT
+  serve_load
   ;;
 parity_only)
   # full-size parity (random weights saved in the diffusers layout, diffusers' reference, ours,
