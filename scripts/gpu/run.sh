@@ -113,6 +113,51 @@ check() {
       --out "$OUT/$1.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
 }
 
+# Same-call comparisons between builds (round4, round5, rows).
+# unpack_binary XZ DEST: a second binary beside /tmp/zimage
+unpack_binary() { xz -dc "$1" > "$2" && chmod +x "$2"; }
+# gen_image BIN OUT: one 1024x1024 image of the random model, fixed prompt and seed
+gen_image() {
+  timeout 60 "$1" generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$2" > /dev/null 2>&1 \
+      || echo "FAILED: generate $2" | tee -a "$OUT/summary.txt"
+}
+# compare_images REF "LABEL=PATH"...: max abs difference and PSNR of each image against REF
+compare_images() {
+  python3 - "$@" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import sys
+import numpy as np
+from PIL import Image
+def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
+a = load(sys.argv[1])
+for arg in sys.argv[2:]:
+    name, p = arg.split("=", 1)
+    try:
+        b = load(p)
+    except Exception as e:
+        print(f"image 1024 vs {name}: {e}"); continue
+    mse = ((a - b) ** 2).mean()
+    print(f"image 1024 vs {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
+PY
+}
+# memory_split NAME...: where device memory went in $OUT/zimage_NAME.json (loading stages, then the
+# last run's steps and decode, with the peak the split implies)
+memory_split() {
+  python3 - "$OUT" "$@" <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
+import json, os, sys
+for f in sys.argv[2:]:
+    r = json.load(open(os.path.join(sys.argv[1], f"zimage_{f}.json")))
+    for n, b in r.get("load_memory_detail", []):
+        print(f"{f} load {n}: used {b['used_mib']:.0f} = pool {b['pool_reserved_mib']:.0f} (live {b['pool_used_mib']:.0f}) + weight pool {b.get('weight_pool_reserved_mib', 0):.0f} (live {b.get('weight_pool_used_mib', 0):.0f}) + graphs {b['graph_reserved_mib']:.0f} + other {b['other_mib']:.0f} MiB")
+    d = r["sizes"][0]["runs"][-1].get("memory_detail") or {}
+    for phase in ("steps", "vae_decode"):
+        b = d.get(phase)
+        if b:
+            wp = b.get("weight_pool_reserved_mib", 0)
+            graphs = b["graph_reserved_high_mib"] if phase == "steps" else 0
+            print(f"{f} last run {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), weight pool {wp:.0f}, graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f}; peak implied {b['other_mib'] + wp + b['pool_reserved_high_mib'] + graphs:.0f} MiB")
+PY
+}
+
 # serve_load: `zimage serve --model random` with the per-client limits off (one host sends every
 # request), /api/generate under 1/4/16 clients and the websocket path, then the server stopped.
 serve_load() {
@@ -398,32 +443,21 @@ round4)
   # issue 21, round 4: FA3's e4m3 kernel rebuilt without device asserts (-DNDEBUG: CuTe's assert
   # left a call in it, and ptxas serialized its wgmma) against the same build with them
   # (BEFORE=dist/zimage-before.xz), CTA pairs for an odd number of q tiles
-  # (ZIMAGE_FA3_FP8_CLUSTER=1: same image bit for bit?), the channels-last VAE, the memory split,
-  # then the kernel checks
+  # (ZIMAGE_FA3_FP8_CLUSTER=1 then: same image bit for bit?), the channels-last VAE, the memory
+  # split, then the kernel checks
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  xz -dc "${BEFORE:-dist/zimage-before.xz}" > /tmp/zimage-before && chmod +x /tmp/zimage-before
+  unpack_binary "${BEFORE:-dist/zimage-before.xz}" /tmp/zimage-before
   ops_rows() { grep -i "attention\|e4m3\|rope\|vae" | grep -v '"op"'; }
   echo "--- bench --ops, FA3 e4m3 with device asserts (before)" | tee -a "$OUT/summary.txt"
   timeout 100 /tmp/zimage-before bench --ops --device cuda 2>&1 | grep -i "e4m3\|FP8 attention" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
   echo "--- bench --ops, -DNDEBUG (this binary)" | tee -a "$OUT/summary.txt"
   timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | ops_rows | tee -a "$OUT/summary.txt" || true
-  gen() { timeout 60 /tmp/zimage generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
-  gen /tmp/a.png; gen /tmp/a2.png; ZIMAGE_FA3_FP8_CLUSTER=1 gen /tmp/c.png; ZIMAGE_VAE_LAYOUT=nhwc gen /tmp/n.png
-  timeout 60 /tmp/zimage-before generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out /tmp/b.png > /dev/null 2>&1 || echo "FAILED: generate before" | tee -a "$OUT/summary.txt"
-  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
-import numpy as np
-from PIL import Image
-def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
-a = load("/tmp/a.png")
-for name, p in [("same run again", "/tmp/a2.png"), ("binary with device asserts", "/tmp/b.png"), ("CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)", "/tmp/c.png"), ("channels-last VAE", "/tmp/n.png")]:
-    try:
-        b = load(p)
-    except Exception as e:
-        print(f"image 1024 vs default, {name}: {e}"); continue
-    mse = ((a - b) ** 2).mean()
-    print(f"image 1024 vs default, {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
-PY
+  gen_image /tmp/zimage /tmp/a.png; gen_image /tmp/zimage /tmp/a2.png
+  ZIMAGE_FA3_FP8_CLUSTER=1 gen_image /tmp/zimage /tmp/c.png; ZIMAGE_VAE_LAYOUT=nhwc gen_image /tmp/zimage /tmp/n.png
+  gen_image /tmp/zimage-before /tmp/b.png
+  compare_images /tmp/a.png "same run again=/tmp/a2.png" "binary with device asserts=/tmp/b.png" \
+      "CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)=/tmp/c.png" "channels-last VAE=/tmp/n.png"
   BENCH_BIN=/tmp/zimage-before RUNS=3 bench_mem fp8_before_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 before 1024" | tee -a "$OUT/summary.txt"
   RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
   ZIMAGE_FA3_FP8_CLUSTER=1 RUNS=5 bench_mem fp8_cluster_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 cluster 1024" | tee -a "$OUT/summary.txt"
@@ -432,17 +466,7 @@ PY
   RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
   ZIMAGE_FA3_FP8_CLUSTER=1 ZIMAGE_VAE_LAYOUT=nhwc RUNS=2 bench_mem fp8_cluster_nhwc_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 cluster nhwc 2048" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
-  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
-import json
-r = json.load(open("/tmp/res/zimage_fp8_1024.json"))
-for n, b in r.get("load_memory_detail", []):
-    print(f"load {n}: used {b['used_mib']:.0f} = pool {b['pool_reserved_mib']:.0f} (live {b['pool_used_mib']:.0f}) + graphs {b['graph_reserved_mib']:.0f} + other {b['other_mib']:.0f} MiB")
-for i, run in enumerate(r["sizes"][0]["runs"]):
-    d = run.get("memory_detail") or {}
-    for phase in ("steps", "vae_decode"):
-        b = d.get(phase)
-        if b: print(f"run {i} {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f} MiB")
-PY
+  memory_split fp8_1024
   CHECK_LIMIT=${CHECK_LIMIT:-150} check check
   ;;
 round5)
@@ -452,42 +476,18 @@ round5)
   # FP8 1024 and 2048, images compared, the VAE's stages both ways, then the kernel checks
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  xz -dc "${BEFORE:-dist/zimage-before.xz}" > /tmp/zimage-before && chmod +x /tmp/zimage-before
-  gen() { local bin=$1; shift; timeout 60 "$bin" generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
-  gen /tmp/zimage /tmp/a.png; ZIMAGE_VAE_LAYOUT=nchw gen /tmp/zimage /tmp/nchw.png; ZIMAGE_FA3_FP8_CLUSTER=0 gen /tmp/zimage /tmp/nocluster.png; gen /tmp/zimage-before /tmp/b.png
-  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
-import numpy as np
-from PIL import Image
-def load(p): return np.asarray(Image.open(p).convert("RGB"), dtype=np.float64)
-a = load("/tmp/a.png")
-for name, p in [("NCHW VAE (ZIMAGE_VAE_LAYOUT=nchw)", "/tmp/nchw.png"), ("no CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=0)", "/tmp/nocluster.png"), ("session's starting build", "/tmp/b.png")]:
-    try:
-        b = load(p)
-    except Exception as e:
-        print(f"image 1024 default vs {name}: {e}"); continue
-    mse = ((a - b) ** 2).mean()
-    print(f"image 1024 default vs {name}: max abs diff {np.abs(a - b).max():.0f}, PSNR " + ("inf (identical)" if mse == 0 else f"{10 * np.log10(255 ** 2 / mse):.2f} dB"))
-PY
+  unpack_binary "${BEFORE:-dist/zimage-before.xz}" /tmp/zimage-before
+  gen_image /tmp/zimage /tmp/a.png; ZIMAGE_VAE_LAYOUT=nchw gen_image /tmp/zimage /tmp/nchw.png
+  ZIMAGE_FA3_FP8_CLUSTER=0 gen_image /tmp/zimage /tmp/nocluster.png; gen_image /tmp/zimage-before /tmp/b.png
+  compare_images /tmp/a.png "NCHW VAE (ZIMAGE_VAE_LAYOUT=nchw)=/tmp/nchw.png" \
+      "no CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=0)=/tmp/nocluster.png" "session's starting build=/tmp/b.png"
   BENCH_BIN=/tmp/zimage-before RUNS=3 bench_mem fp8_before_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 before 1024" | tee -a "$OUT/summary.txt"
   RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
   BENCH_BIN=/tmp/zimage-before RUNS=2 bench_mem fp8_before_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 before 2048" | tee -a "$OUT/summary.txt"
   RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
   RUNS=3 bench_mem bf16_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 1024" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
-  python3 - <<'PY' 2>&1 | tee -a "$OUT/summary.txt"
-import json
-for f in ("fp8_before_1024", "fp8_1024", "fp8_2048"):
-    r = json.load(open(f"/tmp/res/zimage_{f}.json"))
-    for n, b in r.get("load_memory_detail", []):
-        print(f"{f} load {n}: used {b['used_mib']:.0f} = pool {b['pool_reserved_mib']:.0f} (live {b['pool_used_mib']:.0f}) + weight pool {b.get('weight_pool_reserved_mib', 0):.0f} (live {b.get('weight_pool_used_mib', 0):.0f}) + graphs {b['graph_reserved_mib']:.0f} + other {b['other_mib']:.0f} MiB")
-    run = r["sizes"][0]["runs"][-1]
-    d = run.get("memory_detail") or {}
-    for phase in ("steps", "vae_decode"):
-        b = d.get(phase)
-        if b:
-            wp = b.get('weight_pool_reserved_mib', 0)
-            print(f"{f} last run {phase}: used {b['used_mib']:.0f}, pool reserved {b['pool_reserved_mib']:.0f} (high {b['pool_reserved_high_mib']:.0f}, live high {b['pool_used_high_mib']:.0f}), weight pool {wp:.0f}, graphs {b['graph_reserved_mib']:.0f} (high {b['graph_reserved_high_mib']:.0f}), other {b['other_mib']:.0f}; peak implied {b['other_mib'] + wp + b['pool_reserved_high_mib'] + (b['graph_reserved_high_mib'] if phase == 'steps' else 0):.0f} MiB")
-PY
+  memory_split fp8_before_1024 fp8_1024 fp8_2048
   timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae\|e4m3" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
   CHECK_LIMIT=${CHECK_LIMIT:-170} check check
   ;;
@@ -498,9 +498,8 @@ rows)
   # FP8 1024 and 2048 both ways, then the kernel checks
   OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
   trap 'OUT=$OUT_FINAL; pack' EXIT
-  xz -dc "${PREV:-dist/zimage-round5.xz}" > /tmp/zimage-prev && chmod +x /tmp/zimage-prev
-  gen() { local bin=$1; shift; timeout 60 "$bin" generate --model random --device cuda --prompt "a lighthouse at dusk" --seed 7 --out "$1" > /dev/null 2>&1 || echo "FAILED: generate $1" | tee -a "$OUT/summary.txt"; }
-  gen /tmp/zimage /tmp/a.png; gen /tmp/zimage-prev /tmp/p.png
+  unpack_binary "${PREV:-dist/zimage-round5.xz}" /tmp/zimage-prev
+  gen_image /tmp/zimage /tmp/a.png; gen_image /tmp/zimage-prev /tmp/p.png
   cmp -s /tmp/a.png /tmp/p.png && echo "image 1024: identical bytes to the previous build" | tee -a "$OUT/summary.txt" || echo "image 1024: DIFFERS from the previous build" | tee -a "$OUT/summary.txt"
   timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | grep -v '"op"' | grep "ms" | tee -a "$OUT/summary.txt" || true
   BENCH_BIN=/tmp/zimage-prev RUNS=5 bench_mem fp8_prev_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 prev 1024" | tee -a "$OUT/summary.txt"
