@@ -923,6 +923,19 @@ __device__ __forceinline__ float e4m3_row_scale(float amax, float* __restrict__ 
 // indices, so the arrays stay in registers (a runtime index put them on the stack).
 #define ROW_KEEP 6
 
+// A thread's kept bf16 vectors (its first ROW_KEEP of a row of `vecs`) written as E4M3 times qinv.
+__device__ __forceinline__ void store_kept_e4m3(const uint4 (&keep)[ROW_KEEP], unsigned int vecs, float qinv, uint2* __restrict__ qr) {
+    float f[8];
+#pragma unroll
+    for (int n = 0; n < ROW_KEEP; n++) {
+        unsigned int i = threadIdx.x + n * blockDim.x;
+        if (i < vecs) {
+            unpack8(keep[n], f);
+            qr[i] = e4m3x8(f, qinv);
+        }
+    }
+}
+
 // q = E4M3(bf16(x * rsqrt(mean(x^2) + eps) * w)) per row of dim values (dim % 8 == 0), never
 // written in bf16. The sum of squares is taken in the order row_inv_rms takes it (each thread's
 // vectors in ascending order), so the result is the same bit for bit.
@@ -976,14 +989,7 @@ extern "C" __global__ void zimage_rms_norm_e4m3_rows_v8_bf16(const uint4* __rest
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(f[j]));
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
-#pragma unroll
-    for (int n = 0; n < ROW_KEEP; n++) {
-        unsigned int i = threadIdx.x + n * blockDim.x;
-        if (i < n8) {
-            unpack8(keep[n], f);
-            qr[i] = e4m3x8(f, qinv);
-        }
-    }
+    store_kept_e4m3(keep, n8, qinv, qr);
     for (unsigned int i = threadIdx.x + ROW_KEEP * blockDim.x; i < n8; i += blockDim.x) {
         rms_normed8(xr, w, i, inv, f);
         qr[i] = e4m3x8(f, qinv);
@@ -1046,14 +1052,7 @@ extern "C" __global__ void zimage_swiglu_e4m3_rows_v8_bf16(const uint4* __restri
         for (int j = 0; j < 8; j++) m = fmaxf(m, fabsf(h[j]));
     }
     float qinv = e4m3_row_scale(block_max(m), scale_out);
-#pragma unroll
-    for (int n = 0; n < ROW_KEEP; n++) {
-        unsigned int p = threadIdx.x + n * blockDim.x;
-        if (p < row_vecs) {
-            unpack8(gate[n], h);
-            qr[p] = e4m3x8(h, qinv);
-        }
-    }
+    store_kept_e4m3(gate, row_vecs, qinv, qr);
     for (unsigned int p = threadIdx.x + ROW_KEEP * blockDim.x; p < row_vecs; p += blockDim.x) {
         swiglu8(gr, row_vecs, p, rs, h);
         qr[p] = e4m3x8(h, qinv);
