@@ -1606,7 +1606,8 @@ pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
 
 /// The memory pool lasting weights are allocated from on one device (created on first use, kept
 /// for the process like the driver's own default pool; keyed by device ordinal).
-fn weight_pool(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
+/// With `create` false, None until a load has made it.
+fn weight_pool(dev: &CudaDevice, create: bool) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
     use cudarc::driver::sys as drv;
     static POOLS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
     let ctx = dev.cuda_stream().context().clone();
@@ -1614,7 +1615,10 @@ fn weight_pool(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
     let cu_device = ctx.cu_device();
     let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, p)) = pools.iter().find(|(d, _)| *d == cu_device) {
-        return Ok(*p as drv::CUmemoryPool);
+        return Ok(Some(*p as drv::CUmemoryPool));
+    }
+    if !create {
+        return Ok(None);
     }
     // SAFETY: a zeroed props struct is valid (no handle types, no size limit); the three fields set
     // are the ones every driver version reads.
@@ -1629,7 +1633,7 @@ fn weight_pool(dev: &CudaDevice) -> Result<cudarc::driver::sys::CUmemoryPool> {
         pool
     };
     pools.push((cu_device, pool as usize));
-    Ok(pool)
+    Ok(Some(pool))
 }
 
 /// Runs `f` with the device's stream-ordered allocations coming from its weight pool instead of
@@ -1641,7 +1645,7 @@ pub fn with_weight_pool<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> R
     if !dev.cuda_stream().context().has_async_alloc() {
         return f();
     }
-    let pool = weight_pool(dev)?;
+    let Some(pool) = weight_pool(dev, true)? else { return f() };
     let cu_device = dev.cuda_stream().context().cu_device();
     // SAFETY: plain driver calls on a valid device and pools of that device.
     unsafe { drv::cuDeviceSetMemPool(cu_device, pool).result().w()? };
@@ -1657,10 +1661,10 @@ pub fn with_weight_pool<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> R
     Ok(out)
 }
 
-/// (reserved, used) MiB of the device's weight pool; zeros before it exists.
+/// (reserved, used) MiB of the device's weight pool; zeros before a load has made it.
 fn weight_pool_mib(dev: &CudaDevice) -> Result<(f64, f64)> {
     use cudarc::driver::sys::{self as drv, CUmemPool_attribute as P};
-    let pool = weight_pool(dev)?;
+    let Some(pool) = weight_pool(dev, false)? else { return Ok((0.0, 0.0)) };
     let get = |a: P| -> Result<f64> {
         let mut v: u64 = 0;
         // SAFETY: one u64 attribute of a valid pool.
