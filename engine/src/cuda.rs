@@ -19,6 +19,8 @@ use crate::ops::is_channels_last;
 const PTX: &str = include_str!(concat!(env!("OUT_DIR"), "/zimage.ptx"));
 const MODULE: &str = "zimage_engine_kernels";
 const THREADS: u32 = 256;
+/// (token, head) rows one warp of `zimage_qk_norm_rope_e4m3_d128` takes (its QK_ROWS).
+const QK_ROWS_PER_WARP: u32 = 4;
 
 fn cuda_device(t: &Tensor) -> Result<CudaDevice> {
     match t.device() {
@@ -1604,21 +1606,22 @@ pub fn memory_used_mib(dev: &CudaDevice) -> Result<f64> {
     Ok(total - free)
 }
 
-/// The memory pool lasting weights are allocated from on one device (created on first use, kept
-/// for the process like the driver's own default pool; keyed by device ordinal).
-/// With `create` false, None until a load has made it.
-fn weight_pool(dev: &CudaDevice, create: bool) -> Result<Option<cudarc::driver::sys::CUmemoryPool>> {
+/// The weight pools made so far, one per device (by ordinal; the handles kept for the process
+/// like the driver's own default pool).
+static WEIGHT_POOLS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
+
+/// The device's weight pool, if a load has made it.
+fn existing_weight_pool(cu_device: i32) -> Option<cudarc::driver::sys::CUmemoryPool> {
+    let pools = WEIGHT_POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    pools.iter().find(|(d, _)| *d == cu_device).map(|(_, p)| *p as cudarc::driver::sys::CUmemoryPool)
+}
+
+/// The memory pool lasting weights are allocated from on one device, made on first use.
+fn weight_pool(cu_device: i32) -> Result<cudarc::driver::sys::CUmemoryPool> {
     use cudarc::driver::sys as drv;
-    static POOLS: Mutex<Vec<(i32, usize)>> = Mutex::new(Vec::new());
-    let ctx = dev.cuda_stream().context().clone();
-    ctx.bind_to_thread().w()?;
-    let cu_device = ctx.cu_device();
-    let mut pools = POOLS.lock().unwrap_or_else(|e| e.into_inner());
+    let mut pools = WEIGHT_POOLS.lock().unwrap_or_else(|e| e.into_inner());
     if let Some((_, p)) = pools.iter().find(|(d, _)| *d == cu_device) {
-        return Ok(Some(*p as drv::CUmemoryPool));
-    }
-    if !create {
-        return Ok(None);
+        return Ok(*p as drv::CUmemoryPool);
     }
     // SAFETY: a zeroed props struct is valid (no handle types, no size limit); the three fields set
     // are the ones every driver version reads.
@@ -1633,7 +1636,15 @@ fn weight_pool(dev: &CudaDevice, create: bool) -> Result<Option<cudarc::driver::
         pool
     };
     pools.push((cu_device, pool as usize));
-    Ok(Some(pool))
+    Ok(pool)
+}
+
+/// The device's default (stream-ordered) pool: the one candle's allocations come from.
+fn default_pool(cu_device: i32) -> Result<cudarc::driver::sys::CUmemoryPool> {
+    let mut pool: cudarc::driver::sys::CUmemoryPool = std::ptr::null_mut();
+    // SAFETY: a plain driver query on a valid device.
+    unsafe { cudarc::driver::sys::cuDeviceGetDefaultMemPool(&mut pool, cu_device).result().w()? };
+    Ok(pool)
 }
 
 /// Runs `f` with the device's stream-ordered allocations coming from its weight pool instead of
@@ -1642,96 +1653,85 @@ fn weight_pool(dev: &CudaDevice, create: bool) -> Result<Option<cudarc::driver::
 /// quantizing) come and go from the default pool, which then has nothing left to hold.
 pub fn with_weight_pool<R>(dev: &CudaDevice, f: impl FnOnce() -> Result<R>) -> Result<R> {
     use cudarc::driver::sys as drv;
-    if !dev.cuda_stream().context().has_async_alloc() {
+    let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
         return f();
     }
-    let Some(pool) = weight_pool(dev, true)? else { return f() };
-    let cu_device = dev.cuda_stream().context().cu_device();
+    ctx.bind_to_thread().w()?;
+    let cu_device = ctx.cu_device();
+    let pool = weight_pool(cu_device)?;
     // SAFETY: plain driver calls on a valid device and pools of that device.
     unsafe { drv::cuDeviceSetMemPool(cu_device, pool).result().w()? };
     let out = f();
-    let restored = unsafe {
-        let mut default: drv::CUmemoryPool = std::ptr::null_mut();
-        drv::cuDeviceGetDefaultMemPool(&mut default, cu_device)
-            .result()
-            .and_then(|_| drv::cuDeviceSetMemPool(cu_device, default).result())
-    };
+    let restored = default_pool(cu_device).and_then(|d| unsafe { drv::cuDeviceSetMemPool(cu_device, d).result().w() });
     let out = out?;
-    restored.w()?;
+    restored?;
     Ok(out)
 }
 
-/// (reserved, used) MiB of the device's weight pool; zeros before a load has made it.
-fn weight_pool_mib(dev: &CudaDevice) -> Result<(f64, f64)> {
-    use cudarc::driver::sys::{self as drv, CUmemPool_attribute as P};
-    let Some(pool) = weight_pool(dev, false)? else { return Ok((0.0, 0.0)) };
-    let get = |a: P| -> Result<f64> {
-        let mut v: u64 = 0;
-        // SAFETY: one u64 attribute of a valid pool.
-        unsafe { drv::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()? };
-        Ok(v as f64 / (1024.0 * 1024.0))
-    };
-    Ok((get(P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?, get(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?))
+/// One u64 attribute of a memory pool, in MiB.
+fn pool_attr_mib(pool: cudarc::driver::sys::CUmemoryPool, attr: cudarc::driver::sys::CUmemPool_attribute) -> Result<f64> {
+    let mut v: u64 = 0;
+    // SAFETY: the attribute is one u64 of a valid pool.
+    unsafe { cudarc::driver::sys::cuMemPoolGetAttribute(pool, attr, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()? };
+    Ok(v as f64 / (1024.0 * 1024.0))
+}
+
+/// One u64 graph-memory attribute of a device, in MiB.
+fn graph_attr_mib(cu_device: i32, attr: cudarc::driver::sys::CUgraphMem_attribute) -> Result<f64> {
+    let mut v: u64 = 0;
+    // SAFETY: the attribute is one u64 of a valid device.
+    unsafe { cudarc::driver::sys::cuDeviceGetGraphMemAttribute(cu_device, attr, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()? };
+    Ok(v as f64 / (1024.0 * 1024.0))
 }
 
 /// Where the device memory in use goes: the stream-ordered pool candle allocates tensors from
 /// (`cuMemAllocAsync` on the device's default pool), the weight pool (`with_weight_pool`), the
 /// memory CUDA graphs hold for their intermediates, and the rest (context, kernel modules,
-/// library handles and workspaces).
+/// library handles and workspaces). A driver without memory pools reports only what is in use.
 pub fn memory_breakdown(dev: &CudaDevice) -> Result<crate::device::MemoryBreakdown> {
-    use cudarc::driver::sys::{self as drv, CUgraphMem_attribute as G, CUmemPool_attribute as P};
+    use cudarc::driver::sys::{CUgraphMem_attribute as G, CUmemPool_attribute as P};
     let used = memory_used_mib(dev)?;
     let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(crate::device::MemoryBreakdown { used_mib: used, other_mib: used, ..Default::default() });
+    }
     ctx.bind_to_thread().w()?;
     let cu_device = ctx.cu_device();
-    let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-    let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
-    // SAFETY: plain driver queries on a valid device and its default pool; each writes one u64.
-    unsafe {
-        drv::cuDeviceGetDefaultMemPool(&mut pool, cu_device).result().w()?;
-        let pool_attr = |a: P| -> Result<f64> {
-            let mut v: u64 = 0;
-            drv::cuMemPoolGetAttribute(pool, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()?;
-            Ok(mib(v))
-        };
-        let graph_attr = |a: G| -> Result<f64> {
-            let mut v: u64 = 0;
-            drv::cuDeviceGetGraphMemAttribute(cu_device, a, &mut v as *mut u64 as *mut std::ffi::c_void).result().w()?;
-            Ok(mib(v))
-        };
-        let b = crate::device::MemoryBreakdown {
-            used_mib: used,
-            pool_reserved_mib: pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?,
-            pool_used_mib: pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
-            pool_reserved_high_mib: pool_attr(P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
-            pool_used_high_mib: pool_attr(P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
-            graph_reserved_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?,
-            graph_used_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
-            graph_reserved_high_mib: graph_attr(G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH)?,
-            weight_pool_reserved_mib: 0.0,
-            weight_pool_used_mib: 0.0,
-            other_mib: 0.0,
-        };
-        let (wr, wu) = weight_pool_mib(dev)?;
-        Ok(crate::device::MemoryBreakdown {
-            weight_pool_reserved_mib: wr,
-            weight_pool_used_mib: wu,
-            other_mib: used - b.pool_reserved_mib - b.graph_reserved_mib - wr,
-            ..b
-        })
-    }
+    let pool = default_pool(cu_device)?;
+    let (weight_pool_reserved_mib, weight_pool_used_mib) = match existing_weight_pool(cu_device) {
+        Some(w) => (pool_attr_mib(w, P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?, pool_attr_mib(w, P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?),
+        None => (0.0, 0.0),
+    };
+    let pool_reserved_mib = pool_attr_mib(pool, P::CU_MEMPOOL_ATTR_RESERVED_MEM_CURRENT)?;
+    let graph_reserved_mib = graph_attr_mib(cu_device, G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_CURRENT)?;
+    Ok(crate::device::MemoryBreakdown {
+        used_mib: used,
+        pool_reserved_mib,
+        pool_used_mib: pool_attr_mib(pool, P::CU_MEMPOOL_ATTR_USED_MEM_CURRENT)?,
+        pool_reserved_high_mib: pool_attr_mib(pool, P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH)?,
+        pool_used_high_mib: pool_attr_mib(pool, P::CU_MEMPOOL_ATTR_USED_MEM_HIGH)?,
+        graph_reserved_mib,
+        graph_used_mib: graph_attr_mib(cu_device, G::CU_GRAPH_MEM_ATTR_USED_MEM_CURRENT)?,
+        graph_reserved_high_mib: graph_attr_mib(cu_device, G::CU_GRAPH_MEM_ATTR_RESERVED_MEM_HIGH)?,
+        weight_pool_reserved_mib,
+        weight_pool_used_mib,
+        other_mib: used - pool_reserved_mib - graph_reserved_mib - weight_pool_reserved_mib,
+    })
 }
 
-/// Starts the pool's and the graphs' high-water marks again from their current values.
+/// Starts the default pool's and the graphs' high-water marks again from their current values.
 pub fn reset_memory_highs(dev: &CudaDevice) -> Result<()> {
     use cudarc::driver::sys::{self as drv, CUgraphMem_attribute as G, CUmemPool_attribute as P};
     let ctx = dev.cuda_stream().context().clone();
+    if !ctx.has_async_alloc() {
+        return Ok(());
+    }
     ctx.bind_to_thread().w()?;
     let cu_device = ctx.cu_device();
-    let mut pool: drv::CUmemoryPool = std::ptr::null_mut();
+    let pool = default_pool(cu_device)?;
     // SAFETY: the driver accepts only 0 for these attributes (reset to the current value).
     unsafe {
-        drv::cuDeviceGetDefaultMemPool(&mut pool, cu_device).result().w()?;
         for a in [P::CU_MEMPOOL_ATTR_RESERVED_MEM_HIGH, P::CU_MEMPOOL_ATTR_USED_MEM_HIGH] {
             let mut zero: u64 = 0;
             drv::cuMemPoolSetAttribute(pool, a, &mut zero as *mut u64 as *mut std::ffi::c_void).result().w()?;
@@ -1845,8 +1845,7 @@ pub fn qk_norm_rope_e4m3(
                     bld.arg(&ts64);
                     bld.arg(&eps);
                     let rows = tokens32 * (h32 + kv32);
-                    // QK_ROWS (4) rows a warp, 8 warps a block
-                    unsafe { bld.launch(launch_cfg(rows.div_ceil(4 * (THREADS / 32)))) }.w()?;
+                    unsafe { bld.launch(launch_cfg(rows.div_ceil(QK_ROWS_PER_WARP * (THREADS / 32)))) }.w()?;
                     Ok(())
                 })
             })

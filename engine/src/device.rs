@@ -182,26 +182,21 @@ pub fn reset_device_memory_highs(device: &Device) {
     }
 }
 
-/// Device memory in use after each stage of a load (CUDA only; empty elsewhere), for reports:
-/// where a model's memory goes beyond its weights.
+/// Device memory after each stage of a load, split by owner (CUDA only; empty elsewhere), for
+/// reports: where a model's memory goes beyond its weights.
 #[derive(Debug, Clone, Default)]
 pub struct MemoryTrace {
-    pub stages: Vec<(String, f64)>,
-    /// The same stages split by owner (pool, graphs, the rest).
-    pub breakdowns: Vec<(String, MemoryBreakdown)>,
+    pub stages: Vec<(String, MemoryBreakdown)>,
 }
 
 impl MemoryTrace {
-    /// Records the memory in use once the device has finished its queued work.
+    /// Records the memory once the device has finished its queued work.
     pub fn mark(&mut self, device: &Device, stage: &str) {
         if device.is_cpu() || device.synchronize().is_err() {
             return;
         }
-        if let Some(m) = device_memory_used_mib(device) {
-            self.stages.push((stage.to_string(), m));
-        }
         if let Some(b) = device_memory_breakdown(device) {
-            self.breakdowns.push((stage.to_string(), b));
+            self.stages.push((stage.to_string(), b));
         }
     }
 }

@@ -503,13 +503,13 @@ impl Pipeline {
         &self.model_name
     }
     /// Device memory in use (MiB, whole device) after each loading stage; empty off CUDA.
-    pub fn load_memory_mib(&self) -> &[(String, f64)] {
-        &self.load_memory.stages
+    pub fn load_memory_mib(&self) -> Vec<(String, f64)> {
+        self.load_memory.stages.iter().map(|(n, b)| (n.clone(), b.used_mib)).collect()
     }
 
     /// The same stages split by owner (`MemoryBreakdown`); empty off CUDA.
     pub fn load_memory_breakdowns(&self) -> &[(String, crate::device::MemoryBreakdown)] {
-        &self.load_memory.breakdowns
+        &self.load_memory.stages
     }
     pub fn is_tiny(&self) -> bool {
         self.is_tiny

@@ -35,10 +35,8 @@
 #   scripts/gpu/run.sh autotune # FP8 1024 with cuBLASLt autotuning and with the heuristic's pick, same call
 #   scripts/gpu/run.sh fp8attn  # FlashAttention-3's FP8 forward: checks against the E4M3 reference, image
 #                               # PSNR against bf16 attention, op profile, 1024/2048 with each attention
-#   scripts/gpu/run.sh vae_nhwc # the channels-last VAE decoder against NCHW: checks, stage times, FP8
-#                               # 1024/2048 both ways, bf16 1024, then diffusers in the same call
-#   scripts/gpu/run.sh round4   # FA3 e4m3 without device asserts, CTA pairs, channels-last VAE, memory split
-#   scripts/gpu/run.sh round5   # the round-4 defaults against BEFORE: memory split, images, benches, checks
+#   scripts/gpu/run.sh round5   # the defaults against BEFORE (and the NCHW VAE, no CTA pairs): memory split,
+#                               # images, benches, checks
 #   scripts/gpu/run.sh rows     # the per-row E4M3 and q/k E4M3 kernels with loads issued together, against PREV
 #   scripts/gpu/run.sh load     # serving under 1/4/16 clients (images/s, p50/p95)
 #   scripts/gpu/run.sh parity_only  # full-size parity against diffusers (bf16 and the f32 truth), no benches
@@ -113,7 +111,7 @@ check() {
       --out "$OUT/$1.json" 2>&1 | grep -v '^ \|^\[\|^\]\|^{\|^}' | tee -a "$OUT/summary.txt" || echo "check failed" | tee -a "$OUT/summary.txt"
 }
 
-# Same-call comparisons between builds (round4, round5, rows).
+# Same-call comparisons between builds (round5, rows).
 # unpack_binary XZ DEST: a second binary beside /tmp/zimage
 unpack_binary() { xz -dc "$1" > "$2" && chmod +x "$2"; }
 # gen_image BIN OUT: one 1024x1024 image of the random model, fixed prompt and seed
@@ -421,56 +419,8 @@ fp8attn)
   ZIMAGE_ATTENTION=fa3-fp8 RUNS=3 bench_mem bf16_attnfp8_1024 --model random --precision bf16 --sizes 1024x1024 || echo "FAILED: bf16 attn-fp8 1024" | tee -a "$OUT/summary.txt"
   summarize | tee -a "$OUT/summary.txt"
   ;;
-vae_nhwc)
-  # issue 21 item 3: the channels-last VAE decoder (ZIMAGE_VAE_LAYOUT=nhwc) against NCHW (default):
-  # kernel checks (bench --check, with FP8 attention now the FP8 model's default), the VAE's stage
-  # times both ways (bench --ops), FP8 1024 both ways, FP8 2048 and bf16 1024, then diffusers
-  # eager / compile / compile + FP8 in the same call
-  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
-  trap 'OUT=$OUT_FINAL; pack' EXIT
-  CHECK_LIMIT=200 check check
-  timeout 120 /tmp/zimage bench --ops --device cuda 2>&1 | grep -i "vae" | tee -a "$OUT/summary.txt" || true
-  ZIMAGE_VAE_LAYOUT=nhwc RUNS=5 bench_mem fp8_vae_nhwc_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 nhwc 1024" | tee -a "$OUT/summary.txt"
-  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
-  ZIMAGE_VAE_LAYOUT=nhwc RUNS=2 bench_mem fp8_vae_nhwc_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 nhwc 2048" | tee -a "$OUT/summary.txt"
-  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
-  summarize | tee -a "$OUT/summary.txt"
-  timeout "${DIFFUSERS_LIMIT:-300}" python3 scripts/gpu/full_size.py bench --modes "${MODES:-eager_bf16,compile_bf16,compile_fp8}" \
-      --sizes "${SIZES:-1024,2048}" --runs 3 --json "$OUT/diffusers_bench.json" 2>&1 | grep -v "it/s]" | grep "ms$\|Error\|error" | tee -a "$OUT/summary.txt" \
-      || echo "diffusers bench stopped (limit ${DIFFUSERS_LIMIT:-300} s)" | tee -a "$OUT/summary.txt"
-  ;;
-round4)
-  # issue 21, round 4: FA3's e4m3 kernel rebuilt without device asserts (-DNDEBUG: CuTe's assert
-  # left a call in it, and ptxas serialized its wgmma) against the same build with them
-  # (BEFORE=dist/zimage-before.xz), CTA pairs for an odd number of q tiles
-  # (ZIMAGE_FA3_FP8_CLUSTER=1 then: same image bit for bit?), the channels-last VAE, the memory
-  # split, then the kernel checks
-  OUT_FINAL=$OUT; OUT=/tmp/res; mkdir -p $OUT; cp "$OUT_FINAL/summary.txt" $OUT/
-  trap 'OUT=$OUT_FINAL; pack' EXIT
-  unpack_binary "${BEFORE:-dist/zimage-before.xz}" /tmp/zimage-before
-  ops_rows() { grep -i "attention\|e4m3\|rope\|vae" | grep -v '"op"'; }
-  echo "--- bench --ops, FA3 e4m3 with device asserts (before)" | tee -a "$OUT/summary.txt"
-  timeout 100 /tmp/zimage-before bench --ops --device cuda 2>&1 | grep -i "e4m3\|FP8 attention" | grep -v '"op"' | tee -a "$OUT/summary.txt" || true
-  echo "--- bench --ops, -DNDEBUG (this binary)" | tee -a "$OUT/summary.txt"
-  timeout 100 /tmp/zimage bench --ops --device cuda 2>&1 | ops_rows | tee -a "$OUT/summary.txt" || true
-  gen_image /tmp/zimage /tmp/a.png; gen_image /tmp/zimage /tmp/a2.png
-  ZIMAGE_FA3_FP8_CLUSTER=1 gen_image /tmp/zimage /tmp/c.png; ZIMAGE_VAE_LAYOUT=nhwc gen_image /tmp/zimage /tmp/n.png
-  gen_image /tmp/zimage-before /tmp/b.png
-  compare_images /tmp/a.png "same run again=/tmp/a2.png" "binary with device asserts=/tmp/b.png" \
-      "CTA pairs (ZIMAGE_FA3_FP8_CLUSTER=1)=/tmp/c.png" "channels-last VAE=/tmp/n.png"
-  BENCH_BIN=/tmp/zimage-before RUNS=3 bench_mem fp8_before_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 before 1024" | tee -a "$OUT/summary.txt"
-  RUNS=5 bench_mem fp8_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 1024" | tee -a "$OUT/summary.txt"
-  ZIMAGE_FA3_FP8_CLUSTER=1 RUNS=5 bench_mem fp8_cluster_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 cluster 1024" | tee -a "$OUT/summary.txt"
-  ZIMAGE_VAE_LAYOUT=nhwc RUNS=5 bench_mem fp8_vae_nhwc_1024 --model random --sizes 1024x1024 || echo "FAILED: fp8 nhwc 1024" | tee -a "$OUT/summary.txt"
-  BENCH_BIN=/tmp/zimage-before RUNS=2 bench_mem fp8_before_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 before 2048" | tee -a "$OUT/summary.txt"
-  RUNS=2 bench_mem fp8_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 2048" | tee -a "$OUT/summary.txt"
-  ZIMAGE_FA3_FP8_CLUSTER=1 ZIMAGE_VAE_LAYOUT=nhwc RUNS=2 bench_mem fp8_cluster_nhwc_2048 --model random --sizes 2048x2048 || echo "FAILED: fp8 cluster nhwc 2048" | tee -a "$OUT/summary.txt"
-  summarize | tee -a "$OUT/summary.txt"
-  memory_split fp8_1024
-  CHECK_LIMIT=${CHECK_LIMIT:-150} check check
-  ;;
 round5)
-  # issue 21, round 5 (the defaults after round4: FA3 e4m3 without device asserts and with CTA
+  # issue 21, round 5 (the defaults since: FA3 e4m3 without device asserts and with CTA
   # pairs, channels-last VAE with the padded 3-channel output convolution, lasting weights packed
   # into their own memory pool) against the session's starting build (BEFORE): the memory split,
   # FP8 1024 and 2048, images compared, the VAE's stages both ways, then the kernel checks

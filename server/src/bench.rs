@@ -255,7 +255,7 @@ pub fn run(a: BenchArgs) -> Result<()> {
         text_encoder_resident: pipe.text_encoder_resident(),
         load_ms,
         memory_after_load_mib,
-        load_memory_mib: pipe.load_memory_mib().to_vec(),
+        load_memory_mib: pipe.load_memory_mib(),
         load_memory_detail: pipe.load_memory_breakdowns().to_vec(),
         sizes,
     };
@@ -984,7 +984,7 @@ fn int8_checks(kernels: &mut Vec<KernelCheck>, device: &candle_core::Device, dty
 fn vae_profile(device: &candle_core::Device, dtype: candle_core::DType) -> Result<()> {
     use candle_core::Tensor;
     let z = Tensor::randn(0f32, 1.0, (1, 16, 128, 128), device)?.to_dtype(dtype)?;
-    // channels-last (opt-in), then NCHW (the default); each decoder built under its setting, as a
+    // channels-last (the default), then NCHW; each decoder built under its setting, as a
     // server started with it would be (the filters are stored in the layout it reads)
     for layout in ["nhwc", "nchw"] {
         let stages = with_env("ZIMAGE_VAE_LAYOUT", layout, || {
